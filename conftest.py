@@ -1,0 +1,9 @@
+"""Repository-level pytest setup: tests import shared helpers as ``tests.<module>``."""
+
+import os
+import sys
+
+# Never let a test reach a model hub; everything is built locally or shipped in packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,32 @@
+"""deltadist: delta tuning (LoRA, BitFit, adapters...) with OpenDelta's API, built for sharded training.
+
+Importing deltadist imports no optional engine (DeepSpeed, BMTrain) and touches no GPU.
+"""
+
+from __future__ import annotations
+
+from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
+from deltadist.api.delta_base import DeltaBase
+from deltadist.config import DeltaConfig
+from deltadist.errors import (
+    AddressingError,
+    BackboneMismatchError,
+    CheckpointError,
+    ConfigError,
+    DeltaError,
+    EngineError,
+    SiteError,
+)
+from deltadist.freeze import full_state_dict
+from deltadist.methods.bitfit import BitFitConfig, BitFitModel
+from deltadist.methods.lora import LoraConfig, LoraModel
+from deltadist.visualize import Visualization
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddressingError", "AutoDeltaConfig", "AutoDeltaModel", "BackboneMismatchError",
+    "BitFitConfig", "BitFitModel", "CheckpointError", "ConfigError", "DeltaBase", "DeltaConfig",
+    "DeltaError", "EngineError", "LoraConfig", "LoraModel", "SiteError", "Visualization",
+    "full_state_dict",
+]

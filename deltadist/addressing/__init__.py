@@ -1,0 +1,1 @@
+"""Name-based addressing: patterns, canonical names, common structure maps."""

@@ -1,0 +1,71 @@
+"""The data type of a common structure map.
+
+A structure map says, for one model family, which real module paths play which *role* in the
+common transformer structure of OpenDelta's docs (``encoder.block.$.attn.q``, ``decoder.block.$.ff.w2``,
+``lm_head.proj``...). Method defaults are then written once, by role (``attn.q``), for every family.
+
+Maps are data: they name module paths, never import a model class, so they keep working as
+transformers renames its classes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Mapping
+
+LAYER_INDEX = "$"
+"""Placeholder for a layer index in both real and common templates."""
+
+
+@dataclass(frozen=True)
+class StructureMap:
+    """Real-path templates of one model family mapped to common-structure names.
+
+    Templates are dot paths relative to wherever the family's modules sit in the user's model:
+    ``encoder.layer.$.attention.self.query`` matches ``bert.encoder.layer.3.attention.self.query``
+    and ``inner.inner.bert.encoder.layer.3...`` alike (suffix match on dot boundaries).
+    ``$`` stands for a layer index and is carried over into the common name.
+    """
+
+    family: str
+    """Short family name, e.g. ``"bert"``."""
+    model_types: tuple[str, ...]
+    """``config.model_type`` values served by this map (``("bert",)``, ``("llama", "qwen2")``)."""
+    roles: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
+    """Real template -> common name template, or several (a fused ``c_attn`` is q, k and v)."""
+    legacy_roles: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
+    """Like ``roles``, for module paths of older transformers releases (4.5x) that 5.x renamed."""
+
+    @cached_property
+    def _compiled(self) -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
+        compiled = []
+        for real, common in {**self.roles, **self.legacy_roles}.items():
+            commons = (common,) if isinstance(common, str) else tuple(common)
+            body = r"\.".join(
+                r"(\d+)" if part == LAYER_INDEX else re.escape(part) for part in real.split(".")
+            )
+            compiled.append((re.compile(r"(?:^|.*\.)" + body), commons))
+        return compiled
+
+    def common_names(self, name: str) -> tuple[str, ...]:
+        """Common names of the module at canonical path ``name`` (empty if it plays no role).
+
+        Args:
+            name: canonical dotted module path (engine wrapper segments already removed).
+
+        Returns:
+            Common names with ``$`` replaced by the layer index found in ``name``.
+        """
+        found: list[str] = []
+        for pattern, commons in self._compiled:
+            match = pattern.fullmatch(name)
+            if match is None:
+                continue
+            for common in commons:
+                indices = iter(match.groups())
+                found.append(
+                    ".".join(next(indices) if p == LAYER_INDEX else p for p in common.split("."))
+                )
+        return tuple(dict.fromkeys(found))

@@ -1,0 +1,1 @@
+"""The user-facing classes (OpenDelta-compatible names)."""

@@ -1,0 +1,381 @@
+"""``DeltaBase``: the user-facing delta object (OpenDelta's API) over the five steps.
+
+address -> infer shapes -> attach -> freeze -> save/load. The delta object is not part of the
+model: the backbone keeps running as the user's model, and the delta object only records what it
+attached so it can freeze, detach, re-attach, save and load exactly that.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from deltadist import attach as mechanisms
+from deltadist import checkpoint, freeze
+from deltadist.addressing.names import canonical_parameters, parse_patterns
+from deltadist.addressing.select import Site, select_sites
+from deltadist.attach import Attachment, Mechanism
+from deltadist.config import DeltaConfig
+from deltadist.engines import Engine, detect_engine
+from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError, SiteError
+from deltadist.fingerprint import backbone_fingerprint
+from deltadist.delta_module import DeltaModule
+from deltadist.provenance import library_versions
+
+DELTAS_KEYWORD = "deltas"
+
+
+class DeltaBase:
+    """Base of every delta model. Subclasses set the class attributes and two hooks.
+
+    Args:
+        backbone_model: the model to modify in place (any ``nn.Module``, possibly on ``meta``).
+        **kwargs: fields of the method's config (``modified_modules``, ``exclude_modules``,
+            ``unfrozen_modules``, ``common_structure`` and the method's own, e.g. ``lora_r``).
+
+    Raises:
+        ConfigError: an unknown keyword or a bad value.
+        AddressingError: a pattern matches no module.
+        SiteError: the method cannot modify a selected module. Nothing is changed in that case.
+    """
+
+    delta_type: ClassVar[str]
+    config_class: ClassVar[type[DeltaConfig]]
+    default_modified_modules: ClassVar[tuple[str, ...]]
+    mechanism: ClassVar[Mechanism]
+    broadcast: ClassVar[bool] = False
+    """Whether a selected module also selects everything inside it (BitFit's ``"attn"``)."""
+    child_name: ClassVar[str]
+    """Name of the delta's child module on each site (``"lora"``; ``"lora_1"`` if taken)."""
+
+    def __init__(self, backbone_model: nn.Module, *, config: DeltaConfig | None = None,
+                 interactive_modify: bool | int = False, **kwargs: Any) -> None:
+        if interactive_modify:
+            raise ConfigError(
+                "interactive_modify (OpenDelta's web page for picking modules) is not part of "
+                "deltadist. Look at Visualization(model).structure_graph() and pass "
+                "modified_modules=[...]."
+            )
+        if config is None:
+            config = self.config_class.from_dict(kwargs)
+        elif kwargs:
+            config = config.replace(**kwargs)
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+        self.config = config
+        self.backbone_model = backbone_model
+        self.engine: Engine = detect_engine(backbone_model)
+        self._attachments = self._plan()
+        self._attach_all()
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def _targets(self, site: Site) -> list[Site]:
+        """Sites actually modified for a selected site (BitFit broadcasts into sub-modules)."""
+        return [site]
+
+    def _build_delta(self, site: Site) -> DeltaModule:
+        """The delta module for ``site``; raise :class:`SiteError` if it cannot be modified."""
+        raise NotImplementedError
+
+    # -- construction --------------------------------------------------------------------------
+    def _plan(self) -> list[Attachment]:
+        cfg = self.config
+        attached = frozenset(id(m) for m in mechanisms.delta_modules(self.backbone_model).values())
+        sites = select_sites(
+            self.backbone_model, cfg.modified_modules, self.default_modified_modules,
+            cfg.exclude_modules, cfg.common_structure, skip=attached, within=self.broadcast,
+        )
+        targets: dict[str, Site] = {}
+        problems: list[str] = []
+        for site in sites:
+            try:
+                targets.update((t.name, t) for t in self._targets(site))
+            except SiteError as err:
+                problems.append(f"  {err}")
+        if not targets and not problems:
+            problems = [f"  {s.name!r} ({type(s.module).__name__})" for s in sites[:10]]
+        deltas = []
+        for target in targets.values():
+            try:
+                deltas.append((target, self._build_delta(target)))
+            except SiteError as err:
+                problems.append(f"  {err}")
+        if problems:
+            raise SiteError(
+                f"{type(self).__name__} cannot modify these modules:\n" + "\n".join(problems)
+                + "\nChange modified_modules (or exclude_modules) to skip them. Nothing was changed."
+            )
+        return [
+            Attachment(site=t.module, site_name=t.name, delta=d, base_name=self.child_name,
+                       mechanism=self.mechanism)
+            for t, d in deltas
+        ]
+
+    def _attach_all(self) -> None:
+        done: list[Attachment] = []
+        try:
+            for att in self._attachments:
+                mechanisms.attach(att)
+                done.append(att)
+        except BaseException:
+            for att in reversed(done):
+                mechanisms.forget(att)
+            raise
+
+    # -- OpenDelta API -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,
+                    check_hash: bool = True, **kwargs: Any) -> "DeltaBase":
+        """Attach a fresh delta described by ``config`` (a config object or a dict).
+
+        ``kwargs`` override config fields. A config that carries a ``backbone_hash`` (one that came
+        from a checkpoint) is checked against ``backbone_model`` unless ``check_hash=False``.
+        """
+        if isinstance(config, Mapping):
+            config = cls.config_class.from_dict(config)
+        if check_hash and config.backbone_hash:
+            _check_fingerprint(config, backbone_model)
+        return cls(backbone_model, config=config, **kwargs)
+
+    def freeze_module(self, module: nn.Module | None = None, exclude: list[str] | None = None,
+                      set_state_dict: bool = True) -> None:
+        """Freeze every parameter of ``module`` (default: the backbone) except ``exclude``.
+
+        Args:
+            module: the module to freeze; defaults to the backbone.
+            exclude: patterns kept trainable (default: the config's ``unfrozen_modules``).
+                ``"deltas"`` keeps every delta parameter trainable; other patterns select
+                modules (with their subtrees) or parameters (``"bias"``) by name.
+            set_state_dict: make ``module.state_dict()`` hold only trainable parameters (done with
+                state-dict hooks; :func:`deltadist.full_state_dict` gives the whole one back).
+        """
+        module = self.backbone_model if module is None else module
+        patterns = list(self.config.unfrozen_modules if exclude is None else exclude)
+        keep_deltas = DELTAS_KEYWORD in patterns
+        others = parse_patterns([p for p in patterns if p != DELTAS_KEYWORD])
+        delta_ids = _delta_param_ids(module)
+        freeze.set_trainable(
+            module,
+            lambda name, p: (keep_deltas and id(p) in delta_ids)
+            or any(pat.matches_within(name) for pat in others),
+        )
+        if set_state_dict:
+            freeze.trainable_state_dict_only(module)
+
+    def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """Turn the delta off: the backbone's modules, hooks and state-dict keys are as before it."""
+        self._check_module_arg(module)
+        for att in reversed(self._attachments):
+            mechanisms.detach(att)
+
+    def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """Turn a detached delta back on, in its original place in every site's delta order."""
+        self._check_module_arg(module)
+        self._attach_all()
+
+    def _check_module_arg(self, module: nn.Module | None) -> None:
+        if module is not None and module is not self.backbone_model:
+            raise ConfigError(
+                "attach()/detach() act on the backbone this delta was built on; to add the delta to "
+                "another model, save_finetuned() it and from_finetuned() it onto that model."
+            )
+
+    @property
+    def is_attached(self) -> bool:
+        return all(att.attached for att in self._attachments)
+
+    # -- parameters ----------------------------------------------------------------------------
+    def delta_parameters(self) -> dict[str, nn.Parameter]:
+        """This delta's own parameters, by checkpoint key (``<site>.<kind>.<param>``)."""
+        return {
+            f"{att.site_name}.{att.base_name}.{name}": param
+            for att in self._attachments
+            for name, param in att.delta.named_parameters()
+        }
+
+    def unfrozen_backbone_parameters(self) -> dict[str, nn.Parameter]:
+        """Backbone parameters that ``unfrozen_modules`` selects (saved with the delta)."""
+        return _unfrozen_backbone_parameters(self.backbone_model, self.config)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Everything this delta trains and saves, by checkpoint key."""
+        yield from self.delta_parameters().items()
+        yield from self.unfrozen_backbone_parameters().items()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters to hand to an optimizer (``torch.optim.AdamW(delta.parameters())``)."""
+        for _, param in self.named_parameters():
+            yield param
+
+    def num_parameters(self) -> int:
+        """Logical number of values this delta saves."""
+        return sum(self.engine.logical_shape(p).numel() for _, p in self.named_parameters())
+
+    # -- save / load ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded CPU copies of what :meth:`save_finetuned` writes. Call on every rank."""
+        return self.engine.gather(dict(self.named_parameters()))
+
+    def save_finetuned(self, finetuned_delta_path: str | os.PathLike = "./delta_checkpoints/",
+                       save_config: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None,
+                       backbone_checkpoint_name: str | None = None) -> str:
+        """Save only the delta (and unfrozen backbone parameters), atomically.
+
+        Call on every rank: only delta tensors are gathered, the main rank writes, and every rank
+        returns once the checkpoint is complete.
+
+        Returns:
+            The checkpoint directory.
+        """
+        tensors = dict(state_dict) if state_dict is not None else self.state_dict()
+        fingerprint = backbone_fingerprint(
+            self.backbone_model, self.engine, self.unfrozen_backbone_parameters()
+        )
+        config = self.config.replace(
+            backbone_class=type(self.backbone_model).__name__,
+            backbone_hash=fingerprint,
+            backbone_checkpoint_name=backbone_checkpoint_name or self.config.backbone_checkpoint_name
+            or _name_or_path(self.backbone_model),
+        ).to_dict()
+        config.update(format_version=1, library_versions=library_versions(),
+                      checkpoint_keys=sorted(tensors))
+        if self.engine.is_main:
+            checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
+        self.engine.barrier()
+        return str(finetuned_delta_path)
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
+        """Copy ``tensors`` (checkpoint keys) into this delta, scattering into any sharding.
+
+        Raises:
+            CheckpointError: keys missing, unexpected or of the wrong shape (all listed); nothing
+                is copied in that case.
+        """
+        expected = dict(self.named_parameters())
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = [
+            f"{k}: checkpoint {list(tensors[k].shape)} vs site {list(self.engine.logical_shape(p))}"
+            for k, p in expected.items()
+            if k in tensors and tuple(tensors[k].shape) != tuple(self.engine.logical_shape(p))
+        ]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"The tensors in {where} do not fit this delta on {type(self.backbone_model).__name__}:"
+                + _listing("missing", missing) + _listing("unexpected", unexpected)
+                + _listing("wrong shape", wrong)
+                + "\nWas it saved from another delta config or backbone? Use the same "
+                "modified_modules and method arguments as at save time."
+            )
+        for key, param in expected.items():
+            self.engine.scatter(param, tensors[key])
+
+    @classmethod
+    def from_finetuned(cls, finetuned_delta_path: str | os.PathLike, backbone_model: nn.Module,
+                       delta_config: DeltaConfig | Mapping[str, Any] | None = None,
+                       cache_dir: str | os.PathLike | None = None,
+                       state_dict: Mapping[str, torch.Tensor] | None = None,
+                       check_hash: bool = True, local_files_only: bool = False,
+                       revision: str | None = None, **kwargs: Any) -> "DeltaBase":
+        """Attach a saved delta to ``backbone_model`` and load its tensors.
+
+        ``finetuned_delta_path`` is a local checkpoint directory (or a file in it) or a hub repo
+        id. If anything fails -- a missing or corrupt file, a different backbone checkpoint
+        (``check_hash=False`` skips that test), tensors that do not fit -- the backbone is left
+        exactly as it was.
+        """
+        directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
+        stored = checkpoint.read_config(directory) if delta_config is None else delta_config
+        config = stored if isinstance(stored, DeltaConfig) else cls._config_from_dict(stored)
+        tensors = dict(state_dict) if state_dict is not None else checkpoint.read_tensors(directory)
+        if check_hash and config.backbone_hash:
+            _check_fingerprint(config, backbone_model)
+        delta = cls(backbone_model, config=config.replace(**kwargs) if kwargs else config)
+        try:
+            delta.load_state_dict(tensors, where=str(directory / checkpoint.WEIGHTS_NAME))
+        except BaseException:
+            delta._forget()
+            raise
+        backbone_model.eval()
+        return delta
+
+    @classmethod
+    def _config_from_dict(cls, stored: Mapping[str, Any]) -> DeltaConfig:
+        if stored.get("delta_type", cls.delta_type) != cls.delta_type:
+            raise ConfigError(
+                f"The checkpoint holds a {stored.get('delta_type')!r} delta, not {cls.delta_type!r}. "
+                "Load it with AutoDeltaModel.from_finetuned."
+            )
+        return cls.config_class.from_dict(stored)
+
+    def _forget(self) -> None:
+        for att in reversed(self._attachments):
+            mechanisms.forget(att)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def log(self, module: nn.Module | None = None, delta_ratio: bool = True,
+            trainable_ratio: bool = True, visualization: bool = True) -> str:
+        """Print the module tree (sites and deltas marked) and parameter ratios; return the text."""
+        from deltadist.visualize import log_delta
+
+        return log_delta(self, module if module is not None else self.backbone_model,
+                         delta_ratio=delta_ratio, trainable_ratio=trainable_ratio,
+                         visualization=visualization)
+
+    def __repr__(self) -> str:
+        state = "attached" if self.is_attached else "detached"
+        return (f"{type(self).__name__}({len(self._attachments)} sites, "
+                f"{self.num_parameters():,} parameters, {state})")
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            f"{type(self).__name__} is not a model: call the backbone model, which now runs the delta."
+        )
+
+    __call__ = forward
+
+
+def _delta_param_ids(module: nn.Module) -> set[int]:
+    return {id(p) for m in mechanisms.delta_modules(module).values() for p in m.parameters()}
+
+
+def _unfrozen_backbone_parameters(backbone: nn.Module, config: DeltaConfig) -> dict[str, nn.Parameter]:
+    patterns = parse_patterns([p for p in config.unfrozen_modules if p != DELTAS_KEYWORD])
+    if not patterns:
+        return {}
+    delta_ids = _delta_param_ids(backbone)
+    return {
+        name: p for name, p in canonical_parameters(backbone).items()
+        if id(p) not in delta_ids and any(pat.matches_within(name) for pat in patterns)
+    }
+
+
+def _check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
+    """Refuse a backbone whose fingerprint differs from the one saved in ``config``.
+
+    Unfrozen backbone parameters are left out: the checkpoint carries (and overwrites) them.
+    """
+    expected = config.backbone_hash
+    skip = _unfrozen_backbone_parameters(backbone, config)
+    actual = backbone_fingerprint(backbone, detect_engine(backbone), skip)
+    if actual is not None and actual != expected:
+        raise BackboneMismatchError(
+            f"This delta was trained on another {type(backbone).__name__} checkpoint: the backbone "
+            f"fingerprint is {actual[:12]}, the delta expects {str(expected)[:12]}. Load the backbone "
+            "it was trained on, or pass check_hash=False to load it anyway."
+        )
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    value = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(value) if value else None
+
+
+def _listing(label: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    shown = items[:20] + ([f"... {len(items) - 20} more"] if len(items) > 20 else [])
+    return f"\n  {label}: " + ", ".join(shown)

@@ -1,0 +1,27 @@
+"""The delta types ``AutoDeltaConfig`` / ``AutoDeltaModel`` know, by ``delta_type``."""
+
+from __future__ import annotations
+
+from deltadist.api.delta_base import DeltaBase
+from deltadist.errors import ConfigError, closest
+from deltadist.methods.bitfit import BitFitModel
+from deltadist.methods.lora import LoraModel
+
+DELTA_MODELS: dict[str, type[DeltaBase]] = {
+    cls.delta_type: cls for cls in (LoraModel, BitFitModel)
+}
+
+
+def delta_model_class(delta_type: object) -> type[DeltaBase]:
+    """The delta class for ``delta_type``.
+
+    Raises:
+        ConfigError: unknown type (the known ones are listed).
+    """
+    if delta_type not in DELTA_MODELS:
+        near = closest(str(delta_type), DELTA_MODELS, 2)
+        raise ConfigError(
+            f"Unknown delta_type {delta_type!r} (did you mean {' or '.join(map(repr, near))}?). "
+            f"Known delta types: {', '.join(sorted(DELTA_MODELS))}."
+        )
+    return DELTA_MODELS[delta_type]

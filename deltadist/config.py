@@ -1,0 +1,108 @@
+"""Typed delta configs: one dataclass per method, loaded from dicts through an allow-list.
+
+Unknown keys are errors that list the valid ones; values are checked in ``__post_init__`` with
+messages naming the field and the value. Configs are plain data (JSON-able), never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, TypeVar
+
+from deltadist.errors import ConfigError, closest
+
+CONFIG_FORMAT_VERSION = 1
+C = TypeVar("C", bound="DeltaConfig")
+
+# Keys written by save_finetuned for provenance; accepted on load, not passed to the method.
+PROVENANCE_KEYS = frozenset({"format_version", "library_versions", "save_id", "checkpoint_keys"})
+
+
+@dataclass(kw_only=True)
+class DeltaConfig:
+    """Fields shared by every delta method (OpenDelta's ``BaseDeltaConfig``)."""
+
+    delta_type: ClassVar[str] = ""
+
+    modified_modules: list[str] | None = None
+    """Patterns of the modules to modify; ``None`` uses the method's default roles."""
+    exclude_modules: list[str] | None = None
+    """Patterns whose modules (and their subtrees) are never modified."""
+    unfrozen_modules: list[str] = field(default_factory=lambda: ["deltas"])
+    """Patterns kept trainable by ``freeze_module()``; ``"deltas"`` means every delta parameter."""
+    common_structure: bool = False
+    """Match ``modified_modules`` against common-structure names (``attn.q``) instead of real ones."""
+    backbone_class: str | None = None
+    """Class name of the backbone the delta was trained on (provenance)."""
+    backbone_checkpoint_name: str | None = None
+    """Name or path of the backbone checkpoint (provenance)."""
+    backbone_hash: str | None = None
+    """Backbone fingerprint at save time; checked by ``from_finetuned`` unless ``check_hash=False``."""
+
+    def __post_init__(self) -> None:
+        for name in ("modified_modules", "exclude_modules", "unfrozen_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None:
+                if not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{name} must be a list of strings, got {value!r}.")
+                setattr(self, name, list(value))
+        if self.modified_modules is not None and not self.modified_modules:
+            raise ConfigError(
+                "modified_modules=[] selects nothing. Pass None for the method's defaults, or list "
+                "module names."
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], config: Mapping[str, Any], **overrides: Any) -> C:
+        """Build a config from a dict (``delta_type`` and provenance keys allowed), checking keys.
+
+        Raises:
+            ConfigError: a key is not a field of this config (the valid keys are listed), or a
+                ``delta_type`` in the dict is not this config's.
+        """
+        merged = {**config, **overrides}
+        delta_type = merged.pop("delta_type", cls.delta_type)
+        if delta_type != cls.delta_type:
+            raise ConfigError(
+                f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {delta_type!r}. "
+                "Use AutoDeltaConfig.from_dict to pick the class from delta_type."
+            )
+        for key in PROVENANCE_KEYS:
+            merged.pop(key, None)
+        valid = cls.field_names()
+        unknown = [k for k in merged if k not in valid]
+        if unknown:
+            hints = "; ".join(f"{k!r} (closest: {', '.join(closest(k, valid, 3))})" for k in unknown)
+            raise ConfigError(
+                f"Unknown key(s) for delta_type {cls.delta_type!r}: {hints}. "
+                f"Valid keys: {', '.join(valid)}."
+            )
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict that :meth:`from_dict` turns back into an equal config."""
+        return {"delta_type": self.delta_type, **dataclasses.asdict(self)}
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+def check_positive_int(config: DeltaConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_range(config: DeltaConfig, name: str, low: float, high: float) -> None:
+    """Check ``low <= value < high``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise ConfigError(f"{name} must be a number in [{low}, {high}), got {value!r}.")

@@ -1,0 +1,66 @@
+"""The Engine protocol: what every step asks about the parallel world a model lives in.
+
+Only modules under ``deltadist/engines/`` know what ``ds_shape``, ``DTensor`` or FSDP are; the rest
+of deltadist talks to an :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+class Engine:
+    """Plain single-process behaviour; engines for sharded setups override the ``_hooks``."""
+
+    name = "plain"
+
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        """Whether this engine manages ``model`` (detection by duck typing, no optional imports)."""
+        return True
+
+    # -- the parallel world -------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
+
+    # -- tensors ------------------------------------------------------------------------------
+    def logical_shape(self, param: torch.Tensor) -> torch.Size:
+        """The full (unsharded) shape of ``param``."""
+        return param.shape
+
+    def gather(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full, unsharded CPU copies of ``params``; only the main rank needs the result.
+
+        Must be called on every rank. Only the named tensors are gathered, never the backbone.
+        """
+        return {name: self._full_tensor(p).detach().to("cpu").contiguous() for name, p in params.items()}
+
+    def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy the full tensor ``value`` into ``param``, whatever its sharding. Every rank calls it."""
+        with torch.no_grad():
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
+        """Values of the logical tensor at ``flat_indices`` (CPU, float64), or ``None`` on meta."""
+        if param.device.type == "meta":
+            return None
+        flat = self._full_tensor(param).detach().reshape(-1)
+        return flat[flat_indices.to(flat.device)].to("cpu", torch.float64)
+
+    def _full_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        return param

@@ -1,0 +1,110 @@
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+``y = W x + (alpha / r) * B A dropout(x)`` with ``A: [r, in]`` (Kaiming-uniform) and ``B: [out, r]``
+(zeros), so a fresh LoRA leaves the model's outputs unchanged. Like OpenDelta, the update is a
+parallel branch next to the frozen linear layer, never a replacement of it: the backbone's own
+modules and state-dict keys stay as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deltadist.addressing.select import Site
+from deltadist.api.delta_base import DeltaBase
+from deltadist.attach import Mechanism
+from deltadist.config import DeltaConfig, check_positive_int, check_range
+from deltadist.errors import SiteError
+from deltadist.delta_module import DeltaModule
+from deltadist.shapes import linear_features, site_placement
+
+
+@dataclass(kw_only=True)
+class LoraConfig(DeltaConfig):
+    """Config of :class:`LoraModel`."""
+
+    delta_type = "lora"
+
+    lora_r: int = 8
+    """Rank of the update ``B A``."""
+    lora_alpha: float = 16
+    """Scale numerator: the update is multiplied by ``lora_alpha / lora_r``."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "lora_r")
+        check_range(self, "lora_alpha", 1e-12, math.inf)
+        check_range(self, "lora_dropout", 0.0, 1.0)
+
+
+class LoRA(DeltaModule):
+    """The low-rank branch for one linear site: ``[..., in] -> [..., out]``."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / r
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # A as nn.Linear initialises its weight, B at zero: the branch starts as an exact no-op.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden: [..., in]`` -> ``[..., out]`` in ``hidden``'s dtype."""
+        x = self.dropout(hidden.to(self.lora_A.dtype))
+        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        return (update * self.scaling).to(hidden.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scaling={self.scaling:g}"
+
+
+class LoraModel(DeltaBase):
+    """Add LoRA branches to linear layers (``nn.Linear``, transformers ``Conv1D``, linear-like).
+
+    Args:
+        backbone_model: the model to modify in place.
+        lora_r: rank (default 8). lora_alpha: scale numerator (default 16).
+        lora_dropout: dropout on the branch input (default 0).
+        modified_modules: linear layers to modify (default: the ``attn.q`` and ``attn.v`` roles).
+        exclude_modules, unfrozen_modules, common_structure: see :class:`DeltaConfig`.
+
+    Example:
+        >>> delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=4)  # doctest: +SKIP
+        >>> delta.freeze_module()  # doctest: +SKIP
+    """
+
+    delta_type = "lora"
+    config_class = LoraConfig
+    default_modified_modules = ("attn.q", "attn.v")
+    mechanism = Mechanism.PARALLEL
+    child_name = "lora"
+    config: LoraConfig
+
+    def _build_delta(self, site: Site) -> DeltaModule:
+        features = linear_features(site.module, self.engine)
+        if features is None:
+            linear_children = [
+                f"{site.name}.{n}" for n, m in site.module.named_modules()
+                if n and linear_features(m, self.engine) is not None
+            ][:5]
+            hint = f" Its linear sub-modules: {', '.join(linear_children)}." if linear_children else ""
+            raise SiteError(
+                f"LoRA needs a linear layer, but {site.name!r} is a {type(site.module).__name__}."
+                f"{hint}"
+            )
+        device, dtype = site_placement(site.module)
+        cfg = self.config
+        return LoRA(*features, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                    device=device, dtype=dtype)

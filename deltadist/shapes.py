@@ -1,0 +1,84 @@
+"""Logical shapes of sites, without running the model.
+
+Shapes come from, in order: module attributes (``in_features``), the engine's logical shape of a
+parameter (ZeRO-3 keeps ``(0,)`` locally and the real shape elsewhere; FSDP keeps a DTensor whose
+global shape is the real one), and propagation of meta tensors through the module with
+``torch.func.functional_call`` (no real compute, no gather, works on a 70B model on ``meta``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from deltadist.engines import Engine
+
+
+def site_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for new delta parameters at ``module`` (its first floating parameter)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def linear_features(module: nn.Module, engine: Engine) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` if ``module`` maps ``[..., in] -> [..., out]`` linearly.
+
+    Recognises ``nn.Linear`` and anything with the same attributes, transformers' ``Conv1D``
+    (weight stored ``[in, out]``), and otherwise any module with one 2-D weight whose meta
+    propagation maps ``[1, in]`` to ``[1, out]``.
+    """
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
+        return in_f, out_f
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    shape = engine.logical_shape(weight)
+    if len(shape) != 2:
+        return None
+    if type(module).__name__ == "Conv1D":
+        return int(shape[0]), int(shape[1])
+    for in_dim in dict.fromkeys((int(shape[1]), int(shape[0]))):
+        out = meta_output(module, engine, torch.Size([1, in_dim]), weight.dtype)
+        if out is not None and len(out) == 2 and out[0] == 1:
+            return in_dim, int(out[1])
+    return None
+
+
+def output_features(module: nn.Module, engine: Engine) -> int | None:
+    """Size of the last dimension of ``module``'s output, for modules that keep it fixed.
+
+    Linear-like modules give ``out_features``; norms give the size of their 1-D weight.
+    """
+    features = linear_features(module, engine)
+    if features is not None:
+        return features[1]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and len(engine.logical_shape(weight)) == 1:
+        return int(engine.logical_shape(weight)[0])
+    return None
+
+
+def meta_output(
+    module: nn.Module, engine: Engine, input_shape: torch.Size, dtype: torch.dtype
+) -> torch.Size | None:
+    """Output shape of ``module`` on a meta input of ``input_shape``; ``None`` if it rejects it.
+
+    Every parameter and buffer is replaced by a meta tensor of its logical shape for the call,
+    so nothing is computed, gathered or changed.
+    """
+    substitutes = {
+        name: torch.empty(engine.logical_shape(t), dtype=t.dtype, device="meta")
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    }
+    probe = torch.empty(input_shape, dtype=dtype, device="meta")
+    try:
+        out = functional_call(module, substitutes, (probe,))
+    # Why broad: an arbitrary module rejects a wrong input shape with whatever error its code
+    # raises (RuntimeError, ValueError, IndexError...); any of them just means "not this shape".
+    except Exception:  # noqa: BLE001
+        return None
+    return out.shape if isinstance(out, torch.Tensor) else None

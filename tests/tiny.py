@@ -1,0 +1,154 @@
+"""Tiny, seeded, random-weight models of every supported family, for fast CPU tests.
+
+Everything is built from transformers config classes (``AutoConfig.for_model``); nothing is
+downloaded. One table row per family holds its config kwargs and its model classes by head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
+
+VOCAB = 100
+PAD, BOS, EOS = 0, 1, 2
+"""Special token ids shared by every text family; random tokens are drawn from ``[3, VOCAB)``."""
+IMAGE_SIZE, PATCH_SIZE, CHANNELS = 32, 8, 3
+
+_ENCODER_HEADS = {"cls": AutoModelForSequenceClassification, "lm": AutoModelForMaskedLM}
+_DECODER_HEADS = {"cls": AutoModelForSequenceClassification, "lm": AutoModelForCausalLM}
+_SEQ2SEQ_HEADS = {"cls": AutoModelForSequenceClassification, "lm": AutoModelForSeq2SeqLM}
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One table row: config kwargs, model class per head, and input kind."""
+
+    config: dict[str, Any]
+    heads: dict[str, Any]
+    encoder_decoder: bool = False
+    vision: bool = False
+
+
+# fmt: off
+_TEXT = {"vocab_size": VOCAB, "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
+_BERT_LIKE = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+}
+_LLAMA_LIKE = {
+    **_TEXT, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 64, "attention_dropout": 0.0,
+    "max_position_embeddings": 64,
+}
+_FAMILIES: dict[str, _Family] = {
+    "bert": _Family({**_TEXT, **_BERT_LIKE, "classifier_dropout": 0.0}, _ENCODER_HEADS),
+    "roberta": _Family({**_TEXT, **_BERT_LIKE, "classifier_dropout": 0.0}, _ENCODER_HEADS),
+    "distilbert": _Family({
+        **_TEXT, "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "dropout": 0.0,
+        "attention_dropout": 0.0, "seq_classif_dropout": 0.0, "qa_dropout": 0.0,
+    }, _ENCODER_HEADS),
+    "t5": _Family({
+        **_TEXT, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+        "num_heads": 4, "dropout_rate": 0.0, "classifier_dropout": 0.0,
+        "decoder_start_token_id": PAD,
+    }, _SEQ2SEQ_HEADS, encoder_decoder=True),
+    "gpt2": _Family({
+        **_TEXT, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0,
+    }, _DECODER_HEADS),
+    "bart": _Family({
+        **_TEXT, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+        "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64, "max_position_embeddings": 64, "dropout": 0.0,
+        "attention_dropout": 0.0, "activation_dropout": 0.0, "classifier_dropout": 0.0,
+        "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "decoder_start_token_id": EOS,
+        "forced_eos_token_id": EOS,
+    }, _SEQ2SEQ_HEADS, encoder_decoder=True),
+    "llama": _Family(_LLAMA_LIKE, _DECODER_HEADS),
+    "qwen2": _Family(_LLAMA_LIKE, _DECODER_HEADS),
+    "mistral": _Family(_LLAMA_LIKE, _DECODER_HEADS),
+    "vit": _Family({
+        **_BERT_LIKE, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_channels": CHANNELS,
+    }, {"cls": AutoModelForImageClassification}, vision=True),
+}
+# fmt: on
+
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+"""Every family ``build_tiny`` knows: ``("bert", "roberta", ..., "vit")``."""
+NUM_LABELS = 3
+
+
+def has_head(family: str, head: str) -> bool:
+    """Whether ``build_tiny(family, head)`` exists (ViT has no ``"lm"`` variant)."""
+    return head == "base" or head in _FAMILIES[family].heads
+
+
+def build_tiny(
+    family: str, head: str = "cls", seed: int = 0, **config_overrides: Any
+) -> torch.nn.Module:
+    """A tiny random-weight model of ``family`` in eval mode, float32, without dropout.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        head: ``"base"`` (bare model), ``"cls"`` (sequence/image classification, 3 labels) or
+            ``"lm"`` (masked LM for encoders, causal LM for decoders, seq2seq LM for T5/BART).
+        seed: torch seed used for the random weights.
+        **config_overrides: extra config kwargs, e.g. ``feed_forward_proj="gated-gelu"``
+            for T5 v1.1.
+
+    Raises:
+        ValueError: unknown family, or a head transformers has no class for (ViT ``"lm"``).
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    spec = _FAMILIES[family]
+    if not has_head(family, head):
+        raise ValueError(f"family {family!r} has no {head!r} head")
+    config = AutoConfig.for_model(family, **{**spec.config, **config_overrides})
+    config.num_labels = NUM_LABELS
+    auto_class = AutoModel if head == "base" else spec.heads[head]
+    with torch.random.fork_rng(devices=[]):  # seed the weights, leave the caller's RNG alone
+        torch.manual_seed(seed)
+        model = auto_class.from_config(config, dtype=torch.float32)
+    return model.float().eval()
+
+
+def tiny_inputs(
+    family: str, batch: int = 2, seq: int = 8, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Keyword inputs valid for every head of ``build_tiny(family, ...)``.
+
+    Text: ``input_ids`` (random tokens, last one ``EOS`` so T5/BART classification heads find it)
+    and an all-ones ``attention_mask``; T5/BART add ``decoder_input_ids`` (``input_ids`` shifted
+    right, same length). ViT: ``pixel_values`` of shape ``(batch, 3, 32, 32)``.
+    """
+    spec = _FAMILIES[family]
+    generator = torch.Generator().manual_seed(seed)
+    if spec.vision:
+        shape = (batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+    input_ids = torch.randint(EOS + 1, VOCAB, (batch, seq), generator=generator)
+    input_ids[:, -1] = EOS
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if spec.encoder_decoder:
+        start = torch.full((batch, 1), spec.config["decoder_start_token_id"])
+        inputs["decoder_input_ids"] = torch.cat([start, input_ids[:, :-1]], dim=1)
+    return inputs
+
+
+def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's output ``logits`` (``last_hidden_state`` for base models)."""
+    outputs = model(**inputs)
+    logits = getattr(outputs, "logits", None)
+    return logits if logits is not None else outputs.last_hidden_state
