@@ -36,6 +36,4 @@ BART = StructureMap(
         "decoder.layers.$.final_layer_norm": "decoder.block.$.ff.layer_norm",
         "lm_head": "lm_head.proj",
     },
-    # transformers 4.5x: `shared` and `encoder.embed_tokens` are one module, listed as `shared`.
-    legacy_roles={"shared": "embeddings"},
 )

@@ -42,6 +42,4 @@ T5 = StructureMap(
         "decoder.block.$.layer.2.layer_norm": "decoder.block.$.ff.layer_norm",
         "lm_head": "lm_head.proj",
     },
-    # transformers 4.5x: `shared` and `encoder.embed_tokens` are one module, listed as `shared`.
-    legacy_roles={"shared": "embeddings"},
 )
