@@ -1,10 +1,300 @@
-"""Placeholder: replaced by the visualization module."""
+"""Module-tree pictures and parameter counts (OpenDelta's ``Visualization`` and ``delta.log()``).
+
+Sizes are logical (``engine.logical_shape``), so a ZeRO-3 or FSDP model shows its full shapes, not
+its empty local shards. Names are canonical: engine wrapper segments (``_fsdp_wrapped_module``,
+``_orig_mod``, a DDP root's ``module``) are left out. Repeated blocks (``layer.0`` ... ``layer.11``
+with identical subtrees) are folded into one node ``0-11``.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+from torch import nn
+
+from deltadist.addressing.common import common_name_index, families
+from deltadist.addressing.names import WRAPPER_SEGMENTS
+from deltadist.attach import delta_modules
+from deltadist.delta_module import DeltaModule
+from deltadist.engines import Engine, detect_engine
+
+_WIDTH = 240
+"""Width of the returned text: wide enough that tree lines are not wrapped."""
+
+_PARAM_STYLES = {
+    "delta": "magenta", "frozen delta": "dim magenta", "trainable": "blue", "frozen": "bright_black",
+}
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class _Node:
+    """One shown module: its name, class, own parameters and shown children."""
+
+    name: str
+    cls: str
+    is_delta: bool
+    params: list[tuple[str, Shape, str]]
+    """``(name, logical shape, kind)``; kind is a key of ``_PARAM_STYLES``."""
+    children: list["_Node"] = field(default_factory=list)
+    commons: tuple[str, ...] = ()
+    count: int = 1
+    """How many identical sibling blocks this node stands for."""
+    has_params: bool = False
+    signature: tuple[Any, ...] = ()
+    """Structure of the subtree (names, classes, shapes, kinds); equal for foldable blocks."""
+
+
+@dataclass
+class _Builder:
+    """Walks a module tree into ``_Node``s with one call's options."""
+
+    engine: Engine
+    index: dict[str, tuple[str, ...]]
+    keep_non_params: bool
+    only_common: bool
+
+    def build(self, module: nn.Module, name: str, path: str, in_delta: bool) -> _Node | None:
+        """The node of ``module`` at canonical ``path``, or ``None`` if it is hidden."""
+        in_delta = in_delta or isinstance(module, DeltaModule)
+        params, children = _contents(module)
+        kids = []
+        for child_name, child in children:
+            child_path = f"{path}.{child_name}" if path else child_name
+            node = self.build(child, child_name, child_path, in_delta)
+            if node is not None:
+                kids.append(node)
+        own = [(n, tuple(self.engine.logical_shape(p)), _kind(p, in_delta)) for n, p in params]
+        node = _Node(
+            name=name, cls=type(module).__name__, is_delta=isinstance(module, DeltaModule),
+            params=own, children=kids, commons=self.index.get(path, ()),
+            has_params=bool(own) or any(k.has_params for k in kids),
+        )
+        node.signature = (node.cls, node.is_delta, tuple(own),
+                          tuple((k.name, k.signature) for k in kids))
+        if path and not (self.keep_non_params or node.has_params):
+            return None
+        if path and self.only_common and not (node.commons or kids):
+            return None
+        return node
+
+
+def _contents(module: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Module]]]:
+    """Own parameters and children of ``module``, with wrapper segments spliced away."""
+    params = [(n, p) for n, p in module._parameters.items() if p is not None]
+    children: list[tuple[str, nn.Module]] = []
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if name in WRAPPER_SEGMENTS:
+            inner_params, inner_children = _contents(child)
+            params += inner_params
+            children += inner_children
+        else:
+            children.append((name, child))
+    return params, children
+
+
+def _kind(param: nn.Parameter, in_delta: bool) -> str:
+    if in_delta:
+        return "delta" if param.requires_grad else "frozen delta"
+    return "trainable" if param.requires_grad else "frozen"
+
+
+def _fold(node: _Node) -> _Node:
+    """Fold runs of identical siblings with consecutive integer names into one node."""
+    runs: list[list[_Node]] = []
+    for child in (_fold(c) for c in node.children):
+        last = runs[-1][-1] if runs else None
+        if last is not None and _consecutive(last.name, child.name) \
+                and child.signature == runs[-1][0].signature:
+            runs[-1].append(child)
+        else:
+            runs.append([child])
+    folded = [run[0] if len(run) == 1 else
+              _merge(run[0], run[-1], f"{run[0].name}-{run[-1].name}", len(run)) for run in runs]
+    return replace(node, children=folded)
+
+
+def _consecutive(a: str, b: str) -> bool:
+    return a.isdigit() and b.isdigit() and int(b) == int(a) + 1
+
+
+def _merge(first: _Node, last: _Node, name: str, count: int) -> _Node:
+    """``first`` standing for the run up to ``last``; common names get index ranges."""
+    return replace(
+        first, name=name, count=count,
+        commons=tuple(_span(a, b) for a, b in zip(first.commons, last.commons)),
+        children=[_merge(a, b, a.name, a.count) for a, b in zip(first.children, last.children)],
+    )
+
+
+def _span(first: str, last: str) -> str:
+    """``encoder.block.0.attn`` and ``encoder.block.3.attn`` -> ``encoder.block.0-3.attn``."""
+    a, b = first.split("."), last.split(".")
+    if len(a) != len(b):
+        return first
+    return ".".join(x if x == y else f"{x}-{y}" for x, y in zip(a, b))
+
+
+def _label(node: _Node, show_commons: bool) -> Text:
+    numbered = node.name[:1].isdigit()
+    text = Text(node.name, style="red" if numbered else "white")
+    if show_commons and node.commons:
+        text.append(" <" + ", ".join(node.commons) + ">", style="cyan")
+    text.append(f" ({node.cls})", style="magenta" if node.is_delta else "green")
+    if node.is_delta:
+        text.append(" [delta]", style="magenta")
+    if node.count > 1:
+        text.append(f" ×{node.count}", style="red")
+    for name, shape, kind in node.params:
+        text.append(f" {name}:{list(shape)}", style=_PARAM_STYLES[kind])
+    return text
+
+
+def _add(parent: Tree, node: _Node, show_commons: bool) -> None:
+    branch = parent.add(_label(node, show_commons))
+    for child in node.children:
+        _add(branch, child, show_commons)
+
+
+def _emit(renderable: RenderableType, echo: bool) -> str:
+    """Plain text of ``renderable``; also printed (in colour on a terminal) when ``echo``."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=_WIDTH, color_system=None).print(renderable)
+    text = "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+    if echo:
+        console = Console()
+        if console.is_terminal:
+            console.print(renderable)
+        else:
+            sys.stdout.write(text)
+    return text
 
 
 class Visualization:
-    def __init__(self, plm):
+    """Module-tree view of a model, with delta modules and parameters marked.
+
+    Args:
+        plm: the model (any ``nn.Module``, wrapped by an engine or not).
+        engine: the engine giving logical shapes (default: detected from ``plm``).
+    """
+
+    def __init__(self, plm: nn.Module, engine: Engine | None = None) -> None:
         self.plm = plm
+        self.engine = engine if engine is not None else detect_engine(plm)
+
+    def build_tree(self, keep_non_params: bool = False, rootname: str = "root",
+                   expand_params: bool = False, common_structure: bool = False,
+                   only_common: bool = False) -> Tree:
+        """The rich ``Tree`` that :meth:`structure_graph` prints (arguments as there)."""
+        root = self.plm
+        if list(root._modules) == ["module"]:
+            root = root.module
+        show_commons = common_structure or only_common
+        builder = _Builder(self.engine, common_name_index(root) if show_commons else {},
+                           keep_non_params, only_common)
+        node = builder.build(root, rootname, "", False)
+        assert node is not None  # the root is never hidden
+        if not expand_params:
+            node = _fold(node)
+        tree = Tree(_label(node, show_commons))
+        for child in node.children:
+            _add(tree, child, show_commons)
+        return tree
+
+    def structure_graph(self, keep_non_params: bool = False, rootname: str = "root",
+                        expand_params: bool = False, common_structure: bool = False,
+                        only_common: bool = False, printTree: bool = True) -> str:
+        """Print (when ``printTree``) and return the model's module tree.
+
+        Each node shows its name (white), class (green; magenta and ``[delta]`` for delta
+        modules) and own parameters as ``name:[logical shape]``: trainable blue, frozen grey,
+        delta magenta. Identical blocks with consecutive integer names are folded (``0-11 ×12``).
+
+        Args:
+            keep_non_params: also show modules without parameters (dropouts, activations).
+            rootname: label of the root node.
+            expand_params: show every block instead of folding repeated ones.
+            common_structure: show common-structure names (``<encoder.block.0-11.attn.q>``).
+            only_common: show only modules with a common-structure name and their ancestors.
+            printTree: print the tree to stdout.
+        """
+        tree = self.build_tree(keep_non_params, rootname, expand_params, common_structure, only_common)
+        return _emit(tree, printTree)
 
 
-def log_delta(delta, module, **kwargs):
-    return ""
+def parameter_summary(module: nn.Module, engine: Engine) -> dict[str, int]:
+    """Logical parameter counts of ``module`` (shared parameters counted once).
+
+    Returns:
+        ``total``, ``trainable`` (``requires_grad``), ``delta`` (parameters of delta modules),
+        ``backbone`` (``total - delta``) and ``sites`` (modules holding a delta module).
+    """
+    params = {id(p): p for p in module.parameters()}
+    delta_ids = {id(p) for d in delta_modules(module).values() for p in d.parameters()}
+    sizes = {key: engine.logical_shape(p).numel() for key, p in params.items()}
+    total = sum(sizes.values())
+    delta = sum(sizes[key] for key in delta_ids if key in sizes)
+    sites = sum(
+        1 for m in module.modules()
+        if not isinstance(m, DeltaModule) and any(isinstance(c, DeltaModule) for c in m.children())
+    )
+    return {
+        "total": total,
+        "trainable": sum(sizes[key] for key, p in params.items() if p.requires_grad),
+        "delta": delta,
+        "backbone": total - delta,
+        "sites": sites,
+    }
+
+
+def _ratio(part: int, whole: int, of: str) -> str:
+    return f"{100 * part / whole:.4f}% of {of}" if whole else f"n/a (no {of} parameters)"
+
+
+def _summary_table(title: str, summary: dict[str, int], found: list[str],
+                   delta_ratio: bool, trainable_ratio: bool) -> Table:
+    table = Table(title=title, show_header=False, box=box.SIMPLE, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    table.add_row("Total parameters", f"{summary['total']:,}", "")
+    table.add_row("Backbone parameters", f"{summary['backbone']:,}", "")
+    table.add_row("Trainable parameters", f"{summary['trainable']:,}",
+                  _ratio(summary["trainable"], summary["total"], "total") if trainable_ratio else "")
+    table.add_row("Delta parameters", f"{summary['delta']:,}",
+                  _ratio(summary["delta"], summary["backbone"], "backbone") if delta_ratio else "")
+    table.add_row("Delta sites", f"{summary['sites']:,}", "")
+    if found:
+        table.add_row("Model families", ", ".join(found), "")
+    return table
+
+
+def log_delta(delta: Any, module: nn.Module, delta_ratio: bool = True,
+              trainable_ratio: bool = True, visualization: bool = True) -> str:
+    """Print and return ``module``'s tree (if ``visualization``) and its parameter summary.
+
+    Args:
+        delta: the delta object (a ``DeltaBase``); its ``engine`` gives logical sizes.
+        module: the model to report on (usually ``delta.backbone_model``).
+        delta_ratio: show delta parameters as a share of backbone parameters.
+        trainable_ratio: show trainable parameters as a share of all parameters.
+        visualization: include the module tree.
+    """
+    parts: list[RenderableType] = []
+    if visualization:
+        parts.append(Visualization(module, engine=delta.engine).build_tree())
+    title = f"{type(delta).__name__} on {type(module).__name__}"
+    summary = parameter_summary(module, delta.engine)
+    parts.append(_summary_table(title, summary, families(module), delta_ratio, trainable_ratio))
+    return _emit(Group(*parts), echo=True)

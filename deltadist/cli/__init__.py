@@ -1,0 +1,1 @@
+"""The ``deltadist`` command line (``deltadist.cli.main:main``)."""

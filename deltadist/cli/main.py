@@ -1,0 +1,42 @@
+"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from deltadist.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one subcommand, ``train``)."""
+    parser = argparse.ArgumentParser(prog="deltadist", description="Delta tuning with OpenDelta's API.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser(
+        "train", help="delta-tune a model on a built-in task",
+        description="Delta-tune a pretrained encoder (default: LoRA on all-MiniLM-L6-v2, 4 topics).",
+    )
+    train.add_argument("--config", metavar="PATH",
+                       help="YAML config (default: the built-in configs/minilm_lora.yaml)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set training.epochs=1 (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad config)."""
+    args = build_parser().parse_args(argv)
+    from deltadist.training.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, OSError) as err:
+        print(f"deltadist {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    from deltadist.training.loop import train
+    from deltadist.training.report import print_summary
+
+    result = train(cfg)
+    print_summary(result.metrics, str(result.metrics_path))
+    return 0

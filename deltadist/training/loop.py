@@ -1,0 +1,119 @@
+"""The training job: build, evaluate, train the delta with AdamW, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
+from deltadist.api.delta_base import DeltaBase
+from deltadist.training.config import TrainConfig
+from deltadist.training.data import LABELS, Example, batches, load_topics
+from deltadist.training.engine import setup_engine
+from deltadist.training.model import TextClassifier, build_model
+
+METRICS_NAME = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What ``metrics.json`` holds."""
+
+    accuracy_before: float
+    accuracy_after: float
+    train_seconds: float
+    total_seconds: float
+    delta_bytes: int
+    delta_path: str
+    trainable_params: int
+    total_params: int
+    device: str
+
+
+@dataclass
+class TrainResult:
+    """The trained model, its delta, and the job's metrics."""
+
+    model: TextClassifier
+    delta: DeltaBase
+    metrics: Metrics
+    metrics_path: Path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the job ``cfg`` describes; write ``output_dir/delta/`` and ``output_dir/metrics.json``."""
+    job_start = time.perf_counter()
+    engine = setup_engine(cfg.engine)
+    train_set, test_set = load_topics(cfg.data.train_size, cfg.data.test_size, cfg.data.seed)
+    model, tokenizer = build_model(cfg.model.name_or_path, len(LABELS), cfg.training.seed)
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(cfg.delta), backbone_model=model)
+    delta.freeze_module()
+    delta.log(visualization=False)
+    model.to(engine.device)
+    runner = engine.wrap(model)
+
+    def evaluate(desc: str) -> float:
+        loader = batches(test_set, tokenizer, cfg.training.eval_batch_size, cfg.model.max_length)
+        return accuracy(runner, loader, engine.device, len(test_set), desc)
+
+    accuracy_before = evaluate("eval (before)")
+    optimizer = torch.optim.AdamW(delta.parameters(), lr=cfg.training.lr)
+    generator = torch.Generator().manual_seed(cfg.training.seed)
+    train_start = time.perf_counter()
+    for epoch in range(1, cfg.training.epochs + 1):
+        train_epoch(runner, optimizer, train_set, tokenizer, cfg, generator, engine.device,
+                    f"epoch {epoch}/{cfg.training.epochs}")
+    train_seconds = time.perf_counter() - train_start
+    accuracy_after = evaluate("eval (after)")
+
+    output_dir = Path(cfg.output_dir)
+    delta_dir = Path(delta.save_finetuned(output_dir / "delta"))
+    metrics = Metrics(
+        accuracy_before=accuracy_before, accuracy_after=accuracy_after,
+        train_seconds=round(train_seconds, 3),
+        total_seconds=round(time.perf_counter() - job_start, 3),
+        delta_bytes=sum(f.stat().st_size for f in delta_dir.iterdir() if f.is_file()),
+        delta_path=str(delta_dir),
+        trainable_params=sum(p.numel() for p in delta.parameters()),
+        total_params=sum(p.numel() for p in model.parameters()),
+        device=str(engine.device),
+    )
+    metrics_path = output_dir / METRICS_NAME
+    metrics_path.write_text(json.dumps(asdict(metrics), indent=2) + "\n")
+    return TrainResult(model=model, delta=delta, metrics=metrics, metrics_path=metrics_path)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, examples: list[Example],
+                tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, generator: torch.Generator, device: torch.device,
+                desc: str) -> None:
+    """One pass over ``examples`` in a seeded random order, cross-entropy loss."""
+    model.train()
+    steps = -(-len(examples) // cfg.training.batch_size)
+    loader = batches(examples, tokenizer, cfg.training.batch_size, cfg.model.max_length, generator)
+    with tqdm(loader, total=steps, desc=desc, unit="batch") as bar:
+        for batch in bar:
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            loss = nn.functional.cross_entropy(logits, batch["labels"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device, total: int, desc: str) -> float:
+    """Fraction of examples in ``loader`` whose arg-max logit is the label."""
+    model.eval()
+    correct = 0
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        correct += int((logits.argmax(dim=-1).cpu() == batch["labels"]).sum())
+    return correct / total

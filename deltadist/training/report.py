@@ -1,0 +1,32 @@
+"""The job's final summary, printed with rich."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from deltadist.training.loop import Metrics
+
+
+def format_bytes(size: int) -> str:
+    """``1536`` -> ``"1.5 KB"``; ``3_300_000`` -> ``"3.1 MB"`` (binary units)."""
+    if size < 1024 ** 2:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / 1024 ** 2:.1f} MB"
+
+
+def print_summary(metrics: Metrics, metrics_path: str, console: Console | None = None) -> None:
+    """Accuracy before -> after, trainable parameters, time, and where the delta went."""
+    table = Table(title="deltadist train", show_header=False, title_style="bold")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    gain = metrics.accuracy_after - metrics.accuracy_before
+    table.add_row("test accuracy", f"{metrics.accuracy_before:.1%} -> [bold green]{metrics.accuracy_after:.1%}[/]"
+                  f" ({gain:+.1%})")
+    ratio = metrics.trainable_params / metrics.total_params
+    table.add_row("trainable params", f"{metrics.trainable_params:,} of {metrics.total_params:,} ({ratio:.3%})")
+    table.add_row("time", f"{metrics.train_seconds:.1f} s training, {metrics.total_seconds:.1f} s in all,"
+                  f" on {metrics.device}")
+    table.add_row("delta", f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})")
+    table.add_row("metrics", metrics_path)
+    (console or Console()).print(table)

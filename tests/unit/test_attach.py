@@ -1,0 +1,162 @@
+"""Mechanisms and composition: hook order on one site, detach/attach in any order, deepcopy."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from deltadist import BitFitModel, LoraModel
+from deltadist.attach import Attachment, Mechanism, attach, detach, forget
+from deltadist.delta_module import DeltaModule
+from tests.snapshot import assert_same_snapshot, snapshot
+
+
+class Affine(DeltaModule):
+    """``x * scale + shift``: two of these do not commute, so the order is observable."""
+
+    def __init__(self, scale: float, shift: float) -> None:
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _site() -> nn.Linear:
+    site = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        site.weight.fill_(1.0)
+    return site
+
+
+def _attachment(site: nn.Module, delta: DeltaModule, mechanism: Mechanism) -> Attachment:
+    return Attachment(site=site, site_name="site", delta=delta, base_name="affine", mechanism=mechanism)
+
+
+def test_after_deltas_run_in_insertion_order() -> None:
+    site = _site()
+    first = _attachment(site, Affine(2, 0), Mechanism.AFTER)
+    second = _attachment(site, Affine(1, 1), Mechanism.AFTER)
+    attach(first), attach(second)
+    assert site(torch.tensor([1.0])).item() == 3.0  # (1*2)+1, not (1+1)*2
+    assert [first.child_name, second.child_name] == ["affine", "affine_1"]
+
+
+def test_before_deltas_last_added_sees_the_input_first() -> None:
+    site = _site()
+    first = _attachment(site, Affine(2, 0), Mechanism.BEFORE)
+    second = _attachment(site, Affine(1, 1), Mechanism.BEFORE)
+    attach(first), attach(second)
+    assert site(torch.tensor([1.0])).item() == 4.0  # second first: (1+1), then first: *2
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_detach_and_reattach_in_any_order_restores_the_composition(order) -> None:
+    site = _site()
+    atts = [
+        _attachment(site, Affine(2, 0), Mechanism.AFTER),
+        _attachment(site, Affine(1, 1), Mechanism.PARALLEL),
+        _attachment(site, Affine(3, -1), Mechanism.AFTER),
+    ]
+    before = snapshot(site)
+    for att in atts:
+        attach(att)
+    x = torch.tensor([0.5])
+    composed = site(x).item()
+    for i in order:
+        detach(atts[i])
+    assert_same_snapshot(before, snapshot(site))
+    for i in order:
+        attach(atts[i])
+    assert site(x).item() == composed
+
+
+def test_forget_drops_the_record() -> None:
+    site = _site()
+    att = _attachment(site, Affine(2, 0), Mechanism.AFTER)
+    attach(att)
+    forget(att)
+    assert not site._forward_hooks and "affine" not in site._modules
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _tune(delta) -> None:
+    with torch.no_grad():
+        for param in delta.parameters():
+            param.normal_(0, 0.5)
+
+
+def test_two_deltas_on_one_site_compose_and_detach_independently() -> None:
+    model, x = TwoLayer(), torch.randn(5, 4)
+    base = model(x)
+    lora = LoraModel(model, modified_modules=["fc1", "fc2"], lora_r=2)
+    _tune(lora)
+    lora_only = model(x)
+    bitfit = BitFitModel(model, modified_modules=["fc2"])
+    _tune(bitfit)
+    both = model(x)
+    assert not torch.allclose(both, lora_only)
+    lora.detach()
+    bitfit_only = model(x)
+    bitfit.detach()
+    assert torch.equal(model(x), base)
+    lora.attach()
+    assert torch.equal(model(x), lora_only)
+    bitfit.attach()
+    assert torch.equal(model(x), both)
+    lora.detach()
+    assert torch.equal(model(x), bitfit_only)
+
+
+def test_second_lora_on_the_same_site_gets_its_own_child_name() -> None:
+    model = TwoLayer()
+    LoraModel(model, modified_modules=["fc1"], lora_r=2)
+    LoraModel(model, modified_modules=["fc1"], lora_r=3)
+    assert model.fc1.lora.lora_A.shape == (2, 4)
+    assert model.fc1.lora_1.lora_A.shape == (3, 4)
+
+
+def test_deepcopy_runs_its_own_delta_copy() -> None:
+    model, x = TwoLayer(), torch.randn(2, 4)
+    delta = LoraModel(model, modified_modules=["fc1"], lora_r=2)
+    _tune(delta)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), model(x))
+    with torch.no_grad():
+        twin.fc1.lora.lora_B.zero_()
+    assert not torch.equal(twin(x), model(x))
+
+
+def test_keyword_only_hidden_states_reach_the_delta() -> None:
+    model = TwoLayer()
+    delta = LoraModel(model, modified_modules=["fc1"], lora_r=2)
+    _tune(delta)
+    x = torch.randn(2, 4)
+    assert torch.equal(model.fc1(input=x), model.fc1(x))
+
+
+def test_bitfit_gradient_equals_the_existing_bias_gradient() -> None:
+    """Training the added offset follows the same path as unfreezing the bias itself."""
+    model, x = TwoLayer(), torch.randn(5, 4)
+    model(x).pow(2).sum().backward()
+    bias_grad = model.fc2.bias.grad.clone()
+    model.zero_grad()
+    BitFitModel(model, modified_modules=["fc2"]).freeze_module()
+    model(x).pow(2).sum().backward()
+    torch.testing.assert_close(model.fc2.bitfit.bias.grad, bias_grad)
