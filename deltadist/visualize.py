@@ -45,7 +45,7 @@ class _Node:
     is_delta: bool
     params: list[tuple[str, Shape, str]]
     """``(name, logical shape, kind)``; kind is a key of ``_PARAM_STYLES``."""
-    children: list["_Node"] = field(default_factory=list)
+    children: list[_Node] = field(default_factory=list)
     commons: tuple[str, ...] = ()
     count: int = 1
     """How many identical sibling blocks this node stands for."""

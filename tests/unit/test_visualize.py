@@ -71,8 +71,8 @@ def test_expand_params_shows_every_layer(lora_bert) -> None:
 
 def test_a_delta_on_one_layer_splits_the_fold() -> None:
     model = _bert()
-    deltadist.LoraModel(backbone_model=model, modified_modules=["bert.encoder.layer.0.attention.self.query"],
-                        lora_r=R)
+    only_layer_0 = ["bert.encoder.layer.0.attention.self.query"]
+    deltadist.LoraModel(backbone_model=model, modified_modules=only_layer_0, lora_r=R)
     text = _graph(model)
     assert _block_lines(text) == ["0 (BertLayer)", f"1-{LAYERS - 1} (BertLayer) ×{LAYERS - 1}"]
     assert text.count("lora (LoRA) [delta]") == 1
@@ -156,7 +156,7 @@ def test_structure_graph_prints_when_asked(lora_bert, capsys) -> None:
 
 
 def test_log_reports_ratios(lora_bert, capsys) -> None:
-    model, delta = lora_bert
+    _, delta = lora_bert
     text = delta.log()
     assert capsys.readouterr().out == text
     assert f"0-{LAYERS - 1} (BertLayer)" in text
