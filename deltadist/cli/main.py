@@ -25,18 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 2 bad config)."""
+    """Run the command line; return the exit status (0 ok, 2 bad config or unreadable file)."""
     args = build_parser().parse_args(argv)
     from deltadist.training.config import load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, OSError) as err:
-        print(f"deltadist {args.command}: error: {err}", file=sys.stderr)
-        return 2
     from deltadist.training.loop import train
     from deltadist.training.report import print_summary
 
-    result = train(cfg)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg)
+    except (ConfigError, OSError) as err:
+        print(f"deltadist {args.command}: error: {err}", file=sys.stderr)
+        return 2
     print_summary(result.metrics, str(result.metrics_path))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ class ModelConfig:
     name_or_path: str = "builtin:minilm"
     max_length: int = 64
 
+    def __post_init__(self) -> None:
+        _check_positive(self, "model", "max_length")
+
 
 @dataclass
 class DataConfig:
@@ -41,16 +45,32 @@ class DataConfig:
     test_size: int = 300
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise ConfigError(
+                f"data.name: unknown data set {self.name!r}; available: {', '.join(DATASETS)}."
+            )
+        _check_positive(self, "data", "train_size", "test_size")
+
 
 @dataclass
 class TrainingConfig:
     """Optimisation settings."""
 
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 100
     lr: float = 0.002
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr")
+
+
+def _check_positive(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{prefix}.{name} must be positive, got {getattr(section, name)!r}.")
 
 
 def _default_delta() -> dict[str, Any]:
@@ -76,18 +96,10 @@ class TrainConfig:
             raise ConfigError(
                 f"engine: unknown engine {self.engine!r}; available engines: {', '.join(ENGINES)}."
             )
-        if self.data.name not in DATASETS:
-            raise ConfigError(
-                f"data.name: unknown data set {self.data.name!r}; available: {', '.join(DATASETS)}."
-            )
-        for name in ("model.max_length", "data.train_size", "data.test_size", "training.epochs",
-                     "training.batch_size", "training.eval_batch_size"):
-            section, key = name.split(".")
-            if getattr(getattr(self, section), key) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(getattr(self, section), key)!r}.")
-        if self.training.lr <= 0:
-            raise ConfigError(f"training.lr must be positive, got {self.training.lr!r}.")
-        AutoDeltaConfig.from_dict(self.delta)
+        try:
+            AutoDeltaConfig.from_dict(self.delta)
+        except ConfigError as err:
+            raise ConfigError(f"delta: {err}") from err
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -131,32 +143,41 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
     return copy.deepcopy(dataclasses.asdict(config))
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, section: str) -> Any:
+    """``cls(**raw)`` after checking ``raw``'s keys and values; ``section`` is its dotted name."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}.")
+        raise ConfigError(f"{section or 'the config'} must be a mapping, got {raw!r}.")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in valid]
+    unknown = [str(k) for k in raw if k not in valid]
     if unknown:
+        hints_text = "".join(
+            f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, valid, n=1)) else ""
+            for k in unknown[:1]
+        )
         raise ConfigError(
-            f"Unknown key(s) in {where or 'config'}: {', '.join(map(str, unknown))}. "
+            f"Unknown key(s) in {section or 'the config'}: {', '.join(unknown)}{hints_text}. "
             f"Valid keys: {', '.join(valid)}."
         )
-    values = {key: _value(hints[key], value, f"{where}{key}") for key, value in raw.items()}
-    return cls(**values)
+    return cls(**{
+        key: _value(hints[key], value, f"{section}.{key}" if section else key)
+        for key, value in raw.items()
+    })
 
 
-def _value(hint: Any, value: Any, where: str) -> Any:
+def _value(hint: Any, value: Any, name: str) -> Any:
+    """``value`` checked against the field type ``hint`` (ints are accepted as floats)."""
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where + ".")
+        return _build(hint, value, name)
     expected = typing.get_origin(hint) or hint
-    if expected is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-3" as a string
-        except ValueError:
-            pass
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if expected is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
-        raise ConfigError(f"{where} must be a {expected.__name__}, got {value!r}.")
+        raise ConfigError(f"{name} must be of type {expected.__name__}, got {value!r}.")
     return value

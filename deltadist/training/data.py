@@ -9,11 +9,14 @@ the model learnt the topics, not the strings. Sampling is seeded and labels are 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+from deltadist.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -96,7 +99,7 @@ def load_topics(train_size: int, test_size: int, seed: int = 0) -> tuple[list[Ex
     """The train and test splits: disjoint templates and phrases, balanced labels, deterministic.
 
     Raises:
-        ValueError: a split asks for more sentences than its templates and phrases can make.
+        ConfigError: a split asks for more sentences than its templates and phrases can make.
     """
     rng = random.Random(seed)
     templates = _split(TEMPLATES, rng)
@@ -108,7 +111,7 @@ def load_topics(train_size: int, test_size: int, seed: int = 0) -> tuple[list[Ex
         for label, (topic, count) in enumerate(zip(LABELS, per_label)):
             pool = sorted(set(_sentences(templates[part], phrases[topic][part])))
             if count > len(pool):
-                raise ValueError(
+                raise ConfigError(
                     f"builtin:topics can make {len(pool)} distinct {('train', 'test')[part]} sentences "
                     f"per topic; {count} were asked for. Lower data.train_size / data.test_size."
                 )
@@ -135,22 +138,34 @@ def _sentences(templates: list[str], phrases: list[str]) -> Iterator[str]:
                 yield template.format(a=a)
 
 
-def batches(examples: list[Example], tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int,
-            generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+class Batches:
     """Tokenized batches (``input_ids``, ``attention_mask``, ``labels``), padded per batch.
 
-    With ``generator`` the order is shuffled by it; without, the examples keep their order.
+    With ``generator`` every pass draws a new order from it; without, examples keep their order.
     """
-    if generator is None:
-        order = list(range(len(examples)))
-    else:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
-        encoded = tokenizer([e.text for e in chunk], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
-        yield {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "labels": torch.tensor([e.label for e in chunk]),
-        }
+
+    def __init__(self, examples: list[Example], tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 max_length: int, generator: torch.Generator | None = None) -> None:
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.generator is None:
+            order = list(range(len(self.examples)))
+        else:
+            order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+        for start in range(0, len(order), self.batch_size):
+            chunk = [self.examples[i] for i in order[start:start + self.batch_size]]
+            encoded = self.tokenizer([e.text for e in chunk], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+            yield {
+                "input_ids": encoded["input_ids"],
+                "attention_mask": encoded["attention_mask"],
+                "labels": torch.tensor([e.label for e in chunk]),
+            }

@@ -1,4 +1,4 @@
-"""The training job: build, evaluate, train the delta with AdamW, evaluate, save."""
+"""The training job: build, evaluate, train the delta with AdamW, evaluate again, save."""
 
 from __future__ import annotations
 
@@ -6,21 +6,20 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
 from deltadist.training.config import TrainConfig
-from deltadist.training.data import LABELS, Example, batches, load_topics
+from deltadist.training.data import LABELS, Batches, load_topics
 from deltadist.training.engine import setup_engine
 from deltadist.training.model import TextClassifier, build_model
 
 METRICS_NAME = "metrics.json"
+DELTA_DIRNAME = "delta"
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class Metrics:
     train_seconds: float
     total_seconds: float
     delta_bytes: int
+    """Size of the saved checkpoint directory (weights and config)."""
     delta_path: str
     trainable_params: int
     total_params: int
@@ -60,24 +60,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.to(engine.device)
     runner = engine.wrap(model)
 
-    def evaluate(desc: str) -> float:
-        loader = batches(test_set, tokenizer, cfg.training.eval_batch_size, cfg.model.max_length)
-        return accuracy(runner, loader, engine.device, len(test_set), desc)
-
-    accuracy_before = evaluate("eval (before)")
+    test_batches = Batches(test_set, tokenizer, cfg.training.eval_batch_size, cfg.model.max_length)
+    train_batches = Batches(train_set, tokenizer, cfg.training.batch_size, cfg.model.max_length,
+                            generator=torch.Generator().manual_seed(cfg.training.seed))
+    accuracy_before = accuracy(runner, test_batches, engine.device, "eval (before)")
     optimizer = torch.optim.AdamW(delta.parameters(), lr=cfg.training.lr)
-    generator = torch.Generator().manual_seed(cfg.training.seed)
     train_start = time.perf_counter()
     for epoch in range(1, cfg.training.epochs + 1):
-        train_epoch(runner, optimizer, train_set, tokenizer, cfg, generator, engine.device,
-                    f"epoch {epoch}/{cfg.training.epochs}")
+        train_epoch(runner, optimizer, train_batches, engine.device, f"epoch {epoch}/{cfg.training.epochs}")
     train_seconds = time.perf_counter() - train_start
-    accuracy_after = evaluate("eval (after)")
+    accuracy_after = accuracy(runner, test_batches, engine.device, "eval (after)")
 
     output_dir = Path(cfg.output_dir)
-    delta_dir = Path(delta.save_finetuned(output_dir / "delta"))
+    delta_dir = Path(delta.save_finetuned(output_dir / DELTA_DIRNAME))
     metrics = Metrics(
-        accuracy_before=accuracy_before, accuracy_after=accuracy_after,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
         train_seconds=round(train_seconds, 3),
         total_seconds=round(time.perf_counter() - job_start, 3),
         delta_bytes=sum(f.stat().st_size for f in delta_dir.iterdir() if f.is_file()),
@@ -91,14 +89,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(model=model, delta=delta, metrics=metrics, metrics_path=metrics_path)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, examples: list[Example],
-                tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, generator: torch.Generator, device: torch.device,
-                desc: str) -> None:
-    """One pass over ``examples`` in a seeded random order, cross-entropy loss."""
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches,
+                device: torch.device, desc: str) -> None:
+    """One pass over ``batches`` with cross-entropy loss."""
     model.train()
-    steps = -(-len(examples) // cfg.training.batch_size)
-    loader = batches(examples, tokenizer, cfg.training.batch_size, cfg.model.max_length, generator)
-    with tqdm(loader, total=steps, desc=desc, unit="batch") as bar:
+    with tqdm(batches, desc=desc, unit="batch") as bar:
         for batch in bar:
             logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             loss = nn.functional.cross_entropy(logits, batch["labels"].to(device))
@@ -109,11 +104,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, examples: li
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device, total: int, desc: str) -> float:
-    """Fraction of examples in ``loader`` whose arg-max logit is the label."""
+def accuracy(model: nn.Module, batches: Batches, device: torch.device, desc: str) -> float:
+    """Fraction of the examples in ``batches`` whose arg-max logit is the label."""
     model.eval()
     correct = 0
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         correct += int((logits.argmax(dim=-1).cpu() == batch["labels"]).sum())
-    return correct / total
+    return correct / len(batches.examples)

@@ -53,7 +53,8 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
-def build_model(name_or_path: str, num_labels: int, seed: int) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+def build_model(name_or_path: str, num_labels: int,
+                seed: int) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """The classifier (head initialised from ``seed``) and its tokenizer."""
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -21,10 +21,11 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
     table.add_column(style="bold cyan")
     table.add_column()
     gain = metrics.accuracy_after - metrics.accuracy_before
-    table.add_row("test accuracy", f"{metrics.accuracy_before:.1%} -> [bold green]{metrics.accuracy_after:.1%}[/]"
-                  f" ({gain:+.1%})")
+    table.add_row("test accuracy", f"{metrics.accuracy_before:.1%} -> "
+                  f"[bold green]{metrics.accuracy_after:.1%}[/] ({gain:+.1%})")
     ratio = metrics.trainable_params / metrics.total_params
-    table.add_row("trainable params", f"{metrics.trainable_params:,} of {metrics.total_params:,} ({ratio:.3%})")
+    table.add_row("trainable params",
+                  f"{metrics.trainable_params:,} of {metrics.total_params:,} ({ratio:.3%})")
     table.add_row("time", f"{metrics.train_seconds:.1f} s training, {metrics.total_seconds:.1f} s in all,"
                   f" on {metrics.device}")
     table.add_row("delta", f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})")

@@ -1,0 +1,76 @@
+"""``deltadist train`` end to end on a reduced job: accuracy rises, the delta is small and reloads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from deltadist import AutoDeltaModel
+from deltadist.cli import main as cli_main
+from deltadist.training import loop
+from deltadist.training.data import LABELS, Batches, load_topics
+from deltadist.training.model import build_model
+
+OVERRIDES = {
+    "training.epochs": 1, "training.batch_size": 16, "training.lr": 0.003,
+    "data.train_size": 160, "data.test_size": 80,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, loop.TrainResult]:
+    """Run the CLI once; keep the output directory and the trained model (via a spy on train)."""
+    output_dir = tmp_path_factory.mktemp("run")
+    results: list[loop.TrainResult] = []
+    train = loop.train
+
+    def spy(cfg):
+        results.append(train(cfg))
+        return results[-1]
+
+    argv = ["train", "--set", f"output_dir={output_dir}"]
+    for key, value in OVERRIDES.items():
+        argv += ["--set", f"{key}={value}"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "train", spy)
+        assert cli_main.main(argv) == 0
+    return output_dir, results[0]
+
+
+def test_accuracy_rises(run: tuple[Path, loop.TrainResult]) -> None:
+    output_dir, _ = run
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["accuracy_before"] < 0.5
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.2
+    assert metrics["delta_path"] == str(output_dir / "delta")
+    assert 0 < metrics["trainable_params"] < 0.01 * metrics["total_params"]
+
+
+def test_checkpoint_holds_only_delta_and_classifier(run: tuple[Path, loop.TrainResult]) -> None:
+    output_dir, _ = run
+    weights = output_dir / "delta" / "delta.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = list(handle.keys())
+    allowed = ("lora_A", "lora_B", "classifier")
+    assert all(any(kind in key for kind in allowed) for key in keys), keys
+    assert all(any(kind in key for key in keys) for kind in allowed), keys
+    assert len(keys) == 6 * 2 * 2 + 2  # 6 layers x (query, value) x (A, B) + classifier weight, bias
+    assert json.loads((output_dir / "metrics.json").read_text())["delta_bytes"] < 1024 ** 2
+
+
+def test_reloaded_delta_reproduces_logits(run: tuple[Path, loop.TrainResult]) -> None:
+    output_dir, result = run
+    fresh, tokenizer = build_model("builtin:minilm", len(LABELS), seed=1234)
+    fresh.eval()
+    _, test = load_topics(OVERRIDES["data.train_size"], OVERRIDES["data.test_size"])
+    batch = next(iter(Batches(test[:8], tokenizer, batch_size=8, max_length=64)))
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        untrained = fresh(*inputs)
+        AutoDeltaModel.from_finetuned(output_dir / "delta", backbone_model=fresh)
+        reloaded = fresh(*inputs)
+        expected = result.model.cpu().eval()(*inputs)
+    assert not torch.allclose(untrained, expected, atol=1e-3)
+    torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,71 @@
+"""The training job's config: default file, key and type checks, --set overrides, engine choice."""
+
+from pathlib import Path
+
+import pytest
+
+from deltadist.cli.main import main
+from deltadist.errors import ConfigError
+from deltadist.training.config import DEFAULT_CONFIG_PATH, TrainConfig, from_dict, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_packaged_default_is_the_documented_config() -> None:
+    assert DEFAULT_CONFIG_PATH.read_bytes() == (REPO / "configs" / "minilm_lora.yaml").read_bytes()
+
+
+def test_default_file_matches_dataclass_defaults() -> None:
+    assert load_config() == TrainConfig()
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    expected = r"in training: epoch \(did you mean epochs\?\)\. Valid keys: epochs, batch_size"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(overrides=["training.epoch=1"])
+    with pytest.raises(ConfigError, match="Valid keys: model, delta, data, training, engine, output_dir"):
+        from_dict({"modle": {}})
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config(overrides=[
+        "training.epochs=3", "training.lr=1e-3", "output_dir=/tmp/x",
+        "delta.modified_modules=[query]", "delta.lora_r=4",
+    ])
+    assert cfg.training.epochs == 3
+    assert cfg.training.lr == pytest.approx(1e-3)
+    assert cfg.output_dir == "/tmp/x"
+    assert cfg.delta["modified_modules"] == ["query"] and cfg.delta["lora_r"] == 4
+    assert cfg.model == TrainConfig().model
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("training.epochs=two", "training.epochs must be of type int"),
+    ("training.epochs=0", "training.epochs must be positive"),
+    ("training.epochs", "--set needs KEY=VALUE"),
+    ("engine.name=plain", "'engine' is not a section"),
+    ("delta.lora_rank=4", "lora_rank"),
+    ("data.name=imdb", "available: builtin:topics"),
+])
+def test_bad_values_are_errors(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[item])
+
+
+def test_unknown_engine_names_the_available_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown engine 'fsdp'; available engines: plain"):
+        load_config(overrides=["engine=fsdp"])
+
+
+def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--set", "engine=deepspeed"]) == 2
+    assert "available engines: plain" in capsys.readouterr().err
+
+
+def test_config_file_round_trips(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = load_config(overrides=["training.epochs=5"])
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
