@@ -17,6 +17,7 @@ from deltadist.errors import (
     EngineError,
     SiteError,
 )
+from deltadist.engines.setup import prepare_model, wrap_model
 from deltadist.freeze import full_state_dict
 from deltadist.methods.bitfit import BitFitConfig, BitFitModel
 from deltadist.methods.lora import LoraConfig, LoraModel
@@ -28,5 +29,5 @@ __all__ = [
     "AddressingError", "AutoDeltaConfig", "AutoDeltaModel", "BackboneMismatchError",
     "BitFitConfig", "BitFitModel", "CheckpointError", "ConfigError", "DeltaBase", "DeltaConfig",
     "DeltaError", "EngineError", "LoraConfig", "LoraModel", "SiteError", "Visualization",
-    "full_state_dict",
+    "full_state_dict", "prepare_model", "wrap_model",
 ]

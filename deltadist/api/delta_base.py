@@ -19,8 +19,8 @@ from deltadist.addressing.names import canonical_parameters, parse_patterns
 from deltadist.addressing.select import Site, select_sites
 from deltadist.attach import Attachment, Mechanism
 from deltadist.config import DeltaConfig
-from deltadist.engines import Engine, detect_engine
-from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError, SiteError
+from deltadist.engines import Engine, detect_engine, record_logical_shapes
+from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError, EngineError, SiteError
 from deltadist.fingerprint import backbone_fingerprint
 from deltadist.delta_module import DeltaModule
 from deltadist.provenance import library_versions
@@ -67,9 +67,24 @@ class DeltaBase:
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
         self.config = config
         self.backbone_model = backbone_model
-        self.engine: Engine = detect_engine(backbone_model)
         self._attachments = self._plan()
+        try:
+            self.engine.check_attachable(backbone_model)
+        except EngineError:
+            # A model an engine already wrapped takes no new parameters; resuming into it works
+            # when the same kind of delta already sits on every site.
+            adopted = self._adopt_attached()
+            if not adopted:
+                raise
+            self._attachments = adopted
+            return
         self._attach_all()
+        record_logical_shapes(backbone_model, self.engine)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine managing the backbone now (asked anew: the model may have been wrapped)."""
+        return detect_engine(self.backbone_model)
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _targets(self, site: Site) -> list[Site]:
@@ -113,6 +128,19 @@ class DeltaBase:
                        mechanism=self.mechanism)
             for t, d in deltas
         ]
+
+    def _adopt_attached(self) -> list[Attachment]:
+        """The already attached deltas of this kind on exactly the planned sites, if all are there."""
+        adopted = []
+        for planned in self._attachments:
+            same_kind = [
+                a for a in mechanisms.attachments_on(planned.site)
+                if a.attached and a.base_name == self.child_name
+            ]
+            if len(same_kind) != 1:
+                return []
+            adopted.append(same_kind[0])
+        return adopted
 
     def _attach_all(self) -> None:
         done: list[Attachment] = []

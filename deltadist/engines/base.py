@@ -11,6 +11,23 @@ from typing import Mapping
 import torch
 from torch import nn
 
+# Logical shapes noted before an engine wraps the model, for engines that keep no trace of them on
+# the parameter (FSDP1's flat views). Stored on the parameter object, which FSDP1 preserves (a
+# WeakKeyDictionary cannot hold tensors: their ``==`` is element-wise).
+_SHAPE_ATTR = "_deltadist_logical_shape"
+
+
+def record_logical_shapes(model: nn.Module, engine: "Engine") -> None:
+    """Remember the logical shape of every parameter of ``model`` (call before wrapping)."""
+    for param in model.parameters():
+        if not hasattr(param, _SHAPE_ATTR):
+            setattr(param, _SHAPE_ATTR, engine.logical_shape(param))
+
+
+def recorded_shape(param: torch.Tensor) -> torch.Size | None:
+    """The shape noted by :func:`record_logical_shapes`, if any."""
+    return getattr(param, _SHAPE_ATTR, None)
+
 
 class Engine:
     """Plain single-process behaviour; engines for sharded setups override the ``_hooks``."""
@@ -21,6 +38,9 @@ class Engine:
     def claims(cls, model: nn.Module) -> bool:
         """Whether this engine manages ``model`` (detection by duck typing, no optional imports)."""
         return True
+
+    def check_attachable(self, model: nn.Module) -> None:
+        """Raise :class:`~deltadist.errors.EngineError` if new parameters cannot join ``model`` now."""
 
     # -- the parallel world -------------------------------------------------------------------
     @property

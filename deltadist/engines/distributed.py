@@ -1,0 +1,85 @@
+"""Shared pieces of the torch.distributed engines: the process group and small collectives."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from deltadist.engines.base import Engine
+from deltadist.errors import EngineError
+
+
+def distributed_ready() -> bool:
+    """Whether a default process group is up (several ranks may be running)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_pieces(piece: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D ``piece`` (lengths may differ), in rank order, on the CPU."""
+    device = collective_device()
+    world = dist.get_world_size()
+    length = torch.tensor([piece.numel()], device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=piece.dtype, device=device)
+    padded[: piece.numel()] = piece.reshape(-1).to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [g[: int(n)].cpu() for g, n in zip(gathered, lengths)]
+
+
+def piece_offsets(piece_numel: int) -> list[int]:
+    """Start offset of every rank's piece when the pieces are laid end to end in rank order."""
+    device = collective_device()
+    length = torch.tensor([piece_numel], device=device)
+    lengths = [torch.zeros_like(length) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, length)
+    offsets, total = [], 0
+    for n in lengths:
+        offsets.append(total)
+        total += int(n)
+    return offsets
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (CPU in, CPU out)."""
+    reduced = values.to(collective_device())
+    dist.all_reduce(reduced)
+    return reduced.cpu()
+
+
+class DistributedEngine(Engine):
+    """Rank, world size and barrier from the default process group; parameters replicated (DDP)."""
+
+    name = "ddp"
+
+    @classmethod
+    def claims(cls, model: torch.nn.Module) -> bool:
+        return distributed_ready() and dist.get_world_size() > 1
+
+    def check_attachable(self, model: torch.nn.Module) -> None:
+        if type(model).__name__ == "DistributedDataParallel":
+            raise EngineError(
+                "This model is already wrapped in DistributedDataParallel, which only synchronises "
+                "the parameters it saw when it was built. Attach deltas to the model before "
+                "wrapping it in DistributedDataParallel."
+            )
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -1,0 +1,67 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters are ``DTensor`` s.
+
+Logical shapes are the DTensors' global shapes; a delta is gathered with ``full_tensor()`` (only
+the deltas, one at a time), and values are scattered with ``distribute_tensor``. Fingerprint
+samples of backbone parameters sharded on dim 0 are read from the local shards and summed across
+ranks, so the backbone is never gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from deltadist.engines.distributed import DistributedEngine, distributed_ready, piece_offsets, sum_across_ranks
+from deltadist.errors import EngineError
+
+
+class FSDP2Engine(DistributedEngine):
+    """Engine for models sharded with ``fully_shard``."""
+
+    name = "fsdp2"
+
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        return distributed_ready() and any(isinstance(p, DTensor) for p in model.parameters())
+
+    def check_attachable(self, model: nn.Module) -> None:
+        raise EngineError(
+            "fully_shard has already sharded this model, so new delta parameters would not be "
+            "sharded or gradient-reduced. Attach deltas before fully_shard (or use "
+            "deltadist.engines.prepare_model, which does it in the right order)."
+        )
+
+    def _full_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        return param.full_tensor() if isinstance(param, DTensor) else param
+
+    def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        if not isinstance(param, DTensor):
+            return super().scatter(param, value)
+        local = param.to_local()
+        value = value.to(device=local.device, dtype=local.dtype)
+        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+        with torch.no_grad():
+            local.copy_(shard.to_local())
+
+    def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(param, DTensor):
+            return super().sample(param, flat_indices)
+        if param.device.type == "meta" or param.to_local().device.type == "meta":
+            return None
+        placements = tuple(param.placements)
+        if all(isinstance(p, Replicate) for p in placements):
+            return super().sample(param.to_local(), flat_indices)
+        if placements != (Shard(0),):
+            # Unusual layouts: gathering one backbone tensor is still bounded by its size.
+            return super().sample(param.full_tensor(), flat_indices)
+        local = param.to_local()
+        row_numel = max(1, param.shape[1:].numel())
+        first_row = piece_offsets(local.shape[0])[self.rank]
+        rows = flat_indices // row_numel
+        mine = (rows >= first_row) & (rows < first_row + local.shape[0])
+        values = torch.zeros(len(flat_indices), dtype=torch.float64)
+        flat_local = local.detach().reshape(-1)
+        positions = (flat_indices[mine] - first_row * row_numel).to(flat_local.device)
+        values[mine] = flat_local[positions].to("cpu", torch.float64)
+        return sum_across_ranks(values)

@@ -1,0 +1,259 @@
+"""Wrapping a delta-fitted model for an engine, and the meta-device setup order, in one place.
+
+The order for a sharded run (torchtune's, made a function so no script copies it)::
+
+    build backbone on meta -> attach deltas (meta) -> freeze -> wrap/shard -> materialise
+    -> load base weights -> initialise deltas -> recompute buffers -> check nothing is on meta
+
+DDP is the exception: it copies rank 0's values at construction, so it wraps last.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from deltadist.addressing.names import canonical_name
+from deltadist.delta_module import DeltaModule
+from deltadist.engines import detect_engine
+from deltadist.errors import CheckpointError, ConfigError, EngineError
+
+EngineName = Literal["plain", "ddp", "fsdp2", "fsdp1"]
+ENGINE_NAMES: tuple[str, ...] = ("plain", "ddp", "fsdp2", "fsdp1")
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: children of a ``ModuleList`` whose items all share one class."""
+    blocks: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            if len({type(child) for child in module}) == 1:
+                blocks.extend(module)
+    return blocks
+
+
+def wrap_model(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
+    """Wrap ``model`` (deltas attached, frozen) for ``engine``; return what to call and train.
+
+    ``fsdp2`` shards every repeated block and then the root with ``fully_shard`` (in place, the
+    returned model is ``model``); ``fsdp1`` wraps with ``use_orig_params=True`` (needed to mix
+    frozen and trainable parameters in one unit), one unit per block; ``ddp`` wraps in
+    ``DistributedDataParallel``. Parameters still on ``meta`` are materialised on ``device``
+    by FSDP (values must be loaded afterwards).
+    """
+    if engine not in ENGINE_NAMES:
+        raise ConfigError(f"Unknown engine {engine!r}; deltadist knows {', '.join(ENGINE_NAMES)}.")
+    if engine == "plain":
+        return model.to(device) if not _on_meta(model) else model
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        if _on_meta(model):
+            raise EngineError("DDP needs real weights: materialise and load before wrapping.")
+        model.to(device)
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        for block in repeated_blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    block_types = {type(b) for b in repeated_blocks(model)}
+    return FullyShardedDataParallel(
+        model, use_orig_params=True, device_id=device,
+        auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
+        param_init_fn=(lambda m: m.to_empty(device=device, recurse=False)) if _on_meta(model) else None,
+    )
+
+
+@dataclass
+class PreparedModel:
+    """What :func:`prepare_model` returns."""
+
+    model: nn.Module
+    """Call and train this (the engine's wrapper, or the backbone itself)."""
+    backbone: nn.Module
+    """The unwrapped backbone the delta is attached to."""
+    delta: Any
+    """The delta object (a ``DeltaBase``): ``save_finetuned`` it on every rank."""
+
+
+def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping[str, Any] | Any,
+                  engine: str, weights: str | os.PathLike, *, weights_prefix: str = "",
+                  device: torch.device | str = "cpu", delta_seed: int = 0) -> PreparedModel:
+    """Build a backbone on ``meta``, attach and freeze a delta, shard, and fill in real values.
+
+    Args:
+        build_backbone: makes the backbone (called under ``torch.device("meta")``: instant).
+        delta_config: a delta config or its dict (``{"delta_type": "lora", ...}``).
+        engine: ``plain``, ``ddp``, ``fsdp2`` or ``fsdp1``.
+        weights: a transformers checkpoint directory (``model.safetensors`` or a sharded index).
+            Each rank reads one tensor at a time, memory-mapped, and keeps only its shard.
+        weights_prefix: submodule of the backbone that the checkpoint's keys are relative to.
+        device: where parameters live (``cuda:<local rank>`` on GPUs).
+        delta_seed: seed of the delta initialisation (the same on every rank and engine, so a
+            sharded run starts exactly where a single-process one does).
+
+    Raises:
+        CheckpointError: the weights are missing a backbone tensor (listed) or do not fit.
+        EngineError: something is still on ``meta`` at the end (named).
+    """
+    from deltadist.api.auto import AutoDeltaModel
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        backbone = build_backbone()
+    delta = AutoDeltaModel.from_config(delta_config, backbone_model=backbone)
+    delta.freeze_module()
+    initial = _initial_delta_values(delta, delta_seed)
+    # Classes are noted before wrapping: fully_shard swaps the class of the modules it shards.
+    buffer_owners = {
+        owner: (type(backbone.get_submodule(owner)), _nearest_config(backbone, owner))
+        for owner in {n.rpartition(".")[0] for n, b in backbone.named_buffers() if b.is_meta}
+    }
+    tied = _tied_parameters(backbone)
+    model = backbone if engine in ("ddp", "plain") else wrap_model(backbone, engine, device)
+    if _on_meta(backbone):
+        backbone.to_empty(device=device)
+        if engine in ("ddp", "plain"):
+            _retie(backbone, tied)
+    _recompute_buffers(backbone, buffer_owners, device)
+    _load_weights(backbone, weights, weights_prefix)
+    for name, param in delta.delta_parameters().items():
+        delta.engine.scatter(param, initial[name])
+    _check_nothing_on_meta(backbone)
+    if engine == "ddp":
+        model = wrap_model(backbone, engine, device)
+    return PreparedModel(model=model, backbone=backbone, delta=delta)
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Names of parameters shared by several modules (tied embeddings), grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Share parameters again after ``to_empty``, which gives every module its own copy."""
+    for first, *others in groups:
+        shared = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _initial_delta_values(delta: Any, seed: int) -> dict[str, torch.Tensor]:
+    """Initial values of every delta parameter, computed on CPU twins under ``seed``.
+
+    Twins are initialised in attach order, as a delta built on real weights is, so both paths
+    start from the same values when seeded alike.
+    """
+    values: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for att in delta._attachments:
+            twin = copy.deepcopy(att.delta).to_empty(device="cpu")
+            twin.reset_parameters()
+            for name, param in twin.named_parameters():
+                values[f"{att.site_name}.{att.base_name}.{name}"] = param.detach()
+    return values
+
+
+def _checkpoint_files(weights: str | os.PathLike) -> list[Path]:
+    directory = Path(weights)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"No model.safetensors (or its index) in {directory}; save the backbone "
+                          "with save_pretrained(..., safe_serialization=True).")
+
+
+def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    for path in _checkpoint_files(weights):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, lambda h=handle, k=key: h.get_tensor(k)
+
+
+def _load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str) -> None:
+    """Copy checkpoint tensors into the backbone's own (non-delta) parameters and buffers."""
+    root = backbone.get_submodule(prefix) if prefix else backbone
+    targets: dict[str, torch.Tensor] = {}
+    for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]:
+        targets.setdefault(canonical_name(name), tensor)
+    delta_ids = {id(p) for m in root.modules() if isinstance(m, DeltaModule) for p in m.parameters()}
+    engine = detect_engine(backbone)
+    filled: set[int] = set()
+    for key, read in _iter_checkpoint(weights):
+        target = targets.get(canonical_name(key))
+        if target is None or id(target) in filled:
+            continue
+        engine.scatter(target, read())
+        filled.add(id(target))
+    missing = sorted(
+        n for n, p in root.named_parameters() if id(p) not in filled and id(p) not in delta_ids
+    )
+    if missing:
+        raise CheckpointError(f"{weights} has no tensor for these backbone parameters: "
+                              f"{', '.join(missing[:20])}. Check weights_prefix.")
+
+
+def _nearest_config(backbone: nn.Module, owner: str) -> Any:
+    """The ``config`` of ``owner`` or of its closest ancestor that has one (transformers style)."""
+    parts = owner.split(".") if owner else []
+    for end in range(len(parts), -1, -1):
+        config = getattr(backbone.get_submodule(".".join(parts[:end])), "config", None)
+        if config is not None:
+            return config
+    return None
+
+
+def _recompute_buffers(backbone: nn.Module, owners: dict[str, tuple[type, Any]],
+                       device: torch.device) -> None:
+    """Recompute buffers that were built on meta (rotary ``inv_freq``, ``position_ids``...).
+
+    Each owning module is rebuilt on the CPU from its ``config`` (transformers modules take it as
+    their first argument) and its buffers copied over; checkpoint values, loaded afterwards, win.
+    """
+    for owner, (module_type, config) in sorted(owners.items()):
+        module = backbone.get_submodule(owner)
+        if config is None:
+            raise EngineError(
+                f"{owner or 'the root'} ({module_type.__name__}) has buffers that only its "
+                "constructor can compute and no config to rebuild it from. Build that module "
+                "outside torch.device('meta') or register its buffers as persistent."
+            )
+        rebuilt = module_type(config)
+        for name, buffer in rebuilt.named_buffers(recurse=False):
+            getattr(module, name).copy_(buffer.to(device))
+
+
+def _check_nothing_on_meta(backbone: nn.Module) -> None:
+    left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
+    if left:
+        raise EngineError(f"Still on the meta device after setup: {', '.join(left[:20])}.")
