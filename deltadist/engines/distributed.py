@@ -66,11 +66,13 @@ class DistributedEngine(Engine):
         return distributed_ready() and dist.get_world_size() > 1
 
     def check_attachable(self, model: torch.nn.Module) -> None:
-        if type(model).__name__ == "DistributedDataParallel":
+        wrapper = type(model).__name__
+        if wrapper in ("DistributedDataParallel", "DeepSpeedEngine"):
             raise EngineError(
-                "This model is already wrapped in DistributedDataParallel, which only synchronises "
+                f"This model is already wrapped in {wrapper}, which only trains and synchronises "
                 "the parameters it saw when it was built. Attach deltas to the model before "
-                "wrapping it in DistributedDataParallel."
+                f"wrapping it (for DeepSpeed: before deepspeed.initialize; building the model under "
+                "deepspeed.zero.Init is fine)."
             )
 
     @property

@@ -1,0 +1,62 @@
+"""DeepSpeed ZeRO-3: partitioned parameters (``shape == (0,)``, real shape in ``ds_shape``).
+
+Each partitioned parameter keeps its logical shape in ``ds_shape`` and this rank's slice of the
+flattened values in ``ds_tensor`` (rank ``r`` holds elements ``[r * n, (r + 1) * n)``, ``n`` being
+the padded partition size). A delta is gathered with ``GatheredParameters`` over the delta list
+only -- never the consolidated model -- and written back with ``modifier_rank=0``, which
+re-partitions the new values on exit. ZeRO-1/2 keep parameters whole, so they need nothing beyond
+the DDP engine. ``deepspeed`` is imported only when a partitioned model is seen.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from deltadist.engines.distributed import DistributedEngine, distributed_ready, sum_across_ranks
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id") and hasattr(param, "ds_shape")
+
+
+class ZeRO3Engine(DistributedEngine):
+    """Engine for models whose parameters ZeRO-3 partitions (``zero.Init`` or after initialize)."""
+
+    name = "deepspeed-zero3"
+
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        return distributed_ready() and any(is_partitioned(p) for p in model.parameters())
+
+    def logical_shape(self, param: torch.Tensor) -> torch.Size:
+        return param.ds_shape if is_partitioned(param) else param.shape
+
+    def gather(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        partitioned = [p for p in params.values() if is_partitioned(p)]
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            return {name: p.detach().to("cpu").clone().contiguous() for name, p in params.items()}
+
+    def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        if not is_partitioned(param):
+            return super().scatter(param, value)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if self.rank == 0:
+                with torch.no_grad():
+                    param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
+        if not is_partitioned(param):
+            return super().sample(param, flat_indices)
+        local = param.ds_tensor.detach().reshape(-1)
+        start = self.rank * local.numel()
+        mine = (flat_indices >= start) & (flat_indices < start + local.numel())
+        values = torch.zeros(len(flat_indices), dtype=torch.float64)
+        values[mine] = local[(flat_indices[mine] - start).to(local.device)].to("cpu", torch.float64)
+        return sum_across_ranks(values)
