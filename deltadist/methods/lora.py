@@ -92,6 +92,44 @@ class LoraModel(DeltaBase):
     child_name = "lora"
     config: LoraConfig
 
+    merged = False
+    """Whether the LoRA updates currently live inside the base weights (see :meth:`merge`)."""
+
+    def merge(self) -> None:
+        """Fold every LoRA update into its site's weight (``W += alpha/r * B A``) and detach.
+
+        The model then runs at the speed of the plain backbone. Works under every engine: each
+        site's weight and its LoRA are gathered together, one site at a time, and scattered back.
+        """
+        if self.merged:
+            return
+        self._shift_weights(+1.0)
+        self.detach()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the updates out of the weights again (exact up to rounding) and re-attach."""
+        if not self.merged:
+            return
+        self._shift_weights(-1.0)
+        self.merged = False
+        self.attach()
+
+    def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        if self.merged:
+            raise SiteError("This LoRA is merged into the weights; call unmerge() instead of attach().")
+        super().attach(module, reset_state_dict)
+
+    def _shift_weights(self, sign: float) -> None:
+        engine = self.engine
+        for att in self._attachments:
+            weight = att.site.weight
+            full = engine.gather({"w": weight, "a": att.delta.lora_A, "b": att.delta.lora_B})
+            update = (full["b"].float() @ full["a"].float()) * (att.delta.scaling * sign)
+            if type(att.site).__name__ == "Conv1D":  # weight stored [in, out]
+                update = update.t()
+            engine.scatter(weight, (full["w"].float() + update).to(full["w"].dtype))
+
     def _build_delta(self, site: Site) -> DeltaModule:
         features = linear_features(site.module, self.engine)
         if features is None:

@@ -160,3 +160,26 @@ def test_bitfit_gradient_equals_the_existing_bias_gradient() -> None:
     BitFitModel(model, modified_modules=["fc2"]).freeze_module()
     model(x).pow(2).sum().backward()
     torch.testing.assert_close(model.fc2.bitfit.bias.grad, bias_grad)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])  # nn.Linear and transformers' Conv1D
+def test_lora_merge_matches_the_attached_model_and_unmerge_restores(family: str) -> None:
+    from tests.tiny import build_tiny, logits_of, tiny_inputs
+
+    model, inputs = build_tiny(family, "cls"), tiny_inputs(family)
+    base = logits_of(model, inputs)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = LoraModel(model, lora_r=4)
+    _tune(delta)
+    tuned = logits_of(model, inputs)
+    delta.merge()
+    assert not any(".lora" in n for n, _ in model.named_modules())
+    torch.testing.assert_close(logits_of(model, inputs), tuned, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="unmerge"):
+        delta.attach()
+    delta.unmerge()
+    torch.testing.assert_close(logits_of(model, inputs), tuned, rtol=1e-4, atol=1e-5)
+    delta.detach()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits_of(model, inputs), base, rtol=1e-4, atol=1e-5)
