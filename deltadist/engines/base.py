@@ -17,9 +17,9 @@ from torch import nn
 _SHAPE_ATTR = "_deltadist_logical_shape"
 
 
-def record_logical_shapes(model: nn.Module, engine: "Engine") -> None:
+def record_logical_shapes(model: nn.Module, engine: "Engine", recurse: bool = True) -> None:
     """Remember the logical shape of every parameter of ``model`` (call before wrapping)."""
-    for param in model.parameters():
+    for param in model.parameters(recurse=recurse):
         if not hasattr(param, _SHAPE_ATTR):
             setattr(param, _SHAPE_ATTR, engine.logical_shape(param))
 

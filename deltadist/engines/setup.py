@@ -23,7 +23,7 @@ from torch import nn
 
 from deltadist.addressing.names import canonical_name
 from deltadist.delta_module import DeltaModule
-from deltadist.engines import detect_engine
+from deltadist.engines import Engine, detect_engine, record_logical_shapes
 from deltadist.errors import CheckpointError, ConfigError, EngineError
 
 EngineName = Literal["plain", "ddp", "fsdp2", "fsdp1"]
@@ -77,8 +77,17 @@ def wrap_model(model: nn.Module, engine: str, device: torch.device) -> nn.Module
     return FullyShardedDataParallel(
         model, use_orig_params=True, device_id=device,
         auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
-        param_init_fn=(lambda m: m.to_empty(device=device, recurse=False)) if _on_meta(model) else None,
+        param_init_fn=(lambda m: _materialise_unit(m, device)) if _on_meta(model) else None,
     )
+
+
+def _materialise_unit(module: nn.Module, device: torch.device) -> None:
+    """FSDP1's ``param_init_fn``: real storage for one module, and its shapes noted for the engine.
+
+    ``to_empty`` makes new parameter objects, so the shapes noted on the meta ones are lost.
+    """
+    module.to_empty(device=device, recurse=False)
+    record_logical_shapes(module, Engine(), recurse=False)
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Rank functions comparing the meta-device setup (``prepare_model``) with the real-weight path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DELTA = {"delta_type": "lora", "lora_r": 4}
+DELTA_SEED = 7
+
+
+def _model(config=None):
+    from tests.tiny import build_tiny
+
+    if config is None:
+        return build_tiny("llama", "cls", tie_word_embeddings=False)
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _step_and_report(prepared_model, delta, rank: int, world_size: int) -> dict:
+    """Logits on the whole batch, one SGD step on this rank's half, then the delta's values."""
+    from tests.tiny import tiny_inputs
+
+    inputs = tiny_inputs("llama", batch=4, seq=8, seed=3)
+    labels = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        logits = prepared_model(**inputs).logits
+    half = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+    optimizer = torch.optim.SGD(delta.parameters(), lr=0.1)
+    out = prepared_model(**{k: v[half] for k, v in inputs.items()}).logits
+    F.cross_entropy(out, labels[half]).backward()
+    optimizer.step()
+    return {"engine": delta.engine.name, "logits": logits, "delta": delta.state_dict()}
+
+
+def both_paths(rank: int, world_size: int, engine: str, weights: str) -> dict:
+    """The real-weight path and the meta path, one after the other in the same ranks."""
+    return {"real": real_path(rank, world_size, engine),
+            "meta": meta_path(rank, world_size, engine, weights)}
+
+
+def real_path(rank: int, world_size: int, engine: str) -> dict:
+    from deltadist import LoraModel, wrap_model
+
+    model = _model()
+    torch.manual_seed(DELTA_SEED)
+    delta = LoraModel(model, lora_r=DELTA["lora_r"])
+    delta.freeze_module()
+    wrapped = wrap_model(model, engine, torch.device("cpu"))
+    return _step_and_report(wrapped, delta, rank, world_size)
+
+
+def meta_path(rank: int, world_size: int, engine: str, weights: str) -> dict:
+    from deltadist import prepare_model
+
+    config = _model().config
+    prepared = prepare_model(lambda: _model(config), DELTA, engine, weights, delta_seed=DELTA_SEED)
+    on_meta = [n for n, p in prepared.backbone.named_parameters() if p.is_meta]
+    assert not on_meta, on_meta
+    return _step_and_report(prepared.model, prepared.delta, rank, world_size)
