@@ -60,3 +60,21 @@ def meta_path(rank: int, world_size: int, engine: str, weights: str) -> dict:
     on_meta = [n for n, p in prepared.backbone.named_parameters() if p.is_meta]
     assert not on_meta, on_meta
     return _step_and_report(prepared.model, prepared.delta, rank, world_size)
+
+
+def freeze_after_wrapping(rank: int, world_size: int, engine: str) -> dict:
+    """Attach, wrap, and only then freeze; train two steps; report which parameters got gradients."""
+    from deltadist import LoraModel, wrap_model
+
+    model = _model()
+    torch.manual_seed(DELTA_SEED)
+    delta = LoraModel(model, lora_r=DELTA["lora_r"])
+    wrapped = wrap_model(model, engine, torch.device("cpu"))
+    delta.freeze_module()
+    reports = []
+    for _ in range(2):
+        report = _step_and_report(wrapped, delta, rank, world_size)
+        reports.append(report)
+    with_grad = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    return {"with_grad": with_grad, "trainable": trainable, "delta": reports[-1]["delta"]}

@@ -21,3 +21,13 @@ def test_meta_setup_equals_real_weights(engine: str, tmp_path) -> None:
     assert meta["delta"].keys() == real["delta"].keys()
     for key, value in real["delta"].items():
         torch.testing.assert_close(meta["delta"][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_freezing_after_sharding_trains_the_deltas_only(engine: str) -> None:
+    # DDP is not in this list on purpose: it fixes the set of parameters it reduces when it is
+    # built, so under DDP freeze before wrapping (README, "Engines").
+    result = run_ranks(meta_workers.freeze_after_wrapping, args=(engine,), timeout=240)[0]
+    assert result["trainable"] == result["with_grad"]
+    assert result["with_grad"] and all(".lora." in name for name in result["with_grad"])
+    assert all(value.abs().sum() > 0 for key, value in result["delta"].items() if "lora_B" in key)
