@@ -65,19 +65,21 @@ class DeltaBase:
             config = config.replace(**kwargs)
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+        self._setup(config, backbone_model, adopt=False)
+
+    def _setup(self, config: DeltaConfig, backbone_model: nn.Module, adopt: bool) -> None:
+        """Select sites, then adopt the same deltas already there (``adopt``) or build and attach."""
         self.config = config
         self.backbone_model = backbone_model
-        self._attachments = self._plan()
-        try:
-            self.engine.check_attachable(backbone_model)
-        except EngineError:
-            # A model an engine already wrapped takes no new parameters; resuming into it works
-            # when the same kind of delta already sits on every site.
-            adopted = self._adopt_attached()
-            if not adopted:
-                raise
+        targets = self._select_targets()
+        adopted = self._adopt_attached(targets) if adopt else []
+        # Whether this object took over deltas already attached (``from_finetuned`` resuming).
+        self.resumed = bool(adopted)
+        if adopted:
             self._attachments = adopted
             return
+        self.engine.check_attachable(backbone_model)
+        self._attachments = self._build_attachments(targets)
         self._attach_all()
         record_logical_shapes(backbone_model, self.engine)
 
@@ -96,7 +98,8 @@ class DeltaBase:
         raise NotImplementedError
 
     # -- construction --------------------------------------------------------------------------
-    def _plan(self) -> list[Attachment]:
+    def _select_targets(self) -> list[Site]:
+        """The sites this config selects, after broadcasting; errors name what cannot be modified."""
         cfg = self.config
         attached = frozenset(id(m) for m in mechanisms.delta_modules(self.backbone_model).values())
         sites = select_sites(
@@ -112,29 +115,36 @@ class DeltaBase:
                 problems.append(f"  {err}")
         if not targets and not problems:
             problems = [f"  {s.name!r} ({type(s.module).__name__})" for s in sites[:10]]
-        deltas = []
-        for target in targets.values():
+        if problems:
+            raise self._cannot_modify(problems)
+        return list(targets.values())
+
+    def _build_attachments(self, targets: list[Site]) -> list[Attachment]:
+        attachments, problems = [], []
+        for target in targets:
             try:
-                deltas.append((target, self._build_delta(target)))
+                delta = self._build_delta(target)
             except SiteError as err:
                 problems.append(f"  {err}")
+                continue
+            attachments.append(Attachment(site=target.module, site_name=target.name, delta=delta,
+                                          base_name=self.child_name, mechanism=self.mechanism))
         if problems:
-            raise SiteError(
-                f"{type(self).__name__} cannot modify these modules:\n" + "\n".join(problems)
-                + "\nChange modified_modules (or exclude_modules) to skip them. Nothing was changed."
-            )
-        return [
-            Attachment(site=t.module, site_name=t.name, delta=d, base_name=self.child_name,
-                       mechanism=self.mechanism)
-            for t, d in deltas
-        ]
+            raise self._cannot_modify(problems)
+        return attachments
 
-    def _adopt_attached(self) -> list[Attachment]:
-        """The already attached deltas of this kind on exactly the planned sites, if all are there."""
+    def _cannot_modify(self, problems: list[str]) -> SiteError:
+        return SiteError(
+            f"{type(self).__name__} cannot modify these modules:\n" + "\n".join(problems)
+            + "\nChange modified_modules (or exclude_modules) to skip them. Nothing was changed."
+        )
+
+    def _adopt_attached(self, targets: list[Site]) -> list[Attachment]:
+        """The attached deltas of this kind on exactly ``targets``, one per site, if all are there."""
         adopted = []
-        for planned in self._attachments:
+        for target in targets:
             same_kind = [
-                a for a in mechanisms.attachments_on(planned.site)
+                a for a in mechanisms.attachments_on(target.module)
                 if a.attached and a.base_name == self.child_name
             ]
             if len(same_kind) != 1:
@@ -314,6 +324,12 @@ class DeltaBase:
         id. If anything fails -- a missing or corrupt file, a different backbone checkpoint
         (``check_hash=False`` skips that test), tensors that do not fit -- the backbone is left
         exactly as it was.
+
+        If the backbone already carries this kind of delta on exactly the sites the config
+        selects (one each), the tensors are loaded into it instead of stacking a second one: that
+        is how a run resumes, also inside a model an engine has already wrapped. The result's
+        ``resumed`` is then ``True`` and the backbone's train/eval mode is left alone; otherwise,
+        as in OpenDelta, the backbone is put in eval mode.
         """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
         stored = checkpoint.read_config(directory) if delta_config is None else delta_config
@@ -321,14 +337,32 @@ class DeltaBase:
         tensors = dict(state_dict) if state_dict is not None else checkpoint.read_tensors(directory)
         if check_hash and config.backbone_hash:
             _check_fingerprint(config, backbone_model)
-        delta = cls(backbone_model, config=config.replace(**kwargs) if kwargs else config)
+        delta = cls.__new__(cls)
+        delta._setup(config.replace(**kwargs) if kwargs else config, backbone_model, adopt=True)
         try:
             delta.load_state_dict(tensors, where=str(directory / checkpoint.WEIGHTS_NAME))
         except BaseException:
-            delta._forget()
+            if not delta.resumed:
+                delta._forget()
             raise
-        backbone_model.eval()
+        if not delta.resumed:
+            backbone_model.eval()  # as OpenDelta: a loaded delta is ready for inference
         return delta
+
+    def load_finetuned(self, finetuned_delta_path: str | os.PathLike, check_hash: bool = True,
+                       cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                       revision: str | None = None) -> None:
+        """Load a saved delta's tensors into this delta (resume), on every rank.
+
+        Raises:
+            CheckpointError: the file is missing or corrupt, or its tensors do not fit (listed).
+            BackboneMismatchError: it was trained on another backbone (``check_hash=False`` skips).
+        """
+        directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
+        stored = self._config_from_dict(checkpoint.read_config(directory))
+        if check_hash and stored.backbone_hash:
+            _check_fingerprint(stored, self.backbone_model)
+        self.load_state_dict(checkpoint.read_tensors(directory), where=str(directory / checkpoint.WEIGHTS_NAME))
 
     @classmethod
     def _config_from_dict(cls, stored: Mapping[str, Any]) -> DeltaConfig:

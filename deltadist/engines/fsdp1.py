@@ -43,7 +43,7 @@ class FSDP1Engine(DistributedEngine):
         raise EngineError(
             "FullyShardedDataParallel has already flattened this model's parameters, so new delta "
             "parameters would not be sharded or gradient-reduced. Attach deltas before wrapping "
-            "(or use deltadist.engines.prepare_model)."
+            "(or use deltadist.prepare_model)."
         )
 
     def logical_shape(self, param: torch.Tensor) -> torch.Size:

@@ -29,7 +29,7 @@ class FSDP2Engine(DistributedEngine):
         raise EngineError(
             "fully_shard has already sharded this model, so new delta parameters would not be "
             "sharded or gradient-reduced. Attach deltas before fully_shard (or use "
-            "deltadist.engines.prepare_model, which does it in the right order)."
+            "deltadist.prepare_model, which does it in the right order)."
         )
 
     def _full_tensor(self, param: torch.Tensor) -> torch.Tensor:

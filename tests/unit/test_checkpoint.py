@@ -151,3 +151,28 @@ def test_loading_runs_no_pickle(saved, monkeypatch) -> None:
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr("pickle.load", forbidden)
     AutoDeltaModel.from_finetuned(directory, backbone_model=build_tiny("bert", "cls"))
+
+
+def test_from_finetuned_onto_the_same_delta_resumes_instead_of_stacking(saved) -> None:
+    model, delta, directory, tuned = saved
+    with torch.no_grad():
+        for param in delta.parameters():
+            param.zero_()
+    model.train()
+    again = AutoDeltaModel.from_finetuned(directory, backbone_model=model)
+    assert again.resumed and model.training  # loaded into the attached LoRA, mode untouched
+    assert not any(".lora_1" in n for n, _ in model.named_modules())
+    assert torch.equal(logits_of(model.eval(), tiny_inputs("bert")), tuned)
+
+
+def test_load_finetuned_loads_into_this_delta(saved) -> None:
+    model, delta, directory, tuned = saved
+    with torch.no_grad():
+        for param in delta.parameters():
+            param.zero_()
+    delta.load_finetuned(directory)
+    assert torch.equal(logits_of(model, tiny_inputs("bert")), tuned)
+    other = build_tiny("bert", "cls", seed=3)
+    stranger = LoraModel(other, lora_r=4)
+    with pytest.raises(Exception, match="check_hash=False"):
+        stranger.load_finetuned(directory)

@@ -1,0 +1,134 @@
+"""DDP, FSDP2 and FSDP1 on 2 gloo ranks give what one process gives: training, saving, reloading,
+resuming into a wrapped model; attaching after wrapping is refused; activation checkpointing works.
+
+Two launches per engine (module-scoped fixtures): one trains and saves (LoRA 3 and 2 steps, BitFit
+3 steps), a second, in new ranks, resumes and tries to attach after wrapping. The recipe lives in
+``workers.py``; the single-process reference runs in the pytest process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltadist import AutoDeltaModel
+from tests.distributed import workers
+from tests.distributed.harness import run_ranks
+from tests.tiny import build_tiny
+
+pytestmark = pytest.mark.distributed
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict]:
+    return {method: workers.reference(method) for method in workers.METHODS}
+
+
+@pytest.fixture(scope="module", params=workers.ENGINES)
+def trained(request, tmp_path_factory) -> tuple[str, Path, list[dict]]:
+    engine = request.param
+    workdir = tmp_path_factory.mktemp(engine)
+    return engine, workdir, run_ranks(workers.train_and_save, args=(engine, str(workdir)))
+
+
+@pytest.fixture(scope="module")
+def resumed(trained) -> tuple[str, list[dict]]:
+    engine, workdir, _ = trained
+    return engine, run_ranks(workers.resume_and_refuse, args=(engine, str(workdir)))
+
+
+def _saved(path: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "delta.safetensors"))
+
+
+def _assert_same_delta(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                       marker: str) -> None:
+    assert sorted(actual) == sorted(expected)
+    assert all(marker in key for key in actual), sorted(actual)
+    for key, value in expected.items():
+        assert actual[key].shape == value.shape, key  # full logical shapes, not shards
+        torch.testing.assert_close(actual[key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("method", workers.METHODS)
+def test_training_on_two_ranks_equals_one_process(trained, references, method) -> None:
+    engine, _, ranks = trained
+    run = ranks[0][f"{method}-3"]
+    assert ranks[0][f"engine-{method}"] == engine  # deltadist's engine detection
+    saved = _saved(run["path"])
+    _assert_same_delta(saved, references[method]["state"], workers.MARKERS[method])
+    # delta.state_dict() is the full tensor on every rank, equal to what rank 0 wrote.
+    for rank in ranks:
+        state = rank[f"{method}-3"]["state"]
+        assert sorted(state) == sorted(saved)
+        assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("method", workers.METHODS)
+def test_reloading_the_checkpoint_in_one_process_reproduces_the_trained_logits(
+        trained, references, method) -> None:
+    _, _, ranks = trained
+    fresh = build_tiny(workers.FAMILY, "cls", seed=workers.MODEL_SEED)
+    # The backbone fingerprint saved by the engine (sampled from shards) must match this model's.
+    AutoDeltaModel.from_finetuned(ranks[0][f"{method}-3"]["path"], backbone_model=fresh)
+    inputs, _ = workers.batch()
+    with torch.no_grad():
+        logits = fresh(**inputs).logits
+    torch.testing.assert_close(logits, references[method]["logits"], **TOL)
+
+
+def test_resuming_into_the_wrapped_model_continues_identically(trained, resumed, references) -> None:
+    engine, ranks = resumed
+    run = ranks[0]["resumed"]
+    assert run["adopted"], (
+        f"{engine}: from_finetuned(path, backbone_model=<inner model of the wrapped model>) did not "
+        f"adopt the LoRA already attached before wrapping; delta children now: {run['delta_children']}"
+    )
+    assert run["delta_children"] == ["lora"]
+    uninterrupted = _saved(trained[2][0]["lora-3"]["path"])
+    _assert_same_delta(_saved(run["path"]), uninterrupted, ".lora.")
+    _assert_same_delta(_saved(run["path"]), references["lora"]["state"], ".lora.")
+
+
+def test_ddp_resume_through_the_wrapper_continues_identically(trained, resumed) -> None:
+    engine, ranks = resumed
+    if engine != "ddp":
+        pytest.skip("DDP only: passing the DistributedDataParallel wrapper as backbone")
+    run = ranks[0]["resumed-via-wrapper"]
+    assert run["adopted"] and run["delta_children"] == ["lora"]
+    _assert_same_delta(_saved(run["path"]), _saved(trained[2][0]["lora-3"]["path"]), ".lora.")
+
+
+def test_attaching_after_wrapping_is_refused_and_changes_nothing(resumed) -> None:
+    engine, ranks = resumed
+    for rank in ranks:
+        assert rank["refusal"] is not None, f"{engine}: attaching after wrapping was accepted"
+        kind, is_engine_error, message = rank["refusal"]
+        assert is_engine_error, f"{engine}: {kind}: {message}"
+        assert "before" in message and ("wrap" in message or "fully_shard" in message), message
+        assert rank["unchanged"]
+
+
+def test_activation_checkpointing_under_ddp() -> None:
+    ranks = run_ranks(workers.grad_checkpointing)
+    expected = workers.reference_grads()  # one process, whole batch, no checkpointing
+    for rank in ranks:
+        for variant in ("non_reentrant", "reentrant"):
+            result = rank[variant]
+            assert "error" not in result, f"{variant}: {result.get('error')}"
+            grads = result["grads"]
+            assert sorted(grads) == sorted(expected)
+            assert all(g is not None for g in grads.values()), variant
+            for key, grad in expected.items():
+                torch.testing.assert_close(grads[key], grad, **TOL,
+                                           msg=lambda m, k=key: f"{variant} {k}: {m}")
+            assert any(grads[k].abs().sum() > 0 for k in grads if k.endswith("lora_B"))
+        # Reentrant checkpointing with inputs that need no grad: nothing inside a checkpointed
+        # block gets a gradient, and here (all else frozen) the loss has no graph at all.
+        assert "does not require grad" in rank["reentrant_frozen_inputs"].get("error", ""), \
+            rank["reentrant_frozen_inputs"]

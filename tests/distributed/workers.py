@@ -1,0 +1,277 @@
+"""Rank functions for the distributed tests, and the single-process reference they are compared with.
+
+Everything here is importable by spawned children (``tests.distributed.workers``). The recipe:
+a tiny seeded Llama classifier, a delta attached to the unwrapped model (seeded, so every rank and
+the reference get the same initial delta), ``freeze_module()``, then the engine's usual wrapping,
+plain SGD on ``delta.parameters()``, and a mean cross-entropy loss. Each rank trains on its half
+of a fixed global batch of 4; the reference trains on the whole batch in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+FAMILY = "llama"
+MODEL_SEED = 0
+DELTA_SEED = 1234
+GLOBAL_BATCH = 4
+LR = 0.1
+LABELS = (0, 1, 2, 1)
+ENGINES = ("ddp", "fsdp2", "fsdp1")
+METHODS = ("lora", "bitfit")
+MARKERS = {"lora": ".lora.", "bitfit": ".bitfit."}
+
+
+# -- the recipe, shared by ranks and the reference ---------------------------------------------
+def batch(rank: int | None = None, world_size: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The fixed global batch, or ``rank``'s equal share of it."""
+    from tests.tiny import tiny_inputs
+
+    inputs = tiny_inputs(FAMILY, batch=GLOBAL_BATCH, seq=8, seed=7)
+    labels = torch.tensor(LABELS)
+    if rank is None:
+        return inputs, labels
+    per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    return {k: v[rows] for k, v in inputs.items()}, labels[rows]
+
+
+def build(method: str = "lora") -> tuple[nn.Module, Any]:
+    """A fresh seeded backbone with a fresh seeded, frozen-around delta (unwrapped)."""
+    from deltadist import BitFitModel, LoraModel
+    from tests.tiny import build_tiny
+
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DELTA_SEED)
+        if method == "lora":
+            delta = LoraModel(backbone_model=model, lora_r=4)
+        elif method == "bitfit":
+            delta = BitFitModel(backbone_model=model)
+        else:
+            raise ValueError(method)
+    delta.freeze_module()
+    return model, delta
+
+
+def wrap(model: nn.Module, engine: str) -> nn.Module:
+    """The engine's usual wrapping of ``model``; returns what the training loop calls."""
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    if engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if engine == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer_cls = type(model.model.layers[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # FSDP1 is deprecated in favour of FSDP2
+            # "has both parameters with requires_grad=True and False": expected with deltas.
+            warnings.filterwarnings("ignore", message=".*requires_grad=True and False", category=UserWarning)
+            return FullyShardedDataParallel(
+                model, use_orig_params=True, device_id=torch.device("cpu"),
+                auto_wrap_policy=ModuleWrapPolicy({layer_cls}),
+            )
+    raise ValueError(engine)
+
+
+def train(model: nn.Module, delta: Any, inputs: dict, labels: torch.Tensor, steps: int) -> list[float]:
+    """``steps`` plain SGD steps on ``delta.parameters()``; the losses."""
+    optimizer = torch.optim.SGD(list(delta.parameters()), lr=LR)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(**inputs).logits, labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def reference(method: str, steps: int = 3) -> dict[str, Any]:
+    """The single-process run on the whole batch: the delta's tensors and the trained logits."""
+    model, delta = build(method)
+    inputs, labels = batch()
+    losses = train(model, delta, inputs, labels, steps)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return {"state": delta.state_dict(), "logits": logits, "losses": losses}
+
+
+def _checkpoint(workdir: str, engine: str, method: str, tag: str) -> str:
+    return os.path.join(workdir, f"{engine}-{method}-{tag}")
+
+
+# -- rank functions -----------------------------------------------------------------------------
+def train_and_save(rank: int, world_size: int, engine: str, workdir: str) -> dict[str, Any]:
+    """Phase 1: per method, 3 steps then save; and (LoRA) 2 steps then save, to resume from."""
+    from deltadist.engines import detect_engine
+
+    inputs, labels = batch(rank, world_size)
+    out: dict[str, Any] = {}
+    for method, steps in [("lora", 3), ("lora", 2), ("bitfit", 3)]:
+        model, delta = build(method)
+        wrapped = wrap(model, engine)
+        out[f"engine-{method}"] = detect_engine(model).name
+        losses = train(wrapped, delta, inputs, labels, steps)
+        path = delta.save_finetuned(_checkpoint(workdir, engine, method, str(steps)))
+        out[f"{method}-{steps}"] = {"path": path, "losses": losses, "state": delta.state_dict()}
+    return out
+
+
+def resume_and_refuse(rank: int, world_size: int, engine: str, workdir: str) -> dict[str, Any]:
+    """Phase 2, in new ranks: resume the 2-step LoRA into a wrapped model for 1 step; and attaching
+    to an already wrapped model is refused and changes nothing."""
+    from deltadist import AutoDeltaModel, EngineError, LoraModel
+    from tests.tiny import build_tiny
+
+    inputs, labels = batch(rank, world_size)
+    out: dict[str, Any] = {}
+    resumes = [("resumed", "inner")] + ([("resumed-via-wrapper", "wrapper")] if engine == "ddp" else [])
+    for tag, backbone in resumes:
+        model, fresh = build("lora")
+        wrapped = wrap(model, engine)
+        loaded = AutoDeltaModel.from_finetuned(
+            _checkpoint(workdir, engine, "lora", "2"),
+            backbone_model=model if backbone == "inner" else wrapped,
+        )
+        out[tag] = {
+            "adopted": [id(p) for p in loaded.parameters()] == [id(p) for p in fresh.parameters()],
+            "delta_children": sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()
+                                      if n.rsplit(".", 1)[-1].startswith("lora")}),
+            "losses": train(wrapped, loaded, inputs, labels, 1),
+            "path": loaded.save_finetuned(_checkpoint(workdir, engine, "lora", tag)),
+        }
+
+    # Attaching after wrapping: refused, and the model is left as it was.
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
+    wrapped = wrap(model, engine)
+    target = wrapped if engine == "ddp" else model  # DDP: the wrapper itself is passed as backbone
+    before = structure(target)
+    try:
+        LoraModel(backbone_model=target, lora_r=4)
+    except Exception as err:  # noqa: BLE001 - the test checks the type and message
+        out["refusal"] = (type(err).__name__, isinstance(err, EngineError), str(err))
+    else:
+        out["refusal"] = None
+    out["unchanged"] = structure(target) == before
+    return out
+
+
+def grad_checkpointing(rank: int, world_size: int) -> dict[str, Any]:
+    """One DDP step of LoRA under activation checkpointing, per variant: the error, or every delta
+    parameter's gradient. Variants: non-reentrant; reentrant with transformers' input-grad hook
+    (``enable_input_require_grads``); reentrant with frozen inputs (hook removed)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inputs, labels = batch(rank, world_size)
+    out: dict[str, Any] = {}
+    for variant in ("non_reentrant", "reentrant", "reentrant_frozen_inputs"):
+        model, delta = build("lora")
+        model.train()  # transformers only checkpoints in training mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # 5.x: renamed activation_checkpointing_enable
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": variant != "non_reentrant"}
+            )
+        if variant == "reentrant":
+            model.enable_input_require_grads()  # what transformers 5.x also does by itself
+        elif variant == "reentrant_frozen_inputs":
+            model.disable_input_require_grads()
+        ddp = DistributedDataParallel(model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "None of the inputs have requires_grad"
+                F.cross_entropy(ddp(**inputs).logits, labels).backward()
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            out[variant] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        out[variant] = {
+            "grads": {k: None if p.grad is None else p.grad.clone() for k, p in delta.named_parameters()},
+        }
+    return out
+
+
+def reference_grads() -> dict[str, torch.Tensor]:
+    """Single process, whole batch, no checkpointing: the first step's delta gradients."""
+    model, delta = build("lora")
+    inputs, labels = batch()
+    F.cross_entropy(model(**inputs).logits, labels).backward()
+    return {k: p.grad.clone() for k, p in delta.named_parameters()}
+
+
+def structure(model: nn.Module) -> dict[str, Any]:
+    """Modules, parameters (local values), flags and hooks: what a refused attach must not change.
+
+    (No ``state_dict()``: FSDP1's state-dict paths are collectives with CPU-unsafe variants.)
+    """
+    def local(p: torch.Tensor) -> torch.Tensor:
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "params": [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()],
+        "values": [local(p).detach().clone().reshape(-1).tolist() for p in model.parameters()],
+        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+    }
+
+
+# -- rank functions for the harness's own tests ------------------------------------------------
+def report_setup(rank: int, world_size: int) -> dict[str, Any]:
+    """What a rank sees: its group, its threads, the delta engine detected, a collective's result."""
+    from deltadist.engines import detect_engine
+
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    return {
+        "rank": dist.get_rank(), "world_size": dist.get_world_size(), "backend": dist.get_backend(),
+        "omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(),
+        "engine": detect_engine(nn.Linear(1, 1)).name, "sum": total.item(), "args_seen": world_size,
+    }
+
+
+def raise_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 fails; rank 0 waits for it in a collective that never completes."""
+    if rank == 1:
+        _fail_deep_inside()
+    dist.barrier()
+
+
+def _fail_deep_inside() -> None:
+    raise ValueError("boom on rank 1")
+
+
+def hang_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 never returns; rank 0 waits for it in a barrier."""
+    if rank == 1:
+        import time
+
+        while True:
+            time.sleep(0.1)
+    dist.barrier()
+
+
+def crash_on_rank_one(rank: int, world_size: int) -> None:
+    """Rank 1 dies in native code (a segfault); rank 0 waits for it in a barrier."""
+    if rank == 1:
+        import faulthandler
+
+        faulthandler._sigsegv()
+    dist.barrier()
