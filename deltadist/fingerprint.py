@@ -42,6 +42,7 @@ def backbone_fingerprint(
         engine: answers logical shapes and samples of sharded parameters.
         skip_names: canonical names left out (backbone parameters a delta checkpoint carries).
     """
+    engine.settle(backbone)
     skip = set(skip_names)
     delta_params = {id(p) for m in delta_modules(backbone).values() for p in m.parameters()}
     digest = hashlib.sha256()

@@ -191,6 +191,7 @@ class DeltaBase:
                 state-dict hooks; :func:`deltadist.full_state_dict` gives the whole one back).
         """
         module = self.backbone_model if module is None else module
+        self.engine.settle(module)
         patterns = list(self.config.unfrozen_modules if exclude is None else exclude)
         keep_deltas = DELTAS_KEYWORD in patterns
         others = parse_patterns([p for p in patterns if p != DELTAS_KEYWORD])
@@ -228,6 +229,7 @@ class DeltaBase:
     # -- parameters ----------------------------------------------------------------------------
     def delta_parameters(self) -> dict[str, nn.Parameter]:
         """This delta's own parameters, by checkpoint key (``<site>.<kind>.<param>``)."""
+        self.engine.settle(self.backbone_model)
         return {
             f"{att.site_name}.{att.base_name}.{name}": param
             for att in self._attachments
@@ -236,6 +238,7 @@ class DeltaBase:
 
     def unfrozen_backbone_parameters(self) -> dict[str, nn.Parameter]:
         """Backbone parameters that ``unfrozen_modules`` selects (saved with the delta)."""
+        self.engine.settle(self.backbone_model)
         return _unfrozen_backbone_parameters(self.backbone_model, self.config)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -273,7 +276,7 @@ class DeltaBase:
             self.backbone_model, self.engine, self.unfrozen_backbone_parameters()
         )
         config = self.config.replace(
-            backbone_class=type(self.backbone_model).__name__,
+            backbone_class=self.engine.model_class_name(self.backbone_model),
             backbone_hash=fingerprint,
             backbone_checkpoint_name=backbone_checkpoint_name or self.config.backbone_checkpoint_name
             or _name_or_path(self.backbone_model),

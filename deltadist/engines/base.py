@@ -39,6 +39,14 @@ class Engine:
         """Whether this engine manages ``model`` (detection by duck typing, no optional imports)."""
         return True
 
+    def settle(self, model: nn.Module) -> None:
+        """Put ``model``'s parameters in their resting (sharded) state before they are listed,
+        gathered or written. No-op outside FSDP2."""
+
+    def model_class_name(self, model: nn.Module) -> str:
+        """The user's class name of ``model`` (engines may swap the class in place)."""
+        return type(model).__name__
+
     def check_attachable(self, model: nn.Module) -> None:
         """Raise :class:`~deltadist.errors.EngineError` if new parameters cannot join ``model`` now."""
 

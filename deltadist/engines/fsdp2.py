@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from deltadist.engines.distributed import DistributedEngine, distributed_ready, piece_offsets, sum_across_ranks
@@ -23,7 +24,20 @@ class FSDP2Engine(DistributedEngine):
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
-        return distributed_ready() and any(isinstance(p, DTensor) for p in model.parameters())
+        return distributed_ready() and any(isinstance(m, FSDPModule) for m in model.modules())
+
+    def settle(self, model: nn.Module) -> None:
+        # After a forward FSDP2 leaves the root unit unsharded (reshard_after_forward is False
+        # there): its parameters are then plain tensors that an optimizer or a load would write
+        # to in vain. Resharding restores the DTensor parameters, which are the real ones.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def model_class_name(self, model: nn.Module) -> str:
+        # fully_shard swaps the class for a dynamic subclass named "FSDP<Name>".
+        return next(c.__name__ for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule)) \
+            if isinstance(model, FSDPModule) else type(model).__name__
 
     def check_attachable(self, model: nn.Module) -> None:
         raise EngineError(

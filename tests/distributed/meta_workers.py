@@ -78,3 +78,20 @@ def freeze_after_wrapping(rank: int, world_size: int, engine: str) -> dict:
     with_grad = sorted(n for n, p in model.named_parameters() if p.grad is not None)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     return {"with_grad": with_grad, "trainable": trainable, "delta": reports[-1]["delta"]}
+
+
+def optimizer_built_after_a_forward(rank: int, world_size: int) -> dict:
+    """FSDP2 leaves the root unsharded after a forward; delta.parameters() must still list the
+    sharded parameters, or an optimizer built then would update copies that are thrown away."""
+    from deltadist import LoraModel, wrap_model
+
+    model = _model()
+    torch.manual_seed(DELTA_SEED)
+    delta = LoraModel(model, lora_r=DELTA["lora_r"], unfrozen_modules=["deltas", "score"])
+    delta.freeze_module()
+    wrapped = wrap_model(model, "fsdp2", torch.device("cpu"))
+    before = delta.state_dict()
+    report = _step_and_report(wrapped, delta, rank, world_size)  # forward first, then the optimizer
+    kinds = sorted({type(p).__name__ for p in delta.parameters()})
+    return {"before": before, "after": report["delta"], "kinds": kinds,
+            "class": delta.engine.model_class_name(model)}

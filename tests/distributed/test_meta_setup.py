@@ -31,3 +31,10 @@ def test_freezing_after_sharding_trains_the_deltas_only(engine: str) -> None:
     assert result["trainable"] == result["with_grad"]
     assert result["with_grad"] and all(".lora." in name for name in result["with_grad"])
     assert all(value.abs().sum() > 0 for key, value in result["delta"].items() if "lora_B" in key)
+
+
+def test_fsdp2_parameters_listed_after_a_forward_are_the_sharded_ones() -> None:
+    result = run_ranks(meta_workers.optimizer_built_after_a_forward, timeout=240)[0]
+    assert result["kinds"] == ["DTensor"]
+    assert result["class"] == "LlamaForSequenceClassification"
+    assert not torch.equal(result["after"]["score.weight"], result["before"]["score.weight"])
