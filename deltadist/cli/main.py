@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -16,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="delta-tune a model on a built-in task",
         description="Delta-tune a pretrained encoder (default: LoRA on all-MiniLM-L6-v2, 4 topics).",
+        epilog="The config's engine is plain (one process), ddp, fsdp2 or fsdp1. Start a distributed "
+               "engine on N ranks with: launchers/torchrun.sh --nproc N --engine ddp|fsdp2|fsdp1 "
+               "[--config PATH] [--set KEY=VALUE ...] (torchrun --standalone ... -m deltadist.cli train).",
     )
     train.add_argument("--config", metavar="PATH",
                        help="YAML config (default: the built-in configs/minilm_lora.yaml)")
@@ -35,7 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
     except (ConfigError, OSError) as err:
-        print(f"deltadist {args.command}: error: {err}", file=sys.stderr)
+        print(f"deltadist {args.command}{_rank_tag()}: error: {err}", file=sys.stderr)
         return 2
-    print_summary(result.metrics, str(result.metrics_path))
+    if result.metrics is not None:  # only the main rank of a distributed run reports
+        print_summary(result.metrics, str(result.metrics_path))
     return 0
+
+
+def _rank_tag() -> str:
+    """`` (rank R)`` in a process torchrun started with several ranks, else ``""``."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""

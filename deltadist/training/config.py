@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from deltadist.training.data import DATASETS
 from deltadist.training.engine import ENGINES
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+INCLUDE_KEY = "include"
+"""Top-level key of a config file naming a base file to read first (see :func:`read_config_file`)."""
 
 
 @dataclass
@@ -31,9 +34,13 @@ class ModelConfig:
 
     name_or_path: str = "builtin:minilm"
     max_length: int = 64
+    dropout: float | None = None
+    """The backbone's hidden and attention dropout probability; ``None`` keeps the checkpoint's."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "model", "max_length")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1) or null, got {self.dropout!r}.")
 
 
 @dataclass
@@ -105,17 +112,49 @@ class TrainConfig:
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read the YAML at ``path`` (default: the built-in config), apply ``key=value`` overrides.
 
+    The file may start from another with ``include: <file>`` (see :func:`read_config_file`).
+
     Raises:
         ConfigError: unknown key, wrong type, bad value, or a malformed override.
         FileNotFoundError: ``path`` does not exist.
     """
-    text = Path(path if path is not None else DEFAULT_CONFIG_PATH).read_text()
-    raw = yaml.safe_load(text) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"The config file must hold a mapping, got {type(raw).__name__}.")
+    raw = read_config_file(Path(path if path is not None else DEFAULT_CONFIG_PATH))
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw)
+
+
+def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in the YAML file ``path``, with its ``include:`` resolved.
+
+    ``include: base.yaml`` (a path relative to the including file) reads that file first and then
+    merges this one over it: mappings key by key, anything else (lists too) replaced. Includes
+    may nest; a cycle is an error.
+    """
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ConfigError(f"include cycle: {chain}.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config file must hold a mapping, got {type(raw).__name__}.")
+    if INCLUDE_KEY not in raw:
+        return raw
+    base_name = raw.pop(INCLUDE_KEY)
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path}: {INCLUDE_KEY} must be a file name, got {base_name!r}.")
+    base = read_config_file(path.parent / base_name, (*_seen, resolved))
+    return _merge(base, raw)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -169,6 +208,12 @@ def _value(hint: Any, value: Any, name: str) -> Any:
     """``value`` checked against the field type ``hint`` (ints are accepted as floats)."""
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, name)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # ``X | None``
+        arms = [arm for arm in typing.get_args(hint) if arm is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(hint)):
+            return None
+        if len(arms) == 1:
+            return _value(arms[0], value, name)
     expected = typing.get_origin(hint) or hint
     if expected is float and not isinstance(value, bool):
         if isinstance(value, int):

@@ -9,7 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from deltadist.errors import ConfigError
 
@@ -53,11 +54,34 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
-def build_model(name_or_path: str, num_labels: int,
-                seed: int) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
-    """The classifier (head initialised from ``seed``) and its tokenizer."""
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+"""The backbone config's dropout probabilities that ``model.dropout`` sets (BERT-style names)."""
+
+
+def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | None = None,
+                show_progress: bool = True) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+    """The classifier (head initialised from ``seed``) and its tokenizer.
+
+    ``dropout`` (``None``: the checkpoint's values) sets the backbone's :data:`DROPOUT_KEYS`.
+    ``show_progress=False`` hides transformers' progress bars (ranks other than the main one).
+
+    Raises:
+        ConfigError: ``dropout`` is given but the backbone's config has no such keys.
+    """
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    if dropout is not None:
+        missing = [key for key in DROPOUT_KEYS if not hasattr(config, key)]
+        if missing:
+            raise ConfigError(
+                f"model.dropout: the backbone's config ({type(config).__name__}) has no "
+                f"{', '.join(missing)}; set model.dropout: null to keep its own dropout."
+            )
+        for key in DROPOUT_KEYS:
+            setattr(config, key, dropout)
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    encoder = AutoModel.from_pretrained(path, config=config)
     torch.manual_seed(seed)
     return TextClassifier(encoder, num_labels), tokenizer

@@ -26,8 +26,11 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
     ratio = metrics.trainable_params / metrics.total_params
     table.add_row("trainable params",
                   f"{metrics.trainable_params:,} of {metrics.total_params:,} ({ratio:.3%})")
+    where = metrics.device
+    if metrics.world_size > 1 or metrics.engine != "plain":
+        where = f"{metrics.world_size} × {metrics.device} ({metrics.engine})"
     table.add_row("time", f"{metrics.train_seconds:.1f} s training, {metrics.total_seconds:.1f} s in all,"
-                  f" on {metrics.device}")
+                  f" on {where}")
     table.add_row("delta", f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})")
     table.add_row("metrics", metrics_path)
     (console or Console()).print(table)
