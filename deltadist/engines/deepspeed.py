@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deltadist.engines.distributed import DistributedEngine, distributed_ready, sum_across_ranks
+from deltadist.errors import EngineError
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -30,6 +31,17 @@ class ZeRO3Engine(DistributedEngine):
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
         return distributed_ready() and any(is_partitioned(p) for p in model.parameters())
+
+    def check_attachable(self, model: nn.Module) -> None:
+        super().check_attachable(model)
+        # deepspeed.initialize hooks every module for parameter fetching and marks it with
+        # ``ds_grads_remaining``; zero.Init alone does not, and new parameters may still join then.
+        if any(hasattr(m, "ds_grads_remaining") for m in model.modules()):
+            raise EngineError(
+                "deepspeed.initialize has already wrapped this model, so new delta parameters would "
+                "be neither partitioned nor optimised. Attach deltas before deepspeed.initialize "
+                "(building the model under deepspeed.zero.Init is fine)."
+            )
 
     def logical_shape(self, param: torch.Tensor) -> torch.Size:
         return param.ds_shape if is_partitioned(param) else param.shape

@@ -21,7 +21,7 @@ import yaml
 from deltadist.api.auto import AutoDeltaConfig
 from deltadist.errors import ConfigError
 from deltadist.training.data import DATASETS
-from deltadist.training.engine import ENGINES
+from deltadist.engines.runtime import ENGINES
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 INCLUDE_KEY = "include"
@@ -96,6 +96,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     engine: str = "plain"
+    deepspeed_config: str | None = None
+    """engine deepspeed: a DeepSpeed JSON (e.g. configs/deepspeed/zero3.json); None: ZeRO-3 defaults."""
     output_dir: str = "runs/minilm_lora"
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
 from deltadist.training.config import TrainConfig
 from deltadist.training.data import LABELS, Batches, check_batch_size, load_topics
-from deltadist.training.engine import EngineSetup, setup_engine
+from deltadist.engines.runtime import EngineSetup, setup_engine
 from deltadist.training.model import TextClassifier, build_model
 
 METRICS_NAME = "metrics.json"
@@ -60,7 +61,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     only the main rank shows progress and writes ``metrics.json`` (elsewhere ``metrics`` is ``None``).
     """
     job_start = time.perf_counter()
-    engine = setup_engine(cfg.engine)
+    engine = setup_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config,
+                          batch_size=cfg.training.batch_size)
     try:
         return _run(cfg, engine, job_start)
     finally:
@@ -88,6 +90,7 @@ def _run(cfg: TrainConfig, engine: EngineSetup, job_start: float) -> TrainResult
     # The optimizer takes the parameters right after wrapping, before any forward: FSDP2 leaves
     # the root module's parameters unsharded after a forward, and they would be listed instead.
     optimizer = torch.optim.AdamW(delta.parameters(), lr=cfg.training.lr)
+    runner, optimizer = engine.prepare(runner, optimizer)  # DeepSpeed: deepspeed.initialize
 
     show = engine.is_main
     test_batches = Batches(test_set, tokenizer, cfg.training.eval_batch_size, cfg.model.max_length)
@@ -124,7 +127,7 @@ def _run(cfg: TrainConfig, engine: EngineSetup, job_start: float) -> TrainResult
     return TrainResult(model=model, delta=delta, metrics=metrics, metrics_path=metrics_path)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches,
+def train_epoch(model: nn.Module, optimizer: Any, batches: Batches,
                 device: torch.device, desc: str, show: bool = True) -> None:
     """One pass over ``batches`` with cross-entropy loss (the global batch's mean, see ``loss_scale``)."""
     model.train()

@@ -1,12 +1,12 @@
-"""``launchers/torchrun.sh`` end to end: DDP, FSDP2 and FSDP1 on 2 CPU ranks train the same delta
-as one process.
+"""The launchers end to end: ``torchrun.sh`` (DDP, FSDP2, FSDP1) and ``deepspeed.sh`` (ZeRO-2,
+ZeRO-3) on 2 CPU ranks train the same delta as one process.
 
 The job is the main one, shrunk (64 train / 32 test sentences, global batch 16: 4 steps, each rank
 taking 8 rows) with dropout off, so the runs are comparable value for value. Every command runs in
 its own session under a deadline; on a timeout or a failure its whole process group (torchrun and
 its ranks) is killed, so nothing outlives the test.
 
-The first test launches 4 jobs (plain, then one torchrun launch per engine): about 100 s on 2 cores.
+The first test launches 6 jobs (plain, then one launch per engine or ZeRO stage): about 90 s on 2 cores.
 It is one test so that ``pytest -n 2`` never runs the shared single-process reference twice.
 """
 
@@ -24,7 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launchers" / "torchrun.sh"
+DS_LAUNCHER = REPO / "launchers" / "deepspeed.sh"
 ENGINES = ("ddp", "fsdp2", "fsdp1")
+ZERO_STAGES = ("zero2", "zero3")
 LR = 0.002  # training.lr of configs/minilm_lora.yaml
 JOB = [
     "--config", "configs/minilm_lora.yaml",
@@ -84,7 +86,7 @@ def load_delta(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_torchrun_launcher_trains_the_single_process_delta(tmp_path: Path) -> None:
+def test_launchers_train_the_single_process_delta(tmp_path: Path) -> None:
     out = check_ok(run([sys.executable, "-m", "deltadist.cli", "train", *JOB,
                         "--set", "engine=plain", "--set", f"output_dir={tmp_path / 'plain'}"]))
     assert out.count("test accuracy") == 1
@@ -93,6 +95,12 @@ def test_torchrun_launcher_trains_the_single_process_delta(tmp_path: Path) -> No
                               "--set", f"output_dir={tmp_path / engine}"]))
         for engine in ENGINES
     }
+    outputs.update({
+        stage: check_ok(run(["bash", str(DS_LAUNCHER), "--nproc", "2", "--ds-config",
+                             str(REPO / "configs" / "deepspeed" / f"{stage}.json"), "--", *JOB,
+                             "--set", f"output_dir={tmp_path / stage}"]))
+        for stage in ZERO_STAGES
+    })
 
     plain_metrics = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert (plain_metrics["engine"], plain_metrics["world_size"]) == ("plain", 1)
@@ -100,7 +108,8 @@ def test_torchrun_launcher_trains_the_single_process_delta(tmp_path: Path) -> No
     deltas = {}
     for engine, output in outputs.items():
         metrics = json.loads((tmp_path / engine / "metrics.json").read_text())
-        assert (metrics["engine"], metrics["world_size"]) == (engine, 2)
+        expected_engine = "deepspeed" if engine in ZERO_STAGES else engine
+        assert (metrics["engine"], metrics["world_size"]) == (expected_engine, 2)
         assert metrics["trainable_params"] == plain_metrics["trainable_params"]
         assert metrics["total_params"] == plain_metrics["total_params"]  # logical, not a shard's
         # Only rank 0 reports: one parameter table, one summary.

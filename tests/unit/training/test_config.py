@@ -23,7 +23,7 @@ def test_unknown_key_lists_valid_keys() -> None:
     expected = r"in training: epoch \(did you mean epochs\?\)\. Valid keys: epochs, batch_size"
     with pytest.raises(ConfigError, match=expected):
         load_config(overrides=["training.epoch=1"])
-    with pytest.raises(ConfigError, match="Valid keys: model, delta, data, training, engine, output_dir"):
+    with pytest.raises(ConfigError, match="Valid keys: model, delta, data, training, engine, deepspeed_config, output_dir"):
         from_dict({"modle": {}})
 
 
@@ -58,7 +58,7 @@ def test_unknown_engine_names_the_available_ones() -> None:
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--set", "engine=deepspeed"]) == 2
+    assert main(["train", "--set", "engine=bmtrain"]) == 2
     assert "available engines: plain" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ the engine setup on explicit launch environments (a world of one uses an in-proc
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from deltadist.errors import ConfigError
 from deltadist.training import loop
 from deltadist.training.config import load_config
 from deltadist.training.data import Batches, Example, check_batch_size, rank_share
-from deltadist.training.engine import EngineSetup, launch_info, setup_engine
+from deltadist.engines.runtime import EngineSetup, launch_info, setup_engine
 
 VOCAB = 50
 
@@ -116,7 +117,7 @@ def test_the_loop_checks_the_batch_size_before_loading_and_always_closes(
     closed = []
     setup = EngineSetup(name="ddp", device=torch.device("cpu"), wrap=lambda m: m, rank=1,
                         world_size=2, close=lambda: closed.append(True))
-    monkeypatch.setattr(loop, "setup_engine", lambda name: setup)
+    monkeypatch.setattr(loop, "setup_engine", lambda name, **options: setup)
     monkeypatch.setattr(loop, "build_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ConfigError, match=r"batch_size \(15\) must be divisible by the world size \(2\)"):
         loop.train(load_config(overrides=["training.batch_size=15", "engine=ddp"]))
@@ -152,8 +153,8 @@ def test_plain_engine_refuses_a_world_of_several_ranks() -> None:
 
 
 def test_unknown_engine_lists_all_engines() -> None:
-    with pytest.raises(ConfigError, match="available engines: plain, ddp, fsdp2, fsdp1"):
-        setup_engine("deepspeed")
+    with pytest.raises(ConfigError, match="available engines: plain, ddp, fsdp2, fsdp1, deepspeed"):
+        setup_engine("bmtrain")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -179,3 +180,19 @@ def test_a_process_group_started_elsewhere_is_used_and_left_alone() -> None:
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_deepspeed_config_is_made_concrete_for_the_job(tmp_path) -> None:
+    from deltadist.engines.deepspeed_runtime import resolve_deepspeed_config
+
+    config = resolve_deepspeed_config("configs/deepspeed/zero3.json", batch_size=32, world_size=2)
+    assert config["train_batch_size"] == 32 and config["train_micro_batch_size_per_gpu"] == 16
+    assert config["gradient_clipping"] == 0.0 and config["zero_optimization"]["stage"] == 3
+    assert "\"auto\"" not in json.dumps(config)
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
+        resolve_deepspeed_config(bad, batch_size=32, world_size=2)
+    bad.write_text(json.dumps({"train_batch_size": 8}))
+    with pytest.raises(ConfigError, match="train_batch_size is 8.*needs 32"):
+        resolve_deepspeed_config(bad, batch_size=32, world_size=2)

@@ -13,11 +13,12 @@ sees an :class:`EngineSetup` (device, wrap, rank, world size, close).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +33,10 @@ def _nothing() -> None:
     return None
 
 
+def _as_is(runner: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+    return runner, optimizer
+
+
 @dataclass(frozen=True)
 class EngineSetup:
     """The device to train on, the hook that wraps the delta-fitted model, and this rank's place."""
@@ -43,6 +48,9 @@ class EngineSetup:
     world_size: int = 1
     close: Callable[[], None] = field(default=_nothing)
     """Tear down what setup started (the process group it initialised); call once, at the end."""
+    prepare: Callable[[nn.Module, Any], tuple[nn.Module, Any]] = field(default=_as_is)
+    """``(wrapped model, optimizer) -> (runner, stepper)``, once, after ``wrap`` and the optimizer:
+    the identity except under DeepSpeed, whose ``deepspeed.initialize`` takes both together."""
 
     @property
     def is_main(self) -> bool:
@@ -84,7 +92,7 @@ def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo | None:
     return info
 
 
-def _plain(environ: Mapping[str, str] | None = None) -> EngineSetup:
+def _plain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
     info = launch_info(environ)
     if info is not None and info.world_size > 1:
         raise ConfigError(
@@ -97,7 +105,7 @@ def _plain(environ: Mapping[str, str] | None = None) -> EngineSetup:
 
 
 def _distributed(name: str) -> Callable[..., EngineSetup]:
-    def setup(environ: Mapping[str, str] | None = None) -> EngineSetup:
+    def setup(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
         import torch.distributed as dist
 
         from deltadist.engines.setup import wrap_model
@@ -119,8 +127,9 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
             if info is not None:
                 dist.init_process_group(backend, device_id=device if cuda else None)
             else:
-                print(f"deltadist: engine {name} started without torchrun: running as a world of 1. "
-                      "Use launchers/torchrun.sh --nproc N for N ranks.", file=sys.stderr)
+                launcher = "deepspeed.sh" if name == "deepspeed" else "torchrun.sh"
+                print(f"deltadist: engine {name} started without a launcher: running as a world of "
+                      f"1. Use launchers/{launcher} --nproc N for N ranks.", file=sys.stderr)
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
         def close() -> None:
@@ -147,15 +156,38 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
     return setup
 
 
+def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,
+               batch_size: int = 32) -> EngineSetup:
+    """ZeRO from a DeepSpeed JSON; the process group as for DDP; ``deepspeed.initialize`` joins it."""
+    from deltadist.engines.deepspeed_runtime import (
+        DeepSpeedStepper, import_deepspeed, resolve_deepspeed_config,
+    )
+
+    deepspeed = import_deepspeed()
+    base = _distributed("deepspeed")(environ)
+    try:
+        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size)
+    except BaseException:
+        base.close()
+        raise
+
+    def prepare(model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine, DeepSpeedStepper(engine)
+
+    return dataclasses.replace(base, wrap=lambda model: model.to(base.device), prepare=prepare)
+
+
 ENGINES: dict[str, Callable[..., EngineSetup]] = {
     "plain": _plain,
     "ddp": _distributed("ddp"),
     "fsdp2": _distributed("fsdp2"),
     "fsdp1": _distributed("fsdp1"),
+    "deepspeed": _deepspeed,
 }
 
 
-def setup_engine(name: str, environ: Mapping[str, str] | None = None) -> EngineSetup:
+def setup_engine(name: str, environ: Mapping[str, str] | None = None, **options: Any) -> EngineSetup:
     """The :class:`EngineSetup` for engine ``name`` (initialising the process group if needed).
 
     ``environ`` (default ``os.environ``) is where the launcher's variables are read.
@@ -166,4 +198,4 @@ def setup_engine(name: str, environ: Mapping[str, str] | None = None) -> EngineS
     """
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}; available engines: {', '.join(ENGINES)}.")
-    return ENGINES[name](environ)
+    return ENGINES[name](environ, **options)

@@ -1,0 +1,103 @@
+"""``engine: deepspeed`` for the training job: the DeepSpeed config and ``deepspeed.initialize``.
+
+The job passes its own torch AdamW over the delta's parameters, so a DeepSpeed JSON must not carry
+an ``optimizer`` or ``scheduler`` section; batch sizes come from ``training.batch_size``; every
+other ``"auto"`` is dropped so DeepSpeed's default applies -- except gradient clipping, which
+DeepSpeed defaults to 1.0 and the other engines do not do, so it is turned off.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from deltadist.errors import ConfigError
+
+DEEPSPEED_DEFAULT_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 3}}
+MIN_DEEPSPEED = (0, 19)
+"""PyTorch-style ``loss.backward()`` on the engine's output needs DeepSpeed >= 0.19."""
+
+
+def resolve_deepspeed_config(path: str | os.PathLike | None, batch_size: int,
+                             world_size: int) -> dict[str, Any]:
+    """The JSON at ``path`` (default: ZeRO-3), made concrete for this job.
+
+    Raises:
+        ConfigError: unreadable JSON, an optimizer/scheduler section, fp16/bf16 turned on, or batch
+            sizes that contradict ``training.batch_size`` on ``world_size`` ranks.
+    """
+    where = "the built-in DeepSpeed config" if path is None else f"deepspeed_config {str(path)!r}"
+    config = copy.deepcopy(DEEPSPEED_DEFAULT_CONFIG) if path is None else _read_json(path, where)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ConfigError(f"{where}: remove the {section!r} section; deltadist train passes its own "
+                              "torch AdamW over the delta's parameters (training.lr).")
+    for section in ("fp16", "bf16"):
+        if config.get(section, {}).get("enabled", False) not in (False, "auto"):
+            raise ConfigError(f"{where}: {section} is not supported by deltadist train (fp32 only); "
+                              f'set "{section}": {{"enabled": false}} or "auto".')
+        config.pop(section, None)
+    fixed = {"train_batch_size": batch_size,
+             "train_micro_batch_size_per_gpu": batch_size // world_size,
+             "gradient_accumulation_steps": 1}
+    for key, value in fixed.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{where}: {key} is {config[key]!r}, but training.batch_size={batch_size} "
+                              f'on {world_size} ranks needs {value}; set it to "auto".')
+        config[key] = value
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = 0.0
+    config.setdefault("zero_allow_untested_optimizer", True)  # a torch optimizer
+    config.setdefault("steps_per_print", 10**9)
+    return _drop_auto(config)
+
+
+def _read_json(path: str | os.PathLike, where: str) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: cannot read it as JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: must hold a JSON object.")
+    return config
+
+
+def _drop_auto(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_auto(v) for k, v in node.items() if v != "auto"}
+    return node
+
+
+def import_deepspeed() -> Any:
+    """``deepspeed``, on its CPU accelerator when there is no GPU, at a supported version."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ConfigError("engine: deepspeed needs DeepSpeed: pip install 'deltadist[deepspeed]'.") from err
+    version = tuple(int(p) for p in deepspeed.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_DEEPSPEED:
+        raise ConfigError(f"engine: deepspeed needs DeepSpeed >= 0.19, found {deepspeed.__version__}.")
+    return deepspeed
+
+
+class DeepSpeedStepper:
+    """Optimizer stand-in for the loop: ``step()`` is ``engine.step()`` (reduce, step, clear grads).
+
+    ``loss.backward()`` on the engine's output is DeepSpeed's own backward (DeepSpeed >= 0.19).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: :meth:`step` clears the gradients."""
+
+    def step(self) -> None:
+        self.engine.step()
