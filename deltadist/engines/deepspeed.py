@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from deltadist.engines.distributed import DistributedEngine, distributed_ready, sum_across_ranks
+from deltadist.engines.distributed import DistributedEngine, distributed_ready, sample_from_pieces
 from deltadist.errors import EngineError
 
 
@@ -66,9 +66,5 @@ class ZeRO3Engine(DistributedEngine):
     def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
         if not is_partitioned(param):
             return super().sample(param, flat_indices)
-        local = param.ds_tensor.detach().reshape(-1)
-        start = self.rank * local.numel()
-        mine = (flat_indices >= start) & (flat_indices < start + local.numel())
-        values = torch.zeros(len(flat_indices), dtype=torch.float64)
-        values[mine] = local[(flat_indices[mine] - start).to(local.device)].to("cpu", torch.float64)
-        return sum_across_ranks(values)
+        # Rank r holds flat elements [r * n, (r + 1) * n), n being the (padded) partition size.
+        return sample_from_pieces(param.ds_tensor, self.rank * param.ds_tensor.numel(), flat_indices)

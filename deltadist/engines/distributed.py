@@ -49,6 +49,20 @@ def piece_offsets(piece_numel: int) -> list[int]:
     return offsets
 
 
+def sample_from_pieces(piece: torch.Tensor, start: int, flat_indices: torch.Tensor) -> torch.Tensor:
+    """Values at ``flat_indices`` of a tensor laid out as per-rank contiguous pieces.
+
+    ``piece`` is this rank's slice of the flattened tensor, beginning at flat position ``start``.
+    Each rank fills in the positions it holds; a sum across ranks completes the vector, so only
+    the sampled values travel (float64, CPU).
+    """
+    flat = piece.detach().reshape(-1)
+    mine = (flat_indices >= start) & (flat_indices < start + flat.numel())
+    values = torch.zeros(len(flat_indices), dtype=torch.float64)
+    values[mine] = flat[(flat_indices[mine] - start).to(flat.device)].to("cpu", torch.float64)
+    return sum_across_ranks(values)
+
+
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over ranks (CPU in, CPU out)."""
     reduced = values.to(collective_device())

@@ -19,7 +19,7 @@ from deltadist.engines.distributed import (
     all_gather_pieces,
     distributed_ready,
     piece_offsets,
-    sum_across_ranks,
+    sample_from_pieces,
 )
 from deltadist.errors import EngineError
 
@@ -75,9 +75,4 @@ class FSDP1Engine(DistributedEngine):
     def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
         if not is_flat_sharded(param):
             return super().sample(param, flat_indices)
-        start = piece_offsets(param.numel())[self.rank]
-        mine = (flat_indices >= start) & (flat_indices < start + param.numel())
-        values = torch.zeros(len(flat_indices), dtype=torch.float64)
-        flat = param.detach().reshape(-1)
-        values[mine] = flat[(flat_indices[mine] - start).to(flat.device)].to("cpu", torch.float64)
-        return sum_across_ranks(values)
+        return sample_from_pieces(param, piece_offsets(param.numel())[self.rank], flat_indices)

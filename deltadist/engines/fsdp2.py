@@ -13,7 +13,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from deltadist.engines.distributed import DistributedEngine, distributed_ready, piece_offsets, sum_across_ranks
+from deltadist.engines.distributed import (
+    DistributedEngine, distributed_ready, piece_offsets, sample_from_pieces,
+)
 from deltadist.errors import EngineError
 
 
@@ -69,13 +71,7 @@ class FSDP2Engine(DistributedEngine):
         if placements != (Shard(0),):
             # Unusual layouts: gathering one backbone tensor is still bounded by its size.
             return super().sample(param.full_tensor(), flat_indices)
+        # Shard(0): rank r holds a contiguous run of rows, i.e. a contiguous flat piece.
         local = param.to_local()
-        row_numel = max(1, param.shape[1:].numel())
         first_row = piece_offsets(local.shape[0])[self.rank]
-        rows = flat_indices // row_numel
-        mine = (rows >= first_row) & (rows < first_row + local.shape[0])
-        values = torch.zeros(len(flat_indices), dtype=torch.float64)
-        flat_local = local.detach().reshape(-1)
-        positions = (flat_indices[mine] - first_row * row_numel).to(flat_local.device)
-        values[mine] = flat_local[positions].to("cpu", torch.float64)
-        return sum_across_ranks(values)
+        return sample_from_pieces(local, first_row * param.shape[1:].numel(), flat_indices)
