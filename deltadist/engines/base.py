@@ -6,7 +6,8 @@ of deltadist talks to an :class:`Engine`.
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +28,15 @@ def record_logical_shapes(model: nn.Module, engine: "Engine", recurse: bool = Tr
 def recorded_shape(param: torch.Tensor) -> torch.Size | None:
     """The shape noted by :func:`record_logical_shapes`, if any."""
     return getattr(param, _SHAPE_ATTR, None)
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A tensor that can be read whole or by rows, e.g. a memory-mapped safetensors entry."""
+
+    full: Callable[[], torch.Tensor]
+    rows: Callable[[int, int], torch.Tensor]
+    """``rows(start, stop)``: the rows ``[start, stop)`` along dim 0."""
 
 
 class Engine:
@@ -82,6 +92,10 @@ class Engine:
         """Copy the full tensor ``value`` into ``param``, whatever its sharding. Every rank calls it."""
         with torch.no_grad():
             param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def load(self, param: torch.Tensor, source: TensorSource) -> None:
+        """Fill ``param`` from ``source``, reading no more of it than this rank keeps if possible."""
+        self.scatter(param, source.full())
 
     def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
         """Values of the logical tensor at ``flat_indices`` (CPU, float64), or ``None`` on meta."""

@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from deltadist.engines.base import TensorSource
 from deltadist.engines.distributed import (
     DistributedEngine, distributed_ready, piece_offsets, sample_from_pieces,
 )
@@ -59,6 +60,15 @@ class FSDP2Engine(DistributedEngine):
         shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
         with torch.no_grad():
             local.copy_(shard.to_local())
+
+    def load(self, param: torch.Tensor, source: TensorSource) -> None:
+        if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+            return super().load(param, source)
+        # fully_shard splits dim 0 like torch.chunk: rank r holds rows from r * ceil(n / world).
+        local = param.to_local()
+        start = self.rank * -(-param.shape[0] // self.world_size)
+        with torch.no_grad():
+            local.copy_(source.rows(start, start + local.shape[0]).to(local.device, local.dtype))
 
     def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(param, DTensor):

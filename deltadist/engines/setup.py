@@ -24,6 +24,7 @@ from torch import nn
 from deltadist.addressing.names import canonical_name
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
+from deltadist.engines.base import TensorSource
 from deltadist.errors import CheckpointError, ConfigError, EngineError
 
 EngineName = Literal["plain", "ddp", "fsdp2", "fsdp1"]
@@ -112,7 +113,8 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         delta_config: a delta config or its dict (``{"delta_type": "lora", ...}``).
         engine: ``plain``, ``ddp``, ``fsdp2`` or ``fsdp1``.
         weights: a transformers checkpoint directory (``model.safetensors`` or a sharded index).
-            Each rank reads one tensor at a time, memory-mapped, and keeps only its shard.
+            Tensors are memory-mapped and read one at a time; under FSDP2 each rank reads only
+            the rows of its own shard.
         weights_prefix: submodule of the backbone that the checkpoint's keys are relative to.
         device: where parameters live (``cuda:<local rank>`` on GPUs).
         delta_seed: seed of the delta initialisation (the same on every rank and engine, so a
@@ -202,11 +204,15 @@ def _checkpoint_files(weights: str | os.PathLike) -> list[Path]:
                           "with save_pretrained(..., safe_serialization=True).")
 
 
-def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, TensorSource]]:
+    """Every tensor of the checkpoint, memory-mapped: read whole or only some rows."""
     for path in _checkpoint_files(weights):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key in handle.keys():
-                yield key, lambda h=handle, k=key: h.get_tensor(k)
+                yield key, TensorSource(
+                    full=lambda h=handle, k=key: h.get_tensor(k),
+                    rows=lambda start, stop, h=handle, k=key: h.get_slice(k)[start:stop],
+                )
 
 
 def _load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str) -> None:
@@ -218,11 +224,11 @@ def _load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str) 
     delta_ids = {id(p) for m in root.modules() if isinstance(m, DeltaModule) for p in m.parameters()}
     engine = detect_engine(backbone)
     filled: set[int] = set()
-    for key, read in _iter_checkpoint(weights):
+    for key, source in _iter_checkpoint(weights):
         target = targets.get(canonical_name(key))
         if target is None or id(target) in filled:
             continue
-        engine.scatter(target, read())
+        engine.load(target, source)
         filled.add(id(target))
     missing = sorted(
         n for n, p in root.named_parameters() if id(p) not in filled and id(p) not in delta_ids
