@@ -144,7 +144,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         if engine in ("ddp", "plain"):
             _retie(backbone, tied)
     _recompute_buffers(backbone, buffer_owners, device)
-    _load_weights(backbone, weights, weights_prefix)
+    _load_weights(backbone, weights, weights_prefix, tied)
     for name, param in delta.delta_parameters().items():
         delta.engine.scatter(param, initial[name])
     _check_nothing_on_meta(backbone)
@@ -215,21 +215,31 @@ def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, TensorSo
                 )
 
 
-def _load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str) -> None:
-    """Copy checkpoint tensors into the backbone's own (non-delta) parameters and buffers."""
+def _load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
+                  tied: list[list[str]] = ()) -> None:
+    """Copy checkpoint tensors into the backbone's own (non-delta) parameters and buffers.
+
+    A checkpoint stores tied weights once; ``tied`` (groups of names, noted before wrapping) lets
+    that one tensor fill every member, also where an engine (FSDP1) has untied them.
+    """
     root = backbone.get_submodule(prefix) if prefix else backbone
-    targets: dict[str, torch.Tensor] = {}
+    targets: dict[str, list[torch.Tensor]] = {}
     for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]:
-        targets.setdefault(canonical_name(name), tensor)
+        targets.setdefault(canonical_name(name), []).append(tensor)
+    relative = [[n[len(prefix) + 1:] if prefix else n for n in group
+                 if not prefix or n.startswith(prefix + ".")] for group in tied]
+    for group in relative:
+        members = [t for n in group for t in targets.get(canonical_name(n), [])]
+        for name in group:
+            targets[canonical_name(name)] = members
     delta_ids = {id(p) for m in root.modules() if isinstance(m, DeltaModule) for p in m.parameters()}
     engine = detect_engine(backbone)
     filled: set[int] = set()
     for key, source in _iter_checkpoint(weights):
-        target = targets.get(canonical_name(key))
-        if target is None or id(target) in filled:
-            continue
-        engine.load(target, source)
-        filled.add(id(target))
+        for target in targets.get(canonical_name(key), []):
+            if id(target) not in filled:
+                engine.load(target, source)
+                filled.add(id(target))
     missing = sorted(
         n for n, p in root.named_parameters() if id(p) not in filled and id(p) not in delta_ids
     )

@@ -95,3 +95,19 @@ def optimizer_built_after_a_forward(rank: int, world_size: int) -> dict:
     kinds = sorted({type(p).__name__ for p in delta.parameters()})
     return {"before": before, "after": report["delta"], "kinds": kinds,
             "class": delta.engine.model_class_name(model)}
+
+
+def tied_lm(rank: int, world_size: int, engine: str, weights: str) -> dict:
+    """prepare_model on a causal LM with tied input/output embeddings (stored once on disk)."""
+    from transformers import AutoModelForCausalLM
+
+    from deltadist import prepare_model
+    from tests.tiny import build_tiny
+
+    reference = build_tiny("llama", "lm", tie_word_embeddings=True)
+    prepared = prepare_model(lambda: AutoModelForCausalLM.from_config(reference.config),
+                             DELTA, engine, weights, delta_seed=DELTA_SEED)
+    inputs = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return {"got": prepared.model(input_ids=inputs).logits,
+                "want": reference(input_ids=inputs).logits}

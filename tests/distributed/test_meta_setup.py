@@ -38,3 +38,13 @@ def test_fsdp2_parameters_listed_after_a_forward_are_the_sharded_ones() -> None:
     assert result["kinds"] == ["DTensor"]
     assert result["class"] == "LlamaForSequenceClassification"
     assert not torch.equal(result["after"]["score.weight"], result["before"]["score.weight"])
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_meta_setup_fills_tied_embeddings_stored_once(engine: str, tmp_path) -> None:
+    from tests.tiny import build_tiny
+
+    build_tiny("llama", "lm", tie_word_embeddings=True).save_pretrained(tmp_path)
+    result = run_ranks(meta_workers.tied_lm, args=(engine, str(tmp_path)), timeout=240)[0]
+    # A fresh LoRA is a no-op, so the prepared model must be the saved one, tied head included.
+    torch.testing.assert_close(result["got"], result["want"], rtol=0, atol=0)
