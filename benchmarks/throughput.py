@@ -1,0 +1,134 @@
+"""Training throughput: deltadist's LoRA and BitFit against full fine-tuning and PEFT's LoRA.
+
+One process, the shipped all-MiniLM-L6-v2 backbone (BERT, 22.7M parameters) with a classifier
+head, AdamW, batches of 32 sentences x 64 tokens. Every method gets its own model; the methods run
+interleaved, one timed step each per round, so all of them see the same machine state; the first
+rounds are warm-up. Prints a table (median step time, sentences per second, ratio to full
+fine-tuning) and writes ``benchmarks/results/throughput.json``.
+
+    python benchmarks/throughput.py [--rounds 20] [--warmup 3] [--device cpu|cuda]
+
+PEFT is optional (``pip install peft torch==<your torch>``); without it that row is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+LORA_TARGETS = ["query", "value"]
+
+
+def backbone() -> nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from deltadist.training.model import build_model
+
+    model, _ = build_model("builtin:minilm", num_labels=4, seed=0, dropout=0.0, show_progress=False)
+    return model
+
+
+def full_finetuning() -> tuple[nn.Module, list[nn.Parameter]]:
+    model = backbone()
+    return model, list(model.parameters())
+
+
+def deltadist_method(delta_type: str) -> Callable[[], tuple[nn.Module, list[nn.Parameter]]]:
+    def build() -> tuple[nn.Module, list[nn.Parameter]]:
+        from deltadist import AutoDeltaConfig, AutoDeltaModel
+
+        model = backbone()
+        config = {"delta_type": delta_type, "unfrozen_modules": ["deltas", "classifier"]}
+        if delta_type == "lora":
+            config |= {"modified_modules": LORA_TARGETS, "lora_r": 8}
+        delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(config), backbone_model=model)
+        delta.freeze_module(set_state_dict=False)
+        return model, list(delta.parameters())
+
+    return build
+
+
+def peft_lora() -> tuple[nn.Module, list[nn.Parameter]]:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(backbone(), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
+                                                  modules_to_save=["classifier"]))
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (32, 64), generator=generator)
+    return ids.to(device), torch.ones_like(ids).to(device), torch.randint(0, 4, (32,)).to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    methods: dict[str, Callable[[], tuple[nn.Module, list[nn.Parameter]]]] = {
+        "full fine-tuning": full_finetuning,
+        "deltadist LoRA r=8": deltadist_method("lora"),
+        "deltadist BitFit": deltadist_method("bitfit"),
+    }
+    try:
+        import peft  # noqa: F401
+
+        methods["PEFT LoRA r=8"] = peft_lora
+    except ImportError:
+        Console().print("[yellow]peft not installed: its row is skipped[/]")
+    runs = {}
+    for name, build in methods.items():
+        model, params = build()
+        model.to(device).train()
+        runs[name] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
+    ids, mask, labels = batch(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(args.warmup + args.rounds):
+        for name, (model, optimizer, _) in runs.items():
+            start = time.perf_counter()
+            loss = nn.functional.cross_entropy(model(ids, mask), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    report(times, {n: r[2] for n, r in runs.items()}, args, ids.shape[0])
+
+
+def report(times: dict[str, list[float]], trainable: dict[str, int], args: argparse.Namespace,
+           batch_size: int) -> None:
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    base = medians["full fine-tuning"]
+    table = Table(title=f"Training step, MiniLM-L6 classifier, batch {batch_size}x64, {args.device}, "
+                        f"{args.rounds} interleaved rounds")
+    for column in ("method", "trainable params", "median step ms", "sentences/s", "speed vs full FT"):
+        table.add_column(column)
+    for name, median in medians.items():
+        table.add_row(name, f"{trainable[name]:,}", f"{median * 1e3:.1f}",
+                      f"{batch_size / median:.1f}", f"{base / median:.2f}x")
+    Console().print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps({
+        "device": args.device, "rounds": args.rounds, "seconds": times, "median": medians,
+        "trainable": trainable, "torch": torch.__version__,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
