@@ -82,6 +82,11 @@ def select_sites(
                 selected.setdefault(name, Site(name, modules[name]))
     if unmatched and (not use_defaults or not selected):
         raise _no_match_error(unmatched, candidates, by_role)
+    if not selected:
+        raise AddressingError(
+            f"exclude_modules={list(exclude_modules or [])} removes every module the patterns "
+            "select, so there is nothing to modify. Narrow exclude_modules."
+        )
     order = {n: i for i, n in enumerate(modules)}
     return sorted(selected.values(), key=lambda s: order[s.name])
 

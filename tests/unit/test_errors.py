@@ -84,3 +84,11 @@ def test_the_delta_object_is_not_callable_like_a_model() -> None:
     delta = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=build_tiny("bert", "cls"))
     with pytest.raises(TypeError, match="call the backbone model"):
         delta()
+
+
+def test_excluding_everything_selected_is_an_error_not_an_empty_delta() -> None:
+    model = build_tiny("bert", "cls")
+    before = snapshot(model)
+    with pytest.raises(AddressingError, match="removes every module"):
+        LoraModel(model, modified_modules=["query"], exclude_modules=["encoder"])
+    assert_same_snapshot(before, snapshot(model))
