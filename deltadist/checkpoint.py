@@ -138,16 +138,6 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def tensor_names(directory: Path) -> list[str]:
-    """Tensor names in the checkpoint, read from the header only."""
-    weights = _weights_file(directory)
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            return list(handle.keys())
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights} is truncated or corrupt ({err}).") from err
-
-
 def _weights_file(directory: Path) -> Path:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():

@@ -33,14 +33,6 @@ def set_trainable(module: nn.Module, keep: Callable[[str, nn.Parameter], bool]) 
             param.requires_grad_(keep(name, param))
 
 
-def count_parameters(module: nn.Module, engine_numel: Callable[[nn.Parameter], int]) -> tuple[int, int]:
-    """``(trainable, total)`` logical parameter counts of ``module``."""
-    params = list(canonical_parameters(module).values())
-    total = sum(engine_numel(p) for p in params)
-    trainable = sum(engine_numel(p) for p in params if p.requires_grad)
-    return trainable, total
-
-
 def trainable_state_dict_only(module: nn.Module) -> None:
     """Make ``module.state_dict()`` hold only trainable parameters (idempotent)."""
     if module in _FILTERED:
@@ -49,12 +41,6 @@ def trainable_state_dict_only(module: nn.Module) -> None:
         module.register_state_dict_post_hook(_drop_frozen_entries),
         module.register_load_state_dict_post_hook(_forgive_frozen_missing),
     ]
-
-
-def restore_full_state_dict(module: nn.Module) -> None:
-    """Undo :func:`trainable_state_dict_only`."""
-    for handle in _FILTERED.pop(module, []):
-        handle.remove()
 
 
 @contextlib.contextmanager
