@@ -15,6 +15,7 @@ from deltadist.errors import (
     ConfigError,
     DeltaError,
     EngineError,
+    ExportError,
     SiteError,
 )
 from deltadist.engines.setup import prepare_model, wrap_model
@@ -28,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AddressingError", "AutoDeltaConfig", "AutoDeltaModel", "BackboneMismatchError",
     "BitFitConfig", "BitFitModel", "CheckpointError", "ConfigError", "DeltaBase", "DeltaConfig",
-    "DeltaError", "EngineError", "LoraConfig", "LoraModel", "SiteError", "Visualization",
+    "DeltaError", "EngineError", "ExportError", "LoraConfig", "LoraModel", "SiteError", "Visualization",
     "full_state_dict", "prepare_model", "wrap_model",
 ]

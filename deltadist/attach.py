@@ -12,6 +12,10 @@ re-attached in: every time a site changes, its hooks are re-registered in insert
 * ``BEFORE`` deltas run in reverse insertion order on its input (the last added sees the input
   first);
 * ``PARALLEL`` deltas add ``delta(input)`` to the output at their place in that order.
+
+An attachment may also be *suspended* (``delta.disabled()``): its child stays, its hooks are off.
+Every re-wiring tells ``torch.compile`` (see :mod:`deltadist.compiled`), so a compiled model runs
+the new composition on its next call.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from deltadist.errors import SiteError
+from deltadist.compiled import refresh_compiled_graphs
 from deltadist.delta_module import DeltaModule
+from deltadist.errors import SiteError
 
 
 class Mechanism(enum.Enum):
@@ -53,10 +58,13 @@ class Attachment:
     delta: DeltaModule
     base_name: str
     """The delta kind's child name (``"lora"``); the registered name may carry a ``_1`` suffix."""
-    mechanism: Mechanism
+    mechanism: Mechanism | None
+    """``None``: the delta only holds parameters (shared by other sites' deltas); no hooks."""
     order: int = field(default_factory=lambda: next(_order))
     child_name: str = ""
     attached: bool = False
+    suspended: bool = False
+    """Attached, but its hooks are off (``delta.disabled()``)."""
 
 
 _SITES: "weakref.WeakKeyDictionary[nn.Module, list[Attachment]]" = weakref.WeakKeyDictionary()
@@ -96,6 +104,15 @@ def detach(att: Attachment) -> None:
     _rewire(att.site)
 
 
+def suspend(att: Attachment, suspended: bool = True) -> None:
+    """Turn ``att``'s hooks off (or back on) without touching the module tree or parameters."""
+    if att.suspended == suspended:
+        return
+    att.suspended = suspended
+    if att.attached:
+        _rewire(att.site)
+
+
 def forget(att: Attachment) -> None:
     """Detach and drop the record (used to roll back a failed attach)."""
     detach(att)
@@ -118,7 +135,10 @@ def _free_child_name(site: nn.Module, base: str) -> str:
 def _rewire(site: nn.Module) -> None:
     for handle in _HANDLES.pop(site, []):
         handle.remove()
-    live = sorted((a for a in _SITES.get(site, []) if a.attached), key=lambda a: a.order)
+    live = sorted(
+        (a for a in _SITES.get(site, []) if a.attached and not a.suspended and a.mechanism),
+        key=lambda a: a.order,
+    )
     handles = []
     for att in live:
         if att.mechanism is Mechanism.BEFORE:
@@ -131,6 +151,7 @@ def _rewire(site: nn.Module) -> None:
             handles.append(site.register_forward_hook(_parallel_hook(att), with_kwargs=True))
     if handles:
         _HANDLES[site] = handles
+    refresh_compiled_graphs()
 
 
 # Hooks find their delta as ``module.<child_name>`` rather than closing over the object, so a
@@ -186,5 +207,14 @@ def _first_tensor_key(kwargs: dict, att: Attachment) -> str:
 
 
 def delta_modules(root: nn.Module) -> dict[str, DeltaModule]:
-    """Every attached delta module under ``root`` by its (raw) module name."""
+    """Every attached delta module under ``root`` by its (raw) module name, of any delta object.
+
+    For what *one* delta owns, ask its record (:class:`deltadist.record.DeltaRecord`); this is for
+    keeping every delta out of the backbone (fingerprint, site selection, weight loading).
+    """
     return {n: m for n, m in root.named_modules() if isinstance(m, DeltaModule)}
+
+
+def delta_parameter_ids(root: nn.Module) -> set[int]:
+    """``id()`` of every parameter of every delta module under ``root``."""
+    return {id(p) for m in delta_modules(root).values() for p in m.parameters()}

@@ -7,13 +7,16 @@ messages naming the field and the value. Configs are plain data (JSON-able), nev
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, TypeVar
 
 from deltadist.errors import ConfigError, closest
 
 CONFIG_FORMAT_VERSION = 1
 C = TypeVar("C", bound="DeltaConfig")
+
+DELTA_DTYPES = ("auto", "site", "float32", "float16", "bfloat16", "float64")
+"""Values of ``delta_dtype``."""
 
 # Keys written by save_finetuned for provenance; accepted on load, not passed to the method.
 PROVENANCE_KEYS = frozenset({"format_version", "library_versions", "save_id", "checkpoint_keys"})
@@ -29,8 +32,13 @@ class DeltaConfig:
     """Patterns of the modules to modify; ``None`` uses the method's default roles."""
     exclude_modules: list[str] | None = None
     """Patterns whose modules (and their subtrees) are never modified."""
-    unfrozen_modules: list[str] = field(default_factory=lambda: ["deltas"])
-    """Patterns kept trainable by ``freeze_module()``; ``"deltas"`` means every delta parameter."""
+    unfrozen_modules: list[str] | None = None
+    """Patterns of what ``freeze_module()`` keeps trainable and the delta saves: ``"deltas"`` (this
+    delta's parameters) and backbone modules or parameter names. ``None``: ``"deltas"`` plus the
+    model's task head (``classifier``, ``score``, ...) when the structure maps know the model."""
+    delta_dtype: str = "auto"
+    """dtype of new delta parameters: ``"auto"`` (float32 on float16/bfloat16 sites, else the
+    site's), ``"site"`` (always the site's), or a dtype name (``"float32"``, ``"bfloat16"``...)."""
     common_structure: bool = False
     """Match ``modified_modules`` against common-structure names (``attn.q``) instead of real ones."""
     backbone_class: str | None = None
@@ -49,6 +57,10 @@ class DeltaConfig:
                 if not all(isinstance(v, str) for v in value):
                     raise ConfigError(f"{name} must be a list of strings, got {value!r}.")
                 setattr(self, name, list(value))
+        if self.delta_dtype not in DELTA_DTYPES:
+            raise ConfigError(
+                f"delta_dtype must be one of {', '.join(map(repr, DELTA_DTYPES))}, got {self.delta_dtype!r}."
+            )
         if self.modified_modules is not None and not self.modified_modules:
             raise ConfigError(
                 "modified_modules=[] selects nothing. Pass None for the method's defaults, or list "

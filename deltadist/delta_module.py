@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
+
+if TYPE_CHECKING:
+    from deltadist.engines import Engine
 
 
 class DeltaModule(nn.Module):
     """A delta's trainable math for one site.
 
-    Subclasses create every parameter in ``__init__`` (with the site's dtype and device, meta stays
-    meta) and put their initial values in :meth:`reset_parameters`, so a model built on the meta
-    device can be materialised first and initialised afterwards.
+    Subclasses create every parameter in ``__init__`` (with the site's device and the dtype of
+    the config's ``delta_dtype`` rule; meta stays meta) and put their initial values in
+    :meth:`reset_parameters`, so a model built on the meta device can be materialised first and
+    initialised afterwards. A delta with a merged form overrides :meth:`merge_blocker` and
+    :meth:`fold_into`.
     """
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters in place. Called once at construction."""
         raise NotImplementedError(f"{type(self).__name__} must define reset_parameters()")
+
+    def merge_blocker(self, site: nn.Module) -> str | None:
+        """Why this delta cannot be folded into ``site``'s weights, or ``None`` if it can."""
+        return f"{type(self).__name__} has no merged form"
+
+    def fold_into(self, site: nn.Module, engine: "Engine", sign: float) -> None:
+        """Add (``sign=+1``) or subtract (``-1``) this delta's effect to ``site``'s weights.
+
+        Called on every rank, only when :meth:`merge_blocker` is ``None``; reads and writes
+        through ``engine.gather`` / ``engine.scatter`` so any sharding works.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no merged form")
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}:{list(p.shape)}" for n, p in self.named_parameters(recurse=False))

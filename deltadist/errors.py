@@ -35,6 +35,10 @@ class BackboneMismatchError(CheckpointError):
     """A checkpoint was trained on another backbone checkpoint (fingerprint differs)."""
 
 
+class ExportError(DeltaError, RuntimeError):
+    """An export (``save_pretrained``) would silently leave out part of the model."""
+
+
 class EngineError(DeltaError, RuntimeError):
     """An operation is not possible in the parallel setup the model is in."""
 

@@ -15,12 +15,41 @@ from torch.func import functional_call
 from deltadist.engines import Engine
 
 
-def site_placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype for new delta parameters at ``module`` (its first floating parameter)."""
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def site_placement(module: nn.Module, delta_dtype: str = "site") -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for new delta parameters at ``module``.
+
+    The device is that of the site's first floating parameter. The dtype follows ``delta_dtype``
+    (a config's field): ``"site"`` takes the site's; ``"auto"`` the site's, except float32 on
+    float16/bfloat16 sites -- small trainable tensors in half precision lose their updates
+    (AdamW's ``eps=1e-8`` is 0 in float16, so the first step divides by zero); a dtype name forces
+    that dtype. Delta modules cast at the site boundary, so the backbone keeps running in its dtype.
+    """
+    device, dtype = torch.device("cpu"), torch.get_default_dtype()
     for param in module.parameters():
         if param.is_floating_point():
-            return param.device, param.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
+            device, dtype = param.device, param.dtype
+            break
+    if delta_dtype == "auto":
+        return device, torch.float32 if dtype in HALF_DTYPES else dtype
+    if delta_dtype == "site":
+        return device, dtype
+    return device, getattr(torch, delta_dtype)
+
+
+def is_linear_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer by its attributes (``nn.Linear``, transformers' ``Conv1D``).
+
+    A cheap structural test for addressing (``"all-linear"``); :func:`linear_features` also finds
+    linear-like modules by meta propagation.
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        return True
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def linear_features(module: nn.Module, engine: Engine) -> tuple[int, int] | None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from deltadist.addressing.common import common_name_index, families
 from deltadist.addressing.names import WRAPPER_SEGMENTS
-from deltadist.attach import delta_modules
+from deltadist.attach import delta_parameter_ids
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine
 
@@ -233,18 +233,24 @@ class Visualization:
         return _emit(tree, printTree)
 
 
-def parameter_summary(module: nn.Module, engine: Engine) -> dict[str, int]:
+def parameter_summary(module: nn.Module, engine: Engine, delta_ids: set[int] | None = None) -> dict[str, int]:
     """Logical parameter counts of ``module`` (shared parameters counted once).
 
+    Args:
+        module: the model.
+        engine: gives logical shapes.
+        delta_ids: ``id()`` of the parameters to count as ``delta`` (one delta's record);
+            default: the parameters of every delta module in ``module``.
+
     Returns:
-        ``total``, ``trainable`` (``requires_grad``), ``delta`` (parameters of delta modules),
-        ``backbone`` (``total - delta``) and ``sites`` (modules holding a delta module).
+        ``total``, ``trainable`` (``requires_grad``), ``delta``, ``backbone`` (``total`` minus
+        every delta's parameters) and ``sites`` (modules holding a delta module).
     """
     params = {id(p): p for p in module.parameters()}
-    delta_ids = {id(p) for d in delta_modules(module).values() for p in d.parameters()}
+    every_delta = delta_parameter_ids(module)
     sizes = {key: engine.logical_shape(p).numel() for key, p in params.items()}
     total = sum(sizes.values())
-    delta = sum(sizes[key] for key in delta_ids if key in sizes)
+    counted = every_delta if delta_ids is None else delta_ids
     sites = sum(
         1 for m in module.modules()
         if not isinstance(m, DeltaModule) and any(isinstance(c, DeltaModule) for c in m.children())
@@ -252,8 +258,8 @@ def parameter_summary(module: nn.Module, engine: Engine) -> dict[str, int]:
     return {
         "total": total,
         "trainable": sum(sizes[key] for key, p in params.items() if p.requires_grad),
-        "delta": delta,
-        "backbone": total - delta,
+        "delta": sum(sizes[key] for key in counted if key in sizes),
+        "backbone": total - sum(sizes[key] for key in every_delta if key in sizes),
         "sites": sites,
     }
 
@@ -262,7 +268,7 @@ def _ratio(part: int, whole: int, of: str) -> str:
     return f"{100 * part / whole:.4f}% of {of}" if whole else f"n/a (no {of} parameters)"
 
 
-def _summary_table(title: str, summary: dict[str, int], found: list[str],
+def _summary_table(title: str, summary: dict[str, int], found: list[str], kept: list[str],
                    delta_ratio: bool, trainable_ratio: bool) -> Table:
     table = Table(title=title, show_header=False, box=box.SIMPLE, title_justify="left")
     table.add_column(style="bold")
@@ -275,6 +281,8 @@ def _summary_table(title: str, summary: dict[str, int], found: list[str],
     table.add_row("Delta parameters", f"{summary['delta']:,}",
                   _ratio(summary["delta"], summary["backbone"], "backbone") if delta_ratio else "")
     table.add_row("Delta sites", f"{summary['sites']:,}", "")
+    if kept:
+        table.add_row("Trained backbone modules", ", ".join(kept), "saved with the delta")
     if found:
         table.add_row("Model families", ", ".join(found), "")
     return table
@@ -295,6 +303,8 @@ def log_delta(delta: Any, module: nn.Module, delta_ratio: bool = True,
     if visualization:
         parts.append(Visualization(module, engine=delta.engine).build_tree())
     title = f"{type(delta).__name__} on {type(module).__name__}"
-    summary = parameter_summary(module, delta.engine)
-    parts.append(_summary_table(title, summary, families(module), delta_ratio, trainable_ratio))
+    record = delta.record
+    summary = parameter_summary(module, delta.engine, record.delta_parameter_ids())
+    kept = list(dict.fromkeys(name.rpartition(".")[0] or name for name in record.kept_backbone))
+    parts.append(_summary_table(title, summary, families(module), kept, delta_ratio, trainable_ratio))
     return _emit(Group(*parts), echo=True)

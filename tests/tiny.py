@@ -16,8 +16,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 VOCAB = 100
@@ -25,9 +27,14 @@ PAD, BOS, EOS = 0, 1, 2
 """Special token ids shared by every text family; random tokens are drawn from ``[3, VOCAB)``."""
 IMAGE_SIZE, PATCH_SIZE, CHANNELS = 32, 8, 3
 
-_ENCODER_HEADS = {"cls": AutoModelForSequenceClassification, "lm": AutoModelForMaskedLM}
-_DECODER_HEADS = {"cls": AutoModelForSequenceClassification, "lm": AutoModelForCausalLM}
-_SEQ2SEQ_HEADS = {"cls": AutoModelForSequenceClassification, "lm": AutoModelForSeq2SeqLM}
+_TASK_HEADS = {
+    "cls": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering,
+    "token": AutoModelForTokenClassification,
+}
+_ENCODER_HEADS = {**_TASK_HEADS, "lm": AutoModelForMaskedLM}
+_DECODER_HEADS = {**_TASK_HEADS, "lm": AutoModelForCausalLM}
+_SEQ2SEQ_HEADS = {"cls": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering,
+                  "lm": AutoModelForSeq2SeqLM}
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ NUM_LABELS = 3
 
 
 def has_head(family: str, head: str) -> bool:
-    """Whether ``build_tiny(family, head)`` exists (ViT has no ``"lm"`` variant)."""
+    """Whether ``build_tiny(family, head)`` exists (ViT has only ``"cls"``)."""
     return head == "base" or head in _FAMILIES[family].heads
 
 
@@ -101,8 +108,10 @@ def build_tiny(
 
     Args:
         family: one of :data:`FAMILIES`.
-        head: ``"base"`` (bare model), ``"cls"`` (sequence/image classification, 3 labels) or
-            ``"lm"`` (masked LM for encoders, causal LM for decoders, seq2seq LM for T5/BART).
+        head: ``"base"`` (bare model), ``"cls"`` (sequence/image classification, 3 labels),
+            ``"qa"`` (extractive question answering), ``"token"`` (token classification; not
+            T5/BART) or ``"lm"`` (masked LM for encoders, causal LM for decoders, seq2seq LM
+            for T5/BART).
         seed: torch seed used for the random weights.
         **config_overrides: extra config kwargs, e.g. ``feed_forward_proj="gated-gelu"``
             for T5 v1.1.
@@ -116,7 +125,7 @@ def build_tiny(
     if not has_head(family, head):
         raise ValueError(f"family {family!r} has no {head!r} head")
     config = AutoConfig.for_model(family, **{**spec.config, **config_overrides})
-    config.num_labels = NUM_LABELS
+    config.num_labels = 2 if head == "qa" else NUM_LABELS  # start and end logits
     auto_class = AutoModel if head == "base" else spec.heads[head]
     with torch.random.fork_rng(devices=[]):  # seed the weights, leave the caller's RNG alone
         torch.manual_seed(seed)

@@ -22,8 +22,11 @@ def _family_of(module: nn.Module) -> StructureMap | None:
     return None
 
 
-def _scopes(modules: dict[str, nn.Module]) -> list[tuple[str, StructureMap]]:
-    """(canonical prefix, map) for each outermost module carrying a known config."""
+def _scopes(modules: dict[str, nn.Module], guess: bool = True) -> list[tuple[str, StructureMap]]:
+    """(canonical prefix, map) for each outermost module carrying a known config.
+
+    With ``guess``, a model without any known config gets the best-matching map for its root.
+    """
     scopes: list[tuple[str, StructureMap]] = []
     for name, module in modules.items():
         smap = _family_of(module)
@@ -32,7 +35,7 @@ def _scopes(modules: dict[str, nn.Module]) -> list[tuple[str, StructureMap]]:
         inside = any(s is smap and _within(name, prefix) for prefix, s in scopes)
         if not inside:
             scopes.append((name, smap))
-    if scopes:
+    if scopes or not guess:
         return scopes
     best = max(STRUCTURE_MAPS, key=lambda s: sum(bool(s.common_names(n)) for n in modules))
     return [("", best)] if any(best.common_names(n) for n in modules) else []
@@ -42,15 +45,19 @@ def _within(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
-def common_name_index(root: nn.Module) -> dict[str, tuple[str, ...]]:
+def common_name_index(root: nn.Module, guess: bool = True) -> dict[str, tuple[str, ...]]:
     """Canonical module name -> common names, for every module that plays a role.
+
+    Args:
+        root: the model.
+        guess: for a model without a known ``config``, use the best-matching map anyway.
 
     Returns:
         An empty dict when no family is recognised.
     """
     modules = canonical_modules(root)
     index: dict[str, tuple[str, ...]] = {}
-    for prefix, smap in _scopes(modules):
+    for prefix, smap in _scopes(modules, guess):
         for name in modules:
             if _within(name, prefix):
                 relative = name[len(prefix) + 1:] if prefix else name
@@ -58,6 +65,11 @@ def common_name_index(root: nn.Module) -> dict[str, tuple[str, ...]]:
                 if commons:
                     index[name] = tuple(dict.fromkeys(index.get(name, ()) + commons))
     return index
+
+
+def modules_with_role(root: nn.Module, role: str, guess: bool = True) -> list[str]:
+    """Canonical names of the modules whose common name is ``role`` (``"task_head"``), in order."""
+    return [name for name, commons in common_name_index(root, guess).items() if role in commons]
 
 
 def families(root: nn.Module) -> list[str]:

@@ -8,9 +8,15 @@ from typing import Sequence
 from torch import nn
 
 from deltadist.addressing.common import common_name_index
-from deltadist.addressing.names import Pattern, canonical_modules, parse_patterns
-from deltadist.addressing.structures import STRUCTURE_MAPS
+from deltadist.addressing.names import Pattern, canonical_modules, canonical_parameters, parse_patterns
+from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD
 from deltadist.errors import AddressingError, closest
+from deltadist.shapes import is_linear_module
+
+ALL_LINEAR = "all-linear"
+"""In ``modified_modules``: every linear layer except the output head (``lm_head``, task heads)."""
+DELTAS_KEYWORD = "deltas"
+"""In ``unfrozen_modules`` / ``freeze_module(exclude=...)``: this delta's own parameters."""
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,20 @@ def select_sites(
     selected: dict[str, Site] = {}
     unmatched: list[Pattern] = []
     for pattern in patterns:
-        test = pattern.matches_within if within else pattern.matches
-        hits = [n for n, names in candidates.items() if any(test(c) for c in names)]
+        if pattern.text == ALL_LINEAR:
+            hits = _all_linear(backbone, modules)
+        else:
+            test = pattern.matches_within if within else pattern.matches
+            hits = [n for n, names in candidates.items() if any(test(c) for c in names)]
         if not hits:
             unmatched.append(pattern)
         for name in hits:
             if not any(e.matches_within(c) for e in excludes for c in candidates[name] + (name,)):
                 selected.setdefault(name, Site(name, modules[name]))
     if unmatched and (not use_defaults or not selected):
-        raise _no_match_error(unmatched, candidates, by_role)
+        kind = "common-structure names" if by_role else "module names"
+        pool = [c for names in candidates.values() for c in names]
+        raise _no_match_error(unmatched, pool, kind, "match no module of the backbone")
     if not selected:
         raise AddressingError(
             f"exclude_modules={list(exclude_modules or [])} removes every module the patterns "
@@ -100,17 +111,62 @@ def _without_skipped(modules: dict[str, nn.Module], skip: frozenset[int]) -> dic
     }
 
 
-def _no_match_error(
-    unmatched: list[Pattern], candidates: dict[str, tuple[str, ...]], by_role: bool
-) -> AddressingError:
-    pool = [c for names in candidates.values() for c in names]
-    kind = "common-structure names" if by_role else "module names"
+def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Every linear layer but the output head: the ``lm_head.proj`` and task-head roles, and the
+    module transformers reports as the output embeddings (as PEFT's ``"all-linear"``)."""
+    heads = [n for n, commons in common_name_index(backbone).items()
+             if "lm_head.proj" in commons or TASK_HEAD in commons]
+    output = getattr(backbone, "get_output_embeddings", None)
+    output = output() if callable(output) else None
+    return [
+        n for n, m in modules.items()
+        if n and is_linear_module(m) and m is not output
+        and not any(n == h or n.startswith(h + ".") for h in heads)
+    ]
+
+
+def select_kept_parameters(backbone: nn.Module, patterns: Sequence[str],
+                           skip: frozenset[int] | set[int] = frozenset()) -> tuple[str, ...]:
+    """Canonical names of the backbone parameters that ``patterns`` keep trainable, in model order.
+
+    A pattern selects a module with its subtree (``"classifier"``) or parameters by name
+    (``"bias"``), with the matching rules of ``modified_modules``; :data:`DELTAS_KEYWORD` is left
+    to the caller.
+
+    Args:
+        backbone: the model.
+        patterns: ``unfrozen_modules`` or ``freeze_module(exclude=...)``.
+        skip: ``id()`` of parameters that are not the backbone's (every delta's).
+
+    Raises:
+        AddressingError: a pattern matches no backbone parameter (the closest names are listed).
+    """
+    params = [n for n, p in canonical_parameters(backbone).items() if id(p) not in skip]
+    kept: dict[str, None] = {}
+    unmatched: list[Pattern] = []
+    for pattern in parse_patterns([p for p in patterns if p != DELTAS_KEYWORD]):
+        hits = [n for n in params if pattern.matches_within(n)]
+        if not hits:
+            unmatched.append(pattern)
+        kept.update(dict.fromkeys(hits))
+    if unmatched:
+        modules = [n.rpartition(".")[0] for n in params]
+        raise _no_match_error(
+            unmatched, [*dict.fromkeys(modules), *params], "module or parameter names",
+            f"(in unfrozen_modules / freeze_module(exclude=...)) match no backbone parameter; "
+            f"{DELTAS_KEYWORD!r} stands for the delta's own parameters",
+        )
+    order = {n: i for i, n in enumerate(params)}
+    return tuple(sorted(kept, key=order.__getitem__))
+
+
+def _no_match_error(unmatched: list[Pattern], pool: list[str], kind: str, what: str) -> AddressingError:
     lines = [
         f"  {p.text!r}: closest {kind}: {', '.join(closest(p.text.removeprefix('[r]'), pool))}"
         for p in unmatched
     ]
     return AddressingError(
-        "These patterns match no module of the backbone:\n"
+        f"These patterns {what}:\n"
         + "\n".join(lines)
         + "\nA plain pattern matches a dot-boundary suffix of a module name; prefix a pattern with "
         "[r] for a regular expression. Fix the pattern or drop it."

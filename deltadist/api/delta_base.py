@@ -1,41 +1,45 @@
 """``DeltaBase``: the user-facing delta object (OpenDelta's API) over the five steps.
 
 address -> infer shapes -> attach -> freeze -> save/load. The delta object is not part of the
-model: the backbone keeps running as the user's model, and the delta object only records what it
-attached so it can freeze, detach, re-attach, save and load exactly that.
+model: the backbone keeps running as the user's model, and the delta object holds the one
+record of what it owns (:class:`~deltadist.record.DeltaRecord`) so that it can freeze, detach,
+re-attach, merge, save and load exactly that.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
 from deltadist import attach as mechanisms
-from deltadist import freeze
-from deltadist.addressing.names import parse_patterns
-from deltadist.addressing.select import Site, select_sites
-from deltadist.api.saving import (
-    DELTAS_KEYWORD, SaveLoadMixin, check_fingerprint, delta_param_ids, unfrozen_backbone_of,
-)
+from deltadist.addressing.common import modules_with_role
+from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters, select_sites
+from deltadist.addressing.structures import TASK_HEAD
+from deltadist.api.freezing import FreezeMixin
+from deltadist.api.merging import MergeMixin
+from deltadist.api.saving import SaveLoadMixin, check_fingerprint
 from deltadist.attach import Attachment, Mechanism
 from deltadist.config import DeltaConfig
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
-from deltadist.errors import ConfigError, SiteError
+from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
+from deltadist.record import DeltaRecord, kept_by_other_deltas
 
 
-class DeltaBase(SaveLoadMixin):
+class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     """Base of every delta model. Subclasses set the class attributes and two hooks.
 
     Args:
         backbone_model: the model to modify in place (any ``nn.Module``, possibly on ``meta``).
         **kwargs: fields of the method's config (``modified_modules``, ``exclude_modules``,
-            ``unfrozen_modules``, ``common_structure`` and the method's own, e.g. ``lora_r``).
+            ``unfrozen_modules``, ``common_structure``, ``delta_dtype`` and the method's own,
+            e.g. ``lora_r``).
 
     Raises:
         ConfigError: an unknown keyword or a bad value.
-        AddressingError: a pattern matches no module.
+        AddressingError: a pattern matches no module (or, in ``unfrozen_modules``, no parameter).
         SiteError: the method cannot modify a selected module. Nothing is changed in that case.
     """
 
@@ -62,23 +66,44 @@ class DeltaBase(SaveLoadMixin):
             config = config.replace(**kwargs)
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
-        self._setup(config, backbone_model, adopt=False)
+        self._setup(config, backbone_model)
 
-    def _setup(self, config: DeltaConfig, backbone_model: nn.Module, adopt: bool) -> None:
-        """Select sites, then adopt the same deltas already there (``adopt``) or build and attach."""
-        self.config = config
+    def _setup(self, config: DeltaConfig, backbone_model: nn.Module, loading_from: str | None = None) -> None:
+        """Select sites and kept parameters, build every delta module, attach all or nothing.
+
+        ``loading_from`` (a checkpoint path) makes the errors of a refused attach point to
+        ``load_finetuned``, the way to load into a delta that is already there.
+        """
         self.backbone_model = backbone_model
+        self.config = config
+        self.merged = False
+        self.unloaded = False
+        self._premerge_fingerprint: Any = None
+        self._check_attachable(loading_from)
         targets = self._select_targets()
-        adopted = self._adopt_attached(targets) if adopt else []
-        # Whether this object took over deltas already attached (``from_finetuned`` resuming).
-        self.resumed = bool(adopted)
-        if adopted:
-            self._attachments = adopted
-            return
-        self.engine.check_attachable(backbone_model)
-        self._attachments = self._build_attachments(targets)
-        self._attach_all()
+        if loading_from is not None:
+            self._refuse_stacking_on_a_resume(targets, loading_from)
+        unfrozen, kept = self._resolve_unfrozen(loading_from)
+        self.config = config.replace(unfrozen_modules=unfrozen)
+        self.record = DeltaRecord(backbone_model, self._build_attachments(targets),
+                                  kept_backbone=kept, train_deltas=DELTAS_KEYWORD in unfrozen)
+        self._attach_modules()
+        self.record.register()
         record_logical_shapes(backbone_model, self.engine)
+
+    @classmethod
+    def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,
+                    check_hash: bool = True, **kwargs: Any) -> "DeltaBase":
+        """Attach a fresh delta described by ``config`` (a config object or a dict).
+
+        ``kwargs`` override config fields. A config that carries a ``backbone_hash`` (one that came
+        from a checkpoint) is checked against ``backbone_model`` unless ``check_hash=False``.
+        """
+        if isinstance(config, Mapping):
+            config = cls.config_class.from_dict(config)
+        if check_hash and config.backbone_hash:
+            check_fingerprint(config, backbone_model)
+        return cls(backbone_model, config=config, **kwargs)
 
     @property
     def engine(self) -> Engine:
@@ -95,13 +120,74 @@ class DeltaBase(SaveLoadMixin):
         raise NotImplementedError
 
     # -- construction --------------------------------------------------------------------------
+    def _check_attachable(self, loading_from: str | None) -> None:
+        try:
+            self.engine.check_attachable(self.backbone_model)
+        except EngineError as err:
+            if loading_from is None:
+                raise
+            raise EngineError(
+                f"{err} To resume a delta that is already attached (built before wrapping), load "
+                f"into it on every rank: delta.load_finetuned({loading_from!r})."
+            ) from err
+
+    def _resolve_unfrozen(self, loading_from: str | None) -> tuple[list[str], tuple[str, ...]]:
+        """The ``unfrozen_modules`` patterns, explicit, and the backbone parameters they keep.
+
+        The default is ``"deltas"`` plus the model's task head -- unless another delta on this
+        backbone already keeps that head (see :meth:`_check_single_owner`).
+        """
+        backbone = self.backbone_model
+        unfrozen = self.config.unfrozen_modules
+        if unfrozen is None:
+            taken = kept_by_other_deltas(backbone)
+            heads = [h for h in modules_with_role(backbone, TASK_HEAD, guess=False)
+                     if not any(n == h or n.startswith(h + ".") for n in taken)]
+            unfrozen = [DELTAS_KEYWORD, *heads]
+        kept = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
+        self._check_single_owner(kept, None, loading_from is not None)
+        return list(unfrozen), kept
+
+    def _check_single_owner(self, kept: tuple[str, ...], this: DeltaRecord | None, loading: bool) -> None:
+        """One backbone parameter has one owning delta: a second one training or loading it would
+        silently overwrite the first one's trained values (a shared task head)."""
+        shared = [name for name in kept if name in kept_by_other_deltas(self.backbone_model, this)]
+        if shared:
+            fix = ("load it onto its own copy of the backbone" if loading else
+                   "leave them out of unfrozen_modules / exclude (e.g. ['deltas']), or build this "
+                   "delta on its own copy of the backbone")
+            raise ConfigError(
+                f"Another delta on this backbone already trains and saves {', '.join(shared[:5])}; "
+                f"this one would overwrite them. To keep both, {fix}."
+            )
+
+    def _refuse_stacking_on_a_resume(self, targets: list[Site], path: str) -> None:
+        """In a distributed run, loading onto sites that carry this kind of delta is a resume.
+
+        A DDP-wrapped backbone looks unwrapped from inside, and a second delta stacked there
+        would not be reduced across ranks: the ranks would drift apart without an error.
+        """
+        if self.engine.world_size <= 1:
+            return
+        taken = [t.name for t in targets if any(
+            a.attached and a.base_name == self.child_name for a in mechanisms.attachments_on(t.module)
+        )]
+        if taken:
+            raise DeltaError(
+                f"These sites already carry a {self.child_name} delta: {', '.join(taken[:5])}. In a "
+                "distributed run from_finetuned() does not stack a second one (it would not be "
+                f"synchronised once the model is wrapped). To resume: delta.load_finetuned({path!r}) "
+                "on every rank. To stack a second delta: attach it before wrapping, then "
+                "load_finetuned() into it."
+            )
+
     def _select_targets(self) -> list[Site]:
-        """The sites this config selects, after broadcasting; errors name what cannot be modified."""
-        cfg = self.config
+        """The sites the config selects, after broadcasting; errors name what cannot be modified."""
+        config = self.config
         attached = frozenset(id(m) for m in mechanisms.delta_modules(self.backbone_model).values())
         sites = select_sites(
-            self.backbone_model, cfg.modified_modules, self.default_modified_modules,
-            cfg.exclude_modules, cfg.common_structure, skip=attached, within=self.broadcast,
+            self.backbone_model, config.modified_modules, self.default_modified_modules,
+            config.exclude_modules, config.common_structure, skip=attached, within=self.broadcast,
         )
         targets: dict[str, Site] = {}
         problems: list[str] = []
@@ -136,23 +222,11 @@ class DeltaBase(SaveLoadMixin):
             + "\nChange modified_modules (or exclude_modules) to skip them. Nothing was changed."
         )
 
-    def _adopt_attached(self, targets: list[Site]) -> list[Attachment]:
-        """The attached deltas of this kind on exactly ``targets``, one per site, if all are there."""
-        adopted = []
-        for target in targets:
-            same_kind = [
-                a for a in mechanisms.attachments_on(target.module)
-                if a.attached and a.base_name == self.child_name
-            ]
-            if len(same_kind) != 1:
-                return []
-            adopted.append(same_kind[0])
-        return adopted
-
-    def _attach_all(self) -> None:
+    def _attach_modules(self) -> None:
+        """Attach every delta module, or none (a failure rolls back the ones done)."""
         done: list[Attachment] = []
         try:
-            for att in self._attachments:
+            for att in self.record.attachments:
                 mechanisms.attach(att)
                 done.append(att)
         except BaseException:
@@ -160,57 +234,58 @@ class DeltaBase(SaveLoadMixin):
                 mechanisms.forget(att)
             raise
 
-    # -- OpenDelta API -------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,
-                    check_hash: bool = True, **kwargs: Any) -> "DeltaBase":
-        """Attach a fresh delta described by ``config`` (a config object or a dict).
+    def _forget(self) -> None:
+        """Drop every delta module from the backbone for good (a failed load, an unload)."""
+        self._release_freeze(reset_state_dict=True)
+        for att in reversed(self.record.attachments):
+            mechanisms.forget(att)
+        self.record.unregister()
 
-        ``kwargs`` override config fields. A config that carries a ``backbone_hash`` (one that came
-        from a checkpoint) is checked against ``backbone_model`` unless ``check_hash=False``.
-        """
-        if isinstance(config, Mapping):
-            config = cls.config_class.from_dict(config)
-        if check_hash and config.backbone_hash:
-            check_fingerprint(config, backbone_model)
-        return cls(backbone_model, config=config, **kwargs)
-
-    def freeze_module(self, module: nn.Module | None = None, exclude: list[str] | None = None,
-                      set_state_dict: bool = True) -> None:
-        """Freeze every parameter of ``module`` (default: the backbone) except ``exclude``.
-
-        Args:
-            module: the module to freeze; defaults to the backbone.
-            exclude: patterns kept trainable (default: the config's ``unfrozen_modules``).
-                ``"deltas"`` keeps every delta parameter trainable; other patterns select
-                modules (with their subtrees) or parameters (``"bias"``) by name.
-            set_state_dict: make ``module.state_dict()`` hold only trainable parameters (done with
-                state-dict hooks; :func:`deltadist.full_state_dict` gives the whole one back).
-        """
-        module = self.backbone_model if module is None else module
-        self.engine.settle(module)
-        patterns = list(self.config.unfrozen_modules if exclude is None else exclude)
-        keep_deltas = DELTAS_KEYWORD in patterns
-        others = parse_patterns([p for p in patterns if p != DELTAS_KEYWORD])
-        delta_ids = delta_param_ids(module)
-        freeze.set_trainable(
-            module,
-            lambda name, p: (keep_deltas and id(p) in delta_ids)
-            or any(pat.matches_within(name) for pat in others),
-        )
-        if set_state_dict:
-            freeze.trainable_state_dict_only(module)
-
+    # -- attach / detach -----------------------------------------------------------------------
     def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
-        """Turn the delta off: the backbone's modules, hooks and state-dict keys are as before it."""
+        """Turn the delta off: the backbone is as it was before the delta was added.
+
+        Its modules, hooks, state-dict keys and ``requires_grad`` flags are restored (flags that
+        :meth:`freeze_module` changed and nobody changed since). With ``reset_state_dict`` (the
+        default) ``freeze_module(set_state_dict=True)``'s trainable-only state dict is undone too.
+        Kept backbone parameters (a trained task head) keep their trained values.
+        """
         self._check_module_arg(module)
-        for att in reversed(self._attachments):
+        for att in reversed(self.record.attachments):
             mechanisms.detach(att)
+        self._release_freeze(reset_state_dict)
 
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
-        """Turn a detached delta back on, in its original place in every site's delta order."""
+        """Turn a detached delta back on, in its original place in every site's delta order.
+
+        If :meth:`freeze_module` had been applied, it is applied again (and, with
+        ``reset_state_dict``, its trainable-only state dict).
+        """
         self._check_module_arg(module)
-        self._attach_all()
+        self._check_usable("attach()")
+        self._attach_modules()
+        self._reapply_freeze(reset_state_dict)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the plain backbone inside the block; the delta is back afterwards (also on error).
+
+        Only the hooks are turned off: modules, parameters and flags stay, so an optimizer or an
+        engine holding them is undisturbed, and a compiled model switches graphs.
+
+        Example:
+            >>> with delta.disabled():  # doctest: +SKIP
+            ...     reference_logits = model(**batch).logits
+        """
+        self._check_usable("disabled()")
+        live = [a for a in self.record.attachments if a.attached and not a.suspended]
+        for att in live:
+            mechanisms.suspend(att)
+        try:
+            yield
+        finally:
+            for att in live:
+                mechanisms.suspend(att, False)
 
     def _check_module_arg(self, module: nn.Module | None) -> None:
         if module is not None and module is not self.backbone_model:
@@ -219,29 +294,37 @@ class DeltaBase(SaveLoadMixin):
                 "another model, save_finetuned() it and from_finetuned() it onto that model."
             )
 
+    def _check_usable(self, action: str) -> None:
+        if self.unloaded:
+            raise DeltaError(f"{action}: this delta was merged into the backbone by merge_and_unload(); "
+                             "it no longer exists as a delta. Load a saved copy with from_finetuned().")
+        if self.merged:
+            raise DeltaError(f"{action}: this delta is merged into the weights; call unmerge() first.")
+
     @property
     def is_attached(self) -> bool:
-        return all(att.attached for att in self._attachments)
+        return all(att.attached for att in self.record.attachments)
+
+    @property
+    def sites(self) -> list[str]:
+        """Canonical names of the modules this delta modifies, in model order."""
+        return self.record.site_names
 
     # -- parameters ----------------------------------------------------------------------------
     def delta_parameters(self) -> dict[str, nn.Parameter]:
         """This delta's own parameters, by checkpoint key (``<site>.<kind>.<param>``)."""
         self.engine.settle(self.backbone_model)
-        return {
-            f"{att.site_name}.{att.base_name}.{name}": param
-            for att in self._attachments
-            for name, param in att.delta.named_parameters()
-        }
+        return self.record.delta_parameters()
 
     def unfrozen_backbone_parameters(self) -> dict[str, nn.Parameter]:
-        """Backbone parameters that ``unfrozen_modules`` selects (saved with the delta)."""
+        """Backbone parameters the delta keeps trainable and saves (a task head), by name."""
         self.engine.settle(self.backbone_model)
-        return unfrozen_backbone_of(self.backbone_model, self.config)
+        return self.record.backbone_parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Everything this delta trains and saves, by checkpoint key."""
-        yield from self.delta_parameters().items()
-        yield from self.unfrozen_backbone_parameters().items()
+        self.engine.settle(self.backbone_model)
+        yield from self.record.named_parameters().items()
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The parameters to hand to an optimizer (``torch.optim.AdamW(delta.parameters())``)."""
@@ -251,10 +334,6 @@ class DeltaBase(SaveLoadMixin):
     def num_parameters(self) -> int:
         """Logical number of values this delta saves."""
         return sum(self.engine.logical_shape(p).numel() for _, p in self.named_parameters())
-
-    def _forget(self) -> None:
-        for att in reversed(self._attachments):
-            mechanisms.forget(att)
 
     # -- reporting -----------------------------------------------------------------------------
     def log(self, module: nn.Module | None = None, delta_ratio: bool = True,
@@ -266,9 +345,23 @@ class DeltaBase(SaveLoadMixin):
                          delta_ratio=delta_ratio, trainable_ratio=trainable_ratio,
                          visualization=visualization)
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` logical parameter counts of the backbone with its deltas (PEFT's name)."""
+        from deltadist.visualize import parameter_summary
+
+        summary = parameter_summary(self.backbone_model, self.engine)
+        return summary["trainable"], summary["total"]
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: ... || all params: ... || trainable%: ...`` as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+
     def __repr__(self) -> str:
-        state = "attached" if self.is_attached else "detached"
-        return (f"{type(self).__name__}({len(self._attachments)} sites, "
+        state = "unloaded" if self.unloaded else "merged" if self.merged else \
+            "attached" if self.is_attached else "detached"
+        return (f"{type(self).__name__}({len(self.sites)} sites, "
                 f"{self.num_parameters():,} parameters, {state})")
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
@@ -277,4 +370,3 @@ class DeltaBase(SaveLoadMixin):
         )
 
     __call__ = forward
-

@@ -1,8 +1,13 @@
 """Saving and loading a delta: ``save_finetuned`` / ``from_finetuned`` / ``load_finetuned``.
 
 A mixin of :class:`~deltadist.api.delta_base.DeltaBase` (OpenDelta's ``SaveLoadMixin``). Every
-rank calls these: the engine gathers only the delta tensors (and unfrozen backbone modules) and
-scatters loaded values into whatever sharding the model has; the main rank writes.
+rank calls these: the engine gathers only what the delta's record owns (its delta parameters and
+kept backbone parameters) and scatters loaded values into whatever sharding the model has; the
+main rank writes, and every rank learns whether that worked.
+
+The resume rule: ``from_finetuned`` always *adds* a delta (deltas compose, as in OpenDelta), or
+refuses with an error that names ``load_finetuned``; it never loads into a delta that is already
+there. Loading into an existing delta -- resuming, under any engine -- is ``delta.load_finetuned``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from torch import nn
 
 from deltadist import attach as mechanisms
 from deltadist import checkpoint
-from deltadist.addressing.names import canonical_parameters, parse_patterns
+from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
 from deltadist.config import DeltaConfig
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
@@ -24,9 +29,6 @@ from deltadist.provenance import library_versions
 
 if TYPE_CHECKING:
     from deltadist.api.delta_base import DeltaBase
-
-DELTAS_KEYWORD = "deltas"
-"""In ``unfrozen_modules`` / ``freeze_module(exclude=...)``: every delta parameter."""
 
 
 class SaveLoadMixin:
@@ -39,18 +41,17 @@ class SaveLoadMixin:
     def save_finetuned(self, finetuned_delta_path: str | os.PathLike = "./delta_checkpoints/",
                        save_config: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None,
                        backbone_checkpoint_name: str | None = None) -> str:
-        """Save only the delta (and unfrozen backbone parameters), atomically.
+        """Save only the delta (and the backbone parameters it keeps trainable), atomically.
 
-        Call on every rank: only delta tensors are gathered, the main rank writes, and every rank
-        returns once the checkpoint is complete.
+        Call on every rank: only the delta's tensors are gathered, the main rank writes, and
+        every rank returns once the checkpoint is complete -- or raises if writing failed.
+        While merged, the fingerprint is that of the unmerged backbone.
 
         Returns:
             The checkpoint directory.
         """
         tensors = dict(state_dict) if state_dict is not None else self.state_dict()
-        fingerprint = backbone_fingerprint(
-            self.backbone_model, self.engine, self.unfrozen_backbone_parameters()
-        )
+        fingerprint = self._premerge_fingerprint if self.merged else self._fingerprint()
         config = self.config.replace(
             backbone_class=self.engine.model_class_name(self.backbone_model),
             backbone_hash=fingerprint,
@@ -59,10 +60,18 @@ class SaveLoadMixin:
         ).to_dict()
         config.update(format_version=1, library_versions=library_versions(),
                       checkpoint_keys=sorted(tensors))
+        error = None
         if self.engine.is_main:
-            checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
-        self.engine.barrier()
+            try:
+                checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank just below
+                error = err
+        self.engine.broadcast_outcome(error, f"writing {finetuned_delta_path}")
         return str(finetuned_delta_path)
+
+    def _fingerprint(self) -> str | None:
+        """The backbone's fingerprint, leaving out what the checkpoint carries (kept parameters)."""
+        return backbone_fingerprint(self.backbone_model, self.engine, self.record.kept_backbone)
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
         """Copy ``tensors`` (checkpoint keys) into this delta, scattering into any sharding.
@@ -85,7 +94,7 @@ class SaveLoadMixin:
                 + _listing("missing", missing) + _listing("unexpected", unexpected)
                 + _listing("wrong shape", wrong)
                 + "\nWas it saved from another delta config or backbone? Use the same "
-                "modified_modules and method arguments as at save time."
+                "modified_modules, unfrozen_modules and method arguments as at save time."
             )
         for key, param in expected.items():
             self.engine.scatter(param, tensors[key])
@@ -97,41 +106,38 @@ class SaveLoadMixin:
                        state_dict: Mapping[str, torch.Tensor] | None = None,
                        check_hash: bool = True, local_files_only: bool = False,
                        revision: str | None = None, **kwargs: Any) -> DeltaBase:
-        """Attach a saved delta to ``backbone_model`` and load its tensors.
+        """Attach a saved delta to ``backbone_model`` as a new delta and load its tensors.
 
         ``finetuned_delta_path`` is a local checkpoint directory (or a file in it) or a hub repo
-        id. If anything fails -- a missing or corrupt file, a different backbone checkpoint
-        (``check_hash=False`` skips that test), tensors that do not fit -- the backbone is left
-        exactly as it was.
-
-        If the backbone already carries this kind of delta on exactly the sites the config
-        selects (one each), the tensors are loaded into it instead of stacking a second one: that
-        is how a run resumes, also inside a model an engine has already wrapped. The result's
-        ``resumed`` is then ``True`` and the backbone's train/eval mode is left alone; otherwise,
-        as in OpenDelta, the backbone is put in eval mode.
+        id. The delta is added to whatever deltas the backbone already has (they compose); it
+        never loads into an existing one -- that is :meth:`load_finetuned`. Where a new delta
+        cannot join (a model an engine has already wrapped; in a distributed run, sites that
+        already carry this kind of delta) the error says to call ``load_finetuned``. If anything
+        fails -- a missing or corrupt file, a different backbone checkpoint (``check_hash=False``
+        skips that test), tensors that do not fit -- the backbone is left exactly as it was.
+        As in OpenDelta, the backbone is put in eval mode.
         """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
         stored = checkpoint.read_config(directory) if delta_config is None else delta_config
         config = stored if isinstance(stored, DeltaConfig) else cls._config_from_dict(stored)
+        config = config.replace(**kwargs) if kwargs else config
         tensors = dict(state_dict) if state_dict is not None else checkpoint.read_tensors(directory)
         if check_hash and config.backbone_hash:
             check_fingerprint(config, backbone_model)
         delta = cls.__new__(cls)
-        delta._setup(config.replace(**kwargs) if kwargs else config, backbone_model, adopt=True)
+        delta._setup(config, backbone_model, loading_from=str(finetuned_delta_path))
         try:
             delta.load_state_dict(tensors, where=str(directory / checkpoint.WEIGHTS_NAME))
         except BaseException:
-            if not delta.resumed:
-                delta._forget()
+            delta._forget()
             raise
-        if not delta.resumed:
-            backbone_model.eval()  # as OpenDelta: a loaded delta is ready for inference
+        backbone_model.eval()
         return delta
 
     def load_finetuned(self, finetuned_delta_path: str | os.PathLike, check_hash: bool = True,
                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                        revision: str | None = None) -> None:
-        """Load a saved delta's tensors into this delta (resume), on every rank.
+        """Load a saved delta's tensors into this delta (resume), on every rank, under any engine.
 
         Raises:
             CheckpointError: the file is missing or corrupt, or its tensors do not fit (listed).
@@ -153,29 +159,15 @@ class SaveLoadMixin:
         return cls.config_class.from_dict(stored)
 
 
-
-def delta_param_ids(module: nn.Module) -> set[int]:
-    return {id(p) for m in mechanisms.delta_modules(module).values() for p in m.parameters()}
-
-
-def unfrozen_backbone_of(backbone: nn.Module, config: DeltaConfig) -> dict[str, nn.Parameter]:
-    patterns = parse_patterns([p for p in config.unfrozen_modules if p != DELTAS_KEYWORD])
-    if not patterns:
-        return {}
-    delta_ids = delta_param_ids(backbone)
-    return {
-        name: p for name, p in canonical_parameters(backbone).items()
-        if id(p) not in delta_ids and any(pat.matches_within(name) for pat in patterns)
-    }
-
-
 def check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
     """Refuse a backbone whose fingerprint differs from the one saved in ``config``.
 
-    Unfrozen backbone parameters are left out: the checkpoint carries (and overwrites) them.
+    The backbone parameters the checkpoint carries (its ``unfrozen_modules``) are left out: the
+    checkpoint overwrites them.
     """
     expected = config.backbone_hash
-    skip = unfrozen_backbone_of(backbone, config)
+    unfrozen = config.unfrozen_modules or [DELTAS_KEYWORD]
+    skip = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
     actual = backbone_fingerprint(backbone, detect_engine(backbone), skip)
     if actual is not None and actual != expected:
         raise BackboneMismatchError(

@@ -76,6 +76,16 @@ class Engine:
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
 
+    def broadcast_outcome(self, error: Exception | None, what: str) -> None:
+        """After a step only the main rank ran (``what``), raise on every rank if it failed.
+
+        Every rank must call this; ``error`` is the main rank's exception (``None``: success, or
+        not the main rank). The main rank re-raises its own error, the others a ``CheckpointError``
+        naming it, so no rank is left waiting for a barrier the failed one never reaches.
+        """
+        if error is not None:
+            raise error
+
     # -- tensors ------------------------------------------------------------------------------
     def logical_shape(self, param: torch.Tensor) -> torch.Size:
         """The full (unsharded) shape of ``param``."""

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from deltadist.engines.base import Engine
-from deltadist.errors import EngineError
+from deltadist.errors import CheckpointError, EngineError
 
 
 def distributed_ready() -> bool:
@@ -99,3 +99,13 @@ class DistributedEngine(Engine):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def broadcast_outcome(self, error: Exception | None, what: str) -> None:
+        # One small broadcast from the main rank replaces the barrier: it waits for the main
+        # rank's step too, and tells every rank how it ended.
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(outcome, src=0)
+        if error is not None:
+            raise error
+        if outcome[0] is not None:
+            raise CheckpointError(f"Rank 0 failed while {what}: {outcome[0]}")

@@ -22,10 +22,11 @@ from safetensors import safe_open
 from torch import nn
 
 from deltadist.addressing.names import canonical_name
-from deltadist.delta_module import DeltaModule
+from deltadist.attach import delta_parameter_ids
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
 from deltadist.engines.base import TensorSource
 from deltadist.errors import CheckpointError, ConfigError, EngineError
+from deltadist.record import delta_key
 
 EngineName = Literal["plain", "ddp", "fsdp2", "fsdp1"]
 ENGINE_NAMES: tuple[str, ...] = ("plain", "ddp", "fsdp2", "fsdp1")
@@ -183,11 +184,11 @@ def _initial_delta_values(delta: Any, seed: int) -> dict[str, torch.Tensor]:
     values: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for att in delta._attachments:
+        for att in delta.record.attachments:
             twin = copy.deepcopy(att.delta).to_empty(device="cpu")
             twin.reset_parameters()
             for name, param in twin.named_parameters():
-                values[f"{att.site_name}.{att.base_name}.{name}"] = param.detach()
+                values[delta_key(att.site_name, att.base_name, name)] = param.detach()
     return values
 
 
@@ -232,7 +233,7 @@ def _load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
         members = [t for n in group for t in targets.get(canonical_name(n), [])]
         for name in group:
             targets[canonical_name(name)] = members
-    delta_ids = {id(p) for m in root.modules() if isinstance(m, DeltaModule) for p in m.parameters()}
+    delta_ids = delta_parameter_ids(root)
     engine = detect_engine(backbone)
     filled: set[int] = set()
     for key, source in _iter_checkpoint(weights):

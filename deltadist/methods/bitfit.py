@@ -16,12 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltadist.addressing.names import canonical_modules, parse_patterns
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
 from deltadist.attach import Mechanism
 from deltadist.config import DeltaConfig
-from deltadist.errors import SiteError
 from deltadist.delta_module import DeltaModule
+from deltadist.engines import Engine
+from deltadist.errors import SiteError
 from deltadist.shapes import output_features, site_placement
 
 
@@ -45,13 +47,27 @@ class BiasDelta(DeltaModule):
         nn.init.zeros_(self.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden: [..., features]`` -> the same shape and dtype, offset by the bias."""
         return hidden + self.bias.to(hidden.dtype)
+
+    def merge_blocker(self, site: nn.Module) -> str | None:
+        if isinstance(getattr(site, "bias", None), torch.Tensor):
+            return None
+        return (f"{type(site).__name__} has no bias of its own to fold the offset into (BitFit "
+                "added one; from_pretrained would not know it)")
+
+    def fold_into(self, site: nn.Module, engine: Engine, sign: float) -> None:
+        """``b += sign * delta_b``."""
+        full = engine.gather({"b": site.bias, "d": self.bias})
+        engine.scatter(site.bias, (full["b"].float() + sign * full["d"].float()).to(full["b"].dtype))
 
 
 class BitFitModel(DeltaBase):
     """Train bias terms of the selected modules and of everything inside them.
 
     Defaults to the ``attn``, ``ff``, ``layer_norm`` and ``lm_head.proj`` roles, as OpenDelta.
+    ``exclude_modules`` also removes modules inside a selected one. ``merge()`` folds the offsets
+    into existing biases (sites without a bias of their own cannot be merged).
     """
 
     delta_type = "bitfit"
@@ -62,18 +78,27 @@ class BitFitModel(DeltaBase):
     child_name = "bitfit"
 
     def _targets(self, site: Site) -> list[Site]:
-        prefix = f"{site.name}." if site.name else ""
-        return [
-            Site(f"{prefix}{name}".rstrip("."), module)
-            for name, module in site.module.named_modules()
-            if not isinstance(module, DeltaModule) and _bias_capable(module, self)
-        ]
+        """Every bias-capable module inside ``site``, minus ``exclude_modules`` and every delta's
+        own modules (an adapter's linear layers are not the backbone's)."""
+        excludes = parse_patterns(self.config.exclude_modules)
+        inside = canonical_modules(site.module)
+        skipped = [n for n, m in inside.items() if isinstance(m, DeltaModule)]
+        targets = []
+        for name, module in inside.items():
+            full = ".".join(part for part in (site.name, name) if part)
+            if any(n == "" or name == n or name.startswith(n + ".") for n in skipped):
+                continue
+            if any(e.matches_within(full) for e in excludes):
+                continue
+            if _bias_capable(module, self):
+                targets.append(Site(full, module))
+        return targets
 
     def _build_delta(self, site: Site) -> DeltaModule:
         features = output_features(site.module, self.engine)
         if features is None:
             raise SiteError(f"BitFit cannot add a bias to {site.name!r} ({type(site.module).__name__}).")
-        device, dtype = site_placement(site.module)
+        device, dtype = site_placement(site.module, self.config.delta_dtype)
         return BiasDelta(features, device=device, dtype=dtype)
 
 

@@ -18,8 +18,9 @@ from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
 from deltadist.attach import Mechanism
 from deltadist.config import DeltaConfig, check_positive_int, check_range
-from deltadist.errors import SiteError
 from deltadist.delta_module import DeltaModule
+from deltadist.engines import Engine
+from deltadist.errors import SiteError
 from deltadist.shapes import linear_features, site_placement
 
 
@@ -66,12 +67,26 @@ class LoRA(DeltaModule):
         update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
         return (update * self.scaling).to(hidden.dtype)
 
+    def merge_blocker(self, site: nn.Module) -> str | None:
+        weight = getattr(site, "weight", None)
+        return None if isinstance(weight, torch.Tensor) else "the site has no weight to fold B A into"
+
+    def fold_into(self, site: nn.Module, engine: Engine, sign: float) -> None:
+        """``W += sign * (alpha / r) * B A`` (transposed for ``Conv1D``, whose weight is ``[in, out]``)."""
+        full = engine.gather({"w": site.weight, "a": self.lora_A, "b": self.lora_B})
+        update = (full["b"].float() @ full["a"].float()) * (self.scaling * sign)
+        if type(site).__name__ == "Conv1D":
+            update = update.t()
+        engine.scatter(site.weight, (full["w"].float() + update).to(full["w"].dtype))
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.scaling:g}"
 
 
 class LoraModel(DeltaBase):
     """Add LoRA branches to linear layers (``nn.Linear``, transformers ``Conv1D``, linear-like).
+
+    ``merge()`` folds ``B A`` into the weights, ``merge_and_unload()`` returns the plain model.
 
     Args:
         backbone_model: the model to modify in place.
@@ -92,44 +107,6 @@ class LoraModel(DeltaBase):
     child_name = "lora"
     config: LoraConfig
 
-    merged = False
-    """Whether the LoRA updates currently live inside the base weights (see :meth:`merge`)."""
-
-    def merge(self) -> None:
-        """Fold every LoRA update into its site's weight (``W += alpha/r * B A``) and detach.
-
-        The model then runs at the speed of the plain backbone. Works under every engine: each
-        site's weight and its LoRA are gathered together, one site at a time, and scattered back.
-        """
-        if self.merged:
-            return
-        self._shift_weights(+1.0)
-        self.detach()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Take the updates out of the weights again (exact up to rounding) and re-attach."""
-        if not self.merged:
-            return
-        self._shift_weights(-1.0)
-        self.merged = False
-        self.attach()
-
-    def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
-        if self.merged:
-            raise SiteError("This LoRA is merged into the weights; call unmerge() instead of attach().")
-        super().attach(module, reset_state_dict)
-
-    def _shift_weights(self, sign: float) -> None:
-        engine = self.engine
-        for att in self._attachments:
-            weight = att.site.weight
-            full = engine.gather({"w": weight, "a": att.delta.lora_A, "b": att.delta.lora_B})
-            update = (full["b"].float() @ full["a"].float()) * (att.delta.scaling * sign)
-            if type(att.site).__name__ == "Conv1D":  # weight stored [in, out]
-                update = update.t()
-            engine.scatter(weight, (full["w"].float() + update).to(full["w"].dtype))
-
     def _build_delta(self, site: Site) -> DeltaModule:
         features = linear_features(site.module, self.engine)
         if features is None:
@@ -142,7 +119,7 @@ class LoraModel(DeltaBase):
                 f"LoRA needs a linear layer, but {site.name!r} is a {type(site.module).__name__}."
                 f"{hint}"
             )
-        device, dtype = site_placement(site.module)
+        device, dtype = site_placement(site.module, self.config.delta_dtype)
         cfg = self.config
         return LoRA(*features, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                     device=device, dtype=dtype)

@@ -9,8 +9,8 @@ Three launches (module-scoped fixtures), each ~10-20 s of work after ~15 s of im
    batch of 4, mean loss), ``save_finetuned`` on every rank. ZeRO-3 also writes an engine
    checkpoint after step 2; the partitioned-at-construction run checks ``merge()`` / ``unmerge()``.
 2. ``resume_ranks``: new ranks build, attach, freeze, initialize, ``engine.load_checkpoint`` (strict)
-   and take the third step; ``from_finetuned`` onto the engine, and onto its inner model, loads into
-   the attached LoRA.
+   and take the third step; ``from_finetuned`` onto the engine, and onto its inner model, refuses
+   (naming ``load_finetuned``), and ``delta.load_finetuned`` loads into the attached LoRA.
 3. ``trainer_ranks``: :class:`deltadist.trainer.DeltaTrainer` with each shipped
    ``configs/deepspeed/*.json`` writes delta-only checkpoints (and an engine checkpoint without the
    frozen backbone); under ZeRO-3 resuming from the first checkpoint continues exactly.
@@ -206,7 +206,7 @@ def train_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
 
 def resume_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
     """Launch 2, new ranks: resume the ZeRO-3 engine checkpoint of step 2 for one more step; then
-    ``from_finetuned`` of the 3-step delta onto the DeepSpeed engine adopts the attached LoRA."""
+    ``from_finetuned`` of the 3-step delta onto the engine refuses and ``load_finetuned`` loads it."""
     from deltadist import AutoDeltaModel
 
     deepspeed = _deepspeed()
@@ -219,19 +219,18 @@ def resume_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
     out["losses"] = [step(engine, inputs, labels)]
     out["path"] = delta.save_finetuned(os.path.join(workdir, "resumed"))
 
-    loaded = AutoDeltaModel.from_finetuned(os.path.join(workdir, "zero3"), backbone_model=engine)
-    out["adopted"] = [id(p) for p in loaded.parameters()] == [id(p) for p in delta.parameters()]
-    out["children"] = _lora_children(model)
+    # from_finetuned never loads into the attached LoRA: onto the engine or its inner model (what
+    # a user holds as trainer.model) it refuses, naming load_finetuned, and changes nothing.
+    out["from_finetuned"] = {}
+    for tag, backbone in (("engine", engine), ("inner", model)):
+        try:
+            AutoDeltaModel.from_finetuned(os.path.join(workdir, "zero3"), backbone_model=backbone)
+            out["from_finetuned"][tag] = None
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            out["from_finetuned"][tag] = {"error": f"{type(err).__name__}: {err}",
+                                          "children": _lora_children(model)}
+    delta.load_finetuned(os.path.join(workdir, "zero3"))
     out["logits"] = logits(engine, full_inputs)
-
-    # The same through the inner model (what a user holds as trainer.model): last, as it may
-    # attach a second LoRA that ZeRO-3 never partitions.
-    try:
-        inner = AutoDeltaModel.from_finetuned(os.path.join(workdir, "zero3"), backbone_model=model)
-        out["inner"] = {"adopted": [id(p) for p in inner.parameters()] == [id(p) for p in delta.parameters()],
-                        "children": _lora_children(model)}
-    except Exception as err:  # noqa: BLE001 - reported to the test
-        out["inner"] = {"error": f"{type(err).__name__}: {err}"}
 
     # A new delta on the inner model after initialize: ZeRO-3 would never partition or train it.
     from deltadist import EngineError, LoraModel
@@ -349,9 +348,14 @@ def _saved(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "delta.safetensors"))
 
 
+def _is_delta_key(key: str) -> bool:
+    """A LoRA tensor or the task head (trained and saved with the delta by default)."""
+    return ".lora." in key or key.startswith(workers.HEAD)
+
+
 def _assert_same_delta(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert sorted(actual) == sorted(expected)
-    assert all(".lora." in key for key in actual), sorted(actual)
+    assert all(_is_delta_key(key) for key in actual), sorted(actual)
     for key, value in expected.items():
         assert actual[key].shape == value.shape, key  # full logical shapes, not partitions
         torch.testing.assert_close(actual[key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")
@@ -410,7 +414,7 @@ def test_engine_checkpoint_is_delta_only_and_resumes_identically(trained, resume
                      for kind in ("model", "optim")], files
     for name in files[0::2]:  # model states: delta keys only (placeholders), no backbone pieces
         states = torch.load(engine_dir / tags[0] / name, map_location="cpu", weights_only=False)
-        assert states["module"] and all(".lora." in k for k in states["module"]), sorted(states["module"])
+        assert states["module"] and all(_is_delta_key(k) for k in states["module"]), sorted(states["module"])
         assert not states.get("frozen_param_fragments"), sorted(states["frozen_param_fragments"])
 
     for rank in resumed:
@@ -421,18 +425,19 @@ def test_engine_checkpoint_is_delta_only_and_resumes_identically(trained, resume
     torch.testing.assert_close(resumed[0]["losses"][0], ranks[0]["zero3"]["losses"][-1], rtol=1e-6, atol=0)
 
 
-def test_from_finetuned_onto_the_engine_adopts_the_attached_lora(resumed, expected) -> None:
+def test_from_finetuned_onto_the_engine_or_its_inner_model_refuses_naming_load_finetuned(resumed) -> None:
+    """What a user holds after training (``trainer.model``) is the inner module: a delta loaded
+    there would be neither partitioned nor trained, so the error points to ``load_finetuned``."""
     for rank in resumed:
-        assert rank["adopted"] and rank["children"] == ["lora"]
+        for tag in ("engine", "inner"):
+            result = rank["from_finetuned"][tag]
+            assert result is not None, f"from_finetuned onto the {tag} was accepted"
+            assert "load_finetuned(" in result["error"] and result["children"] == ["lora"], result
+
+
+def test_load_finetuned_into_the_engine_restores_the_trained_logits(resumed, expected) -> None:
+    for rank in resumed:
         torch.testing.assert_close(rank["logits"], expected["logits"], **TOL)
-
-
-def test_from_finetuned_onto_the_inner_model_of_a_zero3_engine_adopts(resumed) -> None:
-    """What a user holds after training (``trainer.model``) is the inner module: resuming into it
-    must load into the attached, partitioned LoRA, not stack a second, unpartitioned one."""
-    for rank in resumed:
-        assert rank["inner"].get("adopted"), rank["inner"]
-        assert rank["inner"]["children"] == ["lora"]
 
 
 def test_attaching_to_the_inner_model_of_an_initialized_zero3_engine_is_refused(resumed) -> None:
@@ -461,13 +466,13 @@ def test_trainer_writes_delta_only_checkpoints(trainer_run, run) -> None:
     assert not [p for p in root.rglob("*") if p.name in FULL_MODEL_FILES]
     for directory in [root / run / c for c in checkpoints] + [root / f"{run}-final"]:
         tensors = _saved(directory)
-        assert tensors and all(".lora." in k for k in tensors), sorted(tensors)
+        assert tensors and all(_is_delta_key(k) for k in tensors), sorted(tensors)
         assert (directory / "delta_config.json").is_file()
     engine_files = list((root / run).glob("checkpoint-*/global_step*/*model_states.pt"))
     assert {f.parent.parent.name for f in engine_files} == set(checkpoints)  # the engine's, to resume
     for states_file in engine_files:
         states = torch.load(states_file, map_location="cpu", weights_only=False)
-        assert all(".lora." in k for k in states["module"]), sorted(states["module"])
+        assert all(_is_delta_key(k) for k in states["module"]), sorted(states["module"])
         assert not states.get("frozen_param_fragments"), "the frozen backbone was written"
     # A checkpoint is a delta checkpoint: it loads onto a plain backbone (fingerprint included).
     AutoDeltaModel.from_finetuned(root / run / "checkpoint-2", backbone_model=_base_model())

@@ -97,8 +97,9 @@ class TwoLayer(nn.Module):
 
 
 def _tune(delta) -> None:
+    """Move the delta's own parameters away from their no-op start (the task head stays)."""
     with torch.no_grad():
-        for param in delta.parameters():
+        for param in delta.delta_parameters().values():
             param.normal_(0, 0.5)
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import deltadist.checkpoint as checkpoint
-from deltadist import AutoDeltaConfig, AutoDeltaModel, CheckpointError, LoraModel
+from deltadist import AutoDeltaConfig, AutoDeltaModel, CheckpointError, ConfigError, LoraModel
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
@@ -34,8 +34,9 @@ def test_checkpoint_holds_only_delta_tensors_and_its_config(saved) -> None:
     with safe_open(str(directory / checkpoint.WEIGHTS_NAME), framework="pt") as handle:
         keys = set(handle.keys())
         config = json.loads(handle.metadata()["deltadist_config"])
-    assert keys == set(delta.delta_parameters())
-    assert all(".lora.lora_" in k for k in keys)
+    assert keys == set(dict(delta.named_parameters()))
+    assert keys - set(delta.delta_parameters()) == {"classifier.weight", "classifier.bias"}  # the task head
+    assert all(".lora.lora_" in k for k in delta.delta_parameters())
     assert config["delta_type"] == "lora" and config["lora_r"] == 4
     assert config["backbone_class"] == type(model).__name__
     assert len(config["backbone_hash"]) == 64
@@ -153,16 +154,34 @@ def test_loading_runs_no_pickle(saved, monkeypatch) -> None:
     AutoDeltaModel.from_finetuned(directory, backbone_model=build_tiny("bert", "cls"))
 
 
-def test_from_finetuned_onto_the_same_delta_resumes_instead_of_stacking(saved) -> None:
-    model, delta, directory, tuned = saved
+def test_from_finetuned_never_loads_into_the_delta_already_there(tmp_path) -> None:
+    model = build_tiny("bert", "cls")
+    first = LoraModel(model, lora_r=4, unfrozen_modules=["deltas"])
     with torch.no_grad():
-        for param in delta.parameters():
-            param.zero_()
-    model.train()
-    again = AutoDeltaModel.from_finetuned(directory, backbone_model=model)
-    assert again.resumed and model.training  # loaded into the attached LoRA, mode untouched
-    assert not any(".lora_1" in n for n, _ in model.named_modules())
-    assert torch.equal(logits_of(model.eval(), tiny_inputs("bert")), tuned)
+        for param in first.parameters():
+            param.normal_(0, 0.1)
+    first.save_finetuned(tmp_path / "a")
+    with torch.no_grad():
+        for param in first.parameters():
+            param.mul_(2)  # A trains on after its save
+    trained_a = first.state_dict()
+    second = AutoDeltaModel.from_finetuned(tmp_path / "a", backbone_model=model)
+    assert second is not first and second.sites == first.sites
+    assert any(n.endswith(".lora_1") for n, _ in model.named_modules())  # stacked: deltas compose
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, trained_a[key]), key  # A's trained values are untouched
+
+
+def test_a_second_delta_never_overwrites_the_task_head_another_one_trains(saved) -> None:
+    model, delta, directory, _ = saved  # delta keeps (trains, saves) the classifier
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="classifier.weight.*own copy of the backbone"):
+        AutoDeltaModel.from_finetuned(directory, backbone_model=model)
+    assert_same_snapshot(before, snapshot(model))
+    with pytest.raises(ConfigError, match="classifier"):
+        LoraModel(model, lora_r=2, unfrozen_modules=["deltas", "classifier"])
+    other = LoraModel(model, lora_r=2)  # by default a second delta leaves the owned head alone
+    assert other.config.unfrozen_modules == ["deltas"]
 
 
 def test_load_finetuned_loads_into_this_delta(saved) -> None:

@@ -13,9 +13,18 @@ def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_default_keeps_only_deltas_trainable() -> None:
+def test_default_keeps_the_deltas_and_the_task_head_trainable() -> None:
     model = build_tiny("bert", "cls")
     delta = LoraModel(model, lora_r=2)
+    delta.freeze_module()
+    head = {"classifier.weight", "classifier.bias"}
+    assert _trainable(model) == {n for n, _ in model.named_parameters() if ".lora." in n} | head
+    assert set(dict(delta.named_parameters())) == _trainable(model)
+
+
+def test_deltas_only_turns_the_task_head_off() -> None:
+    model = build_tiny("bert", "cls")
+    delta = LoraModel(model, lora_r=2, unfrozen_modules=["deltas"])
     delta.freeze_module()
     assert _trainable(model) == {n for n, _ in model.named_parameters() if ".lora." in n}
 

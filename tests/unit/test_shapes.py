@@ -17,7 +17,7 @@ def test_70b_llama_on_meta_gets_lora_and_bitfit_shapes_without_memory() -> None:
     lora = LoraModel(model, lora_r=16)
     v = model.model.layers[79].self_attn.v_proj  # grouped-query attention: 8192 -> 1024
     assert v.lora.lora_A.shape == (16, 8192) and v.lora.lora_B.shape == (1024, 16)
-    assert len(lora._attachments) == 160 and all(p.is_meta for p in lora.parameters())
+    assert len(lora.sites) == 160 and all(p.is_meta for p in lora.parameters())
     bitfit = BitFitModel(model)
     assert model.model.layers[0].input_layernorm.bitfit.bias.shape == (8192,)
     assert model.lm_head.bitfit.bias.shape == (128256,)

@@ -78,7 +78,9 @@ def test_checkpoints_hold_the_delta_and_no_model_weights(trained) -> None:
         assert {"delta.safetensors", "delta_config.json"} <= files, files
         assert not files & FULL_MODEL_FILES, files
         tensors = load_file(str(directory / "delta.safetensors"))
-        assert tensors and all(".lora." in key for key in tensors), sorted(tensors)
+        # The LoRA and the task head (trained and saved with the delta by default), nothing else.
+        assert tensors and all(".lora." in key or key.startswith("score.") for key in tensors), sorted(tensors)
+        assert "score.weight" in tensors
     last = load_file(str(trained["dir"] / checkpoints[-1] / "delta.safetensors"))
     assert all(torch.equal(last[k], v) for k, v in trained["state"].items())
     assert any(not torch.equal(trained["initial"][k], v) for k, v in last.items()), "nothing trained"
@@ -105,8 +107,8 @@ def test_resuming_from_a_checkpoint_continues_identically(trained, tmp_path) -> 
 
 def test_trainable_parameters_outside_the_delta_are_refused(tmp_path) -> None:
     model, delta = build()
-    model.score.weight.requires_grad_(True)  # trained, but the delta would not save it
-    with pytest.raises(ConfigError, match="score.weight"):
+    model.model.norm.weight.requires_grad_(True)  # trained, but the delta would not save it
+    with pytest.raises(ConfigError, match="model.norm.weight"):
         make_trainer(tmp_path, model, delta)
 
 

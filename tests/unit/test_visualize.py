@@ -38,7 +38,8 @@ DELTA = LAYERS * 2 * (R * HIDDEN + HIDDEN * R)
 @pytest.fixture
 def lora_bert() -> tuple[nn.Module, deltadist.LoraModel]:
     model = _bert()
-    delta = deltadist.LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=R)
+    delta = deltadist.LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=R,
+                                unfrozen_modules=["deltas"])  # no task head: counts are the LoRA's
     delta.freeze_module()
     return model, delta
 
@@ -144,7 +145,7 @@ def test_common_structure_names(lora_bert) -> None:
     text = _graph(model, common_structure=True)
     assert f"query <encoder.block.0-{LAYERS - 1}.attn.q> (Linear)" in text
     only = _graph(model, only_common=True)
-    assert "<embeddings>" in only and "classifier" not in only and "pooler" not in only
+    assert "<embeddings>" in only and "classifier <task_head>" in only and "pooler" not in only
 
 
 def test_structure_graph_prints_when_asked(lora_bert, capsys) -> None:
@@ -166,6 +167,17 @@ def test_log_reports_ratios(lora_bert, capsys) -> None:
     assert re.search(rf"Delta parameters\s+{DELTA:,}", text)
     assert re.search(rf"Delta sites\s+{LAYERS * 2}\b", text)
     assert re.search(r"Model families\s+bert", text)
+
+
+def test_log_names_the_trained_backbone_modules_and_counts_them() -> None:
+    model = _bert()
+    delta = deltadist.LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=R)
+    delta.freeze_module()  # the task head is trained by default
+    text = delta.log(visualization=False)
+    head = HIDDEN * 2 + 2
+    assert re.search(r"Trained backbone modules\s+classifier", text)
+    assert re.search(rf"Trainable parameters\s+{DELTA + head:,}", text)
+    assert re.search(rf"Delta parameters\s+{DELTA:,}", text)
 
 
 def test_log_options_leave_parts_out(lora_bert) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 BART = StructureMap(
     family="bart",
@@ -35,5 +35,7 @@ BART = StructureMap(
         "decoder.layers.$.fc2": "decoder.block.$.ff.w2",
         "decoder.layers.$.final_layer_norm": "decoder.block.$.ff.layer_norm",
         "lm_head": "lm_head.proj",
+        "classification_head": TASK_HEAD,
+        "qa_outputs": TASK_HEAD,
     },
 )

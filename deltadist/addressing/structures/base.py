@@ -18,6 +18,10 @@ from typing import Mapping
 LAYER_INDEX = "$"
 """Placeholder for a layer index in both real and common templates."""
 
+TASK_HEAD = "task_head"
+"""Role of a task head (``classifier``, ``score``, ``qa_outputs``...): new, randomly initialised
+modules on top of a pretrained body, trained and saved with the delta by default."""
+
 
 @dataclass(frozen=True)
 class StructureMap:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 BERT_BODY_ROLES: dict[str, str | tuple[str, ...]] = {
     "embeddings.word_embeddings": "embeddings",
@@ -22,5 +22,10 @@ BERT_BODY_ROLES: dict[str, str | tuple[str, ...]] = {
 BERT = StructureMap(
     family="bert",
     model_types=("bert",),
-    roles={**BERT_BODY_ROLES, "cls.predictions.decoder": "lm_head.proj"},
+    roles={
+        **BERT_BODY_ROLES,
+        "cls.predictions.decoder": "lm_head.proj",
+        "classifier": TASK_HEAD,
+        "qa_outputs": TASK_HEAD,
+    },
 )

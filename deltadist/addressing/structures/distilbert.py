@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 DISTILBERT = StructureMap(
     family="distilbert",
@@ -20,5 +20,8 @@ DISTILBERT = StructureMap(
         "transformer.layer.$.ffn.lin2": "encoder.block.$.ff.w2",
         "transformer.layer.$.output_layer_norm": "encoder.block.$.ff.layer_norm",
         "vocab_projector": "lm_head.proj",
+        "pre_classifier": TASK_HEAD,
+        "classifier": TASK_HEAD,
+        "qa_outputs": TASK_HEAD,
     },
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 GPT2 = StructureMap(
     family="gpt2",
@@ -22,5 +22,8 @@ GPT2 = StructureMap(
         "h.$.mlp.c_proj": "decoder.block.$.ff.w2",
         "h.$.ln_2": "decoder.block.$.ff.layer_norm",
         "lm_head": "lm_head.proj",
+        "score": TASK_HEAD,
+        "classifier": TASK_HEAD,
+        "qa_outputs": TASK_HEAD,
     },
 )

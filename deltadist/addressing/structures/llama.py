@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 LLAMA = StructureMap(
     family="llama",
@@ -21,5 +21,7 @@ LLAMA = StructureMap(
         "layers.$.mlp.down_proj": "decoder.block.$.ff.w2",
         "layers.$.post_attention_layernorm": "decoder.block.$.ff.layer_norm",
         "lm_head": "lm_head.proj",
+        "score": TASK_HEAD,
+        "qa_outputs": TASK_HEAD,
     },
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 T5 = StructureMap(
     family="t5",
@@ -41,5 +41,7 @@ T5 = StructureMap(
         "decoder.block.$.layer.2.DenseReluDense.wo": "decoder.block.$.ff.w2",
         "decoder.block.$.layer.2.layer_norm": "decoder.block.$.ff.layer_norm",
         "lm_head": "lm_head.proj",
+        "classification_head": TASK_HEAD,
+        "qa_outputs": TASK_HEAD,
     },
 )

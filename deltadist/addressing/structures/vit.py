@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StructureMap
+from .base import TASK_HEAD, StructureMap
 
 VIT = StructureMap(
     family="vit",
@@ -19,6 +19,7 @@ VIT = StructureMap(
         "layers.$.mlp.fc1": "encoder.block.$.ff.w1",
         "layers.$.mlp.fc2": "encoder.block.$.ff.w2",
         "layers.$.layernorm_after": "encoder.block.$.ff.layer_norm",
+        "classifier": TASK_HEAD,
     },
     legacy_roles={
         "encoder.layer.$.attention": "encoder.block.$.attn",

@@ -11,7 +11,8 @@ from torch import nn
 
 import transformers
 
-from deltadist.addressing.structures import STRUCTURE_MAPS, StructureMap
+from deltadist.addressing.common import modules_with_role
+from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD, StructureMap
 from tests.tiny import FAMILIES, build_tiny, has_head, logits_of, tiny_inputs
 
 NUM_LAYERS = 2
@@ -21,7 +22,7 @@ LINEAR_ROLES = ("attn.q", "attn.v", "attn.proj", "ff.w1", "ff.w2")
 ATTN_ROLES = ("", ".q", ".k", ".v", ".proj", ".layer_norm")
 FF_ROLES = ("ff", "ff.w1", "ff.w2", "ff.w3", "ff.layer_norm")
 BLOCK_ROLES = {f"{a}{part}" for a in ("attn", "crossattn") for part in ATTN_ROLES} | set(FF_ROLES)
-COMMON_TEMPLATES = {"embeddings", "lm_head.proj"} | {
+COMMON_TEMPLATES = {"embeddings", "lm_head.proj", TASK_HEAD} | {
     f"{side}.block.$.{role}" for side in ("encoder", "decoder") for role in BLOCK_ROLES
 }
 VARIANTS: dict[str, tuple[dict[str, str], ...]] = {"t5": ({}, {"feed_forward_proj": "gated-gelu"})}
@@ -48,7 +49,7 @@ def _all_tiny(family: str) -> list[nn.Module]:
     """Every head and config variant of ``family``."""
     return [
         _tiny(family, head, tuple(sorted(overrides.items())))
-        for head in ("base", "cls", "lm")
+        for head in ("base", "cls", "qa", "token", "lm")
         if has_head(family, head)
         for overrides in VARIANTS.get(family, ({},))
     ]
@@ -197,10 +198,39 @@ def test_wrapped_model_resolves_the_same_modules(family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_names_playing_no_role_have_no_common_names(family: str) -> None:
     structure, model = map_for(family), _tiny(family)
-    for name in ("", "dense", "classifier", "pooler.dense", "layer.0", "inner"):
+    for name in ("", "dense", "pooler.dense", "layer.0", "inner"):
         assert structure.common_names(name) == (), name
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) or name.endswith(("act", "act_fn", "activation")):
             assert structure.common_names(name) == (), name
         if structure.common_names(name):  # a delta module injected under a role plays none itself
             assert structure.common_names(f"{name}.lora_A") == (), name
+
+
+TASK_HEADS = {  # the new, randomly initialised modules of each task model, by head
+    "cls": {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"],
+            "t5": ["classification_head"], "gpt2": ["score"], "bart": ["classification_head"],
+            "llama": ["score"], "qwen2": ["score"], "mistral": ["score"], "vit": ["classifier"]},
+    "qa": {family: ["qa_outputs"] for family in FAMILIES},
+    "token": {family: ["classifier"] for family in FAMILIES} | {f: ["score"] for f in ("llama", "qwen2", "mistral")},
+    "lm": {family: [] for family in FAMILIES},
+}
+
+
+@pytest.mark.parametrize("head", list(TASK_HEADS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_task_heads_are_found_by_role(family: str, head: str) -> None:
+    if not has_head(family, head):
+        pytest.skip(f"transformers has no {head} model for {family}")
+    model = _tiny(family, head)
+    assert modules_with_role(model, TASK_HEAD) == TASK_HEADS[head][family]
+    assert modules_with_role(Wrapped(model), TASK_HEAD) == [f"inner.{n}" for n in TASK_HEADS[head][family]]
+
+
+def test_a_plain_module_gets_no_guessed_task_head() -> None:
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.classifier = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    assert modules_with_role(Plain(), TASK_HEAD, guess=False) == []

@@ -1,0 +1,103 @@
+"""The one record of what a delta owns.
+
+A delta owns two kinds of parameters:
+
+* **delta parameters**: the parameters of the delta modules it created, one module per site, plus
+  modules that only hold parameters shared by several sites (an attachment without a mechanism,
+  registered once, e.g. on the model root). They are keyed ``<site>.<kind>.<param>``; a module
+  whose site is the model root is keyed ``<kind>.<param>``. :func:`delta_key` builds every key.
+* **kept backbone parameters**: backbone parameters the delta keeps trainable and saves with
+  itself (a task head, ``unfrozen_modules=["deltas", "classifier"]``), by canonical name.
+
+Freezing, ``parameters()``, ``state_dict()``, saving, loading, detaching, merging, ``log()``, the
+fingerprint and the engines all read this record; nothing else decides what "the delta" is.
+Parameters are looked up through the modules and names at every call, never cached: an engine
+(FSDP2) may replace a module's parameter objects when it shards them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from deltadist.addressing.names import canonical_parameters
+from deltadist.attach import Attachment
+
+
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[DeltaRecord]]" = weakref.WeakKeyDictionary()
+
+
+def records_on(backbone: nn.Module) -> list["DeltaRecord"]:
+    """The records of every delta built on ``backbone`` and not unloaded (attached or detached)."""
+    return list(_RECORDS.get(backbone, ()))
+
+
+def kept_by_other_deltas(backbone: nn.Module, this: "DeltaRecord | None" = None) -> set[str]:
+    """Canonical names of the backbone parameters other deltas on ``backbone`` keep trainable."""
+    return {name for other in records_on(backbone) if other is not this for name in other.kept_backbone}
+
+
+def delta_key(site_name: str, kind: str, param_name: str) -> str:
+    """Checkpoint key of a delta parameter: ``<site>.<kind>.<param>`` (no site part at the root)."""
+    return ".".join(part for part in (site_name, kind, param_name) if part)
+
+
+@dataclass(eq=False)
+class DeltaRecord:
+    """What one delta owns, and the state its ``freeze_module`` put the backbone in.
+
+    Attributes:
+        backbone: the model the delta is attached to.
+        attachments: one per delta module (site deltas and shared-parameter holders).
+        kept_backbone: canonical names of backbone parameters trained and saved with the delta.
+        train_deltas: whether ``freeze_module`` keeps the delta parameters trainable (``"deltas"``).
+        frozen: whether ``freeze_module`` has been applied (re-applied by ``attach``).
+        filtered_state_dict: whether ``freeze_module(set_state_dict=True)`` was asked for.
+        changed_flags: ``requires_grad`` values that freezing replaced, by parameter ``id``
+            (the parameter and its previous flag), so ``detach`` can put them back.
+    """
+
+    backbone: nn.Module
+    attachments: list[Attachment]
+    kept_backbone: tuple[str, ...] = ()
+    train_deltas: bool = True
+    frozen: bool = False
+    filtered_state_dict: bool = False
+    changed_flags: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
+
+    def register(self) -> None:
+        """Make this record known on its backbone (:func:`records_on`)."""
+        _RECORDS.setdefault(self.backbone, weakref.WeakSet()).add(self)
+
+    def unregister(self) -> None:
+        """Forget this record (the delta was removed for good)."""
+        _RECORDS.get(self.backbone, weakref.WeakSet()).discard(self)
+
+    def delta_parameters(self) -> dict[str, nn.Parameter]:
+        """Every delta parameter by checkpoint key, in attach order."""
+        return {
+            delta_key(att.site_name, att.base_name, name): param
+            for att in self.attachments
+            for name, param in att.delta.named_parameters()
+        }
+
+    def backbone_parameters(self) -> dict[str, nn.Parameter]:
+        """The kept backbone parameters by canonical name."""
+        if not self.kept_backbone:
+            return {}
+        params = canonical_parameters(self.backbone)
+        return {name: params[name] for name in self.kept_backbone if name in params}
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything the delta trains and saves, by checkpoint key."""
+        return {**self.delta_parameters(), **self.backbone_parameters()}
+
+    def delta_parameter_ids(self) -> set[int]:
+        return {id(p) for p in self.delta_parameters().values()}
+
+    @property
+    def site_names(self) -> list[str]:
+        """Canonical names of the modified sites (shared-parameter holders left out), in order."""
+        return list(dict.fromkeys(a.site_name for a in self.attachments if a.mechanism is not None))
