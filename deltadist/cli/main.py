@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Sequence
 
-from deltadist.errors import ConfigError
+from deltadist.errors import DeltaError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 2 bad config or unreadable file)."""
+    """Run the command line; return the exit status (0 ok, 2 bad input).
+
+    Bad input is a :class:`~deltadist.errors.DeltaError` (a bad config value or YAML, a module
+    pattern that matches nothing, a checkpoint that does not fit, ...) or an ``OSError`` (a file
+    that cannot be read or written): it ends as one line on stderr,
+    ``deltadist train: error: <problem>; <fix>``. Any other exception is a bug and propagates with
+    its traceback.
+    """
     args = build_parser().parse_args(argv)
     from deltadist.training.config import load_config
     from deltadist.training.loop import train
@@ -37,13 +44,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+    except DeltaError as err:
+        return _fail(args.command, str(err))
+    except OSError as err:
+        return _fail(args.command, f"cannot read the config: {_os_problem(err)}; "
+                                   "check the --config path (and any include: in it).")
+    try:
         result = train(cfg)
-    except (ConfigError, OSError) as err:
-        print(f"deltadist {args.command}{_rank_tag()}: error: {err}", file=sys.stderr)
-        return 2
+    except DeltaError as err:
+        return _fail(args.command, str(err))
+    except OSError as err:
+        return _fail(args.command, f"{_os_problem(err)}; check the paths in the config "
+                                   "(model.name_or_path, output_dir, deepspeed_config).")
     if result.metrics is not None:  # only the main rank of a distributed run reports
         print_summary(result.metrics, str(result.metrics_path))
     return 0
+
+
+def _fail(command: str, message: str) -> int:
+    """Print ``message`` as one ``deltadist COMMAND: error:`` line on stderr; return exit status 2."""
+    print(f"deltadist {command}{_rank_tag()}: error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _one_line(message: str) -> str:
+    """``message`` with its lines joined: after ``:``, ``;``, ``,`` or ``.`` by a space, else by ``"; "``.
+
+    Error messages list details on indented lines (e.g. each unmatched pattern with its closest
+    module names); on one line the list stays readable:
+    ``"These patterns match no module of the backbone: 'quer': closest module names: ...; ..."``.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    folded = lines[0] if lines else ""
+    for line in lines[1:]:
+        folded += (" " if folded.endswith((":", ";", ",", ".")) else "; ") + line
+    return folded
+
+
+def _os_problem(err: OSError) -> str:
+    """``"PATH: reason"`` for an ``OSError`` that names its file, else its message."""
+    if err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 def _rank_tag() -> str:

@@ -117,8 +117,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     The file may start from another with ``include: <file>`` (see :func:`read_config_file`).
 
     Raises:
-        ConfigError: unknown key, wrong type, bad value, or a malformed override.
-        FileNotFoundError: ``path`` does not exist.
+        ConfigError: invalid YAML (naming the file, line and column), unknown key, wrong type, bad
+            value, or a malformed override.
+        FileNotFoundError: ``path`` (or a file it includes) does not exist.
     """
     raw = read_config_file(Path(path if path is not None else DEFAULT_CONFIG_PATH))
     for item in overrides:
@@ -137,7 +138,17 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if resolved in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise ConfigError(f"include cycle: {chain}.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "save the config as UTF-8.") from err
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark, problem = _yaml_problem(err, text)
+        where = f":{mark[0]}:{mark[1]}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}; fix the YAML there.") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config file must hold a mapping, got {type(raw).__name__}.")
     if INCLUDE_KEY not in raw:
@@ -171,7 +182,40 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section.")
         node = child
-    node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        mark, problem = _yaml_problem(err, text)
+        where = f" at {_position(*mark, text)}" if mark else ""
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML{where}: {problem}; fix it (a list is "
+            "[a, b]) or, to pass it as a string, put it in YAML quotes: KEY='VALUE'."
+        ) from err
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> tuple[tuple[int, int] | None, str]:
+    """``((line, column), problem)`` of a YAML parse error of ``text`` (1-based), or ``(None, message)``.
+
+    The position is where the parser gave up (``problem_mark``); the problem names its context too
+    (e.g. "while parsing a flow sequence") and where that unfinished construct started.
+    """
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow: no marks
+        before = text[:err.position]
+        mark = (before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        return mark, f"unacceptable character #x{code:04x}: {err.reason}"
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return None, " ".join(str(err).split())
+    problem = err.problem or "syntax error"
+    if err.context and err.context_mark is not None:
+        start = err.context_mark
+        problem += f" ({err.context} started at {_position(start.line + 1, start.column + 1, text)})"
+    return (err.problem_mark.line + 1, err.problem_mark.column + 1), problem
+
+
+def _position(line: int, column: int, text: str) -> str:
+    """``"line L, column C"``; just ``"column C"`` in a one-line ``text`` (a ``--set`` value)."""
+    return f"column {column}" if "\n" not in text.strip() else f"line {line}, column {column}"
 
 
 def from_dict(raw: Mapping[str, Any]) -> TrainConfig:

@@ -1,6 +1,10 @@
-"""``deltadist train`` end to end on a reduced job: accuracy rises, the delta is small and reloads."""
+"""``deltadist train`` end to end: on a reduced job accuracy rises and the delta is small and reloads;
+on bad input the command prints one line and exits with status 2."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from deltadist.training import loop
 from deltadist.training.data import LABELS, Batches, load_topics
 from deltadist.training.model import build_model
 
+REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = {
     "training.epochs": 1, "training.batch_size": 16, "training.lr": 0.003,
     "data.train_size": 160, "data.test_size": 80,
@@ -74,3 +79,23 @@ def test_reloaded_delta_reproduces_logits(run: tuple[Path, loop.TrainResult]) ->
         expected = result.model.cpu().eval()(*inputs)
     assert not torch.allclose(untrained, expected, atol=1e-3)
     torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "{tmp}/bad.yaml"],  # YAML syntax error: fails while reading the config
+    ["--set", "delta.modified_modules=[quer]", "--set", "output_dir={tmp}/out"],  # fails attaching
+], ids=["yaml_syntax", "modified_modules_typo"])
+def test_bad_input_is_one_line_and_exit_status_2(argv: list[str], tmp_path: Path) -> None:
+    """The installed command's contract: ``deltadist train`` on bad input prints one line, no traceback."""
+    (tmp_path / "bad.yaml").write_text("training:\n  epochs: [1\n")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # HF_HUB_DISABLE_PROGRESS_BARS: transformers' weight-loading bars would precede the error line
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltadist.cli", "train", *(a.format(tmp=tmp_path) for a in argv)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deltadist train: error: "), proc.stderr

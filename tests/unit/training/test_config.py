@@ -1,5 +1,6 @@
 """The training job's config: default file, key and type checks, --set overrides, engine choice."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,27 @@ def test_unknown_engine_names_the_available_ones() -> None:
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--set", "engine=bmtrain"]) == 2
     assert "available engines: plain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"training:\n  epochs: 1\n  lr: [0.1\n", r":4:1: invalid YAML: expected ',' or '\]', but got "
+     r"'<stream end>' \(while parsing a flow sequence started at line 3, column 7\); fix the YAML there\.$"),
+    (b"training:\n  epochs: 1\n bad: 2\n", r":3:2: invalid YAML: expected <block end>"),
+    (b"output_dir: a\x01b\n", r":1:14: invalid YAML: unacceptable character #x0001: special characters"),
+    (b"output_dir: \xff\n", r": not UTF-8 text \(byte 12: invalid start byte\); save the config as UTF-8\.$"),
+], ids=["unclosed_list", "indentation", "control_character", "not_utf8"])
+def test_bad_yaml_file_names_file_line_and_column(content: bytes, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + message):
+        load_config(path)
+
+
+def test_bad_yaml_in_an_override_names_the_override() -> None:
+    expected = (r"^--set 'delta.modified_modules=\[quer': the value is not valid YAML at column 6: "
+                r"expected ',' or '\]'.* \(while parsing a flow sequence started at column 1\); fix it")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(overrides=["delta.modified_modules=[quer"])
 
 
 def test_config_file_round_trips(tmp_path: Path) -> None:
