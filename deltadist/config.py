@@ -16,7 +16,9 @@ CONFIG_FORMAT_VERSION = 1
 C = TypeVar("C", bound="DeltaConfig")
 
 # Keys written by save_finetuned for provenance; accepted on load, not passed to the method.
-PROVENANCE_KEYS = frozenset({"format_version", "library_versions", "save_id", "checkpoint_keys"})
+PROVENANCE_KEYS = frozenset(
+    {"format_version", "library_versions", "save_id", "checkpoint_keys", "weights_sha256"}
+)
 
 
 @dataclass(kw_only=True)
