@@ -19,7 +19,9 @@ DELTA_DTYPES = ("auto", "site", "float32", "float16", "bfloat16", "float64")
 """Values of ``delta_dtype``."""
 
 # Keys written by save_finetuned for provenance; accepted on load, not passed to the method.
-PROVENANCE_KEYS = frozenset({"format_version", "library_versions", "save_id", "checkpoint_keys"})
+PROVENANCE_KEYS = frozenset(
+    {"format_version", "library_versions", "save_id", "checkpoint_keys", "weights_sha256"}
+)
 
 
 @dataclass(kw_only=True)

@@ -16,11 +16,12 @@ Matching order (documented once, used everywhere):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from torch import nn
+
+from deltadist.errors import AddressingError
 
 REGEX_PREFIX = "[r]"
 WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
@@ -28,15 +29,20 @@ WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_
 
 @dataclass(frozen=True)
 class Pattern:
-    """One user pattern, parsed once."""
+    """One user pattern, parsed once.
+
+    Raises:
+        AddressingError: a ``[r]`` pattern is not a valid regular expression.
+    """
 
     text: str
+    regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    """The compiled expression of a ``[r]`` pattern, ``None`` for a plain one."""
 
-    @cached_property
-    def regex(self) -> re.Pattern[str] | None:
-        if not self.text.startswith(REGEX_PREFIX):
-            return None
-        return re.compile(self.text[len(REGEX_PREFIX):])
+    def __post_init__(self) -> None:
+        # Compiled here, not on first match, so a bad regex fails where the patterns are parsed,
+        # for every user of patterns, before any module is touched.
+        object.__setattr__(self, "regex", _compile(self.text))
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` (a canonical dotted path) is selected by this pattern."""
@@ -47,6 +53,20 @@ class Pattern:
     def matches_within(self, name: str) -> bool:
         """Whether ``name`` or one of its ancestors is selected (subtree semantics)."""
         return any(self.matches(prefix) for prefix in dot_prefixes(name))
+
+
+def _compile(text: str) -> re.Pattern[str] | None:
+    if not text.startswith(REGEX_PREFIX):
+        return None
+    expression = text[len(REGEX_PREFIX):]
+    try:
+        return re.compile(expression)
+    except re.error as err:
+        raise AddressingError(
+            f"Module pattern {text!r} is not a valid regular expression: {err} in "
+            f"{expression!r}. Fix the regex, or escape the characters meant literally "
+            f"(re.escape); without the {REGEX_PREFIX!r} prefix a pattern is a plain dotted name."
+        ) from err
 
 
 def dot_suffixes(name: str) -> Iterator[str]:

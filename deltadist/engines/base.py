@@ -95,8 +95,20 @@ class Engine:
         """Full, unsharded CPU copies of ``params``; only the main rank needs the result.
 
         Must be called on every rank. Only the named tensors are gathered, never the backbone.
+        The results never share storage with ``params``: training on does not change them.
         """
-        return {name: self._full_tensor(p).detach().to("cpu").contiguous() for name, p in params.items()}
+        copies = {}
+        for name, param in params.items():
+            full = self._full_tensor(param).detach()
+            copy = full.to("cpu", memory_format=torch.contiguous_format)
+            # `.to` copies when the device or layout changes (a GPU parameter: one copy, no more)
+            # and returns `full` itself otherwise; a CPU parameter must then be cloned, or the
+            # result would be the live parameter. A freshly gathered CPU tensor is cloned too: only
+            # the engine knows it is fresh, and CPU-sharded training is rare.
+            if copy.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
+                copy = copy.clone()
+            copies[name] = copy
+        return copies
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Copy the full tensor ``value`` into ``param``, whatever its sharding. Every rank calls it."""

@@ -4,6 +4,7 @@ import pytest
 from torch import nn
 
 from deltadist.addressing.names import Pattern, canonical_modules, canonical_name, parse_patterns
+from deltadist.errors import AddressingError
 
 
 @pytest.mark.parametrize(
@@ -68,3 +69,9 @@ def test_module_named_module_inside_a_model_is_kept() -> None:
     model.module = nn.Linear(2, 2)
     model.other = nn.Linear(2, 2)
     assert "module" in canonical_modules(model)
+
+
+def test_an_invalid_regex_fails_when_parsed_naming_the_pattern_and_the_fix() -> None:
+    with pytest.raises(AddressingError, match=r"'\[r\]layer\.\(\['.*unterminated character set.*escape"):
+        parse_patterns(["query", "[r]layer.(["])
+    assert Pattern("layer.([").regex is None  # without [r] the same text is a plain name
