@@ -4,6 +4,7 @@ fp32/bf16/fp16 copies of one checkpoint, refuses ~1% changes, cheap to store."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -39,12 +40,15 @@ def _differing(stored: Fingerprint, current: Fingerprint) -> list[str]:
     return current.differing_tensors(stored.digest, stored.samples_text)
 
 
-def _samples_by_name(fingerprint: Fingerprint) -> dict[str, torch.Tensor]:
+def _nonzero_names(fingerprint: Fingerprint) -> list[str]:
+    """Tensors that scaling or noise changes visibly (zero biases stay zero)."""
     values = torch.tensor(fingerprint.samples).split(list(fingerprint.counts))
-    return dict(zip(fingerprint.names, values))
+    return [n for n, v in zip(fingerprint.names, values) if v.numel() and v.abs().max() > 1e-4]
 
 
-def _changed(model: torch.nn.Module, change) -> torch.nn.Module:
+def _changed(
+    model: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.nn.Module:
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(change(param))
@@ -117,7 +121,7 @@ def test_weights_scaled_by_1_01_are_refused_and_every_changed_tensor_named(
         family: str, saved_in: torch.dtype) -> None:
     stored = _fp(build_tiny(family, "cls").to(saved_in))
     current = _fp(_changed(build_tiny(family, "cls"), lambda p: p * 1.01))
-    nonzero = [n for n, v in _samples_by_name(stored).items() if v.abs().max() > 1e-4]
+    nonzero = _nonzero_names(stored)
     assert nonzero and _differing(stored, current) == nonzero
 
 
@@ -125,11 +129,12 @@ def test_weights_scaled_by_1_01_are_refused_and_every_changed_tensor_named(
 def test_one_percent_relative_noise_is_refused(family: str) -> None:
     generator = torch.Generator().manual_seed(0)
     stored = _fp(build_tiny(family, "cls"))
-    noisy = _changed(
-        build_tiny(family, "cls"), lambda p: p * (1 + 0.01 * torch.randn(p.shape, generator=generator))
-    )
-    differing = _differing(stored, _fp(noisy))
-    nonzero = [n for n, v in _samples_by_name(stored).items() if v.abs().max() > 1e-4]
+
+    def noisy(param: torch.Tensor) -> torch.Tensor:
+        return param * (1 + 0.01 * torch.randn(param.shape, generator=generator))
+
+    differing = _differing(stored, _fp(_changed(build_tiny(family, "cls"), noisy)))
+    nonzero = _nonzero_names(stored)
     assert set(differing) <= set(nonzero) and len(differing) >= 0.9 * len(nonzero)
 
 
@@ -165,7 +170,8 @@ def test_samples_text_round_trips_nan_and_inf() -> None:
     fingerprint = _fp(model)
     structure, samples = parse_samples_text(fingerprint.samples_text)
     assert structure == fingerprint.structure
-    torch.testing.assert_close(samples, torch.tensor(fingerprint.samples), rtol=0, atol=0, equal_nan=True)
+    expected = torch.tensor(fingerprint.samples)
+    torch.testing.assert_close(samples, expected, rtol=0, atol=0, equal_nan=True)
     # NaN and inf agree with themselves, so the same checkpoint (and its copies) is accepted.
     assert _differing(fingerprint, _fp(model.half())) == []
 
@@ -203,7 +209,8 @@ def test_damaged_samples_text_is_a_checkpoint_error() -> None:
     fingerprint = _fp(build_tiny("gpt2", "cls"))
     structure = fingerprint.structure
     # No separator, not base64, not a hex structure, 5 bytes (not whole float32 values).
-    for text in ("not a fingerprint", f"{structure}:!!!", f"{'z' * 64}:AAAA", f"{structure}:AAAAAAA="):
+    bad = ("not a fingerprint", f"{structure}:!!!", f"{'z' * 64}:AAAA", f"{structure}:AAAAAAA=")
+    for text in bad:
         with pytest.raises(CheckpointError, match="damaged"):
             fingerprint.differing_tensors("0" * 64, text)
     with pytest.raises(CheckpointError, match="per tensor"):  # one float32 for the whole model
