@@ -1,19 +1,37 @@
-"""Backbone fingerprint: a cheap, device-independent identity of a backbone checkpoint.
+"""Backbone fingerprint: a cheap, device- and dtype-independent identity of a backbone checkpoint.
 
 OpenDelta hashed the string form of the model and every parameter (slow on big models, and
 different on every device). Here each backbone parameter contributes its canonical name, its
-logical shape and ``SAMPLES_PER_TENSOR`` values at fixed, evenly spaced flat positions, rounded to
-bfloat16 so that an fp32 checkpoint and its bf16 copy agree. Sampling goes through the engine, so
-a sharded parameter only contributes the few values asked for, never a full gather.
+logical shape and ``SAMPLES_PER_TENSOR`` values at fixed, evenly spaced flat positions. Sampling
+goes through the engine, so a sharded parameter only contributes the few values asked for, never a
+full gather; the cost per tensor is independent of its size (well under a second for a 1B model on
+CPU, see ``benchmarks/fingerprint.py``).
 
-Two checkpoints of one architecture differ in practically every weight, so a few samples per
-tensor tell them apart; the cost is independent of the model size per tensor (well under a
-second for a 1B model on CPU, see ``benchmarks/fingerprint.py``).
+A :class:`Fingerprint` keeps three views of those samples:
+
+- ``digest``: SHA-256 of names, shapes and the samples rounded to bfloat16 -- the format that
+  checkpoints store as ``backbone_hash``. Equal digests mean the same backbone at once, and a
+  checkpoint that stores only the digest is still checked by exact comparison.
+- ``structure``: SHA-256 of names and shapes only, to tell "another architecture" apart.
+- the float32 samples themselves (``samples_text`` for a JSON config), compared with a tolerance.
+
+Why a tolerance: rounding to bfloat16 makes an fp32 checkpoint and its bf16 copy hash alike, but
+not its fp16 copy -- fp32 -> fp16 -> bf16 rounds twice and ~6% of values land on the other side
+of a bf16 rounding boundary. Comparing the samples within the rounding error of the dtypes a
+checkpoint is loaded in (:data:`RTOL`, :data:`ATOL`) accepts fp32, bf16 and fp16 copies of one
+checkpoint, still refuses another checkpoint (or the same one changed by ~1%), and names the
+tensors that differ. Two checkpoints of one architecture differ in practically every weight, so a
+few samples per tensor tell them apart.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import re
+import struct
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -22,8 +40,139 @@ from torch import nn
 from deltadist.addressing.names import canonical_parameters
 from deltadist.attach import delta_modules
 from deltadist.engines import Engine
+from deltadist.errors import CheckpointError
 
 SAMPLES_PER_TENSOR = 16
+
+# Tolerance of one sample, |stored - current| <= RTOL * max(|stored|, |current|) + ATOL.
+# Legitimate differences are rounding errors of copies of one checkpoint: bf16 keeps 8 significant
+# bits (relative error <= 2^-8 = 0.39%), fp16 keeps 11 (<= 2^-11 = 0.049%), so the worst pair, a
+# bf16 copy against an fp16 copy of an fp32 checkpoint, differs by <= 2^-8 + 2^-11 = 0.44%.
+# RTOL = 2^-7 = 0.78% is twice the bf16 error (room for one more rounding, e.g. a bf16 copy made
+# from the fp16 one) and below the 1 - 1/1.01 = 0.99% by which weights scaled by 1.01 differ.
+# Against samples stored from a bf16 copy, one sample of such a change may shrink to
+# 0.99% - 0.39% = 0.6% and pass; the tensor's other samples (16) still show it.
+RTOL = 2.0**-7
+# fp16 has no relative guarantee below its smallest normal 2^-14 (6.1e-5): subnormals are spaced
+# 2^-24 (6.0e-8) apart, so rounding (or underflow to zero) moves a value by up to 2^-25 (3.0e-8).
+# ATOL = 2^-24 covers that twice over; it hides a 1% change only in values below 6e-6, far below
+# typical weights (~1e-2), and every tensor has 16 samples.
+ATOL = 2.0**-24
+
+STRUCTURE_DIFFERS = "<parameter names or logical shapes>"
+"""What :meth:`Fingerprint.differing_tensors` lists when the architecture differs (no name
+can be blamed: only a hash of the names and shapes is stored)."""
+DIGEST_DIFFERS = "<backbone digest>"
+"""What :meth:`Fingerprint.differing_tensors` lists when a checkpoint stored only the digest
+(written before samples were stored) and it differs: which tensor differs is unknown."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fingerprint:
+    """Identity of a backbone's parameters; built by :func:`backbone_fingerprint`."""
+
+    digest: str
+    """SHA-256 hex of names, logical shapes and samples rounded to bf16 (``backbone_hash``)."""
+    structure: str
+    """SHA-256 hex of names and logical shapes only."""
+    names: tuple[str, ...]
+    """Canonical names of the fingerprinted parameters, sorted."""
+    counts: tuple[int, ...]
+    """Samples per parameter, aligned with ``names``: ``min(SAMPLES_PER_TENSOR, numel)``."""
+    samples: tuple[float, ...]
+    """The sampled values as float32 (held as Python floats), ``names`` order, ``sum(counts)``."""
+
+    @property
+    def samples_text(self) -> str:
+        """``"<structure>:<base64 of the float32 little-endian samples>"``, for a JSON config.
+
+        About 86 characters per parameter: ~62 KB for a 70B Llama (723 parameters).
+        """
+        raw = struct.pack(f"<{len(self.samples)}f", *self.samples)
+        return f"{self.structure}:{base64.b64encode(raw).decode('ascii')}"
+
+    def differing_tensors(
+        self, stored_digest: str, stored_samples_text: str | None = None
+    ) -> list[str]:
+        """Canonical names of this backbone's parameters that differ from a stored fingerprint.
+
+        Args:
+            stored_digest: the stored :attr:`digest` (a checkpoint's ``backbone_hash``).
+            stored_samples_text: the stored :attr:`samples_text`, or ``None`` for a checkpoint that
+                kept only the digest.
+
+        Returns:
+            ``[]`` for the same backbone: equal digests, or every sample within
+            ``RTOL``/``ATOL`` (an fp32, bf16 or fp16 copy of it). ``[STRUCTURE_DIFFERS]`` if the
+            names or logical shapes differ, ``[DIGEST_DIFFERS]`` if only a digest is stored and
+            it differs, else the names of the parameters with a sample out of tolerance.
+
+        Raises:
+            CheckpointError: ``stored_samples_text`` is malformed or does not hold one sample
+                per position of this structure (a damaged config).
+        """
+        if stored_digest == self.digest:
+            return []
+        if stored_samples_text is None:
+            return [DIGEST_DIFFERS]
+        structure, stored = parse_samples_text(stored_samples_text)
+        if structure != self.structure:
+            return [STRUCTURE_DIFFERS]
+        if len(stored) != len(self.samples):
+            raise CheckpointError(
+                f"The stored backbone samples hold {len(stored)} values, but these parameter "
+                f"names and shapes need {len(self.samples)} ({SAMPLES_PER_TENSOR} per tensor): the "
+                "config is damaged or written by another deltadist version. Save the delta again, "
+                "or pass check_hash=False to load it without checking the backbone."
+            )
+        current = torch.tensor(self.samples, dtype=torch.float32)
+        owner = torch.repeat_interleave(
+            torch.arange(len(self.names)), torch.tensor(self.counts, dtype=torch.long)
+        )
+        differing = owner[~samples_agree(stored, current)].unique().tolist()
+        return [self.names[i] for i in differing]
+
+
+def samples_agree(stored: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Which samples agree within ``RTOL``/``ATOL``.
+
+    NaN agrees only with NaN (a NaN stays NaN in every dtype) and an infinity only with itself: a
+    finite value that became inf (fp16 overflows above 65504) changed the model's outputs.
+
+    Args:
+        stored, current: samples of shape ``(n,)``.
+
+    Returns:
+        Bool tensor of shape ``(n,)``.
+    """
+    a, b = stored.double(), current.double()
+    bound = RTOL * torch.maximum(a.abs(), b.abs()) + ATOL
+    within = a.isfinite() & b.isfinite() & ((a - b).abs() <= bound)
+    return within | (a == b) | (a.isnan() & b.isnan())
+
+
+def parse_samples_text(text: str) -> tuple[str, torch.Tensor]:
+    """Inverse of :attr:`Fingerprint.samples_text`.
+
+    Returns:
+        The structure hex and the samples, float32 of shape ``(n,)``.
+
+    Raises:
+        CheckpointError: ``text`` is not ``"<64 hex digits>:<base64 of float32 values>"``.
+    """
+    structure, _, encoded = text.partition(":")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+        valid = re.fullmatch(r"[0-9a-f]{64}", structure) is not None and len(raw) % 4 == 0
+    except binascii.Error:
+        valid = False
+    if not valid:
+        raise CheckpointError(
+            f"The stored backbone samples {text[:40]!r}... are not '<structure hex>:<base64 "
+            "float32>': the config is damaged. Save the delta again, or pass check_hash=False to "
+            "load it without checking the backbone."
+        )
+    return structure, torch.tensor(struct.unpack(f"<{len(raw) // 4}f", raw), dtype=torch.float32)
 
 
 def sample_positions(numel: int) -> torch.Tensor:
@@ -34,8 +183,10 @@ def sample_positions(numel: int) -> torch.Tensor:
 
 def backbone_fingerprint(
     backbone: nn.Module, engine: Engine, skip_names: Iterable[str] = ()
-) -> str | None:
-    """Hex fingerprint of ``backbone``'s own parameters, or ``None`` if any is on ``meta``.
+) -> Fingerprint | None:
+    """Fingerprint of ``backbone``'s own parameters, or ``None`` if any is on ``meta``.
+
+    Call on every rank: sampling a sharded parameter is a collective.
 
     Args:
         backbone: the model; parameters of attached deltas are never part of it.
@@ -45,16 +196,29 @@ def backbone_fingerprint(
     engine.settle(backbone)
     skip = set(skip_names)
     delta_params = {id(p) for m in delta_modules(backbone).values() for p in m.parameters()}
-    digest = hashlib.sha256()
+    digest, structure = hashlib.sha256(), hashlib.sha256()
+    names: list[str] = []
+    counts: list[int] = []
+    samples: list[float] = []
     for name, param in sorted(canonical_parameters(backbone).items()):
         if name in skip or id(param) in delta_params:
             continue
         shape = engine.logical_shape(param)
-        digest.update(f"{name}:{tuple(shape)};".encode())
-        if shape.numel() == 0:
-            continue
-        values = engine.sample(param, sample_positions(shape.numel()))
-        if values is None:
-            return None
+        entry = f"{name}:{tuple(shape)};".encode()
+        digest.update(entry)
+        structure.update(entry)
+        values = torch.zeros(0, dtype=torch.float64)
+        if shape.numel() > 0:
+            values = engine.sample(param, sample_positions(shape.numel()))
+            if values is None:
+                return None
+        # The digest rounds the float64 samples to bf16 as checkpoints' backbone_hash always has,
+        # so old checkpoints (digest only) still compare equal.
         digest.update(values.to(torch.bfloat16).to(torch.float32).numpy().tobytes())
-    return digest.hexdigest()
+        names.append(name)
+        counts.append(len(values))
+        samples.extend(values.to(torch.float32).tolist())
+    return Fingerprint(
+        digest=digest.hexdigest(), structure=structure.hexdigest(), names=tuple(names),
+        counts=tuple(counts), samples=tuple(samples),
+    )

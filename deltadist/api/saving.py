@@ -54,7 +54,7 @@ class SaveLoadMixin:
         fingerprint = self._premerge_fingerprint if self.merged else self._fingerprint()
         config = self.config.replace(
             backbone_class=self.engine.model_class_name(self.backbone_model),
-            backbone_hash=fingerprint,
+            backbone_hash=fingerprint.digest if fingerprint is not None else None,
             backbone_checkpoint_name=backbone_checkpoint_name or self.config.backbone_checkpoint_name
             or _name_or_path(self.backbone_model),
         ).to_dict()
@@ -169,11 +169,11 @@ def check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
     unfrozen = config.unfrozen_modules or [DELTAS_KEYWORD]
     skip = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
     actual = backbone_fingerprint(backbone, detect_engine(backbone), skip)
-    if actual is not None and actual != expected:
+    if actual is not None and actual.digest != expected:
         raise BackboneMismatchError(
             f"This delta was trained on another {type(backbone).__name__} checkpoint: the backbone "
-            f"fingerprint is {actual[:12]}, the delta expects {str(expected)[:12]}. Load the backbone "
-            "it was trained on, or pass check_hash=False to load it anyway."
+            f"fingerprint is {actual.digest[:12]}, the delta expects {str(expected)[:12]}. Load the "
+            "backbone it was trained on, or pass check_hash=False to load it anyway."
         )
 
 
