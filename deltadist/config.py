@@ -7,7 +7,7 @@ messages naming the field and the value. Configs are plain data (JSON-able), nev
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, TypeVar
 
 from deltadist.errors import ConfigError, closest
@@ -48,7 +48,11 @@ class DeltaConfig:
     backbone_checkpoint_name: str | None = None
     """Name or path of the backbone checkpoint (provenance)."""
     backbone_hash: str | None = None
-    """Backbone fingerprint at save time; checked by ``from_finetuned`` unless ``check_hash=False``."""
+    """Backbone fingerprint digest at save time; checked by ``from_finetuned`` unless
+    ``check_hash=False``."""
+    backbone_samples: str | None = field(default=None, repr=False)
+    """The fingerprint's sampled values (``structure:base64``), so that the same checkpoint in
+    another dtype (fp16, bf16) is recognised within rounding error."""
 
     def __post_init__(self) -> None:
         for name in ("modified_modules", "exclude_modules", "unfrozen_modules"):

@@ -47,7 +47,8 @@ def is_linear_module(module: nn.Module) -> bool:
     """
     if isinstance(module, nn.Linear):
         return True
-    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
         return True
     return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 

@@ -24,7 +24,7 @@ from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
 from deltadist.config import DeltaConfig
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
-from deltadist.fingerprint import backbone_fingerprint
+from deltadist.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Fingerprint, backbone_fingerprint
 from deltadist.provenance import library_versions
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class SaveLoadMixin:
         config = self.config.replace(
             backbone_class=self.engine.model_class_name(self.backbone_model),
             backbone_hash=fingerprint.digest if fingerprint is not None else None,
+            backbone_samples=fingerprint.samples_text if fingerprint is not None else None,
             backbone_checkpoint_name=backbone_checkpoint_name or self.config.backbone_checkpoint_name
             or _name_or_path(self.backbone_model),
         ).to_dict()
@@ -69,7 +70,7 @@ class SaveLoadMixin:
         self.engine.broadcast_outcome(error, f"writing {finetuned_delta_path}")
         return str(finetuned_delta_path)
 
-    def _fingerprint(self) -> str | None:
+    def _fingerprint(self) -> Fingerprint | None:
         """The backbone's fingerprint, leaving out what the checkpoint carries (kept parameters)."""
         return backbone_fingerprint(self.backbone_model, self.engine, self.record.kept_backbone)
 
@@ -162,19 +163,33 @@ class SaveLoadMixin:
 def check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
     """Refuse a backbone whose fingerprint differs from the one saved in ``config``.
 
-    The backbone parameters the checkpoint carries (its ``unfrozen_modules``) are left out: the
-    checkpoint overwrites them.
+    The same checkpoint in another dtype (fp32, bf16, fp16) is accepted: samples are compared
+    within rounding error. The backbone parameters the checkpoint carries (its
+    ``unfrozen_modules``) are left out: the checkpoint overwrites them.
+
+    Raises:
+        BackboneMismatchError: another checkpoint or architecture (the differing tensors named).
     """
-    expected = config.backbone_hash
     unfrozen = config.unfrozen_modules or [DELTAS_KEYWORD]
     skip = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
     actual = backbone_fingerprint(backbone, detect_engine(backbone), skip)
-    if actual is not None and actual.digest != expected:
-        raise BackboneMismatchError(
-            f"This delta was trained on another {type(backbone).__name__} checkpoint: the backbone "
-            f"fingerprint is {actual.digest[:12]}, the delta expects {str(expected)[:12]}. Load the "
-            "backbone it was trained on, or pass check_hash=False to load it anyway."
-        )
+    if actual is None:  # on the meta device: nothing to compare yet
+        return
+    differing = actual.differing_tensors(str(config.backbone_hash), config.backbone_samples)
+    if not differing:
+        return
+    if differing == [STRUCTURE_DIFFERS]:
+        what = "another architecture (parameter names or shapes differ)"
+    elif differing == [DIGEST_DIFFERS]:
+        what = (f"another checkpoint (fingerprint {actual.digest[:12]}, the delta expects "
+                f"{str(config.backbone_hash)[:12]})")
+    else:
+        shown = ", ".join(differing[:5]) + (f", ... {len(differing) - 5} more" if len(differing) > 5 else "")
+        what = f"another checkpoint ({len(differing)} tensors differ: {shown})"
+    raise BackboneMismatchError(
+        f"This delta was trained on another {type(backbone).__name__}: this backbone is {what}. "
+        "Load the backbone checkpoint it was trained on, or pass check_hash=False to load it anyway."
+    )
 
 
 def _name_or_path(model: nn.Module) -> str | None:

@@ -79,7 +79,7 @@ def test_checkpoints_hold_the_delta_and_no_model_weights(trained) -> None:
         assert not files & FULL_MODEL_FILES, files
         tensors = load_file(str(directory / "delta.safetensors"))
         # The LoRA and the task head (trained and saved with the delta by default), nothing else.
-        assert tensors and all(".lora." in key or key.startswith("score.") for key in tensors), sorted(tensors)
+        assert tensors and all(".lora." in k or k.startswith("score.") for k in tensors), sorted(tensors)
         assert "score.weight" in tensors
     last = load_file(str(trained["dir"] / checkpoints[-1] / "delta.safetensors"))
     assert all(torch.equal(last[k], v) for k, v in trained["state"].items())

@@ -212,7 +212,8 @@ TASK_HEADS = {  # the new, randomly initialised modules of each task model, by h
             "t5": ["classification_head"], "gpt2": ["score"], "bart": ["classification_head"],
             "llama": ["score"], "qwen2": ["score"], "mistral": ["score"], "vit": ["classifier"]},
     "qa": {family: ["qa_outputs"] for family in FAMILIES},
-    "token": {family: ["classifier"] for family in FAMILIES} | {f: ["score"] for f in ("llama", "qwen2", "mistral")},
+    "token": {family: ["classifier"] for family in FAMILIES}
+    | {family: ["score"] for family in ("llama", "qwen2", "mistral")},
     "lm": {family: [] for family in FAMILIES},
 }
 
