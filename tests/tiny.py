@@ -161,3 +161,18 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     outputs = model(**inputs)
     logits = getattr(outputs, "logits", None)
     return logits if logits is not None else outputs.last_hidden_state
+
+
+class TwoLayer(torch.nn.Module):
+    """``fc2(relu(fc1(x)))``, seeded: the smallest model with two linear sites."""
+
+    def __init__(self, features: tuple[int, int, int] = (4, 8, 3), seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.fc1 = torch.nn.Linear(features[0], features[1])
+            self.fc2 = torch.nn.Linear(features[1], features[2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [..., in]`` -> ``[..., out]``."""
+        return self.fc2(torch.relu(self.fc1(x)))

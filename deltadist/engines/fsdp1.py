@@ -39,6 +39,16 @@ class FSDP1Engine(DistributedEngine):
     def claims(cls, model: nn.Module) -> bool:
         return distributed_ready() and any(is_flat_sharded(p) for p in model.parameters())
 
+    def settle(self, model: nn.Module) -> None:
+        # After a forward FSDP1 keeps the root unit's gathered (unsharded) copy for the backward
+        # that usually follows, and a next forward reuses it without gathering: values written
+        # into the shards in between (a load, a merge, e.g. of a task head at the root) would be
+        # ignored. Dropping that copy, as a backward would, makes the next forward gather again.
+        for handle in _handles_holding_a_gathered_copy(model):
+            handle.reshard(True)
+            handle.post_reshard()
+            handle._prefetched = False
+
     def check_attachable(self, model: nn.Module) -> None:
         raise EngineError(
             "FullyShardedDataParallel has already flattened this model's parameters, so new delta "
@@ -76,3 +86,26 @@ class FSDP1Engine(DistributedEngine):
         if not is_flat_sharded(param):
             return super().sample(param, flat_indices)
         return sample_from_pieces(param, piece_offsets(param.numel())[self.rank], flat_indices)
+
+
+def _handles_holding_a_gathered_copy(model: nn.Module) -> list:
+    """FSDP1 handles (flat parameters) of ``model``'s units that sit idle with a gathered copy.
+
+    The root unit usually wraps ``model`` from outside; every unit inside shares the root's list
+    of all handles (``_exec_order_data.all_handles``, set at FSDP1's lazy init), which is how it
+    is found. FSDP1 is frozen upstream, so these private names are stable.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+    handles: dict[int, object] = {}
+    for unit in model.modules():
+        if not isinstance(unit, FullyShardedDataParallel):
+            continue
+        found = [unit._handle, *getattr(getattr(unit, "_exec_order_data", None), "all_handles", [])]
+        handles.update((id(h), h) for h in found if h is not None)
+    return [
+        h for h in handles.values()
+        if h.uses_sharded_strategy and h._training_state == HandleTrainingState.IDLE
+        and getattr(h.flat_param, "_full_param_padded", None) is not None and not h.needs_unshard()
+    ]

@@ -75,12 +75,26 @@ def wrap_model(model: nn.Module, engine: str, device: torch.device) -> nn.Module
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    _check_one_dtype(model)
     block_types = {type(b) for b in repeated_blocks(model)}
     return FullyShardedDataParallel(
         model, use_orig_params=True, device_id=device,
         auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
         param_init_fn=(lambda m: _materialise_unit(m, device)) if _on_meta(model) else None,
     )
+
+
+def _check_one_dtype(model: nn.Module) -> None:
+    """FSDP1 flattens each unit's parameters into one tensor, so they must share one dtype."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    if len(dtypes) > 1:
+        raise ConfigError(
+            f"FSDP1 needs one parameter dtype per unit, but this model mixes {' and '.join(dtypes)} "
+            "(delta_dtype='auto' keeps deltas in float32 on a half-precision backbone). Use fsdp2, "
+            "which keeps trainable parameters apart; or keep the backbone in float32 and let "
+            "MixedPrecision(param_dtype=torch.bfloat16) compute in half precision; or build the "
+            "delta with delta_dtype='site'."
+        )
 
 
 def _materialise_unit(module: nn.Module, device: torch.device) -> None:

@@ -201,6 +201,18 @@ def train_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
             run["unmerged_children"] = _lora_children(model)
             run["unmerged_logits"] = logits(engine, full_inputs)
         out[variant] = run
+    # A LoRA on a site at the model root (the task head) and in every layer merges into the
+    # ZeRO-3 partitions too.
+    model, delta = workers.merge_sites_model()
+    engine = initialize(deepspeed, model, delta, "zero3")
+    merges = {"attached": logits(engine, full_inputs)}
+    delta.merge()
+    merges["merged"] = logits(engine, full_inputs)
+    delta.unmerge()
+    merges["unmerged"] = logits(engine, full_inputs)
+    delta.merge_and_unload()
+    merges["unloaded"] = logits(engine, full_inputs)
+    out["root_merge"] = merges
     return out
 
 
@@ -398,6 +410,15 @@ def test_merge_under_zero3_gives_the_unmerged_logits(trained) -> None:
         assert not torch.allclose(run["logits"], _base_logits(), atol=1e-4), "the LoRA did not train"
         torch.testing.assert_close(run["merged_logits"], run["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(run["unmerged_logits"], run["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_merges_under_zero3_land_in_the_partitions_root_sites_included(trained) -> None:
+    _, ranks = trained
+    model, _ = workers.merge_sites_model()
+    expected = logits(model, workers.batch()[0])  # one process, LoRA attached
+    for rank in ranks:
+        for state, value in rank["root_merge"].items():
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=lambda m, s=state: f"{s}: {m}")
 
 
 def _base_logits() -> torch.Tensor:

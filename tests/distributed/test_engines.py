@@ -133,3 +133,32 @@ def test_activation_checkpointing_under_ddp() -> None:
         lora = {k: g for k, g in frozen_inputs["grads"].items() if ".lora." in k}
         assert lora and all(g is None for g in lora.values()), sorted(lora)
         assert frozen_inputs["grads"]["score.weight"] is not None
+
+
+@pytest.mark.parametrize("engine", workers.ENGINES)
+def test_merges_land_in_the_sharded_weights_root_sites_included(engine: str) -> None:
+    model, _ = workers.merge_sites_model()
+    inputs, _ = workers.batch()
+    with torch.no_grad():
+        expected = model(**inputs).logits  # one process, LoRA attached
+    for rank in run_ranks(workers.merge_roundtrip, args=(engine,)):
+        for state in ("attached", "merged", "unmerged", "unloaded"):
+            torch.testing.assert_close(rank[state], expected, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, s=state: f"{engine} {s}: {m}")
+        assert rank["delta_modules"] == []
+
+
+def test_a_failed_write_on_rank_0_raises_on_every_rank(tmp_path) -> None:
+    ranks = run_ranks(workers.failing_save, args=(str(tmp_path),), timeout=120)
+    assert "No space left" in ranks[0]["error"]
+    assert ranks[1]["error"] and "Rank 0 failed" in ranks[1]["error"] and "No space left" in ranks[1]["error"]
+
+
+@pytest.mark.parametrize("engine", workers.ENGINES)
+def test_a_bf16_backbone_trains_its_fp32_lora_under_each_engine(engine: str) -> None:
+    for rank in run_ranks(workers.half_precision_step, args=(engine,)):
+        if engine == "fsdp1":  # one dtype per flat parameter: a clear error with the ways out
+            assert "FSDP1 needs one parameter dtype" in rank["error"] and "fsdp2" in rank["error"]
+            continue
+        assert rank["error"] is None, rank["error"]
+        assert rank["dtypes"] == ["torch.float32"] and rank["finite"] and rank["moved"]

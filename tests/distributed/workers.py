@@ -280,3 +280,92 @@ def crash_on_rank_one(rank: int, world_size: int) -> None:
 
         faulthandler._sigsegv()
     dist.barrier()
+
+
+# -- merges, failed writes and half precision under each engine ---------------------------------
+MERGE_SITES = ["q_proj", "score"]
+"""A site inside every layer and one at the model root (the task head)."""
+
+
+def merge_sites_model() -> tuple[nn.Module, Any]:
+    """The backbone with a LoRA on :data:`MERGE_SITES`, moved (seeded) away from its no-op start."""
+    from deltadist import LoraModel
+    from tests.tiny import build_tiny
+
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
+    delta = LoraModel(backbone_model=model, lora_r=4, modified_modules=MERGE_SITES,
+                      unfrozen_modules=["deltas"])
+    generator = torch.Generator().manual_seed(DELTA_SEED)
+    with torch.no_grad():
+        for _, param in sorted(delta.delta_parameters().items()):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    delta.freeze_module()
+    return model, delta
+
+
+def merge_roundtrip(rank: int, world_size: int, engine: str) -> dict[str, Any]:
+    """Attached, merged, unmerged and merged-and-unloaded logits of the wrapped model."""
+    model, delta = merge_sites_model()
+    wrapped = wrap(model, engine)
+    inputs, _ = batch()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return wrapped(**inputs).logits.detach().clone()
+
+    out = {"attached": logits()}  # a forward first: FSDP2 then leaves the root unsharded
+    delta.merge()
+    out["merged"] = logits()
+    delta.unmerge()
+    out["unmerged"] = logits()
+    delta.merge_and_unload()
+    out["unloaded"] = logits()
+    out["delta_modules"] = [n for n, _ in model.named_modules() if n.endswith(".lora")]
+    return out
+
+
+def failing_save(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
+    """Rank 0's write fails (disk full): every rank must raise, none may wait forever."""
+    import deltadist.checkpoint as checkpoint
+
+    model, delta = build("lora")
+    wrapped = wrap(model, "ddp")
+    if rank == 0:
+        def disk_full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        checkpoint.save_file = disk_full
+    try:
+        delta.save_finetuned(os.path.join(workdir, "full"))
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        outcome = f"{type(err).__name__}: {err}"
+    else:
+        outcome = None
+    del wrapped
+    return {"error": outcome}
+
+
+def half_precision_step(rank: int, world_size: int, engine: str) -> dict[str, Any]:
+    """A bf16 backbone with its (fp32 by default) LoRA: wrap, two AdamW steps, report."""
+    from deltadist import LoraModel, wrap_model
+    from tests.tiny import build_tiny
+
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED).to(torch.bfloat16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DELTA_SEED)
+        delta = LoraModel(backbone_model=model, lora_r=4, unfrozen_modules=["deltas"])
+    delta.freeze_module()
+    try:
+        wrapped = wrap_model(model, engine, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(delta.parameters(), lr=1e-2)
+        inputs, labels = batch(rank, world_size)
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(wrapped(**inputs).logits.float(), labels).backward()
+            optimizer.step()
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(err).__name__}: {err}"}
+    state = delta.state_dict()
+    return {"error": None, "dtypes": sorted({str(v.dtype) for v in state.values()}),
+            "finite": all(bool(torch.isfinite(v).all()) for v in state.values()),
+            "moved": any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))}

@@ -13,6 +13,7 @@ from deltadist import BitFitModel, LoraModel
 from deltadist.attach import Attachment, Mechanism, attach, detach, forget
 from deltadist.delta_module import DeltaModule
 from tests.snapshot import assert_same_snapshot, snapshot
+from tests.tiny import TwoLayer
 
 
 class Affine(DeltaModule):
@@ -86,16 +87,6 @@ def test_forget_drops_the_record() -> None:
     assert not site._forward_hooks and "affine" not in site._modules
 
 
-class TwoLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _tune(delta) -> None:
     """Move the delta's own parameters away from their no-op start (the task head stays)."""
     with torch.no_grad():
@@ -161,26 +152,3 @@ def test_bitfit_gradient_equals_the_existing_bias_gradient() -> None:
     BitFitModel(model, modified_modules=["fc2"]).freeze_module()
     model(x).pow(2).sum().backward()
     torch.testing.assert_close(model.fc2.bitfit.bias.grad, bias_grad)
-
-
-@pytest.mark.parametrize("family", ["bert", "gpt2"])  # nn.Linear and transformers' Conv1D
-def test_lora_merge_matches_the_attached_model_and_unmerge_restores(family: str) -> None:
-    from tests.tiny import build_tiny, logits_of, tiny_inputs
-
-    model, inputs = build_tiny(family, "cls"), tiny_inputs(family)
-    base = logits_of(model, inputs)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    delta = LoraModel(model, lora_r=4)
-    _tune(delta)
-    tuned = logits_of(model, inputs)
-    delta.merge()
-    assert not any(".lora" in n for n, _ in model.named_modules())
-    torch.testing.assert_close(logits_of(model, inputs), tuned, rtol=1e-4, atol=1e-5)
-    with pytest.raises(Exception, match="unmerge"):
-        delta.attach()
-    delta.unmerge()
-    torch.testing.assert_close(logits_of(model, inputs), tuned, rtol=1e-4, atol=1e-5)
-    delta.detach()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits_of(model, inputs), base, rtol=1e-4, atol=1e-5)

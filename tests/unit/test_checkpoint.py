@@ -11,22 +11,10 @@ import torch
 from safetensors import safe_open
 
 import deltadist.checkpoint as checkpoint
-from deltadist import AutoDeltaConfig, AutoDeltaModel, CheckpointError, LoraModel
+from deltadist import AutoDeltaConfig, AutoDeltaModel, CheckpointError
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
-
-@pytest.fixture
-def saved(tmp_path: Path):
-    """A BERT with a trained-looking LoRA, saved; returns (model, delta, directory, tuned logits)."""
-    model = build_tiny("bert", "cls")
-    delta = LoraModel(backbone_model=model, lora_r=4)
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.normal_(0, 0.1)
-    directory = tmp_path / "delta"
-    delta.save_finetuned(directory)
-    return model, delta, directory, logits_of(model, tiny_inputs("bert"))
 
 
 def test_checkpoint_holds_only_delta_tensors_and_its_config(saved) -> None:

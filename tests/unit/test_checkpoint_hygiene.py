@@ -20,18 +20,6 @@ from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
 
-@pytest.fixture
-def saved(tmp_path: Path):
-    """A BERT with a trained-looking LoRA, saved; returns (model, delta, directory, tuned logits)."""
-    model = build_tiny("bert", "cls")
-    delta = LoraModel(backbone_model=model, lora_r=4)
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.normal_(0, 0.1)
-    directory = tmp_path / "delta"
-    delta.save_finetuned(directory)
-    return model, delta, directory, logits_of(model, tiny_inputs("bert"))
-
 
 def checkpoint_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from deltadist import BitFitModel, LoraModel
+from tests.tiny import TwoLayer
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
-
-
-class TwoLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 @pytest.fixture
 def compiled():
     """A model compiled *before* any delta exists (the harder case), its eager twin and an input."""
     torch._dynamo.reset()
-    model = TwoLayer()
+    model = TwoLayer((8, 16, 4))
     fast = torch.compile(model, backend="eager")  # Dynamo's graph capture; no C++ compiler needed
     x = torch.randn(3, 8)
     assert torch.equal(fast(x), model(x))  # compiled and cached without hooks

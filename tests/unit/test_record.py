@@ -1,0 +1,39 @@
+"""The record of what a delta owns: keys, sites, and the registry of deltas on a backbone."""
+
+from __future__ import annotations
+
+import torch
+
+from deltadist import BitFitModel, LoraModel
+from deltadist.record import delta_key, kept_by_other_deltas, records_on
+from tests.tiny import build_tiny
+
+
+def test_keys_are_site_kind_param_and_root_sites_have_no_site_part() -> None:
+    assert delta_key("bert.encoder.layer.0.attention.self.query", "lora", "lora_A") == \
+        "bert.encoder.layer.0.attention.self.query.lora.lora_A"
+    assert delta_key("", "soft_prompt", "embedding") == "soft_prompt.embedding"
+
+
+def test_the_record_lists_delta_and_kept_parameters_by_key() -> None:
+    model = build_tiny("bert", "cls")
+    delta = LoraModel(model, lora_r=2, modified_modules=["query"])
+    record = delta.record
+    assert delta.sites == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert list(record.backbone_parameters()) == ["classifier.weight", "classifier.bias"]
+    assert record.backbone_parameters()["classifier.weight"] is model.classifier.weight
+    assert all(record.delta_parameters()[k] is p for k, p in delta.delta_parameters().items())
+    assert record.delta_parameter_ids() == {id(model.bert.encoder.layer[i].attention.self.query.lora.lora_A)
+                                            for i in range(2)} | {
+        id(model.bert.encoder.layer[i].attention.self.query.lora.lora_B) for i in range(2)}
+
+
+def test_records_are_known_on_their_backbone_until_unloaded() -> None:
+    model = build_tiny("bert", "cls")
+    lora = LoraModel(model, lora_r=2)
+    bitfit = BitFitModel(model, modified_modules=["attention"])
+    assert set(map(id, records_on(model))) == {id(lora.record), id(bitfit.record)}
+    assert kept_by_other_deltas(model, bitfit.record) == {"classifier.weight", "classifier.bias"}
+    with torch.no_grad():
+        lora.merge_and_unload()
+    assert [id(r) for r in records_on(model)] == [id(bitfit.record)]
