@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from deltadist.training.loop import Metrics
 
@@ -31,6 +32,7 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
         where = f"{metrics.world_size} × {metrics.device} ({metrics.engine})"
     table.add_row("time", f"{metrics.train_seconds:.1f} s training, {metrics.total_seconds:.1f} s in all,"
                   f" on {where}")
-    table.add_row("delta", f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})")
-    table.add_row("metrics", metrics_path)
+    # Paths are user text: escaped, so "[x]" or ":b:" in a directory name prints as written.
+    table.add_row("delta", Text(f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})"))
+    table.add_row("metrics", Text(metrics_path))
     (console or Console()).print(table)
