@@ -198,8 +198,8 @@ def grad_checkpointing(rank: int, world_size: int) -> dict[str, Any]:
             )
         if variant == "reentrant":
             model.enable_input_require_grads()  # what transformers 5.x also does by itself
-        elif variant == "reentrant_frozen_inputs":
-            model.disable_input_require_grads()
+        elif variant == "reentrant_frozen_inputs" and hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()  # 4.5x installs no hook by itself: none to remove
         ddp = DistributedDataParallel(model)
         try:
             with warnings.catch_warnings():
