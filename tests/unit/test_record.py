@@ -37,3 +37,31 @@ def test_records_are_known_on_their_backbone_until_unloaded() -> None:
     with torch.no_grad():
         lora.merge_and_unload()
     assert [id(r) for r in records_on(model)] == [id(bitfit.record)]
+
+
+def test_a_shared_parameter_holder_at_the_root_is_keyed_without_a_site_and_wires_no_hooks() -> None:
+    """The shape later methods need: parameters shared by every site, held once at the root."""
+    from torch import nn
+
+    from deltadist.attach import Attachment, attach, detach
+    from deltadist.delta_module import DeltaModule
+    from deltadist.record import DeltaRecord
+    from tests.tiny import TwoLayer
+
+    class Holder(DeltaModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rule = nn.Parameter(torch.zeros(2, 2))
+
+        def reset_parameters(self) -> None:
+            nn.init.zeros_(self.rule)
+
+    model = TwoLayer()
+    holder = Attachment(site=model, site_name="", delta=Holder(), base_name="shared", mechanism=None)
+    attach(holder)
+    record = DeltaRecord(model, [holder])
+    assert list(record.delta_parameters()) == ["shared.rule"] and record.site_names == []
+    assert model.shared is holder.delta and not model._forward_hooks and not model._forward_pre_hooks
+    assert "shared.rule" in model.state_dict()
+    detach(holder)
+    assert "shared" not in model._modules
