@@ -17,6 +17,7 @@ the backbone, never a reassigned ``state_dict`` method:
   weights would be dropped by ``from_pretrained``).
 
 Several deltas may ask for the filter on one backbone; the hooks stay until the last one lets go.
+Under FSDP1 the state dict stays whole (its root unit's own hook needs every parameter).
 :func:`full_state_dict` gives the whole state dict back for a block.
 """
 
@@ -33,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from deltadist.addressing.names import canonical_name
 from deltadist.attach import delta_modules
+from deltadist.engines import detect_engine
 from deltadist.errors import ExportError
 
 ChangedFlags = dict[int, tuple[nn.Parameter, bool]]
@@ -120,7 +122,7 @@ def _frozen_names(module: nn.Module) -> set[str]:
 
 
 def _drop_frozen_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    if module in _SUSPENDED:
+    if module in _SUSPENDED or not detect_engine(module).trainable_only_state_dict:
         return
     if _inside_save_pretrained(module):
         _refuse_export_with_deltas(module)

@@ -43,6 +43,8 @@ class Engine:
     """Plain single-process behaviour; engines for sharded setups override the ``_hooks``."""
 
     name = "plain"
+    trainable_only_state_dict = True
+    """Whether ``freeze_module(set_state_dict=True)`` may drop frozen entries from ``state_dict()``."""
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

@@ -34,6 +34,9 @@ class FSDP1Engine(DistributedEngine):
     """Engine for models wrapped in FSDP1 with ``use_orig_params=True``."""
 
     name = "fsdp1"
+    # FSDP1's own state-dict hook on the root unit, which wraps the backbone from outside and so
+    # runs after deltadist's, requires every parameter it manages to be in the dict.
+    trainable_only_state_dict = False
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

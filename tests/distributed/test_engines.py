@@ -162,3 +162,10 @@ def test_a_bf16_backbone_trains_its_fp32_lora_under_each_engine(engine: str) -> 
             continue
         assert rank["error"] is None, rank["error"]
         assert rank["dtypes"] == ["torch.float32"] and rank["finite"] and rank["moved"]
+
+
+def test_state_dict_of_an_fsdp1_model_after_freezing_is_whole_and_keeps_the_delta_keys() -> None:
+    """FSDP1's root hook needs every parameter in the dict, so the filter stands aside there."""
+    for rank in run_ranks(workers.fsdp1_state_dict_keys):
+        assert set(rank["delta"]) <= set(rank["keys"])
+        assert set(rank["keys"]) >= set(rank["backbone"])

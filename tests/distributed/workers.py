@@ -369,3 +369,21 @@ def half_precision_step(rank: int, world_size: int, engine: str) -> dict[str, An
     return {"error": None, "dtypes": sorted({str(v.dtype) for v in state.values()}),
             "finite": all(bool(torch.isfinite(v).all()) for v in state.values()),
             "moved": any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))}
+
+
+def fsdp1_state_dict_keys(rank: int, world_size: int) -> dict[str, Any]:
+    """``state_dict()`` of an FSDP1-wrapped backbone after ``freeze_module()``: its keys."""
+    from tests.tiny import build_tiny
+
+    model, delta = build("lora")
+    wrapped = wrap(model, "fsdp1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        keys = sorted(wrapped.state_dict())
+    return {"keys": keys, "delta": sorted(dict(delta.named_parameters())),
+            "backbone": full_state_names(build_tiny(FAMILY, "cls", seed=MODEL_SEED))}
+
+
+def full_state_names(model: nn.Module) -> list[str]:
+    """The keys of ``model``'s whole state dict."""
+    return sorted(model.state_dict())
