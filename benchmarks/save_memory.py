@@ -113,7 +113,8 @@ def main() -> None:
 
     mib = 2**20
     table = Table(title=(f"Peak extra RSS on rank 0 during save, FSDP2 x2 CPU; backbone "
-                         f"{data['backbone_bytes'] / mib:.0f} MiB, delta {data['delta_bytes'] / mib:.2f} MiB"))
+                         f"{data['backbone_bytes'] / mib:.0f} MiB, "
+                         f"delta {data['delta_bytes'] / mib:.2f} MiB"))
     for column in ("method", "median MiB", "max MiB", "x delta size"):
         table.add_column(column)
     for name, values in data["peak_extra_bytes"].items():

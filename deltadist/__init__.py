@@ -20,15 +20,21 @@ from deltadist.errors import (
 )
 from deltadist.engines.setup import prepare_model, wrap_model
 from deltadist.freeze import full_state_dict
+from deltadist.methods.adapter import AdapterConfig, AdapterModel
 from deltadist.methods.bitfit import BitFitConfig, BitFitModel
+from deltadist.methods.compacter import CompacterConfig, CompacterModel
 from deltadist.methods.lora import LoraConfig, LoraModel
+from deltadist.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
+from deltadist.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from deltadist.visualize import Visualization
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AddressingError", "AutoDeltaConfig", "AutoDeltaModel", "BackboneMismatchError",
-    "BitFitConfig", "BitFitModel", "CheckpointError", "ConfigError", "DeltaBase", "DeltaConfig",
-    "DeltaError", "EngineError", "ExportError", "LoraConfig", "LoraModel", "SiteError", "Visualization",
+    "AdapterConfig", "AdapterModel", "AddressingError", "AutoDeltaConfig", "AutoDeltaModel",
+    "BackboneMismatchError", "BitFitConfig", "BitFitModel", "CheckpointError", "CompacterConfig",
+    "CompacterModel", "ConfigError", "DeltaBase", "DeltaConfig", "DeltaError", "EngineError",
+    "ExportError", "LoraConfig", "LoraModel", "LowRankAdapterConfig", "LowRankAdapterModel",
+    "ParallelAdapterConfig", "ParallelAdapterModel", "SiteError", "Visualization",
     "full_state_dict", "prepare_model", "wrap_model",
 ]

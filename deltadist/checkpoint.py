@@ -51,7 +51,8 @@ _UNCHANGED_MEANS = {
 }
 
 
-def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> Path:
+def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                     config: dict[str, Any]) -> Path:
     """Write ``tensors`` and ``config`` into ``directory`` atomically (main rank only).
 
     Returns:

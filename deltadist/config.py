@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 from deltadist.errors import ConfigError, closest
 
 CONFIG_FORMAT_VERSION = 1
 C = TypeVar("C", bound="DeltaConfig")
+
+DELTA_TYPE_ALIASES = {"lowrankadapter": "low_rank_adapter"}
+"""Other spellings of a ``delta_type`` (OpenDelta's), accepted wherever one is read."""
+
+
+def canonical_delta_type(delta_type: object) -> object:
+    """``delta_type`` with OpenDelta's spellings mapped to deltadist's."""
+    return DELTA_TYPE_ALIASES.get(delta_type, delta_type) if isinstance(delta_type, str) else delta_type
+
 
 DELTA_DTYPES = ("auto", "site", "float32", "float16", "bfloat16", "float64")
 """Values of ``delta_dtype``."""
@@ -60,9 +69,7 @@ class DeltaConfig:
             if isinstance(value, str):
                 setattr(self, name, [value])
             elif value is not None:
-                if not all(isinstance(v, str) for v in value):
-                    raise ConfigError(f"{name} must be a list of strings, got {value!r}.")
-                setattr(self, name, list(value))
+                setattr(self, name, [self._pattern(name, v, value) for v in value])
         if self.delta_dtype not in DELTA_DTYPES:
             raise ConfigError(
                 f"delta_dtype must be one of {', '.join(map(repr, DELTA_DTYPES))}, got {self.delta_dtype!r}."
@@ -72,6 +79,12 @@ class DeltaConfig:
                 "modified_modules=[] selects nothing. Pass None for the method's defaults, or list "
                 "module names."
             )
+
+    def _pattern(self, field_name: str, item: Any, value: Any) -> Any:
+        """One item of a pattern list, checked (methods that take more than names override it)."""
+        if not isinstance(item, str):
+            raise ConfigError(f"{field_name} must be a list of strings, got {value!r}.")
+        return item
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -86,7 +99,7 @@ class DeltaConfig:
                 ``delta_type`` in the dict is not this config's.
         """
         merged = {**config, **overrides}
-        delta_type = merged.pop("delta_type", cls.delta_type)
+        delta_type = canonical_delta_type(merged.pop("delta_type", cls.delta_type))
         if delta_type != cls.delta_type:
             raise ConfigError(
                 f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {delta_type!r}. "
@@ -124,3 +137,17 @@ def check_range(config: DeltaConfig, name: str, low: float, high: float) -> None
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise ConfigError(f"{name} must be a number in [{low}, {high}), got {value!r}.")
+
+
+def check_choice(config: DeltaConfig, name: str, choices: Iterable[str],
+                 case_insensitive: bool = False) -> None:
+    """Check that the field ``name`` is one of ``choices``."""
+    value = getattr(config, name)
+    known = list(choices)
+    test = value.lower() if case_insensitive and isinstance(value, str) else value
+    if test not in known:
+        near = closest(str(value), known, 3)
+        raise ConfigError(
+            f"{name} must be one of {', '.join(map(repr, known))}, got {value!r} "
+            f"(closest: {', '.join(near)})."
+        )

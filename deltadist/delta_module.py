@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -16,13 +17,30 @@ class DeltaModule(nn.Module):
     Subclasses create every parameter in ``__init__`` (with the site's device and the dtype of
     the config's ``delta_dtype`` rule; meta stays meta) and put their initial values in
     :meth:`reset_parameters`, so a model built on the meta device can be materialised first and
-    initialised afterwards. A delta with a merged form overrides :meth:`merge_blocker` and
-    :meth:`fold_into`.
+    initialised afterwards (they call :meth:`initialize` last in ``__init__``). A delta with a
+    merged form overrides :meth:`merge_blocker` and :meth:`fold_into`.
     """
 
     def reset_parameters(self) -> None:
-        """(Re)initialise the parameters in place. Called once at construction."""
+        """(Re)initialise the parameters in place (see :meth:`initialize`)."""
         raise NotImplementedError(f"{type(self).__name__} must define reset_parameters()")
+
+    def initialize(self) -> None:
+        """Initialise at construction, unless on ``meta``: values on meta are never read, and a
+        meta-built model gets real ones after materialising (``prepare_model``); skipping the
+        initialisers keeps attaching to a 70B meta model fast."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def fixed_parameters(self) -> list[nn.Parameter]:
+        """Parameters saved with the delta but never trained (``freeze_module`` keeps them frozen):
+        those of submodules with ``learned = False``."""
+        return [p for m in self.modules() if getattr(m, "learned", True) is False for p in m.parameters()]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the delta computes in (its parameters'); inputs are cast to it and back."""
+        return next(self.parameters()).dtype
 
     def merge_blocker(self, site: nn.Module) -> str | None:
         """Why this delta cannot be folded into ``site``'s weights, or ``None`` if it can."""

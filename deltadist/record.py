@@ -3,9 +3,10 @@
 A delta owns two kinds of parameters:
 
 * **delta parameters**: the parameters of the delta modules it created, one module per site, plus
-  modules that only hold parameters shared by several sites (an attachment without a mechanism,
-  registered once, e.g. on the model root). They are keyed ``<site>.<kind>.<param>``; a module
-  whose site is the model root is keyed ``<kind>.<param>``. :func:`delta_key` builds every key.
+  modules that only hold parameters shared by several sites (an attachment whose mechanism is
+  ``HOLDER``, registered once, e.g. on the model root). They are keyed ``<site>.<kind>.<param>``;
+  a module whose site is the model root is keyed ``<kind>.<param>``. :func:`delta_key` builds
+  every key.
 * **kept backbone parameters**: backbone parameters the delta keeps trainable and saves with
   itself (a task head, ``unfrozen_modules=["deltas", "classifier"]``), by canonical name.
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from deltadist.addressing.names import canonical_parameters
 from deltadist.attach import Attachment
+from deltadist.mechanisms import HOLDER
 
 
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[DeltaRecord]]" = weakref.WeakKeyDictionary()
@@ -97,7 +99,11 @@ class DeltaRecord:
     def delta_parameter_ids(self) -> set[int]:
         return {id(p) for p in self.delta_parameters().values()}
 
+    def fixed_parameter_ids(self) -> set[int]:
+        """Delta parameters that are saved but never trained (e.g. a Compacter rule not learned)."""
+        return {id(p) for att in self.attachments for p in att.delta.fixed_parameters()}
+
     @property
     def site_names(self) -> list[str]:
         """Canonical names of the modified sites (shared-parameter holders left out), in order."""
-        return list(dict.fromkeys(a.site_name for a in self.attachments if a.mechanism is not None))
+        return list(dict.fromkeys(a.site_name for a in self.attachments if a.mechanism is not HOLDER))

@@ -8,11 +8,18 @@ global shape is the real one), and propagation of meta tensors through the modul
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine
+from deltadist.errors import SiteError
+
+if TYPE_CHECKING:
+    from deltadist.addressing.select import Site
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -90,6 +97,47 @@ def output_features(module: nn.Module, engine: Engine) -> int | None:
     if isinstance(weight, torch.Tensor) and len(engine.logical_shape(weight)) == 1:
         return int(engine.logical_shape(weight)[0])
     return None
+
+
+def site_widths(site: "Site", engine: Engine) -> tuple[int, int]:
+    """``(input width, output width)`` of a site's hidden states, from attributes and logical shapes.
+
+    A linear layer gives its features, a norm its weight's size; a block (an attention or
+    feed-forward module) is read from its linear layers in registration order -- the first one
+    takes the block's input, the last one makes its output -- as in every supported family.
+    Delta modules already attached inside are not part of the block.
+
+    Raises:
+        SiteError: the width cannot be told (no linear layer, no 1-D weight).
+    """
+    module = site.module
+    features = linear_features(module, engine)
+    if features is not None:
+        return features
+    width = output_features(module, engine)
+    if width is not None:
+        return width, width
+    inside = [m for m in _backbone_descendants(module) if is_linear_module(m)]
+    first = linear_features(inside[0], engine) if inside else None
+    last = linear_features(inside[-1], engine) if inside else None
+    if first is None or last is None:
+        raise SiteError(
+            f"Cannot tell the hidden-state width at {site.name!r} ({type(module).__name__}): it is "
+            "not a linear layer or a norm and holds no linear layer. Point modified_modules at a "
+            "linear layer, a norm, or an attention / feed-forward block."
+        )
+    return first[0], last[1]
+
+
+def _backbone_descendants(module: nn.Module) -> list[nn.Module]:
+    """``module``'s submodules in registration order, skipping delta modules and their insides."""
+    found: list[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, DeltaModule):
+            continue
+        found.append(child)
+        found.extend(_backbone_descendants(child))
+    return found
 
 
 def meta_output(

@@ -21,11 +21,14 @@ DELTAS_KEYWORD = "deltas"
 
 @dataclass(frozen=True)
 class Site:
-    """A module of the backbone that a delta attaches to."""
+    """A module of the backbone that a delta attaches to (and, for a span, where it reads from)."""
 
     name: str
     """Canonical dotted path from the backbone root."""
     module: nn.Module
+    start_name: str | None = None
+    """For a span: the canonical name of the module whose input the delta reads."""
+    start: nn.Module | None = None
 
 
 def _names_for_matching(

@@ -20,11 +20,12 @@ from deltadist.addressing.structures import TASK_HEAD
 from deltadist.api.freezing import FreezeMixin
 from deltadist.api.merging import MergeMixin
 from deltadist.api.saving import SaveLoadMixin, check_fingerprint
-from deltadist.attach import Attachment, Mechanism
+from deltadist.attach import Attachment
 from deltadist.config import DeltaConfig
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
 from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
+from deltadist.mechanisms import SPAN, Mechanism
 from deltadist.record import DeltaRecord, kept_by_other_deltas
 
 
@@ -65,7 +66,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         elif kwargs:
             config = config.replace(**kwargs)
         if not isinstance(config, self.config_class):
-            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                              f"got {type(config).__name__}.")
         self._setup(config, backbone_model)
 
     def _setup(self, config: DeltaConfig, backbone_model: nn.Module, loading_from: str | None = None) -> None:
@@ -118,6 +120,14 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     def _build_delta(self, site: Site) -> DeltaModule:
         """The delta module for ``site``; raise :class:`SiteError` if it cannot be modified."""
         raise NotImplementedError
+
+    def _select_sites(self, attached: frozenset[int]) -> list[Site]:
+        """The sites the config's patterns select (``attached``: ids of delta modules to skip)."""
+        config = self.config
+        return select_sites(
+            self.backbone_model, config.modified_modules, self.default_modified_modules,
+            config.exclude_modules, config.common_structure, skip=attached, within=self.broadcast,
+        )
 
     # -- construction --------------------------------------------------------------------------
     def _check_attachable(self, loading_from: str | None) -> None:
@@ -183,17 +193,13 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
 
     def _select_targets(self) -> list[Site]:
         """The sites the config selects, after broadcasting; errors name what cannot be modified."""
-        config = self.config
         attached = frozenset(id(m) for m in mechanisms.delta_modules(self.backbone_model).values())
-        sites = select_sites(
-            self.backbone_model, config.modified_modules, self.default_modified_modules,
-            config.exclude_modules, config.common_structure, skip=attached, within=self.broadcast,
-        )
-        targets: dict[str, Site] = {}
+        sites = self._select_sites(attached)
+        targets: dict[tuple[str | None, str], Site] = {}
         problems: list[str] = []
         for site in sites:
             try:
-                targets.update((t.name, t) for t in self._targets(site))
+                targets.update(((t.start_name, t.name), t) for t in self._targets(site))
             except SiteError as err:
                 problems.append(f"  {err}")
         if not targets and not problems:
@@ -210,8 +216,10 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             except SiteError as err:
                 problems.append(f"  {err}")
                 continue
+            mechanism = SPAN if target.start is not None else self.mechanism
             attachments.append(Attachment(site=target.module, site_name=target.name, delta=delta,
-                                          base_name=self.child_name, mechanism=self.mechanism))
+                                          base_name=self.child_name, mechanism=mechanism,
+                                          start=target.start))
         if problems:
             raise self._cannot_modify(problems)
         return attachments

@@ -79,9 +79,10 @@ class FreezeMixin:
         foreign = mechanisms.delta_parameter_ids(self.backbone_model) - own
         foreign |= {id(p) for other in records_on(self.backbone_model) if other is not record
                     for p in other.backbone_parameters().values()}
+        fixed = record.fixed_parameter_ids()
         changed = freeze.set_trainable(
             (p for p in scope.parameters() if id(p) not in foreign),
-            lambda p: (id(p) in own and record.train_deltas) or id(p) in kept,
+            lambda p: (id(p) in own and record.train_deltas and id(p) not in fixed) or id(p) in kept,
         )
         for key, value in changed.items():  # keep the oldest previous flag of each parameter
             record.changed_flags.setdefault(key, value)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from deltadist.api.delta_base import DeltaBase
+from deltadist.config import canonical_delta_type
 from deltadist.errors import ConfigError, closest
+from deltadist.methods.adapter import AdapterModel
 from deltadist.methods.bitfit import BitFitModel
+from deltadist.methods.compacter import CompacterModel
 from deltadist.methods.lora import LoraModel
+from deltadist.methods.low_rank_adapter import LowRankAdapterModel
+from deltadist.methods.parallel_adapter import ParallelAdapterModel
 
 DELTA_MODELS: dict[str, type[DeltaBase]] = {
-    cls.delta_type: cls for cls in (LoraModel, BitFitModel)
+    cls.delta_type: cls for cls in (
+        LoraModel, BitFitModel, AdapterModel, LowRankAdapterModel, CompacterModel, ParallelAdapterModel,
+    )
 }
 
 
@@ -18,6 +25,7 @@ def delta_model_class(delta_type: object) -> type[DeltaBase]:
     Raises:
         ConfigError: unknown type (the known ones are listed).
     """
+    delta_type = canonical_delta_type(delta_type)
     if delta_type not in DELTA_MODELS:
         near = closest(str(delta_type), DELTA_MODELS, 2)
         raise ConfigError(

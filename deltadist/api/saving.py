@@ -21,7 +21,7 @@ from torch import nn
 from deltadist import attach as mechanisms
 from deltadist import checkpoint
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
-from deltadist.config import DeltaConfig
+from deltadist.config import DeltaConfig, canonical_delta_type
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
 from deltadist.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Fingerprint, backbone_fingerprint
@@ -148,11 +148,12 @@ class SaveLoadMixin:
         stored = self._config_from_dict(checkpoint.read_config(directory))
         if check_hash and stored.backbone_hash:
             check_fingerprint(stored, self.backbone_model)
-        self.load_state_dict(checkpoint.read_tensors(directory), where=str(directory / checkpoint.WEIGHTS_NAME))
+        tensors = checkpoint.read_tensors(directory)
+        self.load_state_dict(tensors, where=str(directory / checkpoint.WEIGHTS_NAME))
 
     @classmethod
     def _config_from_dict(cls, stored: Mapping[str, Any]) -> DeltaConfig:
-        if stored.get("delta_type", cls.delta_type) != cls.delta_type:
+        if canonical_delta_type(stored.get("delta_type", cls.delta_type)) != cls.delta_type:
             raise ConfigError(
                 f"The checkpoint holds a {stored.get('delta_type')!r} delta, not {cls.delta_type!r}. "
                 "Load it with AutoDeltaModel.from_finetuned."

@@ -19,11 +19,11 @@ from torch import nn
 from deltadist.addressing.names import canonical_modules, parse_patterns
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.attach import Mechanism
 from deltadist.config import DeltaConfig
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine
 from deltadist.errors import SiteError
+from deltadist.mechanisms import AFTER
 from deltadist.shapes import output_features, site_placement
 
 
@@ -41,7 +41,7 @@ class BiasDelta(DeltaModule):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.empty(features, device=device, dtype=dtype))
-        self.reset_parameters()
+        self.initialize()
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)
@@ -73,7 +73,7 @@ class BitFitModel(DeltaBase):
     delta_type = "bitfit"
     config_class = BitFitConfig
     default_modified_modules = ("attn", "ff", "layer_norm", "lm_head.proj")
-    mechanism = Mechanism.AFTER
+    mechanism = AFTER
     broadcast = True
     child_name = "bitfit"
 

@@ -16,11 +16,11 @@ from torch import nn
 
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.attach import Mechanism
 from deltadist.config import DeltaConfig, check_positive_int, check_range
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine
 from deltadist.errors import SiteError
+from deltadist.mechanisms import PARALLEL
 from deltadist.shapes import linear_features, site_placement
 
 
@@ -54,7 +54,7 @@ class LoRA(DeltaModule):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / r
-        self.reset_parameters()
+        self.initialize()
 
     def reset_parameters(self) -> None:
         # A as nn.Linear initialises its weight, B at zero: the branch starts as an exact no-op.
@@ -96,14 +96,14 @@ class LoraModel(DeltaBase):
         exclude_modules, unfrozen_modules, common_structure: see :class:`DeltaConfig`.
 
     Example:
-        >>> delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=4)  # doctest: +SKIP
+        >>> delta = LoraModel(model, modified_modules=["query", "value"], lora_r=4)  # doctest: +SKIP
         >>> delta.freeze_module()  # doctest: +SKIP
     """
 
     delta_type = "lora"
     config_class = LoraConfig
     default_modified_modules = ("attn.q", "attn.v")
-    mechanism = Mechanism.PARALLEL
+    mechanism = PARALLEL
     child_name = "lora"
     config: LoraConfig
 

@@ -418,7 +418,8 @@ def test_merges_under_zero3_land_in_the_partitions_root_sites_included(trained) 
     expected = logits(model, workers.batch()[0])  # one process, LoRA attached
     for rank in ranks:
         for state, value in rank["root_merge"].items():
-            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=lambda m, s=state: f"{s}: {m}")
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, s=state: f"{s}: {m}")
 
 
 def _base_logits() -> torch.Tensor:

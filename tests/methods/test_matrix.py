@@ -12,6 +12,10 @@ from tests.tiny import FAMILIES, build_tiny, logits_of, tiny_inputs
 METHODS = {
     "lora": {"delta_type": "lora", "lora_r": 4},
     "bitfit": {"delta_type": "bitfit"},
+    "adapter": {"delta_type": "adapter", "bottleneck_dim": 8},
+    "low_rank_adapter": {"delta_type": "lowrankadapter", "reduction_factor": 4, "low_rank_rank": 2},
+    "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
+    "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
 }
 CASES = [(family, method) for family in FAMILIES for method in METHODS]
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from deltadist import BitFitModel, LoraModel
-from deltadist.attach import Attachment, Mechanism, attach, detach, forget
+from deltadist.attach import Attachment, attach, detach, forget
+from deltadist.mechanisms import AFTER, BEFORE, PARALLEL, Mechanism
 from deltadist.delta_module import DeltaModule
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import TwoLayer
@@ -43,8 +44,8 @@ def _attachment(site: nn.Module, delta: DeltaModule, mechanism: Mechanism) -> At
 
 def test_after_deltas_run_in_insertion_order() -> None:
     site = _site()
-    first = _attachment(site, Affine(2, 0), Mechanism.AFTER)
-    second = _attachment(site, Affine(1, 1), Mechanism.AFTER)
+    first = _attachment(site, Affine(2, 0), AFTER)
+    second = _attachment(site, Affine(1, 1), AFTER)
     attach(first), attach(second)
     assert site(torch.tensor([1.0])).item() == 3.0  # (1*2)+1, not (1+1)*2
     assert [first.child_name, second.child_name] == ["affine", "affine_1"]
@@ -52,8 +53,8 @@ def test_after_deltas_run_in_insertion_order() -> None:
 
 def test_before_deltas_last_added_sees_the_input_first() -> None:
     site = _site()
-    first = _attachment(site, Affine(2, 0), Mechanism.BEFORE)
-    second = _attachment(site, Affine(1, 1), Mechanism.BEFORE)
+    first = _attachment(site, Affine(2, 0), BEFORE)
+    second = _attachment(site, Affine(1, 1), BEFORE)
     attach(first), attach(second)
     assert site(torch.tensor([1.0])).item() == 4.0  # second first: (1+1), then first: *2
 
@@ -62,9 +63,9 @@ def test_before_deltas_last_added_sees_the_input_first() -> None:
 def test_detach_and_reattach_in_any_order_restores_the_composition(order) -> None:
     site = _site()
     atts = [
-        _attachment(site, Affine(2, 0), Mechanism.AFTER),
-        _attachment(site, Affine(1, 1), Mechanism.PARALLEL),
-        _attachment(site, Affine(3, -1), Mechanism.AFTER),
+        _attachment(site, Affine(2, 0), AFTER),
+        _attachment(site, Affine(1, 1), PARALLEL),
+        _attachment(site, Affine(3, -1), AFTER),
     ]
     before = snapshot(site)
     for att in atts:
@@ -81,7 +82,7 @@ def test_detach_and_reattach_in_any_order_restores_the_composition(order) -> Non
 
 def test_forget_drops_the_record() -> None:
     site = _site()
-    att = _attachment(site, Affine(2, 0), Mechanism.AFTER)
+    att = _attachment(site, Affine(2, 0), AFTER)
     attach(att)
     forget(att)
     assert not site._forward_hooks and "affine" not in site._modules

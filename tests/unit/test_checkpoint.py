@@ -46,7 +46,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(saved, monkeypatch) -> 
     monkeypatch.setattr(checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         delta.save_finetuned(directory)
-    assert sorted(p.name for p in directory.iterdir()) == sorted([checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME])
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == sorted([checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME])
     fresh = build_tiny("bert", "cls")
     AutoDeltaModel.from_finetuned(directory, backbone_model=fresh)
     assert torch.equal(logits_of(fresh, tiny_inputs("bert")), tuned)

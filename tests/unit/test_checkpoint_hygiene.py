@@ -1,4 +1,4 @@
-"""Checkpoint hygiene: file modes, a checksum of the weights, state_dict copies, errors that say what to do."""
+"""Checkpoint hygiene: file modes, a weights checksum, state_dict copies, errors that say what to do."""
 
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def test_the_weights_checksum_is_stored_in_the_header_and_the_mirror(saved) -> N
 
 
 def test_tensors_sha256_covers_names_dtypes_shapes_and_values() -> None:
-    base = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(1.5, dtype=torch.bfloat16)}
+    base = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            "b": torch.tensor(1.5, dtype=torch.bfloat16)}
     digest = checkpoint.tensors_sha256(base)
-    assert digest == checkpoint.tensors_sha256(dict(reversed(base.items())))  # order of the dict is not hashed
+    assert digest == checkpoint.tensors_sha256(dict(reversed(base.items())))  # dict order not hashed
     variants = [
         {**base, "a": base["a"].reshape(3, 2)},  # same bytes, other shape
         {**base, "a": base["a"].view(torch.int32)},  # same bytes, other dtype
@@ -75,7 +76,8 @@ def test_a_byte_flipped_in_the_data_section_is_refused_and_the_backbone_untouche
     weights.write_bytes(bytes(raw))
     fresh = build_tiny("bert", "cls")
     before = snapshot(fresh)
-    with pytest.raises(CheckpointError, match=re.escape(str(weights)) + ".*modified or corrupted.*Save the delta"):
+    expected = re.escape(str(weights)) + ".*modified or corrupted.*Save the delta"
+    with pytest.raises(CheckpointError, match=expected):
         AutoDeltaModel.from_finetuned(directory, backbone_model=fresh)
     assert_same_snapshot(before, snapshot(fresh))
 
@@ -125,7 +127,8 @@ def test_saving_onto_or_under_an_existing_file_names_it(tmp_path: Path, target: 
      SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")],
     ids=["OSError", "SafetensorError"],
 )
-def test_a_failed_write_names_the_directory_and_keeps_the_previous_checkpoint(saved, monkeypatch, failure) -> None:
+def test_a_failed_write_names_the_directory_and_keeps_the_previous_checkpoint(
+        saved, monkeypatch, failure) -> None:
     _, delta, directory, tuned = saved
     with torch.no_grad():
         for param in delta.parameters():
@@ -192,7 +195,8 @@ def test_an_invalid_regex_in_unfrozen_modules_fails_at_construction_changing_not
 def test_loading_a_file_outside_any_checkpoint_names_it(tmp_path: Path) -> None:
     stray = tmp_path / "notes.txt"
     stray.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=re.escape(str(stray)) + ".*Pass the directory that save_finetuned"):
+    expected = re.escape(str(stray)) + ".*Pass the directory that save_finetuned"
+    with pytest.raises(CheckpointError, match=expected):
         AutoDeltaModel.from_finetuned(stray, backbone_model=build_tiny("bert", "cls"))
 
 

@@ -50,7 +50,8 @@ def test_defaults_on_an_unknown_model_say_to_pass_modified_modules() -> None:
 
 
 def test_unknown_delta_type_lists_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"Known delta types: bitfit, lora"):
+    known = "adapter, bitfit, compacter, lora, low_rank_adapter, parallel_adapter"
+    with pytest.raises(ConfigError, match=rf"Known delta types: {known}"):
         AutoDeltaConfig.from_dict({"delta_type": "lroa"})
 
 

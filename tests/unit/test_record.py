@@ -45,6 +45,7 @@ def test_a_shared_parameter_holder_at_the_root_is_keyed_without_a_site_and_wires
 
     from deltadist.attach import Attachment, attach, detach
     from deltadist.delta_module import DeltaModule
+    from deltadist.mechanisms import HOLDER
     from deltadist.record import DeltaRecord
     from tests.tiny import TwoLayer
 
@@ -57,7 +58,7 @@ def test_a_shared_parameter_holder_at_the_root_is_keyed_without_a_site_and_wires
             nn.init.zeros_(self.rule)
 
     model = TwoLayer()
-    holder = Attachment(site=model, site_name="", delta=Holder(), base_name="shared", mechanism=None)
+    holder = Attachment(site=model, site_name="", delta=Holder(), base_name="shared", mechanism=HOLDER)
     attach(holder)
     record = DeltaRecord(model, [holder])
     assert list(record.delta_parameters()) == ["shared.rule"] and record.site_names == []

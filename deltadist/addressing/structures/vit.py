@@ -1,4 +1,4 @@
-"""Common-structure map of ViT, with transformers 5 module paths (``layers.$.attention.q_proj``) and 4.5x ones."""
+"""Common-structure map of ViT: transformers 5 module paths (``layers.$.attention.q_proj``) and 4.5x ones."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from deltadist import BitFitModel
-from deltadist.attach import Attachment, Mechanism, attach
+from deltadist.attach import Attachment, attach
+from deltadist.mechanisms import AFTER
 from deltadist.delta_module import DeltaModule
 from tests.tiny import build_tiny
 
@@ -39,7 +40,7 @@ def test_bitfit_never_reaches_into_another_deltas_modules() -> None:
     model = build_tiny("bert", "cls")
     site = model.bert.encoder.layer[0].attention.output
     attach(Attachment(site=site, site_name="bert.encoder.layer.0.attention.output",
-                      delta=Bottleneck(32), base_name="adapter", mechanism=Mechanism.AFTER))
+                      delta=Bottleneck(32), base_name="adapter", mechanism=AFTER))
     delta = BitFitModel(model, modified_modules=["0.attention"])
     assert delta.sites and not any(".adapter" in s for s in delta.sites)
     assert "bert.encoder.layer.0.attention.output.dense" in delta.sites
