@@ -153,3 +153,28 @@ def test_bitfit_gradient_equals_the_existing_bias_gradient() -> None:
     BitFitModel(model, modified_modules=["fc2"]).freeze_module()
     model(x).pow(2).sum().backward()
     torch.testing.assert_close(model.fc2.bitfit.bias.grad, bias_grad)
+
+
+def test_every_method_composes_on_one_site_in_insertion_order_whatever_the_detach_order() -> None:
+    from deltadist import AdapterModel, CompacterModel, LowRankAdapterModel, ParallelAdapterModel
+
+    model, x = TwoLayer((4, 16, 3)), torch.randn(5, 4)
+    kinds = [(LoraModel, {"lora_r": 2}), (BitFitModel, {}), (AdapterModel, {"bottleneck_dim": 4}),
+             (LowRankAdapterModel, {"reduction_factor": 4}), (CompacterModel, {"reduction_factor": 4}),
+             (ParallelAdapterModel, {"bottleneck_dim": 4})]
+    deltas = [cls(model, modified_modules=["fc1"], **kwargs) for cls, kwargs in kinds]
+    for delta in deltas:
+        _tune(delta)
+    # By hand: parallel deltas read fc1's input and add at their place; sequential ones transform
+    # the output; all in insertion order.
+    site = model.fc1
+    y = torch.nn.functional.linear(x, site.weight, site.bias) + site.lora(x)
+    y = site.compacter(site.low_rank_adapter(site.adapter(site.bitfit(y))))
+    expected = model.fc2(torch.relu(y + site.parallel_adapter(x)))
+    torch.testing.assert_close(model(x), expected)
+    for order in [(0, 1, 2, 3, 4, 5), (5, 4, 3, 2, 1, 0), (2, 5, 0, 3, 1, 4), (3, 0, 4, 1, 5, 2)]:
+        for i in order:
+            deltas[i].detach()
+        for i in reversed(order):
+            deltas[i].attach()
+        torch.testing.assert_close(model(x), expected)
