@@ -29,13 +29,13 @@ class DeltaModule(nn.Module):
         """Initialise at construction, unless on ``meta``: values on meta are never read, and a
         meta-built model gets real ones after materialising (``prepare_model``); skipping the
         initialisers keeps attaching to a 70B meta model fast."""
-        if not any(p.is_meta for p in self.parameters()):
+        own = list(self._parameters.values())  # the common case, without walking submodules
+        if not any(p is not None and p.is_meta for p in own or self.parameters()):
             self.reset_parameters()
 
     def fixed_parameters(self) -> list[nn.Parameter]:
-        """Parameters saved with the delta but never trained (``freeze_module`` keeps them frozen):
-        those of submodules with ``learned = False``."""
-        return [p for m in self.modules() if getattr(m, "learned", True) is False for p in m.parameters()]
+        """Parameters saved with the delta but never trained (``freeze_module`` keeps them frozen)."""
+        return []
 
     @property
     def param_dtype(self) -> torch.dtype:

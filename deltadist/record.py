@@ -97,7 +97,7 @@ class DeltaRecord:
         return {**self.delta_parameters(), **self.backbone_parameters()}
 
     def delta_parameter_ids(self) -> set[int]:
-        return {id(p) for p in self.delta_parameters().values()}
+        return {id(p) for att in self.attachments for p in att.delta.parameters()}
 
     def fixed_parameter_ids(self) -> set[int]:
         """Delta parameters that are saved but never trained (e.g. a Compacter rule not learned)."""

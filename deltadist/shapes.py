@@ -35,10 +35,11 @@ def site_placement(module: nn.Module, delta_dtype: str = "site") -> tuple[torch.
     that dtype. Delta modules cast at the site boundary, so the backbone keeps running in its dtype.
     """
     device, dtype = torch.device("cpu"), torch.get_default_dtype()
-    for param in module.parameters():
-        if param.is_floating_point():
-            device, dtype = param.device, param.dtype
-            break
+    weight = getattr(module, "weight", None)
+    first = weight if isinstance(weight, torch.Tensor) else next(
+        (p for p in module.parameters() if p.is_floating_point()), None)
+    if first is not None and first.is_floating_point():
+        device, dtype = first.device, first.dtype
     if delta_dtype == "auto":
         return device, torch.float32 if dtype in HALF_DTYPES else dtype
     if delta_dtype == "site":

@@ -45,12 +45,13 @@ def _within(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
-def common_name_index(root: nn.Module, guess: bool = True) -> dict[str, tuple[str, ...]]:
+def common_name_index(root: nn.Module, guess: bool = True, role: str | None = None) -> dict[str, tuple[str, ...]]:
     """Canonical module name -> common names, for every module that plays a role.
 
     Args:
         root: the model.
         guess: for a model without a known ``config``, use the best-matching map anyway.
+        role: only modules playing this role (a common-name template without ``$``).
 
     Returns:
         An empty dict when no family is recognised.
@@ -61,7 +62,7 @@ def common_name_index(root: nn.Module, guess: bool = True) -> dict[str, tuple[st
         for name in modules:
             if _within(name, prefix):
                 relative = name[len(prefix) + 1:] if prefix else name
-                commons = smap.common_names(relative)
+                commons = smap.common_names(relative, role)
                 if commons:
                     index[name] = tuple(dict.fromkeys(index.get(name, ()) + commons))
     return index
@@ -69,7 +70,7 @@ def common_name_index(root: nn.Module, guess: bool = True) -> dict[str, tuple[st
 
 def modules_with_role(root: nn.Module, role: str, guess: bool = True) -> list[str]:
     """Canonical names of the modules whose common name is ``role`` (``"task_head"``), in order."""
-    return [name for name, commons in common_name_index(root, guess).items() if role in commons]
+    return [name for name, commons in common_name_index(root, guess, role).items() if role in commons]
 
 
 def families(root: nn.Module) -> list[str]:

@@ -105,11 +105,27 @@ def _root_is_wrapper(root: nn.Module) -> bool:
     return children == ["module"]
 
 
+def walk_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()`` (pre-order, shared modules once), without the recursive generators
+    that make it slow on models with thousands of modules."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        prefix = f"{name}." if name else ""
+        stack.extend((prefix + child_name, child) for child_name, child in reversed(module._modules.items())
+                     if child is not None)
+
+
 def canonical_modules(root: nn.Module) -> dict[str, nn.Module]:
     """Every submodule of ``root`` (root included, as ``""``) by canonical name."""
     strip = _root_is_wrapper(root)
     found: dict[str, nn.Module] = {}
-    for name, module in root.named_modules():
+    for name, module in walk_modules(root):
         found.setdefault(canonical_name(name, strip), module)
     return found
 

@@ -144,6 +144,8 @@ def select_kept_parameters(backbone: nn.Module, patterns: Sequence[str],
     Raises:
         AddressingError: a pattern matches no backbone parameter (the closest names are listed).
     """
+    if all(p == DELTAS_KEYWORD for p in patterns):
+        return ()
     params = [n for n, p in canonical_parameters(backbone).items() if id(p) not in skip]
     kept: dict[str, None] = {}
     unmatched: list[Pattern] = []

@@ -44,6 +44,12 @@ def glorot_(tensor: torch.Tensor, how: str, fan: tuple[int, int]) -> None:
             tensor.uniform_(-math.sqrt(3.0) * scale, math.sqrt(3.0) * scale)
 
 
+def unlearned_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of ``module``'s submodules marked ``learned = False`` (a Compacter rule with
+    ``learn_phm=False``): saved with the delta, never trained."""
+    return [p for m in module.modules() if getattr(m, "learned", True) is False for p in m.parameters()]
+
+
 class LowRankLinear(nn.Module):
     """``x @ (left @ right) + bias``: a linear map whose ``[in, out]`` weight has rank ``rank``.
 
@@ -99,6 +105,9 @@ class Bottleneck(DeltaModule):
     def reset_parameters(self) -> None:
         for projection in (self.down, self.up):
             projection.reset_parameters()
+
+    def fixed_parameters(self) -> list[nn.Parameter]:
+        return unlearned_parameters(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [..., in]`` -> ``[..., out]`` in ``hidden``'s dtype."""

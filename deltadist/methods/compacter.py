@@ -21,7 +21,7 @@ from deltadist.config import DeltaConfig, check_choice, check_positive_int, chec
 from deltadist.delta_module import DeltaModule
 from deltadist.errors import ConfigError, SiteError
 from deltadist.mechanisms import AFTER, HOLDER
-from deltadist.methods.bottleneck import ACTIVATIONS, WEIGHT_INITS, Bottleneck
+from deltadist.methods.bottleneck import ACTIVATIONS, WEIGHT_INITS, Bottleneck, unlearned_parameters
 from deltadist.methods.low_rank_adapter import bottleneck_width
 from deltadist.methods.phm import PHMLinear, PHMRule, PHMWeight
 from deltadist.shapes import site_placement, site_widths
@@ -89,6 +89,9 @@ class CompacterShared(DeltaModule):
     def reset_parameters(self) -> None:
         for module in self.children():
             module.reset_parameters()
+
+    def fixed_parameters(self) -> list[nn.Parameter]:
+        return unlearned_parameters(self)
 
     def forward(self) -> None:
         raise TypeError("compacter_shared only holds shared tensors; its children are called by the sites.")

@@ -43,27 +43,32 @@ class StructureMap:
     """Like ``roles``, for module paths of older transformers releases (4.5x) that 5.x renamed."""
 
     @cached_property
-    def _compiled(self) -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
+    def _compiled(self) -> list[tuple[str, re.Pattern[str], tuple[str, ...]]]:
+        """``(last path segment, regex, common names)`` per template; the literal last segment
+        lets a name be skipped without running the regex (thousands of modules per lookup)."""
         compiled = []
         for real, common in {**self.roles, **self.legacy_roles}.items():
             commons = (common,) if isinstance(common, str) else tuple(common)
-            body = r"\.".join(
-                r"(\d+)" if part == LAYER_INDEX else re.escape(part) for part in real.split(".")
-            )
-            compiled.append((re.compile(r"(?:^|.*\.)" + body), commons))
+            parts = real.split(".")
+            body = r"\.".join(r"(\d+)" if part == LAYER_INDEX else re.escape(part) for part in parts)
+            last = "" if parts[-1] == LAYER_INDEX else parts[-1]
+            compiled.append((last, re.compile(r"(?:^|.*\.)" + body), commons))
         return compiled
 
-    def common_names(self, name: str) -> tuple[str, ...]:
+    def common_names(self, name: str, role: str | None = None) -> tuple[str, ...]:
         """Common names of the module at canonical path ``name`` (empty if it plays no role).
 
         Args:
             name: canonical dotted module path (engine wrapper segments already removed).
+            role: only this common-name template (``"task_head"``), which is faster to test.
 
         Returns:
             Common names with ``$`` replaced by the layer index found in ``name``.
         """
         found: list[str] = []
-        for pattern, commons in self._compiled:
+        for last, pattern, commons in self._compiled:
+            if (role is not None and role not in commons) or not name.endswith(last):
+                continue
             match = pattern.fullmatch(name)
             if match is None:
                 continue
