@@ -61,7 +61,8 @@ def peft_lora(model: nn.Module) -> None:
 
 ROWS: dict[str, Callable[[nn.Module], None]] = {
     "deltadist LoRA, 7 projections": deltadist_row("lora", lora_r=16, modified_modules=PROJECTIONS),
-    "deltadist adapters, o_proj + down_proj": deltadist_row("adapter", modified_modules=["o_proj", "down_proj"]),
+    "deltadist adapters, o_proj + down_proj": deltadist_row(
+        "adapter", modified_modules=["o_proj", "down_proj"]),
     "deltadist BitFit": deltadist_row("bitfit"),
     "PEFT LoRA, 7 projections": peft_lora,
 }

@@ -45,7 +45,8 @@ def _within(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
-def common_name_index(root: nn.Module, guess: bool = True, role: str | None = None) -> dict[str, tuple[str, ...]]:
+def common_name_index(root: nn.Module, guess: bool = True,
+                      role: str | None = None) -> dict[str, tuple[str, ...]]:
     """Canonical module name -> common names, for every module that plays a role.
 
     Args:
