@@ -49,6 +49,8 @@ MOMENTUM = 0.9
 """SGD momentum: gives the optimizer a state, so resuming from an engine checkpoint must restore it."""
 LORA_R = 4
 VARIANTS = ("zero2", "zero3", "zero3_init")
+OTHER_METHODS = tuple(m for m in workers.METHODS if m != "lora")
+"""LoRA has its own, longer recipe here (engine checkpoints, merges, the Trainer)."""
 """ZeRO-2; ZeRO-3 partitioning at ``deepspeed.initialize``; ZeRO-3 partitioned at construction."""
 FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                     "pytorch_model.bin.index.json")
@@ -109,14 +111,22 @@ def _partitioned_at_construction(deepspeed: Any) -> nn.Module:
     return model.eval()
 
 
-def build(deepspeed: Any, variant: str) -> tuple[nn.Module, Any]:
-    """Backbone, seeded LoRA (the same on every rank and in the reference), frozen around it."""
-    from deltadist import LoraModel
+def build(deepspeed: Any, variant: str, method: str = "lora") -> tuple[nn.Module, Any]:
+    """Backbone, seeded delta (the same on every rank and in the reference), frozen around it.
+
+    LoRA starts at its no-op; the other methods start as ``workers.build`` moves them (on every
+    rank alike), which under ZeRO-3 is a gather-modify-scatter of the delta only.
+    """
+    from deltadist import AutoDeltaModel, LoraModel
 
     model = _partitioned_at_construction(deepspeed) if variant == "zero3_init" else _base_model()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(workers.DELTA_SEED)
-        delta = LoraModel(backbone_model=model, lora_r=LORA_R)
+        if method == "lora":
+            delta = LoraModel(backbone_model=model, lora_r=LORA_R)
+        else:
+            delta = AutoDeltaModel.from_config(workers.DELTAS[method], backbone_model=model)
+            delta.load_state_dict(_moved_start(method))
     delta.freeze_module()
     return model, delta
 
@@ -143,15 +153,24 @@ def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     return model(**inputs).logits.detach().clone()
 
 
-def reference(steps: int = STEPS) -> dict[str, Any]:
+def _moved_start(method: str) -> dict[str, torch.Tensor]:
+    """The starting values ``workers.build`` gives ``method``'s delta (computed in one process)."""
+    _, delta = workers.build(method)
+    return delta.state_dict()
+
+
+def reference(steps: int = STEPS, method: str = "lora") -> dict[str, Any]:
     """One process, the whole batch, plain PyTorch: the delta's tensors and the trained logits."""
     from deltadist import LoraModel
 
-    model = _base_model()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(workers.DELTA_SEED)
-        delta = LoraModel(backbone_model=model, lora_r=LORA_R)
-    delta.freeze_module()
+    if method == "lora":
+        model = _base_model()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(workers.DELTA_SEED)
+            delta = LoraModel(backbone_model=model, lora_r=LORA_R)
+        delta.freeze_module()
+    else:
+        model, delta = workers.build(method)
     inputs, labels = workers.batch()
     optimizer = torch.optim.SGD(list(delta.parameters()), lr=workers.LR, momentum=MOMENTUM)
     for _ in range(steps):
@@ -213,6 +232,21 @@ def train_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
     delta.merge_and_unload()
     merges["unloaded"] = logits(engine, full_inputs)
     out["root_merge"] = merges
+    return out
+
+
+def method_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
+    """Every other method under each variant: 3 steps, save, the delta's state."""
+    deepspeed = _deepspeed()
+    inputs, labels = workers.batch(rank, world_size)
+    out: dict[str, Any] = {}
+    for method in OTHER_METHODS:
+        for variant in VARIANTS:
+            model, delta = build(deepspeed, variant, method)
+            engine = initialize(deepspeed, model, delta, variant)
+            losses = [step(engine, inputs, labels) for _ in range(STEPS)]
+            path = delta.save_finetuned(os.path.join(workdir, f"{variant}-{method}"))
+            out[f"{variant}-{method}"] = {"path": path, "losses": losses, "state": delta.state_dict()}
     return out
 
 
@@ -351,6 +385,12 @@ def trained(deepspeed_ops, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 @pytest.fixture(scope="module")
+def methods_trained(deepspeed_ops, tmp_path_factory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("deepspeed_methods")
+    return run_ranks(_importable(method_ranks), timeout=LAUNCH_TIMEOUT, args=(str(workdir),))
+
+
+@pytest.fixture(scope="module")
 def resumed(trained) -> list[dict]:
     workdir, _ = trained
     return run_ranks(_importable(resume_ranks), timeout=LAUNCH_TIMEOUT, args=(str(workdir),))
@@ -400,6 +440,19 @@ def test_reloading_in_one_process_reproduces_the_trained_logits(trained, expecte
     AutoDeltaModel.from_finetuned(ranks[0][variant]["path"], backbone_model=fresh)
     inputs, _ = workers.batch()
     torch.testing.assert_close(logits(fresh, inputs), expected["logits"], **TOL)
+
+
+@pytest.mark.slow  # one more DeepSpeed launch, ~90 s on 2 CPU cores: CI runs it after the default suite
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_method_trains_under_zero_as_in_one_process(methods_trained, method, variant) -> None:
+    expected = reference(method=method)["state"]
+    saved = _saved(methods_trained[0][f"{variant}-{method}"]["path"])
+    assert sorted(saved) == sorted(expected)
+    assert all(workers.is_delta_key(key, method) for key in saved), sorted(saved)
+    for key, value in expected.items():
+        assert saved[key].shape == value.shape, key  # full shapes, not partitions
+        torch.testing.assert_close(saved[key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_merge_under_zero3_gives_the_unmerged_logits(trained) -> None:

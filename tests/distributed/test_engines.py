@@ -48,9 +48,9 @@ def _saved(path: str) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_delta(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                       marker: str) -> None:
+                       method: str) -> None:
     assert sorted(actual) == sorted(expected)
-    assert all(marker in key or key.startswith(workers.HEAD) for key in actual), sorted(actual)
+    assert all(workers.is_delta_key(key, method) for key in actual), sorted(actual)
     assert any(key.startswith(workers.HEAD) for key in actual), "the task head is saved with the delta"
     for key, value in expected.items():
         assert actual[key].shape == value.shape, key  # full logical shapes, not shards
@@ -63,7 +63,7 @@ def test_training_on_two_ranks_equals_one_process(trained, references, method) -
     run = ranks[0][f"{method}-3"]
     assert ranks[0][f"engine-{method}"] == engine  # deltadist's engine detection
     saved = _saved(run["path"])
-    _assert_same_delta(saved, references[method]["state"], workers.MARKERS[method])
+    _assert_same_delta(saved, references[method]["state"], method)
     # delta.state_dict() is the full tensor on every rank, equal to what rank 0 wrote.
     for rank in ranks:
         state = rank[f"{method}-3"]["state"]
@@ -87,8 +87,8 @@ def test_reloading_the_checkpoint_in_one_process_reproduces_the_trained_logits(
 def test_resuming_into_the_wrapped_model_continues_identically(trained, resumed, references) -> None:
     engine, ranks = resumed
     uninterrupted = _saved(trained[2][0]["lora-3"]["path"])
-    _assert_same_delta(_saved(ranks[0]["resumed"]["path"]), uninterrupted, ".lora.")
-    _assert_same_delta(_saved(ranks[0]["resumed"]["path"]), references["lora"]["state"], ".lora.")
+    _assert_same_delta(_saved(ranks[0]["resumed"]["path"]), uninterrupted, "lora")
+    _assert_same_delta(_saved(ranks[0]["resumed"]["path"]), references["lora"]["state"], "lora")
 
 
 def test_from_finetuned_onto_the_wrapped_model_refuses_and_names_load_finetuned(resumed) -> None:
@@ -169,3 +169,10 @@ def test_state_dict_of_an_fsdp1_model_after_freezing_is_whole_and_keeps_the_delt
     for rank in run_ranks(workers.fsdp1_state_dict_keys):
         assert set(rank["delta"]) <= set(rank["keys"])
         assert set(rank["keys"]) >= set(rank["backbone"])
+
+
+def test_a_shared_compacter_rule_is_saved_once_at_full_shape(trained) -> None:
+    _, _, ranks = trained
+    saved = _saved(ranks[0]["compacter-3"]["path"])
+    rules = [key for key in saved if ".rule." in key or key.startswith("compacter_shared.phm_rule")]
+    assert rules == ["compacter_shared.phm_rule.factors.0"] and saved[rules[0]].shape == (4, 4, 4)

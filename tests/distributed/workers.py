@@ -25,9 +25,24 @@ GLOBAL_BATCH = 4
 LR = 0.1
 LABELS = (0, 1, 2, 1)
 ENGINES = ("ddp", "fsdp2", "fsdp1")
-METHODS = ("lora", "bitfit")
-MARKERS = {"lora": ".lora.", "bitfit": ".bitfit."}
+DELTAS: dict[str, dict[str, Any]] = {
+    "lora": {"delta_type": "lora", "lora_r": 4},
+    "bitfit": {"delta_type": "bitfit"},
+    "adapter": {"delta_type": "adapter", "bottleneck_dim": 8},
+    "low_rank_adapter": {"delta_type": "low_rank_adapter", "reduction_factor": 4, "low_rank_rank": 2},
+    # A rule shared by every site: one tensor, held at the model root, sharded and gathered once.
+    "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
+    "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
+}
+"""Every method, sized for the tiny Llama (hidden 32)."""
+METHODS = tuple(DELTAS)
 HEAD = "score."
+"""The Llama classifier's task head, trained and saved with the delta by default."""
+
+
+def is_delta_key(key: str, method: str) -> bool:
+    """A checkpoint key of ``method``'s delta: its modules, a shared holder, or the task head."""
+    return f".{method}." in key or key.startswith((f"{method}_shared.", HEAD))
 """The Llama classifier's task head, trained and saved with the delta by default."""
 
 
@@ -46,19 +61,21 @@ def batch(rank: int | None = None, world_size: int = 1) -> tuple[dict[str, torch
 
 
 def build(method: str = "lora") -> tuple[nn.Module, Any]:
-    """A fresh seeded backbone with a fresh seeded, frozen-around delta (unwrapped)."""
-    from deltadist import BitFitModel, LoraModel
+    """A fresh seeded backbone with a fresh seeded, frozen-around delta (unwrapped).
+
+    Deltas that start as an exact no-op (LoRA's B, adapters' up projection) are moved off it by a
+    seeded perturbation, so every parameter gets a gradient from the first step.
+    """
+    from deltadist import AutoDeltaModel
     from tests.tiny import build_tiny
 
     model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DELTA_SEED)
-        if method == "lora":
-            delta = LoraModel(backbone_model=model, lora_r=4)
-        elif method == "bitfit":
-            delta = BitFitModel(backbone_model=model)
-        else:
-            raise ValueError(method)
+        delta = AutoDeltaModel.from_config(DELTAS[method], backbone_model=model)
+        with torch.no_grad():
+            for _, param in sorted(delta.delta_parameters().items()):
+                param.add_(torch.randn(param.shape) * 0.05)
     delta.freeze_module()
     return model, delta
 
@@ -128,7 +145,7 @@ def train_and_save(rank: int, world_size: int, engine: str, workdir: str) -> dic
 
     inputs, labels = batch(rank, world_size)
     out: dict[str, Any] = {}
-    for method, steps in [("lora", 3), ("lora", 2), ("bitfit", 3)]:
+    for method, steps in [("lora", 2), *((m, 3) for m in METHODS)]:
         model, delta = build(method)
         wrapped = wrap(model, engine)
         out[f"engine-{method}"] = detect_engine(model).name
