@@ -131,8 +131,9 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     """The mapping in the YAML file ``path``, with its ``include:`` resolved.
 
     ``include: base.yaml`` (a path relative to the including file) reads that file first and then
-    merges this one over it: mappings key by key, anything else (lists too) replaced. Includes
-    may nest; a cycle is an error.
+    merges this one over it: mappings key by key, anything else (lists too) replaced -- except a
+    ``delta`` section of another ``delta_type``, which replaces the base's whole (the other
+    method's arguments would not apply). Includes may nest; a cycle is an error.
     """
     resolved = path.resolve()
     if resolved in _seen:
@@ -157,7 +158,14 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(base_name, str) or not base_name:
         raise ConfigError(f"{path}: {INCLUDE_KEY} must be a file name, got {base_name!r}.")
     base = read_config_file(path.parent / base_name, (*_seen, resolved))
+    if _delta_type(raw) not in (None, _delta_type(base)):
+        base.pop("delta", None)
     return _merge(base, raw)
+
+
+def _delta_type(raw: Mapping[str, Any]) -> Any:
+    delta = raw.get("delta")
+    return delta.get("delta_type") if isinstance(delta, Mapping) else None
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

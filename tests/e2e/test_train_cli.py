@@ -99,3 +99,19 @@ def test_bad_input_is_one_line_and_exit_status_2(argv: list[str], tmp_path: Path
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("deltadist train: error: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "method", ["bitfit", "adapter", "low_rank_adapter", "compacter", "parallel_adapter"])
+def test_each_method_trains_from_its_shipped_config(method: str, tmp_path: Path) -> None:
+    """``configs/minilm_<method>.yaml``: the main job with another delta (its section replaces LoRA's)."""
+    argv = ["train", "--config", str(REPO / "configs" / f"minilm_{method}.yaml"),
+            "--set", f"output_dir={tmp_path}", "--set", "training.lr=0.005"]
+    for key, value in OVERRIDES.items():
+        if key != "training.lr":
+            argv += ["--set", f"{key}={value}"]
+    assert cli_main.main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.2, metrics
+    config = json.loads((tmp_path / "delta" / "delta_config.json").read_text())
+    assert config["delta_type"] == method and "lora_r" not in config

@@ -35,6 +35,16 @@ def test_include_merges_sections_key_by_key(tmp_path: Path) -> None:
     assert cfg.engine == "fsdp1"
 
 
+def test_a_delta_section_of_another_type_replaces_the_included_one(tmp_path: Path) -> None:
+    """LoRA's ``lora_r`` must not leak into an adapter job that includes the LoRA job."""
+    (tmp_path / "base.yaml").write_text("delta: {delta_type: lora, lora_r: 4, modified_modules: [query]}\n")
+    (tmp_path / "same.yaml").write_text("include: base.yaml\ndelta: {delta_type: lora, lora_r: 8}\n")
+    (tmp_path / "other.yaml").write_text("include: base.yaml\ndelta: {delta_type: adapter}\n")
+    assert load_config(tmp_path / "same.yaml").delta == {
+        "delta_type": "lora", "lora_r": 8, "modified_modules": ["query"]}
+    assert load_config(tmp_path / "other.yaml").delta == {"delta_type": "adapter"}
+
+
 def test_include_cycles_and_bad_values_are_errors(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("include: b.yaml\n")
     (tmp_path / "b.yaml").write_text("include: a.yaml\n")
