@@ -132,8 +132,13 @@ class AdapterLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, start_at_zero: bool,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        self.start_at_zero = start_at_zero  # read by reset_parameters, which nn.Linear calls
-        super().__init__(in_features, out_features, device=device, dtype=dtype)
+        # Not nn.Linear.__init__: it would draw an initialisation that the owner's initialize()
+        # draws again, so a delta built on real weights would consume the RNG twice and not
+        # match the same delta initialised after a meta-device setup (prepare_model).
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.start_at_zero = in_features, out_features, start_at_zero
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         if self.weight.is_meta:

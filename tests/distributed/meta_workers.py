@@ -35,28 +35,33 @@ def _step_and_report(prepared_model, delta, rank: int, world_size: int) -> dict:
     return {"engine": delta.engine.name, "logits": logits, "delta": delta.state_dict()}
 
 
-def both_paths(rank: int, world_size: int, engine: str, weights: str) -> dict:
+def both_paths(rank: int, world_size: int, engine: str, weights: str, delta=DELTA) -> dict:
     """The real-weight path and the meta path, one after the other in the same ranks."""
-    return {"real": real_path(rank, world_size, engine),
-            "meta": meta_path(rank, world_size, engine, weights)}
+    return {"real": real_path(rank, world_size, engine, delta),
+            "meta": meta_path(rank, world_size, engine, weights, delta)}
 
 
-def real_path(rank: int, world_size: int, engine: str) -> dict:
-    from deltadist import LoraModel, wrap_model
+def both_paths_for_each(rank: int, world_size: int, engine: str, weights: str, deltas: dict) -> dict:
+    """:func:`both_paths` for each delta config of ``deltas`` (name -> config), in one launch."""
+    return {name: both_paths(rank, world_size, engine, weights, delta) for name, delta in deltas.items()}
+
+
+def real_path(rank: int, world_size: int, engine: str, delta_config=DELTA) -> dict:
+    from deltadist import AutoDeltaModel, wrap_model
 
     model = _model()
     torch.manual_seed(DELTA_SEED)
-    delta = LoraModel(model, lora_r=DELTA["lora_r"])
+    delta = AutoDeltaModel.from_config(delta_config, backbone_model=model)
     delta.freeze_module()
     wrapped = wrap_model(model, engine, torch.device("cpu"))
     return _step_and_report(wrapped, delta, rank, world_size)
 
 
-def meta_path(rank: int, world_size: int, engine: str, weights: str) -> dict:
+def meta_path(rank: int, world_size: int, engine: str, weights: str, delta_config=DELTA) -> dict:
     from deltadist import prepare_model
 
     config = _model().config
-    prepared = prepare_model(lambda: _model(config), DELTA, engine, weights, delta_seed=DELTA_SEED)
+    prepared = prepare_model(lambda: _model(config), delta_config, engine, weights, delta_seed=DELTA_SEED)
     on_meta = [n for n, p in prepared.backbone.named_parameters() if p.is_meta]
     assert not on_meta, on_meta
     return _step_and_report(prepared.model, prepared.delta, rank, world_size)

@@ -5,22 +5,37 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed import meta_workers
+from tests.distributed import meta_workers, workers
 from tests.distributed.harness import run_ranks
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1"])
-def test_meta_setup_equals_real_weights(engine: str, tmp_path) -> None:
-    meta_workers._model().save_pretrained(tmp_path)
-    both = run_ranks(meta_workers.both_paths, args=(engine, str(tmp_path)), timeout=300)[0]
+def _assert_same_paths(both: dict) -> None:
     real, meta = both["real"], both["meta"]
     assert meta["engine"] == real["engine"] != "plain"
     torch.testing.assert_close(meta["logits"], real["logits"], rtol=0, atol=0)
     assert meta["delta"].keys() == real["delta"].keys()
     for key, value in real["delta"].items():
         torch.testing.assert_close(meta["delta"][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1"])
+def test_meta_setup_equals_real_weights(engine: str, tmp_path) -> None:
+    meta_workers._model().save_pretrained(tmp_path)
+    _assert_same_paths(run_ranks(meta_workers.both_paths, args=(engine, str(tmp_path)), timeout=300)[0])
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_every_method_sized_on_meta_and_sharded_equals_real_weights(engine: str, tmp_path) -> None:
+    """Adapters (widths from attributes), BitFit and Compacter's shared rule through the meta path."""
+    meta_workers._model().save_pretrained(tmp_path)
+    deltas = {name: config for name, config in workers.DELTAS.items() if name != "lora"}
+    ranks = run_ranks(meta_workers.both_paths_for_each, args=(engine, str(tmp_path), deltas), timeout=400)
+    assert ranks[0].keys() == deltas.keys()
+    for name, both in ranks[0].items():
+        assert both["meta"]["delta"], name
+        _assert_same_paths(both)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])

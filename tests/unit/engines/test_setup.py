@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltadist import ConfigError, LoraModel, wrap_model
+from transformers import AutoModelForSequenceClassification
+
+from deltadist import AutoDeltaModel, ConfigError, LoraModel, prepare_model, wrap_model
 from deltadist.engines.setup import repeated_blocks
+from tests.methods.test_matrix import METHODS
 from tests.tiny import build_tiny
 
 
@@ -30,3 +33,18 @@ def test_fsdp1_refuses_a_model_with_two_dtypes_naming_the_ways_out() -> None:
 def test_plain_wrapping_returns_the_model_itself() -> None:
     model = build_tiny("bert", "cls")
     assert wrap_model(model, "plain", torch.device("cpu")) is model
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_meta_setup_starts_every_method_where_real_weights_do(method: str, tmp_path) -> None:
+    """Seeded alike, ``prepare_model`` and attaching to real weights give the same initial delta."""
+    build_tiny("llama", "cls").save_pretrained(tmp_path)
+    config = build_tiny("llama", "cls").config
+    torch.manual_seed(5)
+    real = AutoDeltaModel.from_config(METHODS[method], backbone_model=build_tiny("llama", "cls"))
+    prepared = prepare_model(lambda: AutoModelForSequenceClassification.from_config(config),
+                             METHODS[method], "plain", tmp_path, delta_seed=5)
+    got, want = prepared.delta.state_dict(), real.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
