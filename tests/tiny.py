@@ -95,6 +95,18 @@ FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 """Every family ``build_tiny`` knows: ``("bert", "roberta", ..., "vit")``."""
 NUM_LABELS = 3
 
+METHODS: dict[str, dict] = {
+    "lora": {"delta_type": "lora", "lora_r": 4},
+    "bitfit": {"delta_type": "bitfit"},
+    "adapter": {"delta_type": "adapter", "bottleneck_dim": 8},
+    # The reference's spelling of the type, so every test through this table also tests the alias.
+    "low_rank_adapter": {"delta_type": "lowrankadapter", "reduction_factor": 4, "low_rank_rank": 2},
+    # A rule shared by every site: one tensor, held at the model root, sharded and gathered once.
+    "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
+    "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
+}
+"""Every method's config, sized for the tiny models (hidden 32), keyed by the method's name."""
+
 
 def has_head(family: str, head: str) -> bool:
     """Whether ``build_tiny(family, head)`` exists (ViT has only ``"cls"``)."""

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tests.tiny import METHODS as DELTAS  # every method's config, by name
+
 FAMILY = "llama"
 MODEL_SEED = 0
 DELTA_SEED = 1234
@@ -25,16 +27,6 @@ GLOBAL_BATCH = 4
 LR = 0.1
 LABELS = (0, 1, 2, 1)
 ENGINES = ("ddp", "fsdp2", "fsdp1")
-DELTAS: dict[str, dict[str, Any]] = {
-    "lora": {"delta_type": "lora", "lora_r": 4},
-    "bitfit": {"delta_type": "bitfit"},
-    "adapter": {"delta_type": "adapter", "bottleneck_dim": 8},
-    "low_rank_adapter": {"delta_type": "low_rank_adapter", "reduction_factor": 4, "low_rank_rank": 2},
-    # A rule shared by every site: one tensor, held at the model root, sharded and gathered once.
-    "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
-    "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
-}
-"""Every method, sized for the tiny Llama (hidden 32)."""
 METHODS = tuple(DELTAS)
 HEAD = "score."
 """The Llama classifier's task head, trained and saved with the delta by default."""
@@ -43,7 +35,6 @@ HEAD = "score."
 def is_delta_key(key: str, method: str) -> bool:
     """A checkpoint key of ``method``'s delta: its modules, a shared holder, or the task head."""
     return f".{method}." in key or key.startswith((f"{method}_shared.", HEAD))
-"""The Llama classifier's task head, trained and saved with the delta by default."""
 
 
 # -- the recipe, shared by ranks and the reference ---------------------------------------------

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from deltadist import AutoDeltaModel
-from tests.methods.test_matrix import METHODS
-from tests.tiny import build_tiny, logits_of, tiny_inputs
+from tests.tiny import METHODS, build_tiny, logits_of, tiny_inputs
 
 CASES = [(family, method) for family in ("bert", "llama") for method in METHODS]
 

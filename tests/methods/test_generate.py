@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from deltadist import AutoDeltaModel
-from tests.methods.test_matrix import METHODS
-from tests.tiny import EOS, PAD, build_tiny
+from tests.tiny import EOS, METHODS, PAD, build_tiny
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "t5", "bart")
 NEW_TOKENS = 6

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from deltadist import AutoDeltaModel
-from tests.methods.test_matrix import METHODS
-from tests.tiny import build_tiny, tiny_inputs
+from tests.tiny import METHODS, build_tiny, tiny_inputs
 
 CASES = [(dtype, method) for dtype in (torch.float16, torch.bfloat16) for method in METHODS]
 

@@ -7,16 +7,8 @@ import torch
 
 from deltadist import AutoDeltaConfig, AutoDeltaModel, BackboneMismatchError
 from tests.snapshot import assert_same_snapshot, snapshot
-from tests.tiny import FAMILIES, build_tiny, logits_of, tiny_inputs
+from tests.tiny import FAMILIES, METHODS, build_tiny, logits_of, tiny_inputs
 
-METHODS = {
-    "lora": {"delta_type": "lora", "lora_r": 4},
-    "bitfit": {"delta_type": "bitfit"},
-    "adapter": {"delta_type": "adapter", "bottleneck_dim": 8},
-    "low_rank_adapter": {"delta_type": "lowrankadapter", "reduction_factor": 4, "low_rank_rank": 2},
-    "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
-    "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
-}
 CASES = [(family, method) for family in FAMILIES for method in METHODS]
 
 

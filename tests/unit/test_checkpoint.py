@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import deltadist.checkpoint as checkpoint
 from deltadist import AutoDeltaConfig, AutoDeltaModel, CheckpointError
+from tests.checkpoints import change_every_parameter, reloaded_logits
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
@@ -35,9 +36,7 @@ def test_checkpoint_holds_only_delta_tensors_and_its_config(saved) -> None:
 
 def test_interrupted_save_leaves_the_previous_checkpoint(saved, monkeypatch) -> None:
     model, delta, directory, tuned = saved
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.add_(1.0)
+    change_every_parameter(delta)
 
     def crash(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
@@ -48,16 +47,12 @@ def test_interrupted_save_leaves_the_previous_checkpoint(saved, monkeypatch) -> 
         delta.save_finetuned(directory)
     files = sorted(p.name for p in directory.iterdir())
     assert files == sorted([checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME])
-    fresh = build_tiny("bert", "cls")
-    AutoDeltaModel.from_finetuned(directory, backbone_model=fresh)
-    assert torch.equal(logits_of(fresh, tiny_inputs("bert")), tuned)
+    assert torch.equal(reloaded_logits(directory), tuned)
 
 
 def test_crash_between_weights_and_config_mirror_still_loads_the_new_weights(saved, monkeypatch) -> None:
     model, delta, directory, _ = saved
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.mul_(2.0)
+    change_every_parameter(delta)
     new = logits_of(model, tiny_inputs("bert"))
     real = checkpoint._atomic_write
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import deltadist.checkpoint as checkpoint
 from deltadist import AddressingError, AutoDeltaConfig, AutoDeltaModel, CheckpointError, LoraModel
+from tests.checkpoints import change_every_parameter, reloaded_logits
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
@@ -91,9 +92,7 @@ def test_a_checkpoint_saved_without_a_checksum_still_loads(saved) -> None:
     text = json.dumps(config, indent=2, sort_keys=True)
     save_file(load_file(str(weights)), str(weights), metadata={"deltadist_config": text})
     (directory / checkpoint.CONFIG_NAME).write_text(text + "\n")
-    fresh = build_tiny("bert", "cls")
-    AutoDeltaModel.from_finetuned(directory, backbone_model=fresh)
-    assert torch.equal(logits_of(fresh, tiny_inputs("bert")), tuned)
+    assert torch.equal(reloaded_logits(directory), tuned)
 
 
 # -- state_dict copies ------------------------------------------------------------------------------
@@ -101,9 +100,7 @@ def test_state_dict_values_do_not_change_when_training_goes_on(saved) -> None:
     _, delta, _, _ = saved
     state = delta.state_dict()
     frozen = {key: value.clone() for key, value in state.items()}
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.add_(1.0)
+    change_every_parameter(delta)
     assert all(torch.equal(state[key], frozen[key]) for key in state)
     params = dict(delta.named_parameters())
     assert all(state[k].untyped_storage().data_ptr() != params[k].untyped_storage().data_ptr() for k in state)
@@ -130,9 +127,7 @@ def test_saving_onto_or_under_an_existing_file_names_it(tmp_path: Path, target: 
 def test_a_failed_write_names_the_directory_and_keeps_the_previous_checkpoint(
         saved, monkeypatch, failure) -> None:
     _, delta, directory, tuned = saved
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.add_(1.0)
+    change_every_parameter(delta)
 
     def disk_full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
@@ -144,9 +139,7 @@ def test_a_failed_write_names_the_directory_and_keeps_the_previous_checkpoint(
         delta.save_finetuned(directory)
     assert caught.value.__cause__ is failure
     assert checkpoint_files(directory) == sorted([checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME])
-    fresh = build_tiny("bert", "cls")
-    AutoDeltaModel.from_finetuned(directory, backbone_model=fresh)
-    assert torch.equal(logits_of(fresh, tiny_inputs("bert")), tuned)
+    assert torch.equal(reloaded_logits(directory), tuned)
 
 
 BAD_REGEX = "[r]layer.(["
@@ -155,9 +148,7 @@ BAD_REGEX_ERROR = re.escape(repr(BAD_REGEX)) + ".*unterminated character set.*Fi
 
 def test_a_failed_config_mirror_write_says_the_new_weights_are_complete(saved, monkeypatch) -> None:
     model, delta, directory, _ = saved
-    with torch.no_grad():
-        for param in delta.parameters():
-            param.mul_(2.0)
+    change_every_parameter(delta)
     new = logits_of(model, tiny_inputs("bert"))
 
     def disk_full(self, *args, **kwargs):

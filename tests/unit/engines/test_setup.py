@@ -9,8 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from deltadist import AutoDeltaModel, ConfigError, LoraModel, prepare_model, wrap_model
 from deltadist.engines.setup import repeated_blocks
-from tests.methods.test_matrix import METHODS
-from tests.tiny import build_tiny
+from tests.tiny import METHODS, build_tiny
 
 
 def test_repeated_blocks_are_the_transformer_layers() -> None:
