@@ -104,8 +104,11 @@ METHODS: dict[str, dict] = {
     # A rule shared by every site: one tensor, held at the model root, sharded and gathered once.
     "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
     "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
+    "soft_prompt": {"delta_type": "soft_prompt", "soft_token_num": 3},
 }
 """Every method's config, sized for the tiny models (hidden 32), keyed by the method's name."""
+PROMPTS = ("soft_prompt",)
+"""Methods that add sequence positions: one site, and not a no-op when fresh."""
 
 
 def has_head(family: str, head: str) -> bool:

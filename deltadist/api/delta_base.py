@@ -92,6 +92,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self._attach_modules()
         self.record.register()
         record_logical_shapes(backbone_model, self.engine)
+        self._initialize_from_backbone()
 
     @classmethod
     def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,
@@ -120,6 +121,17 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     def _build_delta(self, site: Site) -> DeltaModule:
         """The delta module for ``site``; raise :class:`SiteError` if it cannot be modified."""
         raise NotImplementedError
+
+    def _mechanism_for(self, target: Site) -> Mechanism:
+        """How the delta for ``target`` is wired in: the method's mechanism, or a span's."""
+        return SPAN if target.start is not None else self.mechanism
+
+    def _initialize_from_backbone(self) -> None:
+        """Set initial values that depend on the backbone's weights (none by default).
+
+        Runs when the delta is built on real weights, and again in ``prepare_model`` once the
+        weights of a backbone built on ``meta`` are loaded.
+        """
 
     def _select_sites(self, attached: frozenset[int]) -> list[Site]:
         """The sites the config's patterns select (``attached``: ids of delta modules to skip)."""
@@ -216,10 +228,9 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             except SiteError as err:
                 problems.append(f"  {err}")
                 continue
-            mechanism = SPAN if target.start is not None else self.mechanism
             attachments.append(Attachment(site=target.module, site_name=target.name, delta=delta,
-                                          base_name=self.child_name, mechanism=mechanism,
-                                          start=target.start))
+                                          base_name=self.child_name, start=target.start,
+                                          mechanism=self._mechanism_for(target)))
         if problems:
             raise self._cannot_modify(problems)
         return attachments

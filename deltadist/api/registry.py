@@ -11,10 +11,12 @@ from deltadist.methods.compacter import CompacterModel
 from deltadist.methods.lora import LoraModel
 from deltadist.methods.low_rank_adapter import LowRankAdapterModel
 from deltadist.methods.parallel_adapter import ParallelAdapterModel
+from deltadist.methods.soft_prompt import SoftPromptModel
 
 DELTA_MODELS: dict[str, type[DeltaBase]] = {
     cls.delta_type: cls for cls in (
         LoraModel, BitFitModel, AdapterModel, LowRankAdapterModel, CompacterModel, ParallelAdapterModel,
+        SoftPromptModel,
     )
 }
 

@@ -162,6 +162,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
     _load_weights(backbone, weights, weights_prefix, tied)
     for name, param in delta.delta_parameters().items():
         delta.engine.scatter(param, initial[name])
+    delta._initialize_from_backbone()  # e.g. a soft prompt copied from the loaded embeddings
     _check_nothing_on_meta(backbone)
     if engine == "ddp":
         model = wrap_model(backbone, engine, device)

@@ -9,6 +9,7 @@ VIT = StructureMap(
     model_types=("vit",),
     roles={
         "embeddings.patch_embeddings": "embeddings",
+        "embeddings": "embeddings.sequence",  # [class token, patches]: where prompts go
         "layers.$.attention": "encoder.block.$.attn",
         "layers.$.attention.q_proj": "encoder.block.$.attn.q",
         "layers.$.attention.k_proj": "encoder.block.$.attn.k",
