@@ -26,6 +26,7 @@ from deltadist.methods.compacter import CompacterConfig, CompacterModel
 from deltadist.methods.lora import LoraConfig, LoraModel
 from deltadist.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from deltadist.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
+from deltadist.methods.prefix import PrefixConfig, PrefixModel
 from deltadist.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
 from deltadist.visualize import Visualization
 
@@ -36,7 +37,7 @@ __all__ = [
     "BackboneMismatchError", "BitFitConfig", "BitFitModel", "CheckpointError", "CompacterConfig",
     "CompacterModel", "ConfigError", "DeltaBase", "DeltaConfig", "DeltaError", "EngineError",
     "ExportError", "LoraConfig", "LoraModel", "LowRankAdapterConfig", "LowRankAdapterModel",
-    "ParallelAdapterConfig", "ParallelAdapterModel", "SiteError", "SoftPromptConfig", "SoftPromptModel",
-    "Visualization",
+    "ParallelAdapterConfig", "ParallelAdapterModel", "PrefixConfig", "PrefixModel", "SiteError",
+    "SoftPromptConfig", "SoftPromptModel", "Visualization",
     "full_state_dict", "prepare_model", "wrap_model",
 ]

@@ -105,10 +105,26 @@ METHODS: dict[str, dict] = {
     "compacter": {"delta_type": "compacter", "reduction_factor": 4, "shared_phm_rule": True},
     "parallel_adapter": {"delta_type": "parallel_adapter", "bottleneck_dim": 8, "scaled": 2.0},
     "soft_prompt": {"delta_type": "soft_prompt", "soft_token_num": 3},
+    "prefix": {"delta_type": "prefix", "prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16},
 }
 """Every method's config, sized for the tiny models (hidden 32), keyed by the method's name."""
-PROMPTS = ("soft_prompt",)
-"""Methods that add sequence positions: one site, and not a no-op when fresh."""
+PREFIX_NEEDS_TRANSFORMERS_5 = ("bert", "roberta", "distilbert", "t5")
+"""Families whose attention routes through ``AttentionInterface`` only from transformers 5."""
+
+
+def skip_unsupported(family: str, method: str) -> None:
+    """Skip a (family, method) case this transformers release cannot run (said in the reason)."""
+    import pytest
+    import transformers
+
+    old = int(transformers.__version__.split(".")[0]) < 5
+    if method == "prefix" and old and family in PREFIX_NEEDS_TRANSFORMERS_5:
+        pytest.skip(f"transformers {transformers.__version__}: {family} attention does not route "
+                    "through AttentionInterface (PrefixModel refuses it; tested in test_prefix.py)")
+
+
+PROMPTS = ("soft_prompt", "prefix")
+"""Methods that add sequence positions (inputs, or keys and values): not a no-op when fresh."""
 
 
 def has_head(family: str, head: str) -> bool:

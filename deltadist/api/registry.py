@@ -11,12 +11,13 @@ from deltadist.methods.compacter import CompacterModel
 from deltadist.methods.lora import LoraModel
 from deltadist.methods.low_rank_adapter import LowRankAdapterModel
 from deltadist.methods.parallel_adapter import ParallelAdapterModel
+from deltadist.methods.prefix import PrefixModel
 from deltadist.methods.soft_prompt import SoftPromptModel
 
 DELTA_MODELS: dict[str, type[DeltaBase]] = {
     cls.delta_type: cls for cls in (
         LoraModel, BitFitModel, AdapterModel, LowRankAdapterModel, CompacterModel, ParallelAdapterModel,
-        SoftPromptModel,
+        PrefixModel, SoftPromptModel,
     )
 }
 

@@ -19,6 +19,7 @@ from torch import nn
 from deltadist.addressing.common import modules_with_role
 from deltadist.addressing.names import canonical_modules
 from deltadist.addressing.select import Site
+from deltadist.addressing.structures import VISION_SEQUENCE
 from deltadist.api.delta_base import DeltaBase
 from deltadist.config import DeltaConfig, check_positive_int, check_range
 from deltadist.delta_module import DeltaModule
@@ -26,10 +27,6 @@ from deltadist.errors import ConfigError, SiteError
 from deltadist.input_rewriting import PromptAfterClassTokens, PromptAtInputs, PromptInEncoder
 from deltadist.mechanisms import Mechanism
 from deltadist.shapes import site_placement
-
-VISION_SEQUENCE = "embeddings.sequence"
-"""Role of a vision model's embeddings module, whose output is ``[class token(s), patches]``."""
-
 
 @dataclass(kw_only=True)
 class SoftPromptConfig(DeltaConfig):
@@ -136,23 +133,23 @@ class _Placement:
 
 def _placement(backbone: nn.Module) -> _Placement:
     modules = canonical_modules(backbone)
+    names = {id(m): n for n, m in modules.items()}
     vision = modules_with_role(backbone, VISION_SEQUENCE, guess=False)
     if vision:
         name = vision[0]
         return _Placement(Site(name, modules[name]),
                           lambda cfg: PromptAfterClassTokens(backbone, class_tokens=1))
-    for name, module in modules.items():  # outermost first
+    for module in modules.values():  # outermost first
         if callable(getattr(module, "get_input_embeddings", None)) and hasattr(module, "config"):
-            if getattr(module.config, "is_encoder_decoder", False) and hasattr(module, "get_encoder"):
-                encoder = module.get_encoder()
-                encoder_name = next(n for n, m in modules.items() if m is encoder)
-                return _Placement(Site(encoder_name, encoder),
-                                  lambda cfg: PromptInEncoder(module, cfg.other_expand_ids))
             # The base model (the module the heads sit on): its hidden states are taken back to
             # the caller's length before any head or loss reads them.
             base = module.base_model if isinstance(getattr(module, "base_model", None), nn.Module) else module
-            base_name = next(n for n, m in modules.items() if m is base)
-            return _Placement(Site(base_name, base), lambda cfg: PromptAtInputs(base, cfg.other_expand_ids))
+            if getattr(base.config, "is_encoder_decoder", False) and hasattr(base, "get_encoder"):
+                encoder = base.get_encoder()
+                return _Placement(Site(names[id(encoder)], encoder),
+                                  lambda cfg: PromptInEncoder(base, cfg.other_expand_ids))
+            return _Placement(Site(names[id(base)], base),
+                              lambda cfg: PromptAtInputs(base, cfg.other_expand_ids))
     raise SiteError(
         f"{type(backbone).__name__} has no module with get_input_embeddings() and a config, so "
         "there is no known place for a soft prompt. Use a transformers model (or wrap one)."

@@ -22,6 +22,10 @@ TASK_HEAD = "task_head"
 """Role of a task head (``classifier``, ``score``, ``qa_outputs``...): new, randomly initialised
 modules on top of a pretrained body, trained and saved with the delta by default."""
 
+VISION_SEQUENCE = "embeddings.sequence"
+"""Role of a vision model's embeddings module, whose output is the token sequence
+``[class token, patches]`` (where soft prompts go, after the class token)."""
+
 
 @dataclass(frozen=True)
 class StructureMap:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .base import TASK_HEAD, StructureMap
+from .base import TASK_HEAD, VISION_SEQUENCE, StructureMap
 
 VIT = StructureMap(
     family="vit",
     model_types=("vit",),
     roles={
         "embeddings.patch_embeddings": "embeddings",
-        "embeddings": "embeddings.sequence",  # [class token, patches]: where prompts go
+        "embeddings": VISION_SEQUENCE,  # [class token, patches]: where prompts go
         "layers.$.attention": "encoder.block.$.attn",
         "layers.$.attention.q_proj": "encoder.block.$.attn.q",
         "layers.$.attention.k_proj": "encoder.block.$.attn.k",

@@ -12,7 +12,7 @@ from torch import nn
 import transformers
 
 from deltadist.addressing.common import modules_with_role
-from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD, StructureMap
+from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD, VISION_SEQUENCE, StructureMap
 from tests.tiny import FAMILIES, build_tiny, has_head, logits_of, tiny_inputs
 
 NUM_LAYERS = 2
@@ -22,7 +22,7 @@ LINEAR_ROLES = ("attn.q", "attn.v", "attn.proj", "ff.w1", "ff.w2")
 ATTN_ROLES = ("", ".q", ".k", ".v", ".proj", ".layer_norm")
 FF_ROLES = ("ff", "ff.w1", "ff.w2", "ff.w3", "ff.layer_norm")
 BLOCK_ROLES = {f"{a}{part}" for a in ("attn", "crossattn") for part in ATTN_ROLES} | set(FF_ROLES)
-COMMON_TEMPLATES = {"embeddings", "lm_head.proj", TASK_HEAD} | {
+COMMON_TEMPLATES = {"embeddings", "lm_head.proj", TASK_HEAD, VISION_SEQUENCE} | {
     f"{side}.block.$.{role}" for side in ("encoder", "decoder") for role in BLOCK_ROLES
 }
 VARIANTS: dict[str, tuple[dict[str, str], ...]] = {"t5": ({}, {"feed_forward_proj": "gated-gelu"})}

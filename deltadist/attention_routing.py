@@ -1,0 +1,168 @@
+"""Key/value prefixes inside attention, through transformers' public ``AttentionInterface``.
+
+transformers models look their attention function up by ``config._attn_implementation`` in
+``ALL_ATTENTION_FUNCTIONS`` and call it with the attention module and its final query, key and
+value -- after rotary embeddings, after the cache update. Prefix tuning needs exactly that point:
+a prefix joined there is seen by every query, never enters the cache (so cached and uncached
+generation agree), and has the key/value head count and head size of the call.
+
+While a prefix is attached, the configs of the modules carrying one name ``deltadist_prefix:<impl>``,
+registered in ``ALL_ATTENTION_FUNCTIONS`` (a wrapper of ``<impl>``) and in
+``ALL_MASK_ATTENTION_FUNCTIONS`` (``<impl>``'s own masks); the last prefix to go restores the
+config. Modules without a prefix run ``<impl>`` unchanged. No ``forward`` is reassigned and no
+hook is needed. This module is the only one that knows these transformers internals.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from deltadist.errors import SiteError
+
+ROUTE_PREFIX = "deltadist_prefix:"
+"""Attention implementations deltadist registers: ``deltadist_prefix:sdpa``, ``...:eager``."""
+ROUTABLE = ("sdpa", "eager")
+"""Implementations a prefix can wrap (their masks are 4-D tensors deltadist can extend)."""
+
+PrefixProvider = Callable[[int, int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+"""``(batch, kv_heads, head_dim, dtype) -> (key, value)``, each ``[batch, kv_heads, P, head_dim]``."""
+
+_PROVIDERS: "weakref.WeakKeyDictionary[nn.Module, dict[int, PrefixProvider]]" = weakref.WeakKeyDictionary()
+"""Attention module -> its live prefixes, by route id, in attach order."""
+_ROUTED: dict[int, list[Any]] = {}
+"""``id(config)`` -> ``[config, original implementation, number of routes]``."""
+_next_id = iter(range(1 << 62))
+
+
+def routing_problem(module: nn.Module) -> str | None:
+    """Why a prefix cannot join ``module``'s attention, or ``None`` if it can."""
+    source = sys.modules.get(type(module).__module__)
+    if source is None or "ALL_ATTENTION_FUNCTIONS" not in vars(source):
+        return (f"{type(module).__name__} computes attention without transformers' AttentionInterface in "
+                "this transformers release (BERT, RoBERTa, DistilBERT and T5 route through it from "
+                "transformers 5); upgrade transformers or use another method there")
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation is None:
+        return f"{type(module).__name__} has no config._attn_implementation (not a transformers attention)"
+    inner = implementation.removeprefix(ROUTE_PREFIX)
+    if inner not in ROUTABLE:
+        return (f"its attention implementation is {inner!r}; prefixes work with 'sdpa' and 'eager' "
+                "(model.set_attn_implementation('sdpa'))")
+    return None
+
+
+class PrefixRoute:
+    """A live prefix on one attention module; :meth:`remove` takes it out (a hook handle's API)."""
+
+    def __init__(self, module: nn.Module, provider: PrefixProvider) -> None:
+        problem = routing_problem(module)
+        if problem:
+            raise SiteError(problem)
+        self.id = next(_next_id)
+        self.module = weakref.ref(module)
+        self.config = module.config
+        _PROVIDERS.setdefault(module, {})[self.id] = provider
+        _route(self.config)
+
+    def remove(self) -> None:
+        module = self.module()
+        providers = _PROVIDERS.get(module) if module is not None else None
+        if providers is not None and providers.pop(self.id, None) is not None:
+            if not providers:
+                del _PROVIDERS[module]
+            _unroute(self.config)
+
+
+def _route(config: Any) -> None:
+    entry = _ROUTED.get(id(config))
+    if entry is None:
+        original = config._attn_implementation
+        entry = _ROUTED[id(config)] = [config, original, 0]
+        config._attn_implementation = _registered(original)
+    entry[2] += 1
+
+
+def _unroute(config: Any) -> None:
+    entry = _ROUTED[id(config)]
+    entry[2] -= 1
+    if entry[2] == 0:
+        config._attn_implementation = entry[1]
+        del _ROUTED[id(config)]
+
+
+def _registered(inner: str) -> str:
+    """The name of the wrapper of ``inner``, registered on first use."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    name = ROUTE_PREFIX + inner
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _wrapper(inner))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+def _inner_function(module: nn.Module, inner: str) -> Callable[..., Any]:
+    """``inner``'s attention function; for ``eager``, the module's own family's."""
+    if inner != "eager":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[inner]
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise SiteError(f"{type(module).__name__}'s module has no eager_attention_forward; run the model "
+                        "with attn_implementation='sdpa' to use prefixes.")
+    return function
+
+
+def _wrapper(inner: str) -> Callable[..., Any]:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+        providers = _PROVIDERS.get(module)
+        if providers:
+            key, value, attention_mask, kwargs = _join_prefixes(
+                module, query, key, value, attention_mask, kwargs, list(providers.values()), inner)
+        return _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"deltadist_prefix_{inner}"
+    return attention
+
+
+def _join_prefixes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor | None, kwargs: dict[str, Any], providers: list[PrefixProvider],
+                   inner: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Prefixes before the keys and values (``[B, kv_heads, K, d]``); the mask and a position bias
+    (T5) extended so every query sees them."""
+    batch, heads, length, head_dim = key.shape
+    pairs = [provider(batch, heads, head_dim, key.dtype) for provider in providers]
+    keys = torch.cat([k for k, _ in pairs] + [key], dim=2)
+    values = torch.cat([v for _, v in pairs] + [value], dim=2)
+    added = keys.shape[2] - length
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if mask is None and inner == "sdpa" and causal and query.shape[2] > 1:
+        # sdpa would apply is_causal aligned to the top-left corner of the longer key sequence.
+        mask = _causal_mask(query.shape[2], length, query.device)
+    if mask is not None:
+        mask = _extend_left(mask, added, True if mask.dtype == torch.bool else 0.0)
+    bias = kwargs.get("position_bias")
+    if isinstance(bias, torch.Tensor):
+        kwargs = {**kwargs, "position_bias": _extend_left(bias, added, 0.0)}
+    return keys, values, mask, kwargs
+
+
+def _causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, Q, K]`` boolean: the last ``Q`` of ``K`` positions, each seeing itself and before."""
+    rows = torch.arange(queries, device=device)[:, None] + (keys - queries)
+    return (torch.arange(keys, device=device)[None] <= rows)[None, None]
+
+
+def _extend_left(tensor: torch.Tensor, count: int, value: bool | float) -> torch.Tensor:
+    """``[..., K]`` -> ``[..., count + K]`` with ``value`` in the new leading columns."""
+    pad = tensor.new_full((*tensor.shape[:-1], count), value)
+    return torch.cat([pad, tensor], dim=-1)
