@@ -36,6 +36,9 @@ from deltadist.errors import SiteError
 from deltadist.mechanisms import HOLDER, Mechanism
 from deltadist.shapes import site_placement
 
+NO_WEIGHT = ("a prefix adds keys and values that no weight of the model holds; "
+             "fold_reparameterization() turns the MLP into plain prefixes for inference and export")
+"""Why prefixes cannot be merged."""
 SHARED_NAME = "prefix_shared"
 """Child name (and checkpoint key prefix) of the shared first layer of the reparameterisation."""
 
@@ -93,6 +96,9 @@ class PrefixShared(DeltaModule):
         bound = self.weight.shape[1] ** -0.5
         nn.init.uniform_(self.bias, -bound, bound)
 
+    def merge_blocker(self, site: nn.Module) -> str | None:
+        return NO_WEIGHT
+
     def forward(self) -> torch.Tensor:
         """``[P, mid_dim]``."""
         return torch.tanh(nn.functional.linear(self.wte, self.weight, self.bias))
@@ -116,6 +122,9 @@ class Prefix(DeltaModule):
             self.out_weight = nn.Parameter(torch.empty(2 * kv_width, mid, device=device, dtype=dtype))
             self.out_bias = nn.Parameter(torch.empty(2 * kv_width, device=device, dtype=dtype))
         self.initialize()
+
+    def merge_blocker(self, site: nn.Module) -> str | None:
+        return NO_WEIGHT
 
     @property
     def reparameterized(self) -> bool:

@@ -69,6 +69,9 @@ class SoftPrompt(DeltaModule):
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.soft_embeds, -self.init_range, self.init_range)
 
+    def merge_blocker(self, site: nn.Module) -> str | None:
+        return "a soft prompt adds input positions that no weight of the model holds"
+
     def forward(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """``[batch, P, hidden]`` in ``dtype`` (the embeddings' dtype)."""
         return self.soft_embeds.to(dtype).unsqueeze(0).expand(batch, -1, -1)

@@ -102,7 +102,8 @@ def test_bad_input_is_one_line_and_exit_status_2(argv: list[str], tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "method", ["bitfit", "adapter", "low_rank_adapter", "compacter", "parallel_adapter"])
+    "method", ["bitfit", "adapter", "low_rank_adapter", "compacter", "parallel_adapter", "prefix",
+               "soft_prompt"])
 def test_each_method_trains_from_its_shipped_config(method: str, tmp_path: Path) -> None:
     """``configs/minilm_<method>.yaml``: the main job with another delta (its section replaces LoRA's)."""
     argv = ["train", "--config", str(REPO / "configs" / f"minilm_{method}.yaml"),

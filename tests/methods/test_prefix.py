@@ -92,6 +92,8 @@ def test_fold_reparameterization_gives_the_same_model_with_plain_prefixes(tmp_pa
     model = build_tiny("bart", "lm")
     inputs = tiny_inputs("bart")
     delta = PrefixModel(model, **SMALL)
+    with pytest.raises(SiteError, match="fold_reparameterization"):
+        delta.merge()  # nothing to fold into weights: the error says what to do instead
     delta.freeze_module()
     tuned = logits_of(model, inputs)
     delta.fold_reparameterization()
