@@ -34,6 +34,8 @@ PrefixProvider = Callable[[int, int, int, torch.dtype], tuple[torch.Tensor, torc
 
 _PROVIDERS: "weakref.WeakKeyDictionary[nn.Module, dict[int, PrefixProvider]]" = weakref.WeakKeyDictionary()
 """Attention module -> its live prefixes, by route id, in attach order."""
+_ROUTED_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+"""Modules deltadist has routed (their prefixes may be off now: detached or ``disabled()``)."""
 _ROUTED: dict[int, list[Any]] = {}
 """``id(config)`` -> ``[config, original implementation, number of routes]``."""
 _next_id = iter(range(1 << 62))
@@ -67,6 +69,7 @@ class PrefixRoute:
         self.module = weakref.ref(module)
         self.config = module.config
         _PROVIDERS.setdefault(module, {})[self.id] = provider
+        _ROUTED_MODULES.add(module)
         _route(self.config)
 
     def remove(self) -> None:
@@ -123,10 +126,14 @@ def _inner_function(module: nn.Module, inner: str) -> Callable[..., Any]:
 def _wrapper(inner: str) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
-        providers = _PROVIDERS.get(module)
+        providers = list(_PROVIDERS.get(module, {}).values())
+        if not providers and module not in _ROUTED_MODULES:
+            # A copy of a prefixed model (copy.deepcopy): its config is routed, its prefixes are
+            # its own children, as hooks of other deltas find theirs.
+            providers = [child for child in module.children() if getattr(child, "joins_attention", False)]
         if providers:
             key, value, attention_mask, kwargs = _join_prefixes(
-                module, query, key, value, attention_mask, kwargs, list(providers.values()), inner)
+                module, query, key, value, attention_mask, kwargs, providers, inner)
         return _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"deltadist_prefix_{inner}"

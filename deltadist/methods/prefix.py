@@ -107,6 +107,9 @@ class PrefixShared(DeltaModule):
 class Prefix(DeltaModule):
     """One attention's prefix: ``[P, kv_width]`` keys and values, plain or from the shared MLP."""
 
+    joins_attention = True
+    """Called by the attention wrapper (:mod:`deltadist.attention_routing`) with the call's shape."""
+
     def __init__(self, tokens: int, kv_width: int, shared: PrefixShared | None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()

@@ -127,6 +127,24 @@ def test_eager_and_sdpa_give_the_same_outputs_and_gradients(family: str) -> None
         torch.testing.assert_close(sdpa_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_a_deep_copy_of_a_prefixed_model_runs_its_own_prefixes() -> None:
+    import copy
+
+    model = build_tiny("llama", "lm")
+    inputs = tiny_inputs("llama")
+    delta = PrefixModel(model, **SMALL)
+    tuned = logits_of(model, inputs)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits_of(twin, inputs), tuned, rtol=0, atol=0)
+    with torch.no_grad():
+        for layer in twin.model.layers:
+            layer.self_attn.prefix.out_bias.add_(1.0)
+    assert not torch.allclose(logits_of(twin, inputs), tuned)
+    torch.testing.assert_close(logits_of(model, inputs), tuned, rtol=0, atol=0)  # the original is apart
+    with delta.disabled():  # the original's prefixes off: its children are not used behind its back
+        assert not torch.allclose(logits_of(model, inputs), tuned)
+
+
 def test_detach_and_disabled_restore_the_attention_implementation_and_outputs() -> None:
     model = build_tiny("mistral", "lm")
     inputs = tiny_inputs("mistral")
