@@ -1,4 +1,4 @@
-"""Helpers for checkpoint tests on the tiny BERT classifier (``saved`` fixture in tests/unit)."""
+"""Helpers for checkpoint tests on tiny models (the tiny BERT classifier by default)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def change_every_parameter(delta) -> None:
             param.add_(1.0)
 
 
-def reloaded_logits(directory: Path) -> torch.Tensor:
-    """Logits of a fresh backbone after ``from_finetuned(directory)``."""
-    fresh = build_tiny("bert", "cls")
+def reloaded_logits(directory: Path, family: str = "bert", head: str = "cls") -> torch.Tensor:
+    """Logits (on ``tiny_inputs(family)``) of a fresh tiny backbone after ``from_finetuned(directory)``."""
+    fresh = build_tiny(family, head)
     AutoDeltaModel.from_finetuned(directory, backbone_model=fresh)
-    return logits_of(fresh, tiny_inputs("bert"))
+    return logits_of(fresh, tiny_inputs(family))

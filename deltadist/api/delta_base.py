@@ -25,7 +25,7 @@ from deltadist.config import DeltaConfig
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
 from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
-from deltadist.mechanisms import SPAN, Mechanism
+from deltadist.mechanisms import HOLDER, SPAN, Mechanism
 from deltadist.record import DeltaRecord, kept_by_other_deltas
 
 
@@ -52,6 +52,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     """Whether a selected module also selects everything inside it (BitFit's ``"attn"``)."""
     child_name: ClassVar[str]
     """Name of the delta's child module on each site (``"lora"``; ``"lora_1"`` if taken)."""
+    shared_name: ClassVar[str] = ""
+    """Child name at the root (and key prefix) of the module :meth:`_build_shared` returns."""
 
     def __init__(self, backbone_model: nn.Module, *, config: DeltaConfig | None = None,
                  interactive_modify: bool | int = False, **kwargs: Any) -> None:
@@ -220,8 +222,21 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             raise self._cannot_modify(problems)
         return list(targets.values())
 
+    def _build_shared(self, targets: list[Site]) -> DeltaModule | None:
+        """A module of parameters every site uses, held once at the model root (none by default).
+
+        Sites keep a reference to it (not a child), so it is saved, gathered and sharded once,
+        under ``<shared_name>.*``.
+        """
+        return None
+
     def _build_attachments(self, targets: list[Site]) -> list[Attachment]:
-        attachments, problems = [], []
+        """The shared-parameter holder (if any) first, then one delta module per target."""
+        shared = self._shared = self._build_shared(targets)
+        attachments = [] if shared is None else [Attachment(
+            site=self.backbone_model, site_name="", delta=shared, base_name=self.shared_name,
+            mechanism=HOLDER)]
+        problems = []
         for target in targets:
             try:
                 delta = self._build_delta(target)

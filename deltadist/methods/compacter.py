@@ -16,11 +16,10 @@ from torch import nn
 
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.attach import Attachment
 from deltadist.config import DeltaConfig, check_choice, check_positive_int, check_range
 from deltadist.delta_module import DeltaModule
 from deltadist.errors import ConfigError, SiteError
-from deltadist.mechanisms import AFTER, HOLDER
+from deltadist.mechanisms import AFTER
 from deltadist.methods.bottleneck import ACTIVATIONS, WEIGHT_INITS, Bottleneck, unlearned_parameters
 from deltadist.methods.low_rank_adapter import bottleneck_width
 from deltadist.methods.phm import PHMLinear, PHMRule, PHMWeight
@@ -115,17 +114,8 @@ class CompacterModel(DeltaBase):
     default_modified_modules = ("attn.proj", "ff.w2")
     mechanism = AFTER
     child_name = "compacter"
+    shared_name = SHARED_NAME
     config: CompacterConfig
-
-    def _build_attachments(self, targets: list[Site]) -> list[Attachment]:
-        """The holder of shared tensors (if any) first, then one Compacter per site."""
-        self._shared = self._build_shared(targets)
-        site_attachments = super()._build_attachments(targets)
-        if self._shared is None:
-            return site_attachments
-        holder = Attachment(site=self.backbone_model, site_name="", delta=self._shared,
-                            base_name=SHARED_NAME, mechanism=HOLDER)
-        return [holder, *site_attachments]
 
     def _build_shared(self, targets: list[Site]) -> CompacterShared | None:
         cfg = self.config

@@ -176,6 +176,7 @@ class PrefixModel(DeltaBase):
     default_modified_modules = ("attn", "crossattn")
     mechanism = KEY_VALUE_PREFIX
     child_name = "prefix"
+    shared_name = SHARED_NAME
     config: PrefixConfig
 
     def _targets(self, site: Site) -> list[Site]:
@@ -198,19 +199,13 @@ class PrefixModel(DeltaBase):
                 raise SiteError(f"{target.name!r}: {problem}")
         return list(found.values())
 
-    def _build_attachments(self, targets: list[Site]) -> list[Attachment]:
-        """The shared MLP layer (with ``reparameterize``) first, then one prefix per attention."""
-        self._shared = None
-        if self.config.reparameterize and targets:
-            device, dtype = site_placement(targets[0].module, self.config.delta_dtype)
-            self._shared = PrefixShared(self.config.prefix_token_num, self.config.embed_dim,
-                                        self.config.mid_dim, device=device, dtype=dtype)
-        attachments = super()._build_attachments(targets)
-        if self._shared is None:
-            return attachments
-        holder = Attachment(site=self.backbone_model, site_name="", delta=self._shared,
-                            base_name=SHARED_NAME, mechanism=HOLDER)
-        return [holder, *attachments]
+    def _build_shared(self, targets: list[Site]) -> PrefixShared | None:
+        """With ``reparameterize``: the MLP's first layer, one for every attention."""
+        if not (self.config.reparameterize and targets):
+            return None
+        device, dtype = site_placement(targets[0].module, self.config.delta_dtype)
+        return PrefixShared(self.config.prefix_token_num, self.config.embed_dim, self.config.mid_dim,
+                            device=device, dtype=dtype)
 
     def fold_reparameterization(self) -> None:
         """Replace the reparameterisation MLP by the prefixes it computes now.

@@ -7,6 +7,7 @@ import torch
 
 from deltadist import AutoDeltaModel, ConfigError, LoraModel, SoftPromptModel
 from tests.methods.test_generate import NEW_TOKENS, _prompts
+from tests.checkpoints import reloaded_logits
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import EOS, FAMILIES, PAD, build_tiny, has_head, logits_of, tiny_inputs
 
@@ -135,9 +136,7 @@ def test_token_init_copies_the_first_token_embeddings_and_round_trips(tmp_path) 
     inputs = tiny_inputs("bert")
     tuned = logits_of(model, inputs)
     delta.save_finetuned(tmp_path / "prompt")
-    fresh = build_tiny("bert", "cls")
-    AutoDeltaModel.from_finetuned(tmp_path / "prompt", backbone_model=fresh)
-    torch.testing.assert_close(logits_of(fresh, inputs), tuned, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded_logits(tmp_path / "prompt"), tuned, rtol=0, atol=0)
     random = SoftPromptModel(build_tiny("bert", "cls"), soft_token_num=4, token_init=False, init_range=0.1)
     values = next(iter(random.delta_parameters().values()))
     assert values.abs().max() <= 0.1 and not torch.equal(values, prompt)
