@@ -64,6 +64,8 @@ ROWS: dict[str, Callable[[nn.Module], None]] = {
     "deltadist adapters, o_proj + down_proj": deltadist_row(
         "adapter", modified_modules=["o_proj", "down_proj"]),
     "deltadist BitFit": deltadist_row("bitfit"),
+    "deltadist prefix, every attention": deltadist_row("prefix"),
+    "deltadist soft prompt": deltadist_row("soft_prompt"),
     "PEFT LoRA, 7 projections": peft_lora,
 }
 
