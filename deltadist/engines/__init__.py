@@ -18,7 +18,7 @@ def detect_engine(model: nn.Module) -> Engine:
     """The engine that manages ``model``."""
     for engine_cls in ENGINES:
         if engine_cls.claims(model):
-            return engine_cls()
+            return engine_cls.for_model(model)
     return Engine()
 
 

@@ -52,6 +52,11 @@ class Engine:
         """Whether this engine manages ``model`` (detection by duck typing, no optional imports)."""
         return True
 
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Engine":
+        """The engine for ``model`` (engines that need to look at the model's wrapping do so here)."""
+        return cls()
+
     def settle(self, model: nn.Module) -> None:
         """Put ``model``'s parameters in their resting (sharded) state before they are listed,
         gathered or written. No-op outside FSDP2."""

@@ -21,27 +21,29 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_pieces(piece: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's 1-D ``piece`` (lengths may differ), in rank order, on the CPU."""
+def all_gather_pieces(piece: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Every rank's 1-D ``piece`` (lengths may differ) in ``group`` (default: the world), in rank
+    order, on the CPU."""
     device = collective_device()
-    world = dist.get_world_size()
+    size = dist.get_world_size(group)
     length = torch.tensor([piece.numel()], device=device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
+    lengths = [torch.zeros_like(length) for _ in range(size)]
+    dist.all_gather(lengths, length, group=group)
     longest = max(int(n) for n in lengths)
     padded = torch.zeros(longest, dtype=piece.dtype, device=device)
     padded[: piece.numel()] = piece.reshape(-1).to(device)
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded, group=group)
     return [g[: int(n)].cpu() for g, n in zip(gathered, lengths)]
 
 
-def piece_offsets(piece_numel: int) -> list[int]:
-    """Start offset of every rank's piece when the pieces are laid end to end in rank order."""
+def piece_offsets(piece_numel: int, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Start offset of every rank's piece (in ``group``) when the pieces are laid end to end in
+    rank order."""
     device = collective_device()
     length = torch.tensor([piece_numel], device=device)
-    lengths = [torch.zeros_like(length) for _ in range(dist.get_world_size())]
-    dist.all_gather(lengths, length)
+    lengths = [torch.zeros_like(length) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(lengths, length, group=group)
     offsets, total = [], 0
     for n in lengths:
         offsets.append(total)
@@ -49,24 +51,25 @@ def piece_offsets(piece_numel: int) -> list[int]:
     return offsets
 
 
-def sample_from_pieces(piece: torch.Tensor, start: int, flat_indices: torch.Tensor) -> torch.Tensor:
-    """Values at ``flat_indices`` of a tensor laid out as per-rank contiguous pieces.
+def sample_from_pieces(piece: torch.Tensor, start: int, flat_indices: torch.Tensor,
+                       group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Values at ``flat_indices`` of a tensor laid out as per-rank contiguous pieces in ``group``.
 
     ``piece`` is this rank's slice of the flattened tensor, beginning at flat position ``start``.
-    Each rank fills in the positions it holds; a sum across ranks completes the vector, so only
-    the sampled values travel (float64, CPU).
+    Each rank fills in the positions it holds; a sum across the group completes the vector, so
+    only the sampled values travel (float64, CPU).
     """
     flat = piece.detach().reshape(-1)
     mine = (flat_indices >= start) & (flat_indices < start + flat.numel())
     values = torch.zeros(len(flat_indices), dtype=torch.float64)
     values[mine] = flat[(flat_indices[mine] - start).to(flat.device)].to("cpu", torch.float64)
-    return sum_across_ranks(values)
+    return sum_across_ranks(values, group)
 
 
-def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks (CPU in, CPU out)."""
+def sum_across_ranks(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Element-wise sum over the ranks of ``group`` (default: the world; CPU in, CPU out)."""
     reduced = values.to(collective_device())
-    dist.all_reduce(reduced)
+    dist.all_reduce(reduced, group=group)
     return reduced.cpu()
 
 

@@ -2,15 +2,21 @@
 
 With ``use_orig_params=True`` every original parameter stays the same ``nn.Parameter`` object, but
 outside forward its data is this rank's piece of it: a 1-D view (possibly empty) of the unit's
-flat shard. Laid end to end in rank order the pieces are the flattened parameter, so a delta is
-gathered by collecting the pieces and reshaping to its logical shape, which deltadist records
-before wrapping (FSDP1 keeps no trace of it on the parameter). FSDP1 marks the parameters it manages
-with ``_fsdp_flattened``; that is how this engine recognises them.
+flat shard. Laid end to end in rank order *within the unit's sharding group* the pieces are the
+flattened parameter, so a delta is gathered by collecting the pieces over that group and reshaping
+to its logical shape, which deltadist records before wrapping (FSDP1 keeps no trace of it on the
+parameter). The group is the whole world for ``FULL_SHARD`` and ``SHARD_GRAD_OP``, the ranks of
+one replica for ``HYBRID_SHARD``; under ``NO_SHARD`` every rank holds the whole parameter. FSDP1
+marks the parameters it manages with ``_fsdp_flattened``; that is how this engine recognises them,
+and each unit's handle (a private but frozen FSDP1 structure) says how it shards.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from deltadist.engines.base import recorded_shape
@@ -24,6 +30,9 @@ from deltadist.engines.distributed import (
 from deltadist.errors import EngineError
 
 FSDP1_FLAG = "_fsdp_flattened"
+FLAT_PARAMETER = "_flat_param"
+"""The name FSDP1 registers its flat parameter under when it removes the original ones
+(``use_orig_params=False``); with ``use_orig_params=True`` the originals stay registered."""
 
 
 def is_flat_sharded(param: torch.Tensor) -> bool:
@@ -38,9 +47,46 @@ class FSDP1Engine(DistributedEngine):
     # runs after deltadist's, requires every parameter it manages to be in the dict.
     trainable_only_state_dict = False
 
+    def __init__(self, handles: dict[int, Any] | None = None) -> None:
+        self._handles = handles or {}
+        """``id(original parameter)`` -> the FSDP1 handle of the unit that shards it."""
+        # The root unit usually wraps the backbone from outside, where the backbone cannot see it
+        # (until FSDP1's lazy init links every unit's handle): its parameters (a task head) get the
+        # sharding of the units inside, which one wrapping call gives one strategy and group.
+        self._default = next(iter(self._handles.values()), None)
+
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
         return distributed_ready() and any(is_flat_sharded(p) for p in model.parameters())
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "FSDP1Engine":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(name == FLAT_PARAMETER or name.endswith("." + FLAT_PARAMETER)
+               for name, _ in model.named_parameters()):
+            raise EngineError(
+                "This model is wrapped in FullyShardedDataParallel with use_orig_params=False, "
+                "which takes every parameter (the deltas' too) out of its module into one flat "
+                "parameter: deltas could not be found, saved or loaded. Wrap with "
+                "use_orig_params=True (deltadist.wrap_model does), or use FSDP2 (fully_shard)."
+            )
+        handles = {}
+        for unit in model.modules():
+            if not isinstance(unit, FullyShardedDataParallel):
+                continue
+            linked = getattr(getattr(unit, "_exec_order_data", None), "all_handles", None) or []
+            for handle in [unit._handle, *linked]:
+                if handle is not None:
+                    handles.update((id(p), handle) for p in handle.flat_param._params or ())
+        return cls(handles)
+
+    def _sharding(self, param: torch.Tensor) -> tuple[bool, Any]:
+        """Whether ``param`` is a piece of a flat shard, and the group its pieces span."""
+        handle = self._handles.get(id(param), self._default)
+        if handle is None:  # no unit seen at all: FSDP1's default, sharded over the world
+            return is_flat_sharded(param), None
+        return handle.uses_sharded_strategy, handle.process_group
 
     def settle(self, model: nn.Module) -> None:
         # After a forward FSDP1 keeps the root unit's gathered (unsharded) copy for the backward
@@ -60,7 +106,7 @@ class FSDP1Engine(DistributedEngine):
         )
 
     def logical_shape(self, param: torch.Tensor) -> torch.Size:
-        if not is_flat_sharded(param):
+        if not self._sharding(param)[0]:
             return param.shape
         shape = recorded_shape(param)
         if shape is None:
@@ -72,23 +118,27 @@ class FSDP1Engine(DistributedEngine):
         return shape
 
     def _full_tensor(self, param: torch.Tensor) -> torch.Tensor:
-        if not is_flat_sharded(param):
-            return param
-        pieces = all_gather_pieces(param.detach().reshape(-1))
+        sharded, group = self._sharding(param)
+        if not sharded:
+            return param.reshape(self.logical_shape(param))
+        pieces = all_gather_pieces(param.detach().reshape(-1), group)
         return torch.cat(pieces).reshape(self.logical_shape(param))
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
-        if not is_flat_sharded(param):
-            return super().scatter(param, value)
-        start = piece_offsets(param.numel())[self.rank]
+        sharded, group = self._sharding(param)
+        if not sharded:
+            return super().scatter(param, value.reshape(param.shape))
+        start = piece_offsets(param.numel(), group)[dist.get_rank(group)]
         piece = value.reshape(-1)[start:start + param.numel()]
         with torch.no_grad():
             param.view(-1).copy_(piece.to(device=param.device, dtype=param.dtype))
 
     def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
-        if not is_flat_sharded(param):
+        sharded, group = self._sharding(param)
+        if not sharded:
             return super().sample(param, flat_indices)
-        return sample_from_pieces(param, piece_offsets(param.numel())[self.rank], flat_indices)
+        start = piece_offsets(param.numel(), group)[dist.get_rank(group)]
+        return sample_from_pieces(param, start, flat_indices, group)
 
 
 def _handles_holding_a_gathered_copy(model: nn.Module) -> list:

@@ -176,3 +176,22 @@ def test_a_shared_compacter_rule_is_saved_once_at_full_shape(trained) -> None:
     saved = _saved(ranks[0]["compacter-3"]["path"])
     rules = [key for key in saved if ".rule." in key or key.startswith("compacter_shared.phm_rule")]
     assert rules == ["compacter_shared.phm_rule.factors.0"] and saved[rules[0]].shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize(("strategy", "world_size"), [
+    ("no_shard", 2), ("shard_grad_op", 2), ("hybrid_shard", 4)])
+def test_fsdp1_sharding_strategies_save_and_merge_what_one_process_trains(
+        strategy: str, world_size: int, references, tmp_path) -> None:
+    """Each strategy gathers over its own group (no group at all for NO_SHARD, one replica for
+    HYBRID_SHARD), so the checkpoint is the single-process one and merges land in every shard."""
+    ranks = run_ranks(workers.train_save_merge, args=(f"fsdp1:{strategy}", str(tmp_path)),
+                      world_size=world_size, timeout=400)
+    for method in ("lora", "compacter"):
+        assert ranks[0][method]["engine"] == "fsdp1"
+        _assert_same_delta(_saved(ranks[0][method]["path"]), references[method]["state"], method)
+    assert all(rank["merge_error"] < 1e-5 for rank in ranks), [r["merge_error"] for r in ranks]
+
+
+def test_fsdp1_without_original_parameters_is_refused_with_the_fix() -> None:
+    messages = run_ranks(workers.flat_parameters_refused, timeout=240)
+    assert all("use_orig_params=True" in m and "fully_shard" in m for m in messages), messages

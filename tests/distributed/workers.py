@@ -86,9 +86,16 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    if engine == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    if engine.startswith("fsdp1"):  # "fsdp1" or "fsdp1:<sharding strategy>" (e.g. fsdp1:no_shard)
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        strategy = ShardingStrategy[engine.partition(":")[2].upper() or "FULL_SHARD"]
+        mesh = None
+        if strategy == ShardingStrategy.HYBRID_SHARD:  # replicas of 2 ranks, sharded within each
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2))
 
         layer_cls = type(model.model.layers[0])
         with warnings.catch_warnings():
@@ -97,7 +104,8 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
             warnings.filterwarnings("ignore", message=".*requires_grad=True and False", category=UserWarning)
             return FullyShardedDataParallel(
                 model, use_orig_params=True, device_id=torch.device("cpu"),
-                auto_wrap_policy=ModuleWrapPolicy({layer_cls}),
+                auto_wrap_policy=ModuleWrapPolicy({layer_cls}), sharding_strategy=strategy,
+                device_mesh=mesh,
             )
     raise ValueError(engine)
 
@@ -395,3 +403,43 @@ def fsdp1_state_dict_keys(rank: int, world_size: int) -> dict[str, Any]:
 def full_state_names(model: nn.Module) -> list[str]:
     """The keys of ``model``'s whole state dict."""
     return sorted(model.state_dict())
+
+
+def train_save_merge(rank: int, world_size: int, engine: str, workdir: str) -> dict[str, Any]:
+    """LoRA and Compacter (a shared rule at the root): 3 steps, save, then merge LoRA in place."""
+    inputs, labels = batch(rank, world_size)
+    out: dict[str, Any] = {}
+    for method in ("lora", "compacter"):
+        model, delta = build(method)
+        wrapped = wrap(model, engine)
+        train(wrapped, delta, inputs, labels, steps=3)
+        path = _checkpoint(workdir, engine.replace(":", "_"), method, "trained")
+        delta.save_finetuned(path)
+        out[method] = {"path": path, "engine": delta.engine.name}
+        if method == "lora":
+            with torch.no_grad():
+                unmerged = wrapped(**inputs).logits
+                delta.merge()
+                out["merge_error"] = float((wrapped(**inputs).logits - unmerged).abs().max())
+    return out
+
+
+def flat_parameters_refused(rank: int, world_size: int) -> str:
+    """FSDP1 with use_orig_params=False (wrapped before freezing: it refuses mixed flags): the
+    delta's own calls say what to do, instead of saving an empty checkpoint."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from deltadist import LoraModel
+    from deltadist.errors import EngineError
+    from tests.tiny import build_tiny
+
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
+    delta = LoraModel(model, lora_r=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        FullyShardedDataParallel(model, use_orig_params=False, device_id=torch.device("cpu"))
+    try:
+        delta.save_finetuned(f"/nonexistent/rank{rank}")
+    except EngineError as err:
+        return str(err)
+    return "saved"
