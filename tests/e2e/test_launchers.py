@@ -201,6 +201,8 @@ def test_launcher_defaults(fake_python: dict[str, str]) -> None:
     (["--engine", "zero3"], "--engine must be ddp, fsdp2 or fsdp1"),
     (["--nproc", "0"], "--nproc must be a positive integer"),
     (["--nproc"], "--nproc needs a value"),
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "--node-rank must be 0..1"),
 ])
 def test_launcher_rejects_bad_arguments(fake_python: dict[str, str], args: list[str], message: str) -> None:
     result = subprocess.run(["bash", str(LAUNCHER), "--nproc", "2", *args], cwd=REPO,
@@ -214,3 +216,52 @@ def test_launcher_help_documents_the_command() -> None:
     result = subprocess.run(["bash", str(LAUNCHER), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "torchrun --standalone --nproc-per-node N -m deltadist.cli train" in result.stdout
+
+
+def test_dry_run_prints_the_multi_node_command_and_starts_nothing(fake_python: dict[str, str]) -> None:
+    lines = launcher_argv({**fake_python, "RDZV_ID": "job7"}, "--nproc", "4", "--nnodes", "2",
+                          "--node-rank", "1", "--rdzv-endpoint", "10.0.0.1:29400", "--dry-run",
+                          "--set", "training.epochs=2", omp="3")
+    assert lines == [  # one line: the fake python (which would print its arguments) never ran
+        "OMP_NUM_THREADS=3 torchrun --nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint "
+        "10.0.0.1:29400 --rdzv-id job7 --nproc-per-node 4 -m deltadist.cli train --set engine=ddp "
+        "--set training.epochs=2"]
+    single = launcher_argv(fake_python, "--nproc", "2", "--dry-run", omp="1")
+    assert single == ["OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m deltadist.cli train "
+                      "--set engine=ddp"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_nodes_train_the_delta_one_node_trains(tmp_path: Path) -> None:
+    """Two launcher invocations on 127.0.0.1 with --nnodes 2 (one rank each) meet at a c10d
+    rendezvous and train exactly what one node with two ranks trains."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+
+    def launch(*args: str) -> list[str]:
+        return ["bash", str(LAUNCHER), "--engine", "ddp", *args, *JOB]
+
+    node0 = subprocess.Popen(launch("--nproc", "1", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
+                                    endpoint, "--set", f"output_dir={tmp_path / 'two'}"),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        check_ok(run(launch("--nproc", "1", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", endpoint,
+                            "--set", f"output_dir={tmp_path / 'two'}")))
+        out, _ = node0.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        _kill_group(node0.pid)
+    assert node0.returncode == 0, out[-6000:]
+    check_ok(run(launch("--nproc", "2", "--set", f"output_dir={tmp_path / 'one'}")))
+    two, one = load_delta(tmp_path / "two"), load_delta(tmp_path / "one")
+    assert sorted(two) == sorted(one)
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=0, msg=key)
