@@ -1,6 +1,6 @@
 """Run a function on several gloo ranks from inside pytest, without torchrun, and never hang.
 
-``run_ranks(fn, world_size=2, timeout=120, args=())`` starts ``world_size`` processes with the
+``run_ranks(fn, world_size=2, timeout=300, args=())`` starts ``world_size`` processes with the
 ``spawn`` start method. Each one joins a gloo process group through a ``FileStore`` in a fresh
 temporary directory (no fixed port, so tests and xdist workers never collide), calls
 ``fn(rank, world_size, *args)`` and sends back its return value (it must pickle) or its
@@ -34,7 +34,7 @@ _GRACE_S = 5.0
 """How long a terminated child gets before it is killed."""
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 120,
+def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 300,
               args: tuple = ()) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, run in parallel.
 

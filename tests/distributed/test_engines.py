@@ -34,7 +34,8 @@ def references() -> dict[str, dict]:
 def trained(request, tmp_path_factory) -> tuple[str, Path, list[dict]]:
     engine = request.param
     workdir = tmp_path_factory.mktemp(engine)
-    return engine, workdir, run_ranks(workers.train_and_save, args=(engine, str(workdir)))
+    # Nine trainings (every method) in one launch: ~60 s alone, several times that on 2 busy cores.
+    return engine, workdir, run_ranks(workers.train_and_save, args=(engine, str(workdir)), timeout=500)
 
 
 @pytest.fixture(scope="module")
