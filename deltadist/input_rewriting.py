@@ -223,8 +223,7 @@ def _spread_positions(positions: torch.Tensor, mask: torch.Tensor | None,
     and the attended positions after it move up by ``P``; pads keep theirs."""
     positions = positions.expand(layout.batch, -1)
     attended = torch.ones_like(positions) if mask is None else mask.ne(0).to(positions.dtype)
-    starts = first_attended(mask) if mask is not None else torch.zeros_like(positions[:, 0])
-    first = positions.gather(1, starts[:, None])  # [B, 1]
+    first = positions.gather(1, layout.starts[:, None].to(positions.device))  # [B, 1]
     prompt = first + torch.arange(layout.prompt_len, device=positions.device)[None]
     return layout.spread(positions + layout.prompt_len * attended, prompt)
 

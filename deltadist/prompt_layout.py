@@ -21,7 +21,7 @@ class PromptLayout:
     """``P`` prompt positions inserted into ``[B, T, ...]`` sequences at per-row ``starts``."""
 
     def __init__(self, starts: torch.Tensor, prompt_len: int, seq_len: int) -> None:
-        self.prompt_len, self.seq_len = prompt_len, seq_len
+        self.prompt_len, self.seq_len, self.starts = prompt_len, seq_len, starts
         self.batch = starts.shape[0]
         # The common case (no left padding) is a concatenation: no index tensors, exact copies.
         self.at_front = bool((starts == 0).all())
