@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run `deltadist train` on N local processes with torchrun.
 #
-#   launchers/torchrun.sh [--nproc N] [--engine ddp|fsdp2|fsdp1] [--config PATH] [--dry-run]
+#   launchers/torchrun.sh [--nproc N] [--engine ddp|fsdp2|fsdp1|bmtrain] [--config PATH] [--dry-run]
 #                         [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] [deltadist train args...]
 #
 # runs
@@ -17,8 +17,9 @@
 # has deltadist installed is the one used; PYTHON defaults to `python`.)
 #
 #   --nproc N     ranks on this machine (default: the number of visible GPUs, else 2)
-#   --engine E    ddp, fsdp2 or fsdp1: passed on as `--set engine=E`. Without it the config's engine
-#                 is used; without --config either, ddp (the built-in config's engine is `plain`).
+#   --engine E    ddp, fsdp2, fsdp1 or bmtrain: passed on as `--set engine=E`. Without it the config's
+#                 engine is used; without --config either, ddp (the built-in config's engine is `plain`).
+#                 (launchers/bmtrain.sh is this with --engine bmtrain and a CUDA check.)
 #   --config P    the job's YAML (default: the built-in configs/minilm_lora.yaml)
 #   --nnodes M, --node-rank R, --rdzv-endpoint HOST:PORT
 #                 a job on M nodes meeting at HOST:PORT (a c10d rendezvous hosted by the first node
@@ -69,9 +70,9 @@ if [[ -z "$nproc" ]]; then
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "torchrun.sh: --nproc must be a positive integer, got '$nproc'" >&2; exit 2; }
 case "$engine" in
-    ""|ddp|fsdp2|fsdp1) ;;
+    ""|ddp|fsdp2|fsdp1|bmtrain) ;;
     plain) echo "torchrun.sh: engine plain runs one process; run 'deltadist train' directly" >&2; exit 2 ;;
-    *) echo "torchrun.sh: --engine must be ddp, fsdp2 or fsdp1, got '$engine'" >&2; exit 2 ;;
+    *) echo "torchrun.sh: --engine must be ddp, fsdp2, fsdp1 or bmtrain, got '$engine'" >&2; exit 2 ;;
 esac
 [[ -n "$engine" || -n "$config" ]] || engine=ddp
 [[ "$nnodes" =~ ^[1-9][0-9]*$ ]] || { echo "torchrun.sh: --nnodes must be a positive integer, got '$nnodes'" >&2; exit 2; }

@@ -92,6 +92,12 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self.record = DeltaRecord(backbone_model, self._build_attachments(targets),
                                   kept_backbone=kept, train_deltas=DELTAS_KEYWORD in unfrozen)
         self._attach_modules()
+        try:
+            self.engine.adopt(att.delta for att in self.record.attachments)
+        except BaseException:
+            for att in reversed(self.record.attachments):
+                mechanisms.forget(att)
+            raise
         self.record.register()
         record_logical_shapes(backbone_model, self.engine)
         self._initialize_from_backbone()

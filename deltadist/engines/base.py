@@ -7,7 +7,7 @@ of deltadist talks to an :class:`Engine`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -67,6 +67,11 @@ class Engine:
 
     def check_attachable(self, model: nn.Module) -> None:
         """Raise :class:`~deltadist.errors.EngineError` if new parameters cannot join ``model`` now."""
+
+    def adopt(self, modules: Iterable[nn.Module]) -> None:
+        """Hand the parameters of newly attached delta ``modules`` to the engine (BMTrain makes
+        them its distributed parameters). No-op elsewhere: the other engines take new parameters
+        when they wrap the model."""
 
     # -- the parallel world -------------------------------------------------------------------
     @property

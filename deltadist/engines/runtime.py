@@ -4,8 +4,13 @@
 one process per rank, started by ``torchrun`` (``launchers/torchrun.sh``); the default process
 group is initialised here (NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the
 CPU), the delta-fitted model is wrapped by :func:`deltadist.engines.setup.wrap_model`, and
-:meth:`EngineSetup.close` destroys the group at the end. Started without torchrun, a distributed
+:meth:`EngineSetup.close` destroys the group at the end. Started without a launcher, a distributed
 engine runs as a world of one (an in-process store, no port), which is handy for trying a config.
+
+The ranks may also be started by SLURM's ``srun`` or by ``mpirun`` (Open MPI, MPICH, Intel MPI):
+:func:`launch_info` reads each one's variables (torchrun's first), and the group then meets at
+``MASTER_ADDR:MASTER_PORT``, which the job script sets. ``bmtrain`` (CUDA only) starts BMTrain's
+own NCCL world instead of a process group (``deltadist/engines/bmtrain_runtime.py``).
 
 This is the only module of the training job that knows about ``torch.distributed``; the loop
 sees an :class:`EngineSetup` (device, wrap, rank, world size, close).
@@ -26,8 +31,56 @@ from torch import nn
 from deltadist.errors import ConfigError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-"""Environment variables ``torchrun`` (and ``accelerate launch``) set in every rank."""
+"""Set in every rank by ``torchrun`` (and the DeepSpeed launcher, ``accelerate launch``)."""
 
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT")
+"""Where the ranks meet (``env://``): torchrun sets them; after srun or mpirun the job script does."""
+
+
+@dataclass(frozen=True)
+class LaunchSource:
+    """A program that starts the ranks, and the variables in which it tells each one its place."""
+
+    name: str
+    """``LaunchInfo.source``: ``torchrun``, ``openmpi``, ``mpich`` or ``slurm``."""
+    title: str
+    """How messages name it."""
+    marker: str
+    """Set in every process it starts (and unlikely elsewhere): its presence selects this source."""
+    rank: str
+    world_size: str
+    local_rank: tuple[str, ...]
+    """The local rank is read from the first of these that is set."""
+    fix: str
+    """How to give the ranks ``MASTER_ADDR`` and ``MASTER_PORT`` (not needed after torchrun)."""
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return (self.rank, self.world_size, *self.local_rank)
+
+
+LAUNCH_SOURCES: tuple[LaunchSource, ...] = (
+    LaunchSource(
+        "torchrun", "torchrun or the DeepSpeed launcher", "WORLD_SIZE", "RANK", "WORLD_SIZE",
+        ("LOCAL_RANK",), "torchrun sets both"),
+    LaunchSource(
+        "openmpi", "Open MPI's mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",),
+        "e.g. mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=29500 ..."),
+    LaunchSource(
+        "mpich", "MPICH / Intel MPI (PMI)", "PMI_SIZE", "PMI_RANK", "PMI_SIZE",
+        ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+        "e.g. mpiexec -genv MASTER_ADDR <first host> -genv MASTER_PORT 29500 ..."),
+    LaunchSource(
+        # SLURM_STEP_ID: srun sets it in each task; a batch script has SLURM_PROCID=0 and the job's
+        # SLURM_NTASKS without being one of the tasks, and must not read as rank 0 of them.
+        "slurm", "SLURM's srun", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS", ("SLURM_LOCALID",),
+        'e.g. in the sbatch script, before srun: export MASTER_ADDR=$(scontrol show hostnames '
+        '"$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=29500; or start the job with '
+        "launchers/slurm.sbatch"),
+)
+"""In order of precedence: torchrun started inside an sbatch or MPI job also sees their variables
+(and MPI started by srun sees SLURM's), and the innermost launcher is the one that placed the rank."""
 
 def _nothing() -> None:
     return None
@@ -60,36 +113,86 @@ class EngineSetup:
 
 @dataclass(frozen=True)
 class LaunchInfo:
-    """This process's place in a launched world (from ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    """This process's place in a launched world, and the launcher it came from (``source``)."""
 
     rank: int
     world_size: int
     local_rank: int
+    source: str = "torchrun"
+    """The :class:`LaunchSource` name: ``torchrun``, ``openmpi``, ``mpich`` or ``slurm``."""
+
+    @property
+    def launcher(self) -> LaunchSource:
+        return next(s for s in LAUNCH_SOURCES if s.name == self.source)
 
 
 def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo | None:
-    """The launcher's world, or ``None`` when not started by torchrun (no ``WORLD_SIZE``).
+    """The launcher's world, or ``None`` when no launcher started this process.
+
+    Read from the first of :data:`LAUNCH_SOURCES` whose marker variable is set: torchrun and the
+    DeepSpeed launcher (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), Open MPI
+    (``OMPI_COMM_WORLD_RANK``, ``_SIZE``, ``_LOCAL_RANK``), MPICH / Intel MPI (``PMI_RANK``,
+    ``PMI_SIZE``, ``MPI_LOCALRANKID`` or ``PMI_LOCAL_RANK``), SLURM's srun (``SLURM_PROCID``,
+    ``SLURM_NTASKS``, ``SLURM_LOCALID``, in a step: ``SLURM_STEP_ID`` set).
 
     Raises:
-        ConfigError: ``WORLD_SIZE`` is set but the other variables are missing or malformed.
+        ConfigError: the marker is set but the source's variables are missing, not integers or
+            inconsistent; the message names the variables and their values.
     """
     env = os.environ if environ is None else environ
-    if "WORLD_SIZE" not in env:
+    source = next((s for s in LAUNCH_SOURCES if s.marker in env), None)
+    if source is None:
         return None
+    local = next((name for name in source.local_rank if name in env), source.local_rank[0])
+    names = (source.rank, source.world_size, local)
+    shown = ", ".join(f"{n}={env.get(n, '<unset>')}" for n in source.variables)
     try:
-        values = {name: int(env[name]) for name in LAUNCH_VARIABLES}
+        rank, world_size, local_rank = (int(env[name]) for name in names)
     except (KeyError, ValueError) as err:
-        shown = ", ".join(f"{n}={env.get(n, '<unset>')}" for n in LAUNCH_VARIABLES)
+        if source.name == "torchrun":
+            fix = ("Start the job with launchers/torchrun.sh (or torchrun), or unset WORLD_SIZE for a "
+                   "single process.")
+        else:
+            fix = f"Unset {source.marker} for a single process."
         raise ConfigError(
-            f"WORLD_SIZE is set, so this looks like a torchrun launch, but {shown}: torchrun sets all "
-            "three to integers. Start the job with launchers/torchrun.sh (or torchrun), or unset "
-            "WORLD_SIZE for a single process."
+            f"{source.marker} is set, so this looks like a launch by {source.title}, but {shown}; "
+            f"it sets {', '.join(names[:2])} and {' or '.join(source.local_rank)} to integers. {fix}"
         ) from err
-    info = LaunchInfo(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
-    if info.world_size < 1 or not 0 <= info.rank < info.world_size or info.local_rank < 0:
-        raise ConfigError(f"Inconsistent launch variables: RANK={info.rank}, "
-                          f"WORLD_SIZE={info.world_size}, LOCAL_RANK={info.local_rank}.")
-    return info
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ConfigError(f"Inconsistent launch variables from {source.title}: {shown}: needs "
+                          f"0 <= {source.rank} < {source.world_size} and {local} >= 0.")
+    return LaunchInfo(rank, world_size, local_rank, source.name)
+
+
+def _rendezvous(info: LaunchInfo, env: Mapping[str, str]) -> tuple[str, int] | None:
+    """``(MASTER_ADDR, MASTER_PORT)`` for a world not started by torchrun; ``None`` for a world of one
+    without them (it needs no rendezvous)."""
+    missing = [name for name in RENDEZVOUS_VARIABLES if not env.get(name)]
+    launcher = info.launcher
+    placed = f"{launcher.rank}={info.rank}, {launcher.world_size}={info.world_size}"
+    if missing:
+        if info.world_size == 1:
+            return None
+        raise ConfigError(
+            f"This process was started by {launcher.title} ({placed}): the process group meets at "
+            f"MASTER_ADDR:MASTER_PORT, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set. Set MASTER_ADDR to the first rank's "
+            f"host and MASTER_PORT to a free port in every rank's environment, {launcher.fix}."
+        )
+    port = env["MASTER_PORT"]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"MASTER_PORT={port} (with MASTER_ADDR={env['MASTER_ADDR']}, from "
+                          f"{launcher.title}'s job) must be a port number, 1-65535.")
+    return env["MASTER_ADDR"], int(port)
+
+
+def _export(info: LaunchInfo, rendezvous: tuple[str, int]) -> None:
+    """Give ``os.environ`` what ``env://`` (and libraries that read ``LOCAL_RANK``) expect after
+    torchrun; variables already set are kept."""
+    values = {"RANK": info.rank, "WORLD_SIZE": info.world_size, "LOCAL_RANK": info.local_rank,
+              "MASTER_ADDR": rendezvous[0], "MASTER_PORT": rendezvous[1]}
+    for name, value in values.items():
+        os.environ.setdefault(name, str(value))
 
 
 def _plain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
@@ -97,8 +200,9 @@ def _plain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
     if info is not None and info.world_size > 1:
         raise ConfigError(
             f"engine: plain runs in one process, but this is rank {info.rank} of a world of "
-            f"{info.world_size} (started by torchrun). Choose a distributed engine (--set "
-            "engine=ddp, fsdp2 or fsdp1; launchers/torchrun.sh --engine ...), or run without torchrun."
+            f"{info.world_size} (started by {info.launcher.title}). Choose a distributed engine "
+            "(--set engine=ddp, fsdp2 or fsdp1; launchers/torchrun.sh --engine ...), or run it as "
+            "one process."
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return EngineSetup(name="plain", device=device, wrap=lambda model: model)
@@ -110,10 +214,17 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
 
         from deltadist.engines.setup import wrap_model
 
-        info = launch_info(environ)
+        env = os.environ if environ is None else environ
+        info = launch_info(env)
         cuda = torch.cuda.is_available()
+        owned = not dist.is_initialized()
+        rendezvous = None
+        if owned and info is not None and info.source != "torchrun":
+            rendezvous = _rendezvous(info, env)  # checked before anything starts
         if info is not None:
             local_rank = info.local_rank
+            if cuda and info.source != "torchrun" and torch.cuda.device_count() == 1:
+                local_rank = 0  # srun / mpirun bound one GPU to each rank
         elif dist.is_initialized() and cuda:  # a group someone else started: one GPU per rank
             local_rank = dist.get_rank() % torch.cuda.device_count()
         else:
@@ -121,10 +232,15 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        owned = not dist.is_initialized()
         if owned:
             backend = "nccl" if cuda else "gloo"
-            if info is not None:
+            if info is not None and info.source != "torchrun" and rendezvous is None:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            elif info is not None and info.source != "torchrun":
+                _export(info, rendezvous)
+                dist.init_process_group(backend, device_id=device if cuda else None, rank=info.rank,
+                                        world_size=info.world_size)
+            elif info is not None:
                 dist.init_process_group(backend, device_id=device if cuda else None)
             else:
                 launcher = "deepspeed.sh" if name == "deepspeed" else "torchrun.sh"
@@ -138,8 +254,8 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
 
         if info is not None and dist.get_world_size() != info.world_size:
             close()
-            raise ConfigError(f"WORLD_SIZE={info.world_size} but the process group has "
-                              f"{dist.get_world_size()} ranks.")
+            raise ConfigError(f"{info.launcher.world_size}={info.world_size} (from {info.launcher.title}) "
+                              f"but the process group has {dist.get_world_size()} ranks.")
 
         def wrap(model: nn.Module) -> nn.Module:
             with warnings.catch_warnings():
@@ -178,12 +294,33 @@ def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: st
     return dataclasses.replace(base, wrap=lambda model: model.to(base.device), prepare=prepare)
 
 
+def _bmtrain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
+    """BMTrain's own NCCL world (no torch.distributed group): it reads the launcher's variables
+    from ``os.environ``, so those of SLURM or MPI are exported there first."""
+    from deltadist.engines.bmtrain_runtime import BMTrainStepper, start_bmtrain, wrap_for_bmtrain
+
+    info = launch_info(environ)
+    if info is not None and info.source != "torchrun":
+        rendezvous = _rendezvous(info, os.environ if environ is None else environ)
+        if rendezvous is not None:
+            _export(info, rendezvous)
+    rank, world_size, local_rank = start_bmtrain(seed=0)
+    device = torch.device("cuda", local_rank)
+
+    def prepare(model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+        return model, BMTrainStepper(optimizer, world_size)
+
+    return EngineSetup(name="bmtrain", device=device, wrap=lambda model: wrap_for_bmtrain(model, device),
+                       rank=rank, world_size=world_size, prepare=prepare)
+
+
 ENGINES: dict[str, Callable[..., EngineSetup]] = {
     "plain": _plain,
     "ddp": _distributed("ddp"),
     "fsdp2": _distributed("fsdp2"),
     "fsdp1": _distributed("fsdp1"),
     "deepspeed": _deepspeed,
+    "bmtrain": _bmtrain,
 }
 
 

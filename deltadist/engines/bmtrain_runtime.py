@@ -1,0 +1,79 @@
+"""``engine: bmtrain`` for the training job: BMTrain's start, wrapping and optimizer step.
+
+BMTrain needs CUDA (its collectives are NCCL's) and starts no ``torch.distributed`` group: it
+reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` itself, so it
+is started by torchrun (``launchers/bmtrain.sh``). The delta-fitted model is converted by
+``bmt.BMTrainModelWrapper``: every parameter, the deltas' included, becomes a
+``DistributedParameter`` and every block of a ``ModuleList`` a ``bmt.Block`` (ZeRO-3 with
+activation checkpointing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltadist.errors import ConfigError
+
+
+def import_bmtrain() -> Any:
+    """``bmtrain``, or a :class:`ConfigError` saying how to get it and that it needs CUDA."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "engine: bmtrain needs CUDA GPUs (BMTrain's collectives run on NCCL); this machine has "
+            "none. Use engine ddp, fsdp2, fsdp1 or deepspeed here (launchers/torchrun.sh)."
+        )
+    try:
+        import bmtrain
+    except ImportError as err:
+        raise ConfigError("engine: bmtrain needs BMTrain built for this torch and CUDA: "
+                          "pip install bmtrain (see the README, 'BMTrain').") from err
+    return bmtrain
+
+
+def start_bmtrain(seed: int) -> tuple[int, int, int]:
+    """``bmt.init_distributed`` (once per process); returns ``(rank, world size, local rank)``."""
+    bmt = import_bmtrain()
+    from bmtrain.global_var import config
+
+    if not config["initialized"]:
+        bmt.init_distributed(seed=seed)
+    return bmt.rank(), bmt.world_size(), config["local_rank"]
+
+
+def wrap_for_bmtrain(model: nn.Module, device: torch.device) -> nn.Module:
+    """Convert ``model`` (deltas attached, frozen, real weights) in place with BMTrain's wrapper."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError("engine: bmtrain needs real weights: BMTrain partitions each parameter "
+                          "from its values. Load the backbone before wrapping.")
+    bmt = import_bmtrain()
+    return bmt.BMTrainModelWrapper(model.to(device))
+
+
+class BMTrainStepper:
+    """The loop's optimizer under BMTrain: waits for BMTrain's gradient reductions, then averages.
+
+    BMTrain reduce-scatters gradients as sums over the ranks on its own CUDA stream (its
+    ``OptimManager`` divides the loss by the world size instead); the job's loss is scaled for
+    averaging, as DDP and FSDP do, so the summed gradients are divided by the world size here.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, world_size: int) -> None:
+        self.optimizer = optimizer
+        self.world_size = world_size
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        from bmtrain.global_var import config
+
+        torch.cuda.current_stream().wait_stream(config["load_stream"])
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.div_(self.world_size)
+        self.optimizer.step()
