@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from deltadist.errors import EngineError
+
 # Logical shapes noted before an engine wraps the model, for engines that keep no trace of them on
 # the parameter (FSDP1's flat views). Stored on the parameter object, which FSDP1 preserves (a
 # WeakKeyDictionary cannot hold tensors: their ``==`` is element-wise).
@@ -66,7 +68,28 @@ class Engine:
         return type(model).__name__
 
     def check_attachable(self, model: nn.Module) -> None:
-        """Raise :class:`~deltadist.errors.EngineError` if new parameters cannot join ``model`` now."""
+        """Raise :class:`~deltadist.errors.EngineError` if new parameters cannot join ``model`` now:
+        a wrapper (DDP, a DeepSpeed engine) or DeepSpeed's ZeRO-1/2 optimizer already holds it (in a
+        world of one too)."""
+        wrapper = type(model).__name__
+        if wrapper in ("DistributedDataParallel", "DeepSpeedEngine"):
+            raise EngineError(
+                f"This model is already wrapped in {wrapper}, which only trains and synchronises "
+                "the parameters it saw when it was built. Attach deltas to the model before "
+                f"wrapping it (for DeepSpeed: before deepspeed.initialize; building the model under "
+                "deepspeed.zero.Init is fine)."
+            )
+        # The inner module of a ZeRO-1/2 engine (``engine.module``) looks like a plain model, but
+        # DeepSpeed's optimizer has flattened the parameters it was given and links each one to
+        # its fp32 piece through ``_hp_mapping`` (the mark DeepSpeed's own safe_get_full_fp32_param
+        # looks for; set on every rank alike). A delta added now would never be stepped. (Read
+        # through __dict__: a missing attribute costs hasattr an exception per parameter.)
+        if any("_hp_mapping" in p.__dict__ for p in model.parameters()):
+            raise EngineError(
+                "deepspeed.initialize has already built its ZeRO optimizer over this model's "
+                "parameters, so new delta parameters would never be optimised. Attach deltas "
+                "before deepspeed.initialize."
+            )
 
     def adopt(self, modules: Iterable[nn.Module]) -> None:
         """Hand the parameters of newly attached delta ``modules`` to the engine (BMTrain makes

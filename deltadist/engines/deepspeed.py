@@ -1,11 +1,16 @@
 """DeepSpeed ZeRO-3: partitioned parameters (``shape == (0,)``, real shape in ``ds_shape``).
 
 Each partitioned parameter keeps its logical shape in ``ds_shape`` and this rank's slice of the
-flattened values in ``ds_tensor`` (rank ``r`` holds elements ``[r * n, (r + 1) * n)``, ``n`` being
-the padded partition size). A delta is gathered with ``GatheredParameters`` over the delta list
-only -- never the consolidated model -- and written back with ``modifier_rank=0``, which
-re-partitions the new values on exit. ZeRO-1/2 keep parameters whole, so they need nothing beyond
-the DDP engine. ``deepspeed`` is imported only when a partitioned model is seen.
+flattened values in ``ds_tensor``: rank ``r`` *of the parameter's own partition group*
+``ds_process_group`` holds elements ``[r * n, (r + 1) * n)``, ``n`` being the padded partition size.
+That group is the data-parallel group, which may be smaller than the world; ZeRO++'s hierarchical
+partitioning (``zero_hpz_partition_size``) keeps this primary partition over it and only adds a
+secondary copy (``ds_secondary_tensor``) split over the smaller hpZ group. A delta is gathered
+with ``GatheredParameters`` over the delta list only -- never the consolidated model -- and
+written back with ``modifier_rank=0``, which re-partitions the new values (both copies) on exit.
+ZeRO-1/2 keep parameters whole, so they need nothing beyond the DDP engine (which refuses new
+deltas once DeepSpeed's optimizer holds the model). ``deepspeed`` is imported only when a
+partitioned model is seen.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from deltadist.engines.distributed import DistributedEngine, distributed_ready, sample_from_pieces
@@ -58,13 +64,17 @@ class ZeRO3Engine(DistributedEngine):
             return super().scatter(param, value)
         import deepspeed
 
+        # modifier_rank counts in the parameter's partition group, not the world.
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if self.rank == 0:
+            if dist.get_rank(group=param.ds_process_group) == 0:
                 with torch.no_grad():
                     param.data.copy_(value.to(device=param.device, dtype=param.dtype))
 
     def sample(self, param: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor | None:
         if not is_partitioned(param):
             return super().sample(param, flat_indices)
-        # Rank r holds flat elements [r * n, (r + 1) * n), n being the (padded) partition size.
-        return sample_from_pieces(param.ds_tensor, self.rank * param.ds_tensor.numel(), flat_indices)
+        # Rank r of the partition group holds flat elements [r * n, (r + 1) * n), n being the
+        # (padded) partition size; the other pieces are on that group only, so the sum runs there.
+        group = param.ds_process_group
+        start = dist.get_rank(group=group) * param.ds_tensor.numel()
+        return sample_from_pieces(param.ds_tensor, start, flat_indices, group)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from deltadist.engines.base import Engine
-from deltadist.errors import CheckpointError, EngineError
+from deltadist.errors import CheckpointError
 
 
 def distributed_ready() -> bool:
@@ -81,16 +81,6 @@ class DistributedEngine(Engine):
     @classmethod
     def claims(cls, model: torch.nn.Module) -> bool:
         return distributed_ready() and dist.get_world_size() > 1
-
-    def check_attachable(self, model: torch.nn.Module) -> None:
-        wrapper = type(model).__name__
-        if wrapper in ("DistributedDataParallel", "DeepSpeedEngine"):
-            raise EngineError(
-                f"This model is already wrapped in {wrapper}, which only trains and synchronises "
-                "the parameters it saw when it was built. Attach deltas to the model before "
-                f"wrapping it (for DeepSpeed: before deepspeed.initialize; building the model under "
-                "deepspeed.zero.Init is fine)."
-            )
 
     @property
     def rank(self) -> int:

@@ -3,20 +3,23 @@
 Logical shapes are the DTensors' global shapes; a delta is gathered with ``full_tensor()`` (only
 the deltas, one at a time), and values are scattered with ``distribute_tensor``. Fingerprint
 samples of backbone parameters sharded on dim 0 are read from the local shards and summed across
-ranks, so the backbone is never gathered.
+the ranks that share them, so the backbone is never gathered.
+
+Rows are located on the parameter's own device mesh, never the world: the mesh may be a 1-D
+sub-mesh (a group smaller than the world) or 2-D under HSDP (``(Replicate(), Shard(0))``: shards
+within a replica, replicas side by side), and only the shard dimension's group splits the rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from deltadist.engines.base import TensorSource
-from deltadist.engines.distributed import (
-    DistributedEngine, distributed_ready, piece_offsets, sample_from_pieces,
-)
+from deltadist.engines.distributed import DistributedEngine, distributed_ready, sample_from_pieces
 from deltadist.errors import EngineError
 
 
@@ -62,11 +65,11 @@ class FSDP2Engine(DistributedEngine):
             local.copy_(shard.to_local())
 
     def load(self, param: torch.Tensor, source: TensorSource) -> None:
-        if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+        rows = _row_shard(param) if isinstance(param, DTensor) else None
+        if rows is None:
             return super().load(param, source)
-        # fully_shard splits dim 0 like torch.chunk: rank r holds rows from r * ceil(n / world).
+        start, _ = rows
         local = param.to_local()
-        start = self.rank * -(-param.shape[0] // self.world_size)
         with torch.no_grad():
             local.copy_(source.rows(start, start + local.shape[0]).to(local.device, local.dtype))
 
@@ -75,13 +78,32 @@ class FSDP2Engine(DistributedEngine):
             return super().sample(param, flat_indices)
         if param.device.type == "meta" or param.to_local().device.type == "meta":
             return None
-        placements = tuple(param.placements)
-        if all(isinstance(p, Replicate) for p in placements):
+        if all(isinstance(p, Replicate) for p in param.placements):
             return super().sample(param.to_local(), flat_indices)
-        if placements != (Shard(0),):
+        rows = _row_shard(param)
+        if rows is None:
             # Unusual layouts: gathering one backbone tensor is still bounded by its size.
             return super().sample(param.full_tensor(), flat_indices)
-        # Shard(0): rank r holds a contiguous run of rows, i.e. a contiguous flat piece.
+        # This rank's rows are a contiguous flat piece; the other pieces of the same replica are
+        # on the shard dimension's group, so the sum runs there (summing over replicas as well
+        # would count every value once per replica).
+        start, group = rows
         local = param.to_local()
-        first_row = piece_offsets(local.shape[0])[self.rank]
-        return sample_from_pieces(local, first_row * param.shape[1:].numel(), flat_indices)
+        return sample_from_pieces(local, start * param.shape[1:].numel(), flat_indices, group)
+
+
+def _row_shard(param: DTensor) -> tuple[int, dist.ProcessGroup] | None:
+    """The first row this rank holds of ``param`` and the group holding the other rows, if
+    ``param`` is split on dim 0 along exactly one mesh dimension and replicated along any other
+    (FSDP2: ``(Shard(0),)``, or ``(Replicate(), Shard(0))`` under HSDP); else ``None``."""
+    placements = tuple(param.placements)
+    split = [i for i, p in enumerate(placements) if p == Shard(0)]
+    others = [p for i, p in enumerate(placements) if i not in split]
+    if len(split) != 1 or not all(isinstance(p, Replicate) for p in others):
+        return None
+    mesh, dim = param.device_mesh, split[0]
+    # fully_shard splits rows like torch.chunk over that dimension's ranks: piece i starts at
+    # i * ceil(n / pieces) (pieces past the end are empty).
+    rows = param.shape[0]
+    start = mesh.get_local_rank(dim) * -(-rows // mesh.size(dim))
+    return min(start, rows), mesh.get_group(dim)

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks (CPU) give what one process gives.
 
-Three launches (module-scoped fixtures), each ~10-20 s of work after ~15 s of imports:
+Launches (module-scoped fixtures), each ~10-20 s of work after ~15 s of imports:
 
 1. ``train_ranks``: per variant -- ZeRO-2, ZeRO-3 partitioning a normally built backbone at
    ``deepspeed.initialize``, ZeRO-3 with a backbone partitioned at construction (transformers'
@@ -14,6 +14,10 @@ Three launches (module-scoped fixtures), each ~10-20 s of work after ~15 s of im
 3. ``trainer_ranks``: :class:`deltadist.trainer.DeltaTrainer` with each shipped
    ``configs/deepspeed/*.json`` writes delta-only checkpoints (and an engine checkpoint without the
    frozen backbone); under ZeRO-3 resuming from the first checkpoint continues exactly.
+4. ``sub_groups`` (slow grid, 4 ranks): groups smaller than the world -- ZeRO++ hierarchical
+   partitioning trains, saves, fingerprints and merges as one process; a backbone partitioned over
+   pairs of ranks fingerprints and merges as one process; attaching to the inner model of a
+   ZeRO-1/2 engine is refused.
 
 The single-process reference (whole batch) runs in the pytest process. The rank functions live here
 and are handed to the harness as ``tests.distributed.test_deepspeed.<name>`` (see
@@ -57,17 +61,18 @@ FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors
 LAUNCH_TIMEOUT = 300
 
 
-def ds_config(stage: int) -> dict[str, Any]:
+def ds_config(stage: int, world_size: int = 2, **zero_options: Any) -> dict[str, Any]:
     """A DeepSpeed config for a torch optimizer passed to ``deepspeed.initialize``.
 
     ``stage3_param_persistence_threshold: 0`` keeps even the tiny model's parameters partitioned
     outside forward/backward (by default ZeRO-3 keeps parameters under 1e5 values whole).
+    ``zero_options`` join the ``zero_optimization`` section.
     """
-    zero: dict[str, Any] = {"stage": stage}
+    zero: dict[str, Any] = {"stage": stage, **zero_options}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
     return {
-        "train_micro_batch_size_per_gpu": workers.GLOBAL_BATCH // 2,
+        "train_micro_batch_size_per_gpu": workers.GLOBAL_BATCH // world_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told; the reference does not
         "zero_optimization": zero,
@@ -131,10 +136,13 @@ def build(deepspeed: Any, variant: str, method: str = "lora") -> tuple[nn.Module
     return model, delta
 
 
-def initialize(deepspeed: Any, model: nn.Module, delta: Any, variant: str) -> Any:
+def initialize(deepspeed: Any, model: nn.Module, delta: Any, variant: str, world_size: int = 2,
+               **zero_options: Any) -> Any:
+    """``deepspeed.initialize`` at the variant's stage (``zero1``, ``zero2``, else 3)."""
     optimizer = torch.optim.SGD(list(delta.parameters()), lr=workers.LR, momentum=MOMENTUM)
-    stage = 2 if variant == "zero2" else 3
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
+    stage = {"zero1": 1, "zero2": 2}.get(variant, 3)
+    config = ds_config(stage, world_size, **zero_options)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 
@@ -290,6 +298,88 @@ def resume_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
                            "is_engine_error": isinstance(error, EngineError),
                            "children": _lora_children(model)}
     return out
+
+
+HPZ_PARTITION_SIZE = 2
+"""ZeRO++ hierarchical partitioning (hpZ): a secondary copy of each partition over groups of 2."""
+
+
+def _attach_to_inner(deepspeed: Any, variant: str, world_size: int) -> dict[str, Any]:
+    """Attach LoRA to the inner model of an engine ``deepspeed.initialize`` built (ZeRO-1/2):
+    the error it raised, and whether the model was left as it was."""
+    from deltadist import EngineError, LoraModel
+
+    model, delta = build(deepspeed, variant)
+    initialize(deepspeed, model, delta, variant, world_size)
+    before = workers.structure(model)
+    try:
+        LoraModel(backbone_model=model, lora_r=LORA_R, modified_modules=["o_proj"])
+        error = None
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        error = err
+    return {"error": None if error is None else f"{type(error).__name__}: {error}",
+            "is_engine_error": isinstance(error, EngineError),
+            "unchanged": workers.structure(model) == before}
+
+
+def inner_refusal_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    """:func:`_attach_to_inner` for ZeRO-1 and ZeRO-2 in this world."""
+    deepspeed = _deepspeed()
+    return {f"attach_{v}": _attach_to_inner(deepspeed, v, world_size) for v in ("zero1", "zero2")}
+
+
+def sub_group_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
+    """World of 4, groups smaller than the world. ``attach_zero1/2``: a delta attached to the inner
+    model after ``deepspeed.initialize`` under ZeRO-1/2 (its optimizer would never see it);
+    ``pairs``: a backbone partitioned over pairs of ranks (``zero.Init(data_parallel_group=...)``),
+    fingerprinted and merged into; ``hpz``: ZeRO-3 with ``zero_hpz_partition_size`` trains LoRA
+    3 steps on one example per rank, saves, and merges."""
+    from deltadist.engines import detect_engine
+
+    deepspeed = _deepspeed()
+    out = inner_refusal_ranks(rank, world_size)
+
+    # Interleaved pairs ({0, 2}, {1, 3}): a rank's place in its group is not its place in the world.
+    pairs = [torch.distributed.new_group(list(range(first, world_size, 2))) for first in (0, 1)]
+    out["pairs"] = _partitioned_over(deepspeed, pairs[rank % 2], world_size)
+
+    inputs, labels = workers.batch(rank, world_size)
+    full_inputs, _ = workers.batch()
+    model, delta = build(deepspeed, "zero3")
+    engine = initialize(deepspeed, model, delta, "zero3", world_size,
+                        zero_hpz_partition_size=HPZ_PARTITION_SIZE)
+    run: dict[str, Any] = {"losses": [step(engine, inputs, labels) for _ in range(STEPS)]}
+    run["engine"] = detect_engine(model).name
+    # hpZ in effect: the frozen backbone's partitions also have their secondary copy over the
+    # smaller group (DeepSpeed drops that copy of the parameters a step has just updated).
+    run["frozen_without_secondary"] = sorted(
+        n for n, p in model.named_parameters() if not p.requires_grad and p.ds_secondary_tensor is None)
+    run["path"] = delta.save_finetuned(os.path.join(workdir, "hpz"))
+    run["state"] = delta.state_dict()
+    run["fingerprint"] = workers.fingerprint(model, delta)
+    run["logits"] = logits(engine, full_inputs)
+    delta.merge()
+    run["merged_children"] = _lora_children(model)
+    run["merged_logits"] = logits(engine, full_inputs)
+    delta.unmerge()
+    run["unmerged_logits"] = logits(engine, full_inputs)
+    out["hpz"] = run
+    return out
+
+
+def _partitioned_over(deepspeed: Any, group: Any, world_size: int) -> dict[str, Any]:
+    """The tiny model partitioned over ``group`` (``zero.Init(module=...)``, as under ``zero.Init``),
+    with :func:`workers.merge_sites_model`'s LoRA: its fingerprint and, after ``merge()``, its
+    weights."""
+    model = _base_model()
+    deepspeed.zero.Init(module=model, data_parallel_group=group, config_dict_or_path=ds_config(3, world_size))
+    model, delta = workers.merge_sites_model(model)
+    found = {"group_size": {torch.distributed.get_world_size(p.ds_process_group)
+                            for p in model.parameters() if hasattr(p, "ds_process_group")},
+             "fingerprint": workers.fingerprint(model, delta)}
+    delta.merge()
+    found["merged"] = delta.engine.gather(dict(model.named_parameters()))
+    return found
 
 
 def trainer_config(name: str = "zero3") -> dict[str, Any]:
@@ -561,3 +651,69 @@ def test_trainer_under_zero3_resumes_identically(trainer_run) -> None:
     root, ranks = trainer_run
     assert ranks[0]["resumed"]["global_step"] == 2
     _assert_same_delta(_saved(root / "resumed-final"), _saved(root / "uninterrupted-final"))
+
+
+@pytest.fixture(scope="module")
+def sub_groups(deepspeed_ops, tmp_path_factory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("deepspeed_sub_groups")
+    # Four ranks on 2 cores: ~45 s (measured; longer while other jobs share the cores).
+    return run_ranks(_importable(sub_group_ranks), world_size=4, timeout=400, args=(str(workdir),))
+
+
+@pytest.mark.slow  # a DeepSpeed launch of 4 ranks
+def test_zero_plus_plus_hierarchical_partitioning_trains_saves_and_merges_as_one_process(
+        sub_groups, expected) -> None:
+    from deltadist import AutoDeltaModel
+
+    run = sub_groups[0]["hpz"]
+    assert run["engine"] == "deepspeed-zero3"
+    assert run["frozen_without_secondary"] == [], "hpZ is not in effect"
+    saved = _saved(run["path"])
+    _assert_same_delta(saved, expected["state"])  # full shapes
+    fingerprint = workers.fingerprint(*workers.build("lora"))  # one process
+    for rank in sub_groups:
+        hpz = rank["hpz"]
+        assert all(torch.equal(hpz["state"][k], saved[k]) for k in saved)
+        assert hpz["fingerprint"] == fingerprint
+        torch.testing.assert_close(hpz["logits"], expected["logits"], **TOL)
+        assert hpz["merged_children"] == []
+        torch.testing.assert_close(hpz["merged_logits"], hpz["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hpz["unmerged_logits"], hpz["logits"], rtol=1e-5, atol=1e-5)
+    fresh = _base_model()
+    AutoDeltaModel.from_finetuned(run["path"], backbone_model=fresh)
+    torch.testing.assert_close(logits(fresh, workers.batch()[0]), expected["logits"], **TOL)
+
+
+@pytest.mark.slow  # a DeepSpeed launch of 4 ranks
+def test_partitions_over_a_group_smaller_than_the_world_fingerprint_and_merge_as_one_process(
+        sub_groups) -> None:
+    """Each rank's piece is found by its rank in the parameter's own partition group, and samples
+    are summed, and merged values written, over that group only."""
+    model, delta = workers.merge_sites_model()  # one process
+    fingerprint = workers.fingerprint(model, delta)
+    delta.merge()
+    merged = dict(model.named_parameters())
+    for rank in sub_groups:
+        pairs = rank["pairs"]
+        assert pairs["group_size"] == {2}
+        assert pairs["fingerprint"] == fingerprint
+        assert sorted(pairs["merged"]) == sorted(merged)
+        for name, value in merged.items():
+            torch.testing.assert_close(pairs["merged"][name], value.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [1, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["zero1", "zero2"])
+def test_attaching_to_the_inner_model_of_an_initialized_zero1_or_zero2_engine_is_refused(
+        deepspeed_ops, request, world_size, variant) -> None:
+    """ZeRO-1/2 keep parameters whole, so the inner model looks plain; but the optimizer was built
+    over its parameters, and a delta attached now would never be stepped. In a world of one too,
+    where no distributed engine is detected."""
+    ranks = (request.getfixturevalue("sub_groups") if world_size == 4
+             else run_ranks(_importable(inner_refusal_ranks), world_size=1, timeout=LAUNCH_TIMEOUT))
+    for rank in ranks:
+        refusal = rank[f"attach_{variant}"]
+        assert refusal["is_engine_error"], refusal["error"]
+        assert "before deepspeed.initialize" in refusal["error"], refusal["error"]
+        assert refusal["unchanged"]

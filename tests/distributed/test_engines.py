@@ -196,3 +196,34 @@ def test_fsdp1_sharding_strategies_save_and_merge_what_one_process_trains(
 def test_fsdp1_without_original_parameters_is_refused_with_the_fix() -> None:
     messages = run_ranks(workers.flat_parameters_refused, timeout=240)
     assert all("use_orig_params=True" in m and "fully_shard" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("layout", ["hsdp", "submesh"])
+def test_fsdp2_on_groups_smaller_than_the_world_loads_saves_merges_and_fingerprints_as_one_process(
+        layout: str, references, tmp_path) -> None:
+    """World of 4. ``hsdp``: a 2-D mesh, replicas of 2 ranks sharded within each (placements
+    ``(Replicate(), Shard(0))``); ``submesh``: two independent 1-D meshes of 2 ranks. Each rank
+    finds its rows on its own mesh and sums samples over its shard group only, so backbone loads,
+    checkpoints, fingerprints and merges are those of one process."""
+    weights = tmp_path / "backbone"
+    build_tiny(workers.FAMILY, "cls", seed=workers.MODEL_SEED).save_pretrained(weights)
+    ranks = run_ranks(workers.train_save_merge, args=(f"fsdp2:{layout}", str(tmp_path), str(weights)),
+                      world_size=4, timeout=400)
+    for method in ("lora", "compacter"):
+        assert ranks[0][method]["engine"] == "fsdp2"
+        _assert_same_delta(_saved(ranks[0][method]["path"]), references[method]["state"], method)
+
+    fresh = build_tiny(workers.FAMILY, "cls", seed=workers.MODEL_SEED)
+    AutoDeltaModel.from_finetuned(ranks[0]["lora"]["path"], backbone_model=fresh)  # fingerprint checked
+    with torch.no_grad():
+        logits = fresh(**workers.batch()[0]).logits
+    torch.testing.assert_close(logits, references["lora"]["logits"], **TOL)
+
+    expected = workers.fingerprint(*workers.build("lora"))  # one process
+    sites = {key.split(".lora.")[0] + ".weight" for key in references["lora"]["state"] if ".lora." in key}
+    for rank in ranks:
+        assert rank["load_error"] < 1e-5, rank["load_error"]  # every shard refilled with its own rows
+        assert rank["fingerprint"] == expected
+        assert rank["merge_error"] < 1e-5, rank["merge_error"]
+        # The merge lands in this rank's shard of every merged weight, and nowhere else.
+        assert set(rank["merge_moved"]) == sites, sorted(set(rank["merge_moved"]) ^ sites)

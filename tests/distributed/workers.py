@@ -77,11 +77,10 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
-    if engine == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
+    if engine.startswith("fsdp2"):  # "fsdp2", or "fsdp2:hsdp" / "fsdp2:submesh" (see fsdp2_mesh)
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        mesh = fsdp2_mesh(engine.partition(":")[2])
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -108,6 +107,18 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
                 device_mesh=mesh,
             )
     raise ValueError(engine)
+
+
+def fsdp2_mesh(layout: str) -> Any:
+    """The device mesh ``fully_shard`` gets: the world (``""``); HSDP, a 2-D mesh of replicas of
+    2 ranks, sharded within each (``"hsdp"``); or one replica's 1-D shard mesh alone (``"submesh"``:
+    independent pairs of ranks, each a group smaller than the world)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not layout:
+        return init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("replicate", "shard"))
+    return {"hsdp": mesh, "submesh": mesh["shard"]}[layout]
 
 
 def train(model: nn.Module, delta: Any, inputs: dict, labels: torch.Tensor, steps: int) -> list[float]:
@@ -303,12 +314,13 @@ MERGE_SITES = ["q_proj", "score"]
 """A site inside every layer and one at the model root (the task head)."""
 
 
-def merge_sites_model() -> tuple[nn.Module, Any]:
-    """The backbone with a LoRA on :data:`MERGE_SITES`, moved (seeded) away from its no-op start."""
+def merge_sites_model(model: nn.Module | None = None) -> tuple[nn.Module, Any]:
+    """The backbone (or ``model``, holding its weights) with a LoRA on :data:`MERGE_SITES`, moved
+    (seeded) away from its no-op start."""
     from deltadist import LoraModel
     from tests.tiny import build_tiny
 
-    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED) if model is None else model
     delta = LoraModel(backbone_model=model, lora_r=4, modified_modules=MERGE_SITES,
                       unfrozen_modules=["deltas"])
     generator = torch.Generator().manual_seed(DELTA_SEED)
@@ -405,23 +417,85 @@ def full_state_names(model: nn.Module) -> list[str]:
     return sorted(model.state_dict())
 
 
-def train_save_merge(rank: int, world_size: int, engine: str, workdir: str) -> dict[str, Any]:
-    """LoRA and Compacter (a shared rule at the root): 3 steps, save, then merge LoRA in place."""
-    inputs, labels = batch(rank, world_size)
+def train_save_merge(rank: int, world_size: int, engine: str, workdir: str,
+                     weights: str | None = None) -> dict[str, Any]:
+    """LoRA and Compacter (a shared rule at the root): 3 steps, save, then merge LoRA in place.
+
+    With ``weights`` (the backbone as saved by the test), LoRA's run also reports: the logits after
+    every backbone shard was wiped and refilled by the engine's row-wise ``load`` (vs. the unwrapped
+    model's), the backbone fingerprint this rank samples, and which backbone parameters the merge
+    changed on this rank.
+    """
+    inputs, labels = data_share(engine, rank, world_size)
     out: dict[str, Any] = {}
     for method in ("lora", "compacter"):
         model, delta = build(method)
+        checks = weights is not None and method == "lora"
+        if checks:
+            with torch.no_grad():
+                unwrapped = model(**batch()[0]).logits
         wrapped = wrap(model, engine)
+        if checks:
+            reloaded = _reloaded_logits(model, wrapped, delta, weights)
+            out["load_error"] = float((reloaded - unwrapped).abs().max())
         train(wrapped, delta, inputs, labels, steps=3)
         path = _checkpoint(workdir, engine.replace(":", "_"), method, "trained")
         delta.save_finetuned(path)
         out[method] = {"path": path, "engine": delta.engine.name}
+        if checks:
+            out["fingerprint"] = fingerprint(model, delta)
         if method == "lora":
             with torch.no_grad():
                 unmerged = wrapped(**inputs).logits
+                before = _local_backbone(model, delta) if checks else {}
                 delta.merge()
+                after = _local_backbone(model, delta) if checks else {}
                 out["merge_error"] = float((wrapped(**inputs).logits - unmerged).abs().max())
+            if checks:  # the backbone parameters whose piece on this rank the merge changed
+                out["merge_moved"] = sorted(n for n, v in before.items() if not torch.equal(after[n], v))
     return out
+
+
+def data_share(engine: str, rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """This rank's share of the batch. Under ``fsdp2:submesh`` each pair of ranks trains on its
+    own (no gradient crosses pairs), so each pair splits the whole batch, as 2 ranks would."""
+    if engine == "fsdp2:submesh":
+        return batch(rank % 2, 2)
+    return batch(rank, world_size)
+
+
+def fingerprint(model: nn.Module, delta: Any) -> dict[str, Any]:
+    """The backbone fingerprint a delta saves (task head left out: the delta carries it)."""
+    from deltadist.fingerprint import backbone_fingerprint
+
+    found = backbone_fingerprint(model, delta.engine, delta.record.kept_backbone)
+    return {"digest": found.digest, "names": found.names, "samples": found.samples}
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _local_backbone(model: nn.Module, delta: Any) -> dict[str, torch.Tensor]:
+    """Copies of this rank's pieces of the backbone's own parameters, by name."""
+    delta.engine.settle(model)  # sharded again after a forward
+    ids = {id(p) for p in delta.delta_parameters().values()}
+    return {n: _local(p).detach().clone() for n, p in model.named_parameters() if id(p) not in ids}
+
+
+def _reloaded_logits(model: nn.Module, wrapped: nn.Module, delta: Any, weights: str) -> torch.Tensor:
+    """Logits of the whole batch after every backbone shard is zeroed and loaded from ``weights``
+    by the engine (each rank reads only its rows), as ``prepare_model`` loads them."""
+    from deltadist.engines.setup import _load_weights
+
+    ids = {id(p) for p in delta.delta_parameters().values()}
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) not in ids:
+                _local(param).zero_()
+    _load_weights(model, weights, "")
+    with torch.no_grad():
+        return wrapped(**batch()[0]).logits
 
 
 def flat_parameters_refused(rank: int, world_size: int) -> str:
