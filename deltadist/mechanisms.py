@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltadist.errors import SiteError
+from deltadist.row_routing import group_of, rows_for
 
 if TYPE_CHECKING:
     from deltadist.attach import Attachment
@@ -59,8 +60,11 @@ class Parallel(Mechanism):
 
     def wire(self, att: "Attachment", module: nn.Module) -> list[RemovableHandle]:
         def hook(site: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            update = site._modules[att.child_name](hidden_input(args, kwargs, att))
-            return map_hidden(output, lambda y: y + update, att)
+            x, group = hidden_input(args, kwargs, att), group_of(att)
+            if group is not None:  # a mixed batch: one product for the deltas of this site
+                return map_hidden(output, lambda y: add_group(site, group, y, x), att)
+            delta = site._modules[att.child_name]
+            return map_hidden(output, lambda y: add_on_rows(att, y, delta, x), att)
 
         return [module.register_forward_hook(hook, with_kwargs=True)]
 
@@ -72,7 +76,8 @@ class After(Mechanism):
 
     def wire(self, att: "Attachment", module: nn.Module) -> list[RemovableHandle]:
         def hook(site: nn.Module, args: tuple, output: Any) -> Any:
-            return map_hidden(output, site._modules[att.child_name], att)
+            delta = site._modules[att.child_name]
+            return map_hidden(output, lambda y: apply_on_rows(att, delta, y), att)
 
         return [module.register_forward_hook(hook)]
 
@@ -87,8 +92,8 @@ class Before(Mechanism):
             delta = site._modules[att.child_name]
             if HIDDEN_STATES_KEY in kwargs or not args:
                 key = hidden_key(kwargs, att)
-                return args, {**kwargs, key: delta(kwargs[key])}
-            return (map_hidden(args[0], delta, att), *args[1:]), kwargs
+                return args, {**kwargs, key: apply_on_rows(att, delta, kwargs[key])}
+            return (map_hidden(args[0], lambda x: apply_on_rows(att, delta, x), att), *args[1:]), kwargs
 
         return [module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)]
 
@@ -117,8 +122,8 @@ class Span(Mechanism):
             handles.append(module.register_forward_pre_hook(capture, with_kwargs=True))
         if module is att.site:
             def add(site: nn.Module, args: tuple, output: Any) -> Any:
-                update = site._modules[att.child_name](_SPAN_INPUTS.pop(id(att)))
-                return map_hidden(output, lambda y: y + update, att)
+                delta, x = site._modules[att.child_name], _SPAN_INPUTS.pop(id(att))
+                return map_hidden(output, lambda y: add_on_rows(att, y, delta, x), att)
 
             handles.append(module.register_forward_hook(add))
         return handles
@@ -137,6 +142,37 @@ PARALLEL, AFTER, BEFORE, SPAN, HOLDER = Parallel(), After(), Before(), Span(), H
 
 _SPAN_INPUTS: dict[int, torch.Tensor] = {}
 """Inputs captured at a span's start, waiting for its site (one entry per running span)."""
+
+
+def add_on_rows(att: "Attachment", y: torch.Tensor, delta: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``y + delta(x)``, on the rows ``att`` serves in a mixed batch (all rows outside one).
+    Shapes: ``x (batch, ..., d_in)``, ``y (batch, ..., d_out)``."""
+    rows = rows_for(att, x.shape[0], x.device)
+    if rows is None:
+        return y + delta(x)
+    if not rows.numel():
+        return y
+    return y.index_add(0, rows, delta(x.index_select(0, rows)).to(y.dtype))
+
+
+def add_group(site: nn.Module, group: tuple["Attachment", ...], y: torch.Tensor,
+              x: torch.Tensor) -> torch.Tensor:
+    """``y`` plus the update of every delta in ``group`` on its own rows, computed at once by the
+    deltas' ``grouped_update``; an empty group (its share is computed elsewhere) adds nothing."""
+    if not group:
+        return y
+    members = [(site._modules[a.child_name], rows_for(a, x.shape[0], x.device)) for a in group]
+    return y + type(members[0][0]).grouped_update(x, members).to(y.dtype)
+
+
+def apply_on_rows(att: "Attachment", delta: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``delta(x)`` on the rows ``att`` serves in a mixed batch, the other rows as they are."""
+    rows = rows_for(att, x.shape[0], x.device)
+    if rows is None:
+        return delta(x)
+    if not rows.numel():
+        return x
+    return x.index_copy(0, rows, delta(x.index_select(0, rows)).to(x.dtype))
 
 
 def hidden_key(kwargs: dict, att: "Attachment") -> str:

@@ -57,6 +57,7 @@ class DeltaRecord:
         train_deltas: whether ``freeze_module`` keeps the delta parameters trainable (``"deltas"``).
         frozen: whether ``freeze_module`` has been applied (re-applied by ``attach``).
         filtered_state_dict: whether ``freeze_module(set_state_dict=True)`` was asked for.
+        merged: whether ``merge()`` has folded the delta into the backbone's weights.
         changed_flags: ``requires_grad`` values that freezing replaced, by parameter ``id``
             (the parameter and its previous flag), so ``detach`` can put them back.
     """
@@ -67,6 +68,7 @@ class DeltaRecord:
     train_deltas: bool = True
     frozen: bool = False
     filtered_state_dict: bool = False
+    merged: bool = False
     changed_flags: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
 
     def register(self) -> None:

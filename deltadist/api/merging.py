@@ -54,7 +54,7 @@ class MergeMixin:
         self._premerge_fingerprint = self._fingerprint()
         self._fold(+1.0)
         self.detach()
-        self.merged = True
+        self.merged = self.record.merged = True
 
     def unmerge(self) -> None:
         """Take the delta out of the weights again (exact up to rounding) and re-attach it."""
@@ -63,7 +63,7 @@ class MergeMixin:
         if self.unloaded:
             self._check_usable("unmerge()")
         self._fold(-1.0)
-        self.merged = False
+        self.merged = self.record.merged = False
         self._premerge_fingerprint = None
         self.attach()
 

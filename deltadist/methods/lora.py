@@ -69,6 +69,34 @@ class LoRA(DeltaModule):
         update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
         return (update * self.scaling).to(hidden.dtype)
 
+    @property
+    def groupable(self) -> bool:
+        """Whether :meth:`grouped_update` may compute this branch with others (no dropout: each
+        branch would draw its own mask)."""
+        return not self.dropout
+
+    @staticmethod
+    def grouped_update(hidden: torch.Tensor, members: list[tuple["LoRA", torch.Tensor]]) -> torch.Tensor:
+        """The updates of several LoRA branches of one site, each on its own rows, in two batched
+        products: row ``i`` uses the ``A`` and ``scaling * B`` of the branch that serves it (zeros
+        for none), ranks padded with zeros to the largest. ``members``: ``(branch, rows)`` pairs
+        with disjoint rows. Shapes: ``hidden [batch, ..., in]`` -> ``[batch, ..., out]``."""
+        first = members[0][0]
+        rank = max(branch.lora_A.shape[0] for branch, _ in members)
+        pad = [(branch, rank - branch.lora_A.shape[0]) for branch, _ in members]
+        a = [nn.functional.pad(branch.lora_A, (0, 0, 0, extra)) for branch, extra in pad]
+        b = [nn.functional.pad(branch.lora_B * branch.scaling, (0, extra)) for branch, extra in pad]
+        a_stack = torch.stack([torch.zeros_like(a[0]), *a])  # slot 0: rows no branch serves
+        b_stack = torch.stack([torch.zeros_like(b[0]), *b])
+        batch = hidden.shape[0]
+        slot = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+        for index, (_, rows) in enumerate(members, start=1):
+            slot[rows] = index
+        x = hidden.to(first.lora_A.dtype).reshape(batch, -1, hidden.shape[-1])
+        low = torch.bmm(x, a_stack[slot].transpose(1, 2))          # [batch, tokens, rank]
+        update = torch.bmm(low, b_stack[slot].transpose(1, 2))     # [batch, tokens, out]
+        return update.reshape(*hidden.shape[:-1], update.shape[-1]).to(hidden.dtype)
+
     def merge_blocker(self, site: nn.Module) -> str | None:
         weight = getattr(site, "weight", None)
         return None if isinstance(weight, torch.Tensor) else "the site has no weight to fold B A into"

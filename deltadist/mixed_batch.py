@@ -1,0 +1,107 @@
+"""One batch, a different delta per row: ``with deltadist.mixed_batch([french, english, None, french])``.
+
+Inside the block every attachment of the deltas on that backbone applies to its own rows only: a
+listed delta to the rows that name it, a delta attached but not listed (and ``None`` rows) to
+none. The mechanisms ask :func:`rows_for` at each call and run the delta on those rows alone
+(``index_select``, the delta, then ``index_add`` / ``index_copy`` back), so each row gets what it
+gets with only its delta attached, and one backward gives each delta the gradients of its own
+rows. The routing (:mod:`deltadist.row_routing`) lives in a context variable, never on the
+model: nothing is left behind, and other threads and models are untouched.
+
+A call on more rows than were listed, by a whole multiple ``m`` (``generate`` with beam search or
+``num_return_sequences`` repeats each row ``m`` times in place, ``repeat_interleave``), routes
+row ``i`` like listed row ``i // m``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from deltadist.attach import attachments_on
+from deltadist.errors import DeltaError
+from deltadist.mechanisms import PARALLEL
+from deltadist.record import records_on
+from deltadist.row_routing import ROUTES, Routes
+
+if TYPE_CHECKING:
+    from deltadist.attach import Attachment
+
+ROUTABLE_MECHANISMS = ("parallel", "after", "before", "span", "holder")
+"""Mechanisms whose delta maps each row on its own (prompt methods rewrite sequences: not yet)."""
+
+
+@contextlib.contextmanager
+def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
+    """Route row ``i`` of every call inside the block through ``rows[i]`` (a delta) or through the
+    bare backbone (``None``).
+
+    Raises:
+        DeltaError: nothing listed but ``None``; deltas of different models; a delta not attached,
+            merged, or of a method that cannot be routed by rows; a delta on the same model merged.
+    """
+    listed = [d for d in rows if d is not None]
+    if not listed:
+        raise DeltaError("mixed_batch needs at least one delta in its row list (None rows use the "
+                         "bare backbone); for a batch without deltas use `with delta.disabled():`.")
+    backbone = listed[0].backbone_model
+    for i, delta in enumerate(rows):
+        if delta is not None:
+            _check_listed(delta, i, backbone)
+    if any(record.merged for record in records_on(backbone)):
+        raise DeltaError("mixed_batch: a delta on this model is merged into its weights, so it "
+                         "would apply to every row; call unmerge() on it before the block.")
+    owned = {id(att): [i for i, d in enumerate(rows) if d is delta]
+             for delta in listed for att in delta.record.attachments}
+    # Every attachment on the model, not only those of deltas someone still holds: a delta object
+    # that was dropped keeps its hooks, and it must serve no row either.
+    by_attachment, groups, followers = {}, {}, set()
+    for module in backbone.modules():
+        on_site = attachments_on(module)
+        for att in on_site:
+            _check_routable(att, owned.get(id(att), []))
+            by_attachment[id(att)] = torch.tensor(owned.get(id(att), []), dtype=torch.long)
+        group = _groupable([a for a in on_site if owned.get(id(a))])
+        if len(group) > 1:
+            groups[id(group[0])] = tuple(group)
+            followers.update(id(a) for a in group[1:])
+    token = ROUTES.set(Routes(len(rows), by_attachment, groups, frozenset(followers)))
+    try:
+        yield
+    finally:
+        ROUTES.reset(token)
+
+
+def _check_listed(delta: Any, row: int, backbone: Any) -> None:
+    record = getattr(delta, "record", None)
+    if record is None:
+        raise DeltaError(f"mixed_batch: row {row} is a {type(delta).__name__}; each row is a delta "
+                         "(what LoraModel(...) or AutoDeltaModel returns) or None.")
+    if delta.backbone_model is not backbone:
+        raise DeltaError(f"mixed_batch: row {row}'s delta is attached to another model than the "
+                         "first listed delta's; one block routes the rows of one model.")
+    if getattr(delta, "unloaded", False) or not delta.is_attached:
+        raise DeltaError(f"mixed_batch: row {row}'s delta is not attached; call delta.attach() "
+                         "before the block.")
+
+
+def _check_routable(att: "Attachment", owner: list[int]) -> None:
+    if att.mechanism.name not in ROUTABLE_MECHANISMS and att.attached and not att.suspended:
+        raise DeltaError(
+            f"mixed_batch cannot route {att.base_name!r} by rows yet (it rewrites the sequence, "
+            f"not each row's hidden states); detach it, or run it in a batch of its own"
+            + (f" (rows {owner})." if owner else ".")
+        )
+
+
+def _groupable(serving: list["Attachment"]) -> list["Attachment"]:
+    """The live ``PARALLEL`` attachments of one site (serving some rows) that one call of their
+    delta class's ``grouped_update`` can compute together: same class and dtype, each groupable."""
+    live = [a for a in serving if a.attached and not a.suspended and a.mechanism is PARALLEL
+            and getattr(a.delta, "groupable", False)]
+    if not live:
+        return []
+    kind, dtype = type(live[0].delta), next(live[0].delta.parameters()).dtype
+    return [a for a in live if type(a.delta) is kind and next(a.delta.parameters()).dtype == dtype]
