@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from deltadist.cli.main import main
 from deltadist.errors import ConfigError
@@ -60,8 +61,16 @@ def test_unknown_engine_names_the_available_ones() -> None:
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--set", "engine=bmtrain"]) == 2
+    assert main(["train", "--set", "engine=megatron"]) == 2
     assert "available engines: plain" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_cli_engine_bmtrain_without_cuda_is_one_line_naming_the_alternatives(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--set", "engine=bmtrain"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bmtrain needs CUDA GPUs" in err and "fsdp2" in err
 
 
 @pytest.mark.parametrize(("content", "message"), [

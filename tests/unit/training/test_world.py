@@ -153,8 +153,8 @@ def test_plain_engine_refuses_a_world_of_several_ranks() -> None:
 
 
 def test_unknown_engine_lists_all_engines() -> None:
-    with pytest.raises(ConfigError, match="available engines: plain, ddp, fsdp2, fsdp1, deepspeed"):
-        setup_engine("bmtrain")
+    with pytest.raises(ConfigError, match="available engines: plain, ddp, fsdp2, fsdp1, deepspeed, bmtrain"):
+        setup_engine("megatron")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
