@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
+from deltadist.api.naming import deltas_on
 from deltadist.config import DeltaConfig
 from deltadist.errors import (
     AddressingError,
@@ -20,6 +21,7 @@ from deltadist.errors import (
 )
 from deltadist.engines.setup import prepare_model, wrap_model
 from deltadist.freeze import full_state_dict
+from deltadist.mixed_batch import mixed_batch
 from deltadist.methods.adapter import AdapterConfig, AdapterModel
 from deltadist.methods.bitfit import BitFitConfig, BitFitModel
 from deltadist.methods.compacter import CompacterConfig, CompacterModel
@@ -39,5 +41,6 @@ __all__ = [
     "ExportError", "LoraConfig", "LoraModel", "LowRankAdapterConfig", "LowRankAdapterModel",
     "ParallelAdapterConfig", "ParallelAdapterModel", "PrefixConfig", "PrefixModel", "SiteError",
     "SoftPromptConfig", "SoftPromptModel", "Visualization",
-    "full_state_dict", "prepare_model", "wrap_model",
+    "deltas_on", "full_state_dict", "prepare_model", "wrap_model",
+    "mixed_batch",
 ]

@@ -48,7 +48,11 @@ CHECKSUM_KEY = "weights_sha256"
 _UNCHANGED_MEANS = {
     WEIGHTS_NAME: "the previous checkpoint, if any, is intact",
     CONFIG_NAME: f"the new {WEIGHTS_NAME} is complete and the loader uses the config in its header",
+    "adapter_model.safetensors": "the previous adapter, if any, is intact",
+    "adapter_config.json": "the new adapter_model.safetensors is complete but the config beside it is old",
 }
+_PEFT_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+"""A PEFT adapter's files (see :mod:`deltadist.peft_interchange`), accepted where a checkpoint is."""
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -173,7 +177,9 @@ def resolve_checkpoint(
     if path.is_dir():
         return path
     if path.is_file():
-        if path.name not in (WEIGHTS_NAME, CONFIG_NAME) and not (path.parent / WEIGHTS_NAME).is_file():
+        siblings = (WEIGHTS_NAME, _PEFT_NAMES[0])
+        if path.name not in (WEIGHTS_NAME, CONFIG_NAME, *_PEFT_NAMES) and not any(
+                (path.parent / name).is_file() for name in siblings):
             raise CheckpointError(
                 f"{path} is a file, not a delta checkpoint: there is no {WEIGHTS_NAME} beside it "
                 f"(in {path.absolute().parent}). Pass the directory that save_finetuned() wrote (it holds "
@@ -191,7 +197,7 @@ def resolve_checkpoint(
     try:
         local = snapshot_download(
             repo_id=str(path_or_repo), revision=revision, cache_dir=cache_dir,
-            local_files_only=local_files_only, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME],
+            local_files_only=local_files_only, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, *_PEFT_NAMES],
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
         raise CheckpointError(
@@ -268,6 +274,9 @@ def _weights_file(directory: Path) -> Path:
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
         nested = [name for name in present if (directory / name / WEIGHTS_NAME).is_file()]
         hint = f" These subdirectories hold one: {', '.join(nested)}." if nested else ""
+        if _PEFT_NAMES[0] in present:
+            hint += (" It is a PEFT adapter: AutoDeltaModel.from_finetuned(path, backbone_model=...) "
+                     "loads it as a LoRA delta.")
         raise CheckpointError(
             f"No delta checkpoint in {directory}: {weights} is missing (the directory holds: "
             f"{', '.join(present) or 'nothing'}). Pass the directory that save_finetuned() wrote.{hint}"

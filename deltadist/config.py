@@ -52,6 +52,9 @@ class DeltaConfig:
     site's), ``"site"`` (always the site's), or a dtype name (``"float32"``, ``"bfloat16"``...)."""
     common_structure: bool = False
     """Match ``modified_modules`` against common-structure names (``attn.q``) instead of real ones."""
+    delta_name: str | None = None
+    """The delta's name on its model (``deltadist.deltas_on(model)["french"]``); unique per model.
+    ``None``: a default ``<delta_type>_<n>`` is given at attach (not stored in the config)."""
     backbone_class: str | None = None
     """Class name of the backbone the delta was trained on (provenance)."""
     backbone_checkpoint_name: str | None = None
@@ -70,6 +73,10 @@ class DeltaConfig:
                 setattr(self, name, [value])
             elif value is not None:
                 setattr(self, name, [self._pattern(name, v, value) for v in value])
+        name = self.delta_name
+        if name is not None and (not isinstance(name, str) or not name.strip() or name != name.strip()):
+            raise ConfigError(f"delta_name must be a non-empty string without surrounding spaces, "
+                              f"got {name!r}.")
         if self.delta_dtype not in DELTA_DTYPES:
             raise ConfigError(
                 f"delta_dtype must be one of {', '.join(map(repr, DELTA_DTYPES))}, got {self.delta_dtype!r}."

@@ -22,6 +22,7 @@ from torch import nn
 
 from deltadist.addressing.common import common_name_index, families
 from deltadist.addressing.names import WRAPPER_SEGMENTS
+from deltadist.api.naming import deltas_on
 from deltadist.attach import delta_parameter_ids
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine
@@ -269,11 +270,13 @@ def _ratio(part: int, whole: int, of: str) -> str:
 
 
 def _summary_table(title: str, summary: dict[str, int], found: list[str], kept: list[str],
-                   delta_ratio: bool, trainable_ratio: bool) -> Table:
+                   delta_ratio: bool, trainable_ratio: bool, names: tuple[str, str] = ("", "")) -> Table:
     table = Table(title=title, show_header=False, box=box.SIMPLE, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_column()
+    if names[0]:
+        table.add_row("Delta name", names[0], names[1])
     table.add_row("Total parameters", f"{summary['total']:,}", "")
     table.add_row("Backbone parameters", f"{summary['backbone']:,}", "")
     table.add_row("Trainable parameters", f"{summary['trainable']:,}",
@@ -306,5 +309,7 @@ def log_delta(delta: Any, module: nn.Module, delta_ratio: bool = True,
     record = delta.record
     summary = parameter_summary(module, delta.engine, record.delta_parameter_ids())
     kept = list(dict.fromkeys(name.rpartition(".")[0] or name for name in record.kept_backbone))
-    parts.append(_summary_table(title, summary, families(module), kept, delta_ratio, trainable_ratio))
+    others = [f"{n} ({d.delta_type})" for n, d in deltas_on(delta.backbone_model).items() if d is not delta]
+    names = (delta.name, "other deltas on the model: " + ", ".join(others) if others else "")
+    parts.append(_summary_table(title, summary, families(module), kept, delta_ratio, trainable_ratio, names))
     return _emit(Group(*parts), echo=True)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from deltadist import checkpoint
+from deltadist import checkpoint, peft_interchange
 from deltadist.api.delta_base import DeltaBase
 from deltadist.api.registry import delta_model_class
 from deltadist.config import DeltaConfig
@@ -60,7 +60,14 @@ class AutoDeltaModel:
     def from_finetuned(finetuned_delta_path: str | os.PathLike, backbone_model: nn.Module,
                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                        revision: str | None = None, **kwargs: Any) -> DeltaBase:
-        """Attach a saved delta (local directory or hub repo id) and load its tensors."""
+        """Attach a saved delta (local directory or hub repo id) and load its tensors.
+
+        A PEFT LoRA adapter directory (``adapter_config.json`` with ``peft_type: "LORA"``) is
+        loaded as an equivalent :class:`~deltadist.LoraModel`.
+        """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
-        delta_type = checkpoint.read_config(directory).get("delta_type")
+        if peft_interchange.is_peft_directory(directory):
+            delta_type = "lora"  # read_peft refuses other PEFT types, naming them
+        else:
+            delta_type = checkpoint.read_config(directory).get("delta_type")
         return delta_model_class(delta_type).from_finetuned(directory, backbone_model, **kwargs)

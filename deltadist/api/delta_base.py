@@ -17,6 +17,7 @@ from deltadist import attach as mechanisms
 from deltadist.addressing.common import modules_with_role
 from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters, select_sites
 from deltadist.addressing.structures import TASK_HEAD
+from deltadist.api import naming
 from deltadist.api.freezing import FreezeMixin
 from deltadist.api.merging import MergeMixin
 from deltadist.api.saving import SaveLoadMixin, check_fingerprint
@@ -84,6 +85,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self.unloaded = False
         self._premerge_fingerprint: Any = None
         self._check_attachable(loading_from)
+        self._name = naming.claim_name(backbone_model, self.delta_type, config.delta_name)
         targets = self._select_targets()
         if loading_from is not None:
             self._refuse_stacking_on_a_resume(targets, loading_from)
@@ -99,6 +101,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
                 mechanisms.forget(att)
             raise
         self.record.register()
+        naming.remember(self.record, self)
         record_logical_shapes(backbone_model, self.engine)
         self._initialize_from_backbone()
 
@@ -239,6 +242,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     def _build_attachments(self, targets: list[Site]) -> list[Attachment]:
         """The shared-parameter holder (if any) first, then one delta module per target."""
         shared = self._shared = self._build_shared(targets)
+        if shared is not None:
+            shared.train(self.backbone_model.training)
         attachments = [] if shared is None else [Attachment(
             site=self.backbone_model, site_name="", delta=shared, base_name=self.shared_name,
             mechanism=HOLDER)]
@@ -249,6 +254,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             except SiteError as err:
                 problems.append(f"  {err}")
                 continue
+            delta.train(target.module.training)  # a delta on an eval-mode model starts in eval mode (dropout)
             attachments.append(Attachment(site=target.module, site_name=target.name, delta=delta,
                                           base_name=self.child_name, start=target.start,
                                           mechanism=self._mechanism_for(target)))
@@ -342,6 +348,12 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             raise DeltaError(f"{action}: this delta is merged into the weights; call unmerge() first.")
 
     @property
+    def name(self) -> str:
+        """The delta's name on its model: ``config.delta_name``, or ``<delta_type>_<n>`` (see
+        :func:`deltadist.deltas_on`)."""
+        return self._name
+
+    @property
     def is_attached(self) -> bool:
         return all(att.attached for att in self.record.attachments)
 
@@ -401,7 +413,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     def __repr__(self) -> str:
         state = "unloaded" if self.unloaded else "merged" if self.merged else \
             "attached" if self.is_attached else "detached"
-        return (f"{type(self).__name__}({len(self.sites)} sites, "
+        return (f"{type(self).__name__}({self.name!r}, {len(self.sites)} sites, "
                 f"{self.num_parameters():,} parameters, {state})")
 
     def forward(self, *args: Any, **kwargs: Any) -> None:

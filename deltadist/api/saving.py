@@ -13,13 +13,14 @@ there. Loading into an existing delta -- resuming, under any engine -- is ``delt
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from deltadist import attach as mechanisms
-from deltadist import checkpoint
+from deltadist import checkpoint, peft_interchange
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
 from deltadist.config import DeltaConfig, canonical_delta_type
 from deltadist.engines import detect_engine
@@ -40,31 +41,47 @@ class SaveLoadMixin:
 
     def save_finetuned(self, finetuned_delta_path: str | os.PathLike = "./delta_checkpoints/",
                        save_config: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None,
-                       backbone_checkpoint_name: str | None = None) -> str:
+                       backbone_checkpoint_name: str | None = None, format: str = "deltadist") -> str:
         """Save only the delta (and the backbone parameters it keeps trainable), atomically.
 
         Call on every rank: only the delta's tensors are gathered, the main rank writes, and
         every rank returns once the checkpoint is complete -- or raises if writing failed.
         While merged, the fingerprint is that of the unmerged backbone.
 
+        ``format="peft"`` writes PEFT's LoRA adapter (``adapter_config.json`` and
+        ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads; a delta
+        that format cannot express raises :class:`ConfigError` naming why, before anything is
+        gathered or written.
+
         Returns:
             The checkpoint directory.
         """
+        if format not in ("deltadist", "peft"):
+            raise ConfigError(f"format must be 'deltadist' or 'peft', got {format!r}.")
+        checkpoint_name = (backbone_checkpoint_name or self.config.backbone_checkpoint_name
+                           or _name_or_path(self.backbone_model))
+        export = None
+        if format == "peft":  # decided on every rank, so a refusal never leaves a rank in a collective
+            if not save_config:
+                raise ConfigError("save_config=False: PEFT's format needs its adapter_config.json.")
+            export = peft_interchange.plan_export(self, checkpoint_name)
         tensors = dict(state_dict) if state_dict is not None else self.state_dict()
         fingerprint = self._premerge_fingerprint if self.merged else self._fingerprint()
         config = self.config.replace(
             backbone_class=self.engine.model_class_name(self.backbone_model),
             backbone_hash=fingerprint.digest if fingerprint is not None else None,
             backbone_samples=fingerprint.samples_text if fingerprint is not None else None,
-            backbone_checkpoint_name=backbone_checkpoint_name or self.config.backbone_checkpoint_name
-            or _name_or_path(self.backbone_model),
+            backbone_checkpoint_name=checkpoint_name,
         ).to_dict()
         config.update(format_version=1, library_versions=library_versions(),
                       checkpoint_keys=sorted(tensors))
         error = None
         if self.engine.is_main:
             try:
-                checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
+                if export is not None:
+                    peft_interchange.write_peft(finetuned_delta_path, tensors, export, config)
+                else:
+                    checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
             except Exception as err:  # noqa: BLE001 - re-raised on every rank just below
                 error = err
         self.engine.broadcast_outcome(error, f"writing {finetuned_delta_path}")
@@ -119,16 +136,17 @@ class SaveLoadMixin:
         As in OpenDelta, the backbone is put in eval mode.
         """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
-        stored = checkpoint.read_config(directory) if delta_config is None else delta_config
+        saved, read_tensors, where = cls._reader(directory, backbone_model)
+        stored = saved if delta_config is None else delta_config
         config = stored if isinstance(stored, DeltaConfig) else cls._config_from_dict(stored)
         config = config.replace(**kwargs) if kwargs else config
-        tensors = dict(state_dict) if state_dict is not None else checkpoint.read_tensors(directory)
+        tensors = dict(state_dict) if state_dict is not None else read_tensors()
         if check_hash and config.backbone_hash:
             check_fingerprint(config, backbone_model)
         delta = cls.__new__(cls)
         delta._setup(config, backbone_model, loading_from=str(finetuned_delta_path))
         try:
-            delta.load_state_dict(tensors, where=str(directory / checkpoint.WEIGHTS_NAME))
+            delta.load_state_dict(tensors, where=where)
         except BaseException:
             delta._forget()
             raise
@@ -145,11 +163,26 @@ class SaveLoadMixin:
             BackboneMismatchError: it was trained on another backbone (``check_hash=False`` skips).
         """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
-        stored = self._config_from_dict(checkpoint.read_config(directory))
+        saved, read_tensors, where = self._reader(directory, self.backbone_model)
+        stored = self._config_from_dict(saved)
         if check_hash and stored.backbone_hash:
             check_fingerprint(stored, self.backbone_model)
-        tensors = checkpoint.read_tensors(directory)
-        self.load_state_dict(tensors, where=str(directory / checkpoint.WEIGHTS_NAME))
+        self.load_state_dict(read_tensors(), where=where)
+
+    @classmethod
+    def _reader(cls, directory: Path, backbone: nn.Module
+                ) -> tuple[dict[str, Any], Callable[[], dict[str, torch.Tensor]], str]:
+        """The stored config, a function reading the tensors (only called when needed), and the
+        weights file's path -- from a deltadist checkpoint, or from a PEFT LoRA adapter (then in
+        deltadist's keys, for ``backbone``)."""
+        if peft_interchange.is_peft_directory(directory):
+            if cls.delta_type != "lora":
+                raise ConfigError(f"{directory} is a PEFT LoRA adapter, not a {cls.delta_type!r} delta. "
+                                  "Load it with AutoDeltaModel.from_finetuned or LoraModel.from_finetuned.")
+            config, tensors = peft_interchange.read_peft(directory, backbone, cls.default_modified_modules)
+            return config, lambda: tensors, str(directory / peft_interchange.WEIGHTS_NAME)
+        return (checkpoint.read_config(directory), lambda: checkpoint.read_tensors(directory),
+                str(directory / checkpoint.WEIGHTS_NAME))
 
     @classmethod
     def _config_from_dict(cls, stored: Mapping[str, Any]) -> DeltaConfig:

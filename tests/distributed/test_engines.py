@@ -227,3 +227,15 @@ def test_fsdp2_on_groups_smaller_than_the_world_loads_saves_merges_and_fingerpri
         assert rank["merge_error"] < 1e-5, rank["merge_error"]
         # The merge lands in this rank's shard of every merged weight, and nowhere else.
         assert set(rank["merge_moved"]) == sites, sorted(set(rank["merge_moved"]) ^ sites)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_one_backward_over_a_mixed_batch_trains_two_tasks_as_one_process(engine: str) -> None:
+    """Two LoRA deltas, each serving its rows of one batch on each rank: one step trains both, and
+    each ends where the single-process multitask run ends."""
+    expected = workers.mixed_reference()
+    for rank in run_ranks(workers.mixed_ranks, args=(engine,)):
+        for task, state in expected.items():
+            assert sorted(rank[task]) == sorted(state)
+            for key, value in state.items():
+                torch.testing.assert_close(rank[task][key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")

@@ -517,3 +517,58 @@ def flat_parameters_refused(rank: int, world_size: int) -> str:
     except EngineError as err:
         return str(err)
     return "saved"
+
+
+# -- multitask: two LoRA deltas, each row of the batch through one of them ----------------------
+MIXED_ROWS = (0, 1, 1, 0)
+"""Which of the two deltas serves each row of the global batch (each rank's share has both)."""
+
+
+def two_task_model() -> tuple[nn.Module, list[Any]]:
+    """A seeded backbone with two seeded LoRA deltas on the same sites, frozen around them."""
+    from deltadist import AutoDeltaModel
+    from tests.tiny import build_tiny
+
+    model = build_tiny(FAMILY, "cls", seed=MODEL_SEED)
+    deltas = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DELTA_SEED)
+        for _ in range(2):
+            delta = AutoDeltaModel.from_config({**DELTAS["lora"], "unfrozen_modules": ["deltas"]},
+                                               backbone_model=model)
+            with torch.no_grad():
+                for _, param in sorted(delta.delta_parameters().items()):
+                    param.add_(torch.randn(param.shape) * 0.05)
+            deltas.append(delta)
+    for delta in deltas:
+        delta.freeze_module()
+    return model, deltas
+
+
+def train_mixed(runner: nn.Module, deltas: list[Any], rows: tuple[int, ...], inputs: dict,
+                labels: torch.Tensor, steps: int = 3) -> dict[str, dict[str, torch.Tensor]]:
+    """``steps`` SGD steps of both deltas at once on one mixed batch; each delta's tensors."""
+    import deltadist
+
+    optimizer = torch.optim.SGD([p for d in deltas for p in d.parameters()], lr=LR)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with deltadist.mixed_batch([deltas[i] for i in rows]):
+            loss = F.cross_entropy(runner(**inputs).logits, labels)
+        loss.backward()  # outside the block: the routing was recorded by the forward
+        optimizer.step()
+    return {str(i): delta.state_dict() for i, delta in enumerate(deltas)}
+
+
+def mixed_reference() -> dict[str, dict[str, torch.Tensor]]:
+    model, deltas = two_task_model()
+    inputs, labels = batch()
+    return train_mixed(model, deltas, MIXED_ROWS, inputs, labels)
+
+
+def mixed_ranks(rank: int, world_size: int, engine: str) -> dict[str, dict[str, torch.Tensor]]:
+    model, deltas = two_task_model()
+    runner = wrap(model, engine)
+    inputs, labels = batch(rank, world_size)
+    per_rank = GLOBAL_BATCH // world_size
+    return train_mixed(runner, deltas, MIXED_ROWS[rank * per_rank:(rank + 1) * per_rank], inputs, labels)
