@@ -148,7 +148,7 @@ def add_on_rows(att: "Attachment", y: torch.Tensor, delta: nn.Module, x: torch.T
     """``y + delta(x)``, on the rows ``att`` serves in a mixed batch (all rows outside one).
     Shapes: ``x (batch, ..., d_in)``, ``y (batch, ..., d_out)``."""
     rows = rows_for(att, x.shape[0], x.device)
-    if rows is None:
+    if rows is None or rows.numel() == x.shape[0]:  # every row (rows are distinct): no gathers
         return y + delta(x)
     if not rows.numel():
         return y
@@ -168,7 +168,7 @@ def add_group(site: nn.Module, group: tuple["Attachment", ...], y: torch.Tensor,
 def apply_on_rows(att: "Attachment", delta: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``delta(x)`` on the rows ``att`` serves in a mixed batch, the other rows as they are."""
     rows = rows_for(att, x.shape[0], x.device)
-    if rows is None:
+    if rows is None or rows.numel() == x.shape[0]:
         return delta(x)
     if not rows.numel():
         return x
