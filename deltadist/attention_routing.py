@@ -155,12 +155,43 @@ def _join_prefixes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     if mask is None and inner == "sdpa" and causal and query.shape[2] > 1:
         # sdpa would apply is_causal aligned to the top-left corner of the longer key sequence.
         mask = _causal_mask(query.shape[2], length, query.device)
-    if mask is not None:
+    served = _served_columns(providers, [k.shape[2] for k, _ in pairs], batch, key.device)
+    if served is not None:  # a mixed batch: hide each prefix from the rows it does not serve
+        if mask is None:
+            mask = torch.ones(1, 1, query.shape[2], length, dtype=torch.bool, device=key.device)
+        mask = torch.cat([_column_mask(served, mask), mask.expand(batch, -1, -1, -1)], dim=-1)
+    elif mask is not None:
         mask = _extend_left(mask, added, True if mask.dtype == torch.bool else 0.0)
     bias = kwargs.get("position_bias")
     if isinstance(bias, torch.Tensor):
         kwargs = {**kwargs, "position_bias": _extend_left(bias, added, 0.0)}
     return keys, values, mask, kwargs
+
+
+def _served_columns(providers: list[PrefixProvider], widths: list[int], batch: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """``[batch, P_total]`` booleans: which prefix positions each row may see, inside a mixed batch
+    (:mod:`deltadist.row_routing`); ``None`` when every prefix serves every row."""
+    rows = [getattr(p, "rows", lambda b, d: None)(batch, device) for p in providers]
+    if all(r is None for r in rows):
+        return None
+    columns = []
+    for served, width in zip(rows, widths):
+        keep = torch.ones(batch, dtype=torch.bool, device=device)
+        if served is not None:
+            keep = torch.zeros_like(keep).index_fill_(0, served, True)
+        columns.append(keep[:, None].expand(batch, width))
+    return torch.cat(columns, dim=1)
+
+
+def _column_mask(served: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The prefix columns of ``mask`` (``[B|1, H|1, Q, K]``, boolean or additive) for ``served``."""
+    shape = (served.shape[0], mask.shape[1], mask.shape[2], served.shape[1])
+    columns = served[:, None, None, :].expand(shape)
+    if mask.dtype == torch.bool:
+        return columns
+    hidden = torch.finfo(mask.dtype).min
+    return torch.zeros(shape, dtype=mask.dtype, device=mask.device).masked_fill(~columns, hidden)
 
 
 def _causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:

@@ -29,8 +29,8 @@ from deltadist.row_routing import ROUTES, Routes
 if TYPE_CHECKING:
     from deltadist.attach import Attachment
 
-ROUTABLE_MECHANISMS = ("parallel", "after", "before", "span", "holder")
-"""Mechanisms whose delta maps each row on its own (prompt methods rewrite sequences: not yet)."""
+ROUTABLE_MECHANISMS = ("parallel", "after", "before", "span", "holder", "key_value_prefix")
+"""Mechanisms whose delta can serve some rows only (soft prompts rewrite the sequence: not yet)."""
 
 
 @contextlib.contextmanager

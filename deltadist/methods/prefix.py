@@ -34,6 +34,7 @@ from deltadist.config import DeltaConfig, check_positive_int
 from deltadist.delta_module import DeltaModule
 from deltadist.errors import SiteError
 from deltadist.mechanisms import HOLDER, Mechanism
+from deltadist.row_routing import rows_for
 from deltadist.shapes import site_placement
 
 NO_WEIGHT = ("a prefix adds keys and values that no weight of the model holds; "
@@ -73,6 +74,8 @@ class KeyValuePrefix(Mechanism):
         def provider(batch: int, heads: int, head_dim: int, dtype: torch.dtype):  # noqa: ANN202
             return module._modules[att.child_name](batch, heads, head_dim, dtype)
 
+        # In a mixed batch the prefix serves some rows only: the others' mask hides its positions.
+        provider.rows = lambda batch, device: rows_for(att, batch, device)  # type: ignore[attr-defined]
         return [PrefixRoute(module, provider)]
 
 

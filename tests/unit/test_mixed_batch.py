@@ -10,9 +10,9 @@ from torch import nn
 import deltadist
 from deltadist import AutoDeltaConfig, AutoDeltaModel
 from deltadist.errors import DeltaError
-from tests.tiny import METHODS, PROMPTS, build_tiny, logits_of, tiny_inputs
+from tests.tiny import METHODS, build_tiny, logits_of, skip_unsupported, tiny_inputs
 
-ROUTED = [m for m in METHODS if m not in PROMPTS]
+ROUTED = [m for m in METHODS if m != "soft_prompt"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -36,9 +36,10 @@ def alone(deltas: list, chosen) -> None:
         (delta.attach if delta is chosen else delta.detach)()
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 @pytest.mark.parametrize("method", ROUTED)
 def test_each_row_gets_what_its_delta_alone_gives_forward_and_backward(family, method) -> None:
+    skip_unsupported(family, method)
     model, (first, second) = two_deltas(family, method)
     rows = [first, second, None, first]
     inputs = tiny_inputs(family, batch=len(rows))
@@ -66,7 +67,7 @@ def test_each_row_gets_what_its_delta_alone_gives_forward_and_backward(family, m
     assert not torch.allclose(logits_of(model, inputs)[2], mixed[2])
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
 @pytest.mark.parametrize("search", [{}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}])
 def test_generate_inside_the_block_gives_each_row_its_lone_tokens(method, search) -> None:
     model, (first, second) = two_deltas("llama", method)
