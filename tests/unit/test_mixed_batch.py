@@ -67,7 +67,7 @@ def test_each_row_gets_what_its_delta_alone_gives_forward_and_backward(family, m
     assert not torch.allclose(logits_of(model, inputs)[2], mixed[2])
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
+@pytest.mark.parametrize("method", ROUTED)
 @pytest.mark.parametrize("search", [{}, {"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}])
 def test_generate_inside_the_block_gives_each_row_its_lone_tokens(method, search) -> None:
     model, (first, second) = two_deltas("llama", method)
