@@ -198,6 +198,7 @@ def test_fsdp1_without_original_parameters_is_refused_with_the_fix() -> None:
     assert all("use_orig_params=True" in m and "fully_shard" in m for m in messages), messages
 
 
+@pytest.mark.slow  # two launches of 4 ranks (~30 s each on 2 cores)
 @pytest.mark.parametrize("layout", ["hsdp", "submesh"])
 def test_fsdp2_on_groups_smaller_than_the_world_loads_saves_merges_and_fingerprints_as_one_process(
         layout: str, references, tmp_path) -> None:
