@@ -145,3 +145,19 @@ def test_lora_deltas_of_different_ranks_and_scales_share_one_grouped_product() -
         picked = [i for i, r in enumerate(rows) if r is chosen]
         torch.testing.assert_close(mixed[picked], logits_of(model, {k: v[picked] for k, v in inputs.items()}),
                                    **TOL)
+
+
+def test_deltas_attached_but_not_listed_serve_no_row_even_once_dropped() -> None:
+    model, (first, second) = two_deltas("bert", "adapter")
+    config = AutoDeltaConfig.from_dict({**METHODS["lora"], "unfrozen_modules": ["deltas"]})
+    with torch.no_grad():  # a third delta whose object nobody keeps: its hooks stay attached
+        for param in AutoDeltaModel.from_config(config, backbone_model=model).parameters():
+            param.add_(0.1)
+    inputs = tiny_inputs("bert", batch=2)
+    with deltadist.mixed_batch([first, None]):
+        mixed = logits_of(model, inputs)
+    bare = build_tiny("bert")
+    torch.testing.assert_close(mixed[1:], logits_of(bare, {k: v[1:] for k, v in inputs.items()}), **TOL)
+    second.detach()
+    with deltadist.mixed_batch([first, first]):  # the dropped LoRA still serves no row
+        torch.testing.assert_close(logits_of(model, inputs)[:1], mixed[:1], **TOL)
