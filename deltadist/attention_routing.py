@@ -177,9 +177,8 @@ def _served_columns(providers: list[PrefixProvider], widths: list[int], batch: i
         return None
     columns = []
     for served, width in zip(rows, widths):
-        keep = torch.ones(batch, dtype=torch.bool, device=device)
-        if served is not None:
-            keep = torch.zeros_like(keep).index_fill_(0, served, True)
+        keep = torch.ones(batch, dtype=torch.bool, device=device) if served is None else \
+            torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, served, True)
         columns.append(keep[:, None].expand(batch, width))
     return torch.cat(columns, dim=1)
 

@@ -35,7 +35,7 @@ from torch import nn
 from deltadist import attach as mechanisms
 from deltadist import checkpoint
 from deltadist.addressing.names import canonical_modules, canonical_parameters, dot_prefixes, dot_suffixes
-from deltadist.addressing.select import DELTAS_KEYWORD, _without_skipped, select_kept_parameters, select_sites
+from deltadist.addressing.select import DELTAS_KEYWORD, without_skipped, select_kept_parameters, select_sites
 from deltadist.errors import CheckpointError, ConfigError, DeltaError
 from deltadist.record import delta_key
 
@@ -177,7 +177,7 @@ def _peft_linear(module: nn.Module) -> bool:
 def _backbone_modules(backbone: nn.Module) -> dict[str, nn.Module]:
     """Canonical name -> module, root and every delta's modules left out (PEFT sees a bare model)."""
     skip = frozenset(id(m) for m in mechanisms.delta_modules(backbone).values())
-    return {n: m for n, m in _without_skipped(canonical_modules(backbone), skip).items() if n}
+    return {n: m for n, m in without_skipped(canonical_modules(backbone), skip).items() if n}
 
 
 def _task_type(backbone: nn.Module, class_name: str) -> str | None:

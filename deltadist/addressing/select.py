@@ -64,7 +64,7 @@ def select_sites(
         AddressingError: a pattern matches nothing (the closest names are listed), or defaults were
             asked for on a model no structure map knows.
     """
-    modules = _without_skipped(canonical_modules(backbone), skip)
+    modules = without_skipped(canonical_modules(backbone), skip)
     use_defaults = modified_modules is None
     by_role = use_defaults or common_structure
     index = common_name_index(backbone) if by_role else {}
@@ -105,7 +105,7 @@ def select_sites(
     return sorted(selected.values(), key=lambda s: order[s.name])
 
 
-def _without_skipped(modules: dict[str, nn.Module], skip: frozenset[int]) -> dict[str, nn.Module]:
+def without_skipped(modules: dict[str, nn.Module], skip: frozenset[int]) -> dict[str, nn.Module]:
     """Drop skipped modules and everything inside them."""
     roots = [n for n, m in modules.items() if id(m) in skip]
     return {

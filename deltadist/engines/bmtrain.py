@@ -19,7 +19,7 @@ only when one of its parameters is seen. Tensor parallelism (``tp_size > 1``) is
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -62,8 +62,6 @@ class BMTrainEngine(Engine):
     """Engine for models whose parameters are BMTrain ``DistributedParameter`` s."""
 
     name = "bmtrain"
-    # DistributedModule's own state-dict hooks gather every parameter they save.
-    trainable_only_state_dict = True
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
@@ -117,10 +115,6 @@ class BMTrainEngine(Engine):
         if not is_distributed(param):
             return param
         return self._sum(place_piece(param), param).view(param._original_shape)
-
-    def gather(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return super().gather(params)
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         if not is_distributed(param):
