@@ -72,8 +72,8 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.T
     config = {**config, "save_id": uuid.uuid4().hex, CHECKSUM_KEY: tensors_sha256(tensors)}
     text = json.dumps(config, indent=2, sort_keys=True)
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: text}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: text}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return weights
 
 
@@ -118,7 +118,7 @@ def _make_directory(directory: Path) -> None:
         ) from err
 
 
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """Have ``write`` fill a temporary file beside ``target``, flush it and move it over ``target``."""
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     replaced = False

@@ -165,8 +165,8 @@ def write_peft(directory: str | Path, tensors: Mapping[str, torch.Tensor], expor
     directory = Path(directory)
     checkpoint._make_directory(directory)
     weights = directory / WEIGHTS_NAME
-    checkpoint._atomic_write(weights, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
-    checkpoint._atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
+    checkpoint.atomic_write(weights, lambda tmp: save_file(peft_tensors, tmp, metadata=metadata))
+    checkpoint.atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     return weights
 
 

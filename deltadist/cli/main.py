@@ -14,17 +14,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one subcommand, ``train``)."""
     parser = argparse.ArgumentParser(prog="deltadist", description="Delta tuning with OpenDelta's API.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from deltadist.training.config import keys_help
+
     train = commands.add_parser(
-        "train", help="delta-tune a model on a built-in task",
-        description="Delta-tune a pretrained encoder (default: LoRA on all-MiniLM-L6-v2, 4 topics).",
-        epilog="The config's engine is plain (one process), ddp, fsdp2 or fsdp1. Start a distributed "
-               "engine on N ranks with: launchers/torchrun.sh --nproc N --engine ddp|fsdp2|fsdp1 "
-               "[--config PATH] [--set KEY=VALUE ...] (torchrun --standalone ... -m deltadist.cli train).",
+        "train", help="delta-tune a model on your data (or the built-in topic task)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Delta-tune a transformers checkpoint for causal_lm, seq2seq or "
+                    "sequence_classification on JSON Lines / JSON / CSV / Parquet rows. Without a "
+                    "config: LoRA on all-MiniLM-L6-v2, 4 topics.",
+        epilog="config keys (YAML; --set KEY=VALUE overrides one):\n" + keys_help() + "\n\n"
+               "Start a distributed engine on N ranks with launchers/torchrun.sh --nproc N --engine "
+               "ddp|fsdp2|fsdp1 [--config PATH] [--set ...], launchers/deepspeed.sh or launchers/bmtrain.sh.",
     )
     train.add_argument("--config", metavar="PATH",
                        help="YAML config (default: the built-in configs/minilm_lora.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set training.epochs=1 (repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in output_dir (training.save_every)")
     return parser
 
 
@@ -50,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args.command, f"cannot read the config: {_os_problem(err)}; "
                                    "check the --config path (and any include: in it).")
     try:
-        result = train(cfg)
+        result = train(cfg, resume=args.resume)
     except DeltaError as err:
         return _fail(args.command, str(err))
     except OSError as err:

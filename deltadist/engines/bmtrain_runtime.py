@@ -52,6 +52,22 @@ def wrap_for_bmtrain(model: nn.Module, device: torch.device) -> nn.Module:
     return bmt.BMTrainModelWrapper(model.to(device))
 
 
+def bmtrain_barrier() -> None:
+    """Wait for every rank of BMTrain's world."""
+    import_bmtrain().synchronize()
+
+
+def sum_over_bmtrain_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over BMTrain's ranks (its own NCCL communicator)."""
+    return import_bmtrain().distributed.all_reduce(tensor.detach().clone(), "sum")
+
+
+def clip_bmtrain_grad_norm(runner: nn.Module, parameters: list[nn.Parameter],
+                           max_norm: float) -> torch.Tensor:
+    """Clip the global norm of the gradients' pieces (summed over ranks by BMTrain)."""
+    return import_bmtrain().optim.clip_grad_norm([{"params": parameters}], max_norm)
+
+
 class BMTrainStepper:
     """The loop's optimizer under BMTrain: waits for BMTrain's gradient reductions, then averages.
 
@@ -77,3 +93,10 @@ class BMTrainStepper:
                     if param.grad is not None:
                         param.grad.div_(self.world_size)
         self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer state (over its pieces of the delta)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

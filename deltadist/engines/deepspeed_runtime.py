@@ -21,9 +21,12 @@ MIN_DEEPSPEED = (0, 19)
 """PyTorch-style ``loss.backward()`` on the engine's output needs DeepSpeed >= 0.19."""
 
 
-def resolve_deepspeed_config(path: str | os.PathLike | None, batch_size: int,
-                             world_size: int) -> dict[str, Any]:
+def resolve_deepspeed_config(path: str | os.PathLike | None, batch_size: int, world_size: int,
+                             max_grad_norm: float | None = None) -> dict[str, Any]:
     """The JSON at ``path`` (default: ZeRO-3), made concrete for this job.
+
+    ``max_grad_norm`` (``training.max_grad_norm``) becomes ``gradient_clipping`` where the JSON
+    leaves it ``"auto"`` or unset: DeepSpeed clips inside its step.
 
     Raises:
         ConfigError: unreadable JSON, an optimizer/scheduler section, fp16/bf16 turned on, or batch
@@ -49,7 +52,7 @@ def resolve_deepspeed_config(path: str | os.PathLike | None, batch_size: int,
                               f'on {world_size} ranks needs {value}; set it to "auto".')
         config[key] = value
     if config.get("gradient_clipping", "auto") == "auto":
-        config["gradient_clipping"] = 0.0
+        config["gradient_clipping"] = max_grad_norm or 0.0
     config.setdefault("zero_allow_untested_optimizer", True)  # a torch optimizer
     config.setdefault("steps_per_print", 10**9)
     return _drop_auto(config)
@@ -101,3 +104,10 @@ class DeepSpeedStepper:
 
     def step(self) -> None:
         self.engine.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's ZeRO optimizer state (its partitions)."""
+        return self.engine.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.optimizer.load_state_dict([state], load_optimizer_states=True)

@@ -18,12 +18,13 @@ sees an :class:`EngineSetup` (device, wrap, rank, world size, close).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -90,6 +91,38 @@ def _as_is(runner: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
     return runner, optimizer
 
 
+def _alone(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def _syncing(runner: nn.Module, sync: bool) -> Iterator[None]:
+    """Gradient reduction on (``sync``) or deferred for an accumulating backward: DDP and FSDP1
+    skip it in ``no_sync()``, FSDP2 with ``set_requires_gradient_sync(False)``; one process
+    has nothing to reduce. The gradients are the same either way, only the traffic differs."""
+    if sync:
+        yield
+    elif hasattr(runner, "set_requires_gradient_sync"):  # FSDP2
+        runner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            runner.set_requires_gradient_sync(True)
+    elif hasattr(runner, "no_sync"):  # DDP, FSDP1
+        with runner.no_sync():
+            yield
+    else:
+        yield
+
+
+def _clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm: FSDP1 computes it over its flat shards itself; for
+    FSDP2's DTensor gradients and everything else torch's function sums the norms over the mesh."""
+    if hasattr(runner, "clip_grad_norm_") and not hasattr(runner, "set_requires_gradient_sync"):
+        return runner.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 @dataclass(frozen=True)
 class EngineSetup:
     """The device to train on, the hook that wraps the delta-fitted model, and this rank's place."""
@@ -104,6 +137,17 @@ class EngineSetup:
     prepare: Callable[[nn.Module, Any], tuple[nn.Module, Any]] = field(default=_as_is)
     """``(wrapped model, optimizer) -> (runner, stepper)``, once, after ``wrap`` and the optimizer:
     the identity except under DeepSpeed, whose ``deepspeed.initialize`` takes both together."""
+    barrier: Callable[[], None] = field(default=_nothing)
+    """Wait until every rank gets here."""
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = field(default=_alone)
+    """A tensor of this rank -> the sum of every rank's (a new tensor, the same on every rank)."""
+    gradient_sync: Callable[[nn.Module, bool], ContextManager[None]] = field(default=_syncing)
+    """``with gradient_sync(runner, sync)`` around a backward: ``sync=False`` for all but the last
+    of an accumulating step, where the engine can skip reducing gradients."""
+    clip_grad_norm: Callable[[nn.Module, list[nn.Parameter], float], torch.Tensor] = field(default=_clip)
+    """``(runner, trainable parameters, max_norm) -> total norm``, clipping in place."""
+    accumulates: bool = True
+    """Whether several backwards may precede one step (not DeepSpeed's stepper here)."""
 
     @property
     def is_main(self) -> bool:
@@ -264,16 +308,22 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
                 warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad")
                 return wrap_model(model, name, device)
 
+        def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+            total = tensor.detach().to(device, copy=True)
+            dist.all_reduce(total)
+            return total
+
         return EngineSetup(
             name=name, device=device, wrap=wrap,
             rank=dist.get_rank(), world_size=dist.get_world_size(), close=close,
+            barrier=dist.barrier, sum_over_ranks=sum_over_ranks,
         )
 
     return setup
 
 
 def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,
-               batch_size: int = 32) -> EngineSetup:
+               batch_size: int = 32, max_grad_norm: float | None = None) -> EngineSetup:
     """ZeRO from a DeepSpeed JSON; the process group as for DDP; ``deepspeed.initialize`` joins it."""
     from deltadist.engines.deepspeed_runtime import (
         DeepSpeedStepper, import_deepspeed, resolve_deepspeed_config,
@@ -282,7 +332,7 @@ def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: st
     deepspeed = import_deepspeed()
     base = _distributed("deepspeed")(environ)
     try:
-        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size)
+        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size, max_grad_norm)
     except BaseException:
         base.close()
         raise
@@ -291,13 +341,20 @@ def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: st
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return engine, DeepSpeedStepper(engine)
 
-    return dataclasses.replace(base, wrap=lambda model: model.to(base.device), prepare=prepare)
+    def clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.tensor(float("nan"))  # DeepSpeed clips in its step (gradient_clipping)
+
+    return dataclasses.replace(base, wrap=lambda model: model.to(base.device), prepare=prepare,
+                               clip_grad_norm=clip, accumulates=False)
 
 
 def _bmtrain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
     """BMTrain's own NCCL world (no torch.distributed group): it reads the launcher's variables
     from ``os.environ``, so those of SLURM or MPI are exported there first."""
-    from deltadist.engines.bmtrain_runtime import BMTrainStepper, start_bmtrain, wrap_for_bmtrain
+    from deltadist.engines.bmtrain_runtime import (
+        BMTrainStepper, bmtrain_barrier, clip_bmtrain_grad_norm, start_bmtrain, sum_over_bmtrain_ranks,
+        wrap_for_bmtrain,
+    )
 
     info = launch_info(environ)
     if info is not None and info.source != "torchrun":
@@ -311,7 +368,10 @@ def _bmtrain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
         return model, BMTrainStepper(optimizer, world_size)
 
     return EngineSetup(name="bmtrain", device=device, wrap=lambda model: wrap_for_bmtrain(model, device),
-                       rank=rank, world_size=world_size, prepare=prepare)
+                       rank=rank, world_size=world_size, prepare=prepare,
+                       barrier=bmtrain_barrier, sum_over_ranks=sum_over_bmtrain_ranks,
+                       clip_grad_norm=clip_bmtrain_grad_norm,
+                       accumulates=False)
 
 
 ENGINES: dict[str, Callable[..., EngineSetup]] = {

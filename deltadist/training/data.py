@@ -9,19 +9,11 @@ the model learnt the topics, not the strings. Sampling is seeded and labels are 
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
-
-import torch
+from typing import Iterator
 
 from deltadist.errors import ConfigError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-DATASETS = ("builtin:topics",)
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "sports": (
@@ -136,79 +128,3 @@ def _sentences(templates: list[str], phrases: list[str]) -> Iterator[str]:
         else:
             for a in phrases:
                 yield template.format(a=a)
-
-
-def rank_share(size: int, rank: int, world_size: int) -> slice:
-    """Rows ``rank`` takes of a global batch of ``size`` rows: a contiguous slice, in rank order.
-
-    The slices tile ``range(size)``; their lengths differ by at most one (later ranks take the
-    extra rows), and are all equal when ``world_size`` divides ``size``.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size}.")
-    return slice(rank * size // world_size, (rank + 1) * size // world_size)
-
-
-def check_batch_size(batch_size: int, world_size: int) -> None:
-    """Raise :class:`ConfigError` unless every rank can take an equal share of a global batch."""
-    if batch_size % world_size:
-        raise ConfigError(
-            f"training.batch_size ({batch_size}) must be divisible by the world size ({world_size}): "
-            f"each rank takes an equal, contiguous share of every global batch. Use e.g. "
-            f"training.batch_size={max(world_size, batch_size // world_size * world_size)}."
-        )
-
-
-class Batches:
-    """Tokenized batches (``input_ids``, ``attention_mask``, ``labels``, ``loss_scale``), padded per batch.
-
-    With ``generator`` every pass draws a new order from it; without, examples keep their order.
-    ``batch_size`` is the global batch: with ``world_size > 1`` each batch is this rank's
-    contiguous share of it (see :func:`rank_share`), and ``batch_size`` must be divisible by
-    ``world_size``. Every rank must use the same ``generator`` seed (so all draw one order).
-
-    ``loss_scale`` makes ``cross_entropy(..., reduction="sum") * loss_scale`` this rank's part of the
-    global batch's mean loss, times ``world_size``: gradient averaging over ranks (DDP, FSDP) then
-    gives exactly the full-batch gradient, even for a last batch that does not split evenly.
-    A rank whose share of a (short, last) batch is empty gets its neighbour's first row with
-    ``loss_scale = 0``, so every rank still runs the forward and backward the collectives expect.
-    The global batch is tokenized before it is split, so padding is the single-process run's.
-    """
-
-    def __init__(self, examples: list[Example], tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 max_length: int, generator: torch.Generator | None = None,
-                 rank: int = 0, world_size: int = 1) -> None:
-        check_batch_size(batch_size, world_size)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of {world_size}.")
-        self.examples = examples
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.generator = generator
-        self.rank = rank
-        self.world_size = world_size
-
-    def __len__(self) -> int:
-        """The number of (global) batches in one pass: every rank takes the same number of steps."""
-        return math.ceil(len(self.examples) / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.generator is None:
-            order = list(range(len(self.examples)))
-        else:
-            order = torch.randperm(len(self.examples), generator=self.generator).tolist()
-        for start in range(0, len(order), self.batch_size):
-            chunk = [self.examples[i] for i in order[start:start + self.batch_size]]
-            encoded = self.tokenizer([e.text for e in chunk], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-            rows = rank_share(len(chunk), self.rank, self.world_size)
-            scale = self.world_size / len(chunk)
-            if rows.start == rows.stop:  # more ranks than rows left: a weightless stand-in row
-                rows, scale = slice(rows.start - 1, rows.start) if rows.start else slice(0, 1), 0.0
-            yield {
-                "input_ids": encoded["input_ids"][rows],
-                "attention_mask": encoded["attention_mask"][rows],
-                "labels": torch.tensor([e.label for e in chunk])[rows],
-                "loss_scale": torch.tensor(scale),
-            }

@@ -1,15 +1,26 @@
-"""The model: a pretrained encoder plus a linear ``classifier`` on mean-pooled hidden states."""
+"""The job's model: the backbone for the config's task, its tokenizer, and the modules it initialised.
+
+``builtin:minilm`` for sequence classification is a :class:`TextClassifier` (a sentence encoder
+is meant to be mean-pooled); any other checkpoint loads with the transformers auto class of the
+task. Weights the checkpoint does not hold (a new classification head) are reported, so the job
+trains them with the delta, and a task the checkpoint cannot do is a one-line error.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach a hub
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+    AutoTokenizer, PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from deltadist.errors import ConfigError
@@ -31,7 +42,7 @@ class TextClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.classifier(pooled)
+        return self.classifier(pooled.to(self.classifier.weight.dtype))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -59,7 +70,8 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | None = None,
-                show_progress: bool = True) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+                show_progress: bool = True, dtype: torch.dtype = torch.float32,
+                ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """The classifier (head initialised from ``seed``) and its tokenizer.
 
     ``dropout`` (``None``: the checkpoint's values) sets the backbone's :data:`DROPOUT_KEYS`.
@@ -70,7 +82,16 @@ def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | 
     """
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = AutoConfig.from_pretrained(path)
+    config = _with_dropout(AutoConfig.from_pretrained(path), dropout)
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    encoder = AutoModel.from_pretrained(path, config=config, dtype=dtype)
+    torch.manual_seed(seed)
+    return TextClassifier(encoder, num_labels), tokenizer
+
+
+def _with_dropout(config: Any, dropout: float | None) -> Any:
+    """``config`` with :data:`DROPOUT_KEYS` set to ``dropout`` (unchanged for ``None``)."""
     if dropout is not None:
         missing = [key for key in DROPOUT_KEYS if not hasattr(config, key)]
         if missing:
@@ -80,8 +101,122 @@ def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | 
             )
         for key in DROPOUT_KEYS:
             setattr(config, key, dropout)
+    return config
+
+
+TASK_MODELS = {
+    "causal_lm": (AutoModelForCausalLM, "a causal language-model head (e.g. a Llama, GPT-2 or Qwen "
+                  "checkpoint)"),
+    "seq2seq": (AutoModelForSeq2SeqLM, "an encoder-decoder with a language-model head (e.g. T5, BART)"),
+    "sequence_classification": (AutoModelForSequenceClassification, "a sequence-classification head"),
+}
+"""Task -> (transformers auto class, what the task needs of the checkpoint, for errors)."""
+
+
+@dataclass
+class LoadedModel:
+    """The backbone of the job, its tokenizer, and what the checkpoint did not hold."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    new_modules: list[str]
+    """Modules whose weights were initialised here (a classification head): trained with the delta."""
+    dtype: torch.dtype
+    """The backbone's dtype (``model.dtype`` resolved)."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` as a torch dtype: ``auto`` is bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_model(cfg: Any, task: str, labels: list[str] | None, seed: int, dtype: torch.dtype,
+               show_progress: bool = True) -> LoadedModel:
+    """The model for ``task`` from ``cfg`` (a :class:`~deltadist.training.config.ModelConfig`).
+
+    ``labels`` names the classes of ``sequence_classification``. The head's initialisation is
+    drawn from ``seed``, so every rank builds the same model.
+
+    Raises:
+        ConfigError: the checkpoint cannot be read, has no model for ``task``, lacks the language
+            model head a generation task trains through, or ``model.gradient_checkpointing`` is
+            set for a model that does not support it.
+    """
     if not show_progress:
         hf_logging.disable_progress_bar()
-    encoder = AutoModel.from_pretrained(path, config=config)
+    if cfg.name_or_path in BUILTIN_MODELS and task == "sequence_classification":
+        model, tokenizer = build_model(cfg.name_or_path, len(labels or ()), seed, cfg.dropout,
+                                       show_progress, dtype)
+        loaded = LoadedModel(model, tokenizer, ["classifier"], dtype)
+    else:
+        loaded = _load_for_task(cfg, task, labels, seed, dtype)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(loaded.model, cfg.name_or_path)
+    for name in loaded.new_modules:  # trained in fp32, like the delta (autocast runs them in dtype)
+        loaded.model.get_submodule(name).float()
+    return loaded
+
+
+def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
+                   dtype: torch.dtype) -> LoadedModel:
+    path = resolve_model_path(cfg.name_or_path)
+    where = f"model.name_or_path: {cfg.name_or_path}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = _with_dropout(AutoConfig.from_pretrained(path), cfg.dropout)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: cannot load a transformers config and tokenizer from it "
+                          f"({_first_line(err)}); give a directory written by save_pretrained.") from err
+    if tokenizer.pad_token is None:  # decoders often ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    auto_class, needs = TASK_MODELS[task]
+    extra: dict[str, Any] = {}
+    if task == "sequence_classification":
+        extra = {"num_labels": len(labels or ()), "id2label": dict(enumerate(labels or ())),
+                 "label2id": {name: i for i, name in enumerate(labels or ())}}
+        if config.pad_token_id is None:  # decoder classifiers pool at the last non-pad token
+            extra["pad_token_id"] = tokenizer.pad_token_id
+    for key, value in extra.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
-    return TextClassifier(encoder, num_labels), tokenizer
+    try:
+        model, info = auto_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        raise ConfigError(
+            f"task: {task} needs {needs}, but {cfg.name_or_path} is a {config.model_type} model, which "
+            f"has none in transformers; choose the task that fits it or another checkpoint."
+        ) from err
+    missing = sorted(info["missing_keys"])
+    if task != "sequence_classification":
+        head = model.get_output_embeddings()
+        head_keys = {f"{name}.{p}" for name, m in model.named_modules() if m is head
+                     for p, _ in m.named_parameters(recurse=False)}
+        if head_keys & set(missing):
+            raise ConfigError(
+                f"task: {task} trains through the language-model head, but {cfg.name_or_path} holds no "
+                f"weights for it ({', '.join(sorted(head_keys & set(missing)))}): it is a base model "
+                "without a head. Use a checkpoint saved with its head (or the task that fits it)."
+            )
+    if task == "causal_lm":
+        model.config.use_cache = False  # no key/value cache while training
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    return LoadedModel(model, tokenizer, new_modules, dtype)
+
+
+def _enable_checkpointing(model: nn.Module, name: str) -> None:
+    """transformers' non-reentrant checkpointing: it passes gradients to the delta even though
+    the inputs of each block (frozen embeddings) do not require grad, unlike the reentrant kind."""
+    target = getattr(model, "encoder", model) if isinstance(model, TextClassifier) else model
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"model.gradient_checkpointing: {name} ({type(target).__name__}) does not "
+                          "support it in transformers; set model.gradient_checkpointing: false.")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

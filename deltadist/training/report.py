@@ -17,13 +17,21 @@ def format_bytes(size: int) -> str:
 
 
 def print_summary(metrics: Metrics, metrics_path: str, console: Console | None = None) -> None:
-    """Accuracy before -> after, trainable parameters, time, and where the delta went."""
-    table = Table(title="deltadist train", show_header=False, title_style="bold")
+    """Evaluation before -> after, steps and tokens, trainable parameters, time, and where the
+    delta went."""
+    table = Table(title=f"deltadist train ({metrics.task})", show_header=False, title_style="bold")
     table.add_column(style="bold cyan")
     table.add_column()
-    gain = metrics.accuracy_after - metrics.accuracy_before
-    table.add_row("test accuracy", f"{metrics.accuracy_before:.1%} -> "
-                  f"[bold green]{metrics.accuracy_after:.1%}[/] ({gain:+.1%})")
+    if metrics.accuracy_before is not None and metrics.accuracy_after is not None:
+        gain = metrics.accuracy_after - metrics.accuracy_before
+        table.add_row("eval accuracy", f"{metrics.accuracy_before:.1%} -> "
+                      f"[bold green]{metrics.accuracy_after:.1%}[/] ({gain:+.1%})")
+    if metrics.eval_loss is not None:
+        before = f"{metrics.eval_loss_before:.4f} -> " if metrics.eval_loss_before is not None else ""
+        table.add_row("eval loss", f"{before}[bold green]{metrics.eval_loss:.4f}[/]")
+    resumed = f" (resumed after step {metrics.resumed_from})" if metrics.resumed_from is not None else ""
+    table.add_row("steps", f"{metrics.steps:,} steps, {metrics.tokens:,} tokens, "
+                  f"{metrics.tokens_per_second:,.0f} tokens/s{resumed}")
     ratio = metrics.trainable_params / metrics.total_params
     table.add_row("trainable params",
                   f"{metrics.trainable_params:,} of {metrics.total_params:,} ({ratio:.3%})")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from deltadist import AutoDeltaModel
 from deltadist.cli import main as cli_main
 from deltadist.training import loop
-from deltadist.training.data import LABELS, Batches, load_topics
+from deltadist.training.data import LABELS, load_topics
 from deltadist.training.model import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,8 +31,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, loop.TrainResul
     results: list[loop.TrainResult] = []
     train = loop.train
 
-    def spy(cfg):
-        results.append(train(cfg))
+    def spy(cfg, resume=False):
+        results.append(train(cfg, resume))
         return results[-1]
 
     argv = ["train", "--set", f"output_dir={output_dir}"]
@@ -70,7 +70,8 @@ def test_reloaded_delta_reproduces_logits(run: tuple[Path, loop.TrainResult]) ->
     fresh, tokenizer = build_model("builtin:minilm", len(LABELS), seed=1234)
     fresh.eval()
     _, test = load_topics(OVERRIDES["data.train_size"], OVERRIDES["data.test_size"])
-    batch = next(iter(Batches(test[:8], tokenizer, batch_size=8, max_length=64)))
+    batch = tokenizer([e.text for e in test[:8]], padding=True, truncation=True, max_length=64,
+                      return_tensors="pt")
     inputs = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
         untrained = fresh(*inputs)

@@ -54,14 +54,14 @@ def test_crash_between_weights_and_config_mirror_still_loads_the_new_weights(sav
     model, delta, directory, _ = saved
     change_every_parameter(delta)
     new = logits_of(model, tiny_inputs("bert"))
-    real = checkpoint._atomic_write
+    real = checkpoint.atomic_write
 
     def second_write_crashes(target, write):
         if target.name == checkpoint.CONFIG_NAME:
             raise KeyboardInterrupt
         real(target, write)
 
-    monkeypatch.setattr(checkpoint, "_atomic_write", second_write_crashes)
+    monkeypatch.setattr(checkpoint, "atomic_write", second_write_crashes)
     with pytest.raises(KeyboardInterrupt):
         delta.save_finetuned(directory)
     monkeypatch.undo()

@@ -95,7 +95,7 @@ def test_missing_config_file_names_it_and_the_fix(
 ], ids=lambda error: type(error).__name__)
 def test_delta_errors_from_training_fold_to_one_line(
         error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    def fail(cfg):
+    def fail(cfg, resume=False):
         raise error
 
     monkeypatch.setattr(loop, "train", fail)
@@ -107,7 +107,7 @@ def test_delta_errors_from_training_fold_to_one_line(
 
 def test_unreadable_file_during_training_is_one_line(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    def fail(cfg):
+    def fail(cfg, resume=False):
         raise PermissionError(13, "Permission denied", "/runs/out/metrics.json")
 
     monkeypatch.setattr(loop, "train", fail)
@@ -125,7 +125,7 @@ def test_distributed_ranks_tag_their_error(
 
 @pytest.mark.parametrize("bug", [RuntimeError("boom"), KeyError("lora_A"), ValueError("bad shape")])
 def test_bugs_still_raise_with_a_traceback(bug: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(cfg):
+    def fail(cfg, resume=False):
         raise bug
 
     monkeypatch.setattr(loop, "train", fail)

@@ -22,10 +22,10 @@ def test_default_file_matches_dataclass_defaults() -> None:
 
 
 def test_unknown_key_lists_valid_keys() -> None:
-    expected = r"in training: epoch \(did you mean epochs\?\)\. Valid keys: epochs, batch_size"
+    expected = r"in training: epoch \(did you mean epochs\?\)\. Valid keys: epochs, max_steps, batch_size"
     with pytest.raises(ConfigError, match=expected):
         load_config(overrides=["training.epoch=1"])
-    valid = "model, delta, data, training, engine, deepspeed_config, output_dir"
+    valid = "task, model, delta, data, training, engine, deepspeed_config, output_dir"
     with pytest.raises(ConfigError, match=f"Valid keys: {valid}"):
         from_dict({"modle": {}})
 
@@ -48,7 +48,15 @@ def test_overrides_are_parsed_as_yaml() -> None:
     ("training.epochs", "--set needs KEY=VALUE"),
     ("engine.name=plain", "'engine' is not a section"),
     ("delta.lora_rank=4", "lora_rank"),
-    ("data.name=imdb", "available: builtin:topics"),
+    ("data.train=builtin:imdb", "available: builtin:topics, or a path"),
+    ("task=translation", "task: 'translation' is not one of causal_lm, seq2seq, sequence_classification"),
+    ("task=causal_lm", "task: causal_lm needs your own rows: set data.train"),
+    ("model.dtype=half", "model.dtype: 'half' is not one of auto, bf16, fp16, fp32"),
+    ("training.scheduler=step", "training.scheduler: 'step' is not one of constant, cosine, linear"),
+    ("training.max_steps=0", "training.max_steps must be positive"),
+    ("training.warmup_steps=-1", "must not be negative"),
+    ("data.packing=true", "data.packing applies to task causal_lm only"),
+    ("data.labels=[1, 2]", "data.labels must be a list of names"),
 ])
 def test_bad_values_are_errors(item: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,73 @@
+"""The job's data: the rows of ``data.train`` / ``data.eval`` (or the built-in topic set), their
+class names, and their tokenized examples -- all checked before any training starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from deltadist.training.config import TrainConfig
+from deltadist.training.text_data import TokenizedExample, label_names, load_split, pack, tokenize_split
+
+
+@dataclass
+class Rows:
+    """The data sets (``datasets.Dataset``) and where they came from."""
+
+    train: Any
+    eval: Any | None
+    train_path: str
+    eval_path: str | None
+    labels: list[str] | None
+    """Class names (``sequence_classification`` only)."""
+
+
+@dataclass
+class JobData:
+    """Tokenized examples."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample] | None
+    labels: list[str] | None
+
+
+def load_rows(cfg: TrainConfig) -> Rows:
+    """Read the rows (``datasets``) and settle the class names.
+
+    Raises:
+        ConfigError: a file is missing, unreadable, empty, or its rows lack the task's fields.
+    """
+    import datasets
+
+    data = cfg.data
+    if data.builtin:
+        from deltadist.training.data import LABELS, load_topics
+
+        train_set, test_set = load_topics(data.train_size, data.test_size, data.seed)
+        train, evaluation = (
+            datasets.Dataset.from_list([{"text": e.text, "label": LABELS[e.label]} for e in part])
+            for part in (train_set, test_set))
+        eval_path: str | None = f"{data.train} (test split)"
+        if data.eval is not None:
+            evaluation, eval_path = load_split(data.eval, "data.eval"), data.eval
+        return Rows(train, evaluation, data.train, eval_path, list(data.labels or LABELS))
+    train = load_split(data.train, "data.train")
+    evaluation = load_split(data.eval, "data.eval") if data.eval is not None else None
+    labels = None
+    if cfg.task == "sequence_classification":
+        labels = label_names(train, data.train, data.labels)
+    return Rows(train, evaluation, data.train, data.eval, labels)
+
+
+def tokenize(rows: Rows, cfg: TrainConfig, tokenizer: Any) -> JobData:
+    """Tokenize both splits for ``cfg.task`` (packing the training rows when asked)."""
+    max_length = cfg.model.max_length
+    train = tokenize_split(rows.train, cfg.task, tokenizer, max_length, rows.labels, rows.train_path,
+                           "data.train")
+    if cfg.data.packing:
+        train = pack(train, max_length)
+    evaluation = None
+    if rows.eval is not None:
+        evaluation = tokenize_split(rows.eval, cfg.task, tokenizer, max_length, rows.labels,
+                                    rows.eval_path, "data.eval")
+    return JobData(train, evaluation, rows.labels)

@@ -1,0 +1,413 @@
+"""The user's own data for ``deltadist train``: load files with ``datasets``, check rows, tokenize.
+
+A split (``data.train``, ``data.eval``) is a ``.jsonl``/``.json``/``.csv``/``.parquet`` file or a
+folder written by ``save_to_disk``. Rows are ``{"prompt", "completion"}`` or ``{"text"}`` for
+``causal_lm`` and ``seq2seq``, ``{"text", "label"}`` for ``sequence_classification``. Every problem
+with the data is a one-line :class:`ConfigError` naming the config key, the file, the row (1-based
+data rows: the line number of a JSON Lines file without blank lines; a CSV header is not a row) and
+the fix, raised before any tokenizing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from deltadist.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+TASKS: tuple[str, ...] = ("causal_lm", "seq2seq", "sequence_classification")
+IGNORE_INDEX = -100
+"""Label of a token that adds no loss (the prompt of a ``causal_lm`` row); torch's cross-entropy default."""
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_FORMAT_NAMES = {"json": "JSON Lines or a JSON array of objects", "csv": "CSV with a header row",
+                 "parquet": "Parquet"}
+_FORMATS = "a .jsonl, .json, .csv or .parquet file, or a folder written by Dataset.save_to_disk"
+_TEXT_FIELDS = ("prompt", "completion", "text")
+_EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
+"""Splits of a saved DatasetDict that ``data.eval`` takes, in this order of preference."""
+_REASON_CHARS = 200
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example as token ids."""
+
+    input_ids: tuple[int, ...]
+    """causal_lm: prompt + completion (+ eos); seq2seq: the source (the empty source for text rows);
+    sequence_classification: the text."""
+    labels: tuple[int, ...]
+    """causal_lm: as long as ``input_ids``, :data:`IGNORE_INDEX` on prompt tokens; seq2seq: the target
+    ids (with the eos the tokenizer adds); sequence_classification: ``(class index,)``."""
+
+
+def load_split(path: str | os.PathLike, key: str) -> datasets.Dataset:
+    """The rows of the file or saved-dataset folder at ``path``, via ``datasets``.
+
+    ``.jsonl``/``.json`` load with the ``json`` builder, ``.csv`` with ``csv`` (prompt, completion and
+    text columns read as strings, so ``4`` stays the text ``"4"``), ``.parquet`` with ``parquet``; a
+    folder with ``load_from_disk``. A saved ``DatasetDict`` gives its only split, else the split
+    named like the key's last part (``data.train`` -> ``train``; ``data.eval`` -> the first of
+    ``eval, validation, valid, dev, test``). ``key`` names the split in errors (``"data.train"``).
+    """
+    shown = os.fspath(path)
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key}: {shown} does not exist; check the path (relative paths are from "
+                          "the directory you run deltadist train in).")
+    dataset = _load_saved(path, shown, key) if path.is_dir() else _load_file(path, shown, key)
+    if dataset.num_rows == 0:
+        raise ConfigError(_no_rows(key, shown))
+    return dataset
+
+
+def label_names(dataset: datasets.Dataset, path: str | os.PathLike,
+                configured: Sequence[str] | None = None) -> list[str]:
+    """The class names of a sequence_classification split, index ``i`` naming class ``i``.
+
+    ``configured`` if given (every label must then be one of the names or an int index below
+    ``len(configured)``); else sorted unique names for string labels, ``["0", ..., str(max)]`` for
+    int labels. Bools and floats are not labels.
+    """
+    values = _column(dataset, "label", path, None, "sequence_classification rows need text and label.")
+    if configured is not None:
+        names = [str(name) for name in configured]
+        lookup = {name: i for i, name in enumerate(names)}
+        for row, value in enumerate(values, 1):
+            _label_index(value, lookup, _where(None, path, row), "the configured labels")
+        return names
+    kinds = set()
+    for row, value in enumerate(values, 1):
+        _check_label_kind(value, _where(None, path, row))
+        kinds.add(type(value))
+        if len(kinds) > 1:
+            raise ConfigError(f"{_where(None, path, row)}: label {value!r} mixes class names and "
+                              "int indices with earlier rows; use one kind in every row.")
+    if str in kinds:
+        return sorted(set(values))
+    return [str(i) for i in range(max(values) + 1)]
+
+
+def tokenize_split(dataset: datasets.Dataset, task: str, tokenizer: PreTrainedTokenizerBase,
+                   max_length: int, labels: Sequence[str] | None, path: str | os.PathLike,
+                   key: str) -> list[TokenizedExample]:
+    """One :class:`TokenizedExample` per row, in row order; every row is checked before any tokenizing.
+
+    ``labels`` are the class names (sequence_classification only, see :func:`label_names`).
+    Sequences are cut to ``max_length`` tokens, keeping their start. A causal_lm row whose
+    completion is cut off entirely is kept (it adds no loss) and counted in a warning; if every
+    prompt/completion row is cut so, that is an error.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}.")
+    if task == "sequence_classification":
+        if labels is None:
+            raise ValueError("sequence_classification needs the class names (see label_names).")
+        return _classification(dataset, tokenizer, max_length, labels, path, key)
+    rows = _text_rows(dataset, task, path, key)
+    if task == "causal_lm":
+        return _causal_lm(rows, tokenizer, max_length, path, key)
+    return _seq2seq(rows, tokenizer, max_length, path, key)
+
+
+def pack(examples: Sequence[TokenizedExample], block_size: int) -> list[TokenizedExample]:
+    """causal_lm examples concatenated in order and cut into blocks of ``block_size`` tokens.
+
+    Labels travel with their tokens (prompt tokens stay :data:`IGNORE_INDEX`); the last block holds
+    what is left and may be shorter.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    if any(len(e.input_ids) != len(e.labels) for e in examples):
+        raise ValueError("pack takes causal_lm examples (labels as long as input_ids).")
+    ids = list(itertools.chain.from_iterable(e.input_ids for e in examples))
+    labels = list(itertools.chain.from_iterable(e.labels for e in examples))
+    return [TokenizedExample(tuple(ids[i:i + block_size]), tuple(labels[i:i + block_size]))
+            for i in range(0, len(ids), block_size)]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _load_file(path: Path, shown: str, key: str) -> datasets.Dataset:
+    import datasets
+
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ConfigError(f"{key}: {shown} has an unknown format ({path.suffix or 'no extension'}); "
+                          f"use {_FORMATS}.")
+    if path.stat().st_size == 0:  # datasets fails on an empty file with an empty StopIteration
+        raise ConfigError(_no_rows(key, shown))
+    # pandas would read a completion of "4" as the int 4; converters keep text columns text.
+    options = {"converters": {field: str for field in _TEXT_FIELDS}} if builder == "csv" else {}
+    with _quiet_datasets():
+        try:
+            return datasets.load_dataset(builder, name=_file_version(path), data_files=str(path.resolve()),
+                                         split="train", **options)
+        except Exception as error:  # datasets' and pyarrow's exception types vary by version
+            reason = _reason(error)
+            if "corresponds to no data" in reason:  # a JSON [] or a CSV with only a header
+                raise ConfigError(_no_rows(key, shown)) from error
+            raise ConfigError(f"{key}: {shown} could not be read as {_FORMAT_NAMES[builder]} ({reason}); "
+                              f"fix the file, or save it as {_FORMATS}.") from error
+
+
+def _load_saved(path: Path, shown: str, key: str) -> datasets.Dataset:
+    import datasets
+
+    if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+        raise ConfigError(f"{key}: {shown} is a folder but not a saved dataset (no state.json or "
+                          f"dataset_dict.json, which save_to_disk writes); point {key} at {_FORMATS}.")
+    with _quiet_datasets():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as error:
+            raise ConfigError(f"{key}: {shown} could not be read as a saved dataset ({_reason(error)}); "
+                              "save it again with Dataset.save_to_disk.") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[_pick_split(list(loaded), shown, key)]
+    # A saved format (e.g. "torch") would turn labels into tensors; rows are read as Python values.
+    return loaded.with_format(None)
+
+
+def _pick_split(splits: list[str], shown: str, key: str) -> str:
+    """The split of a saved DatasetDict that ``key`` takes (see :func:`load_split`)."""
+    if len(splits) == 1:
+        return splits[0]
+    role = key.rsplit(".", 1)[-1]
+    for name in _EVAL_SPLITS if role == "eval" else (role,):
+        if name in splits:
+            return name
+    raise ConfigError(f"{key}: {shown} is a DatasetDict with splits {', '.join(splits)} and none is "
+                      f"the {role} split; point {key} at one split's folder, e.g. "
+                      f"{os.path.join(shown, splits[0])}.")
+
+
+def _file_version(path: Path) -> str:
+    """A datasets config name that changes whenever the file may have changed.
+
+    datasets keys its cache on the file's mtime alone, so a rewrite within one clock tick, or one
+    that keeps the mtime, would load the old rows; size, inode and ctime (which no tool can set
+    back) catch those.
+    """
+    stat = path.stat()
+    stamp = f"{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ctime_ns}-{stat.st_ino}"
+    return "deltadist-" + hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars and no logged errors (the ConfigError says it) while datasets loads."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_off = are_progress_bars_disabled()
+    verbosity = datasets_logging.get_verbosity()
+    disable_progress_bars()
+    datasets_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            enable_progress_bars()
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause's message on one short line.
+
+    datasets wraps the parser's error ("An error occurred while generating the dataset"), so the
+    explicit ``__cause__`` chain is followed to its end; ``__context__`` (an error raised while
+    handling another, e.g. datasets' fallback parser failing too) only past an empty message.
+    """
+    reason = type(error).__name__
+    current: BaseException | None = error
+    while current is not None:
+        message = " ".join(str(current).split())
+        reason = message or reason
+        current = current.__cause__ or (None if message else current.__context__)
+    return reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS - 3] + "..."
+
+
+def _no_rows(key: str, shown: str) -> str:
+    return f"{key}: {shown} holds no rows; add rows to it, or point {key} at a file that has them."
+
+
+# --- checking rows -------------------------------------------------------------------------------
+
+def _where(key: str | None, path: str | os.PathLike, row: int | None = None) -> str:
+    """The start of an error message: ``"data.train: x.jsonl row 7"``."""
+    where = os.fspath(path) if key is None else f"{key}: {os.fspath(path)}"
+    return where if row is None else f"{where} row {row}"
+
+
+def _column(dataset: datasets.Dataset, name: str, path: str | os.PathLike, key: str | None,
+            needs: str) -> list[Any]:
+    """The values of column ``name``; an error listing the columns there are if it is missing."""
+    if name not in dataset.column_names:
+        raise ConfigError(f"{_where(key, path)} has no '{name}' column (it has: "
+                          f"{', '.join(dataset.column_names)}); {needs}")
+    # datasets >= 4 returns a lazy Column, which [:] reads in one go (iterating it is slow).
+    return dataset[name][:]
+
+
+def _fields_of(dataset: datasets.Dataset, index: int) -> str:
+    """The fields row ``index`` has a value for, for error messages."""
+    return ", ".join(name for name, value in dataset[index].items() if value is not None) or "nothing"
+
+
+def _check_text(value: Any, field: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: '{field}' must be a string, got {type(value).__name__} {value!r}; "
+                          "write it as a quoted string.")
+    if not value.strip():
+        raise ConfigError(f"{where}: '{field}' is empty; give it text or remove the row.")
+
+
+def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
+               key: str) -> list[tuple[str | None, str]]:
+    """Each causal_lm/seq2seq row as ``(prompt, completion)``, or ``(None, text)`` for a text row."""
+    needs = f"{task} rows need prompt and completion, or text."
+    present = [field for field in _TEXT_FIELDS if field in dataset.column_names]
+    if "text" not in present and len(present) < 2:
+        other = {"prompt": "completion", "completion": "prompt"}
+        what = (f"no '{other[present[0]]}' column (nor 'text')" if present
+                else "no prompt/completion or text columns")
+        raise ConfigError(f"{_where(key, path)} has {what} (it has: {', '.join(dataset.column_names)}); "
+                          f"{needs}")
+    n = dataset.num_rows
+    prompts, completions, texts = (dataset[f][:] if f in present else [None] * n for f in _TEXT_FIELDS)
+    rows: list[tuple[str | None, str]] = []
+    for index, (prompt, completion, text) in enumerate(zip(prompts, completions, texts)):
+        where = _where(key, path, index + 1)
+        if text is not None and (prompt is not None or completion is not None):
+            raise ConfigError(f"{where} has both text and prompt/completion; give each row either "
+                              "prompt and completion, or text.")
+        if text is not None:
+            _check_text(text, "text", where)
+            rows.append((None, text))
+            continue
+        if prompt is None or completion is None:
+            missing = ("prompt/completion or 'text'" if prompt is None and completion is None
+                       else "'prompt'" if prompt is None else "'completion'")
+            raise ConfigError(f"{where}: no {missing} field (it has: {_fields_of(dataset, index)}); {needs}")
+        _check_text(prompt, "prompt", where)
+        _check_text(completion, "completion", where)
+        rows.append((prompt, completion))
+    return rows
+
+
+def _check_label_kind(value: Any, where: str) -> None:
+    """Raise unless ``value`` is a class name (a string) or a class index (an int >= 0)."""
+    if value is None:
+        raise ConfigError(f"{where}: no 'label'; give every row a label (a class name or an int index).")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"{where}: label {value!r} is a {type(value).__name__}; labels are class "
+                          "names (strings) or class indices (ints from 0).")
+    if isinstance(value, int) and value < 0:
+        raise ConfigError(f"{where}: label {value} is negative; class indices count from 0.")
+
+
+def _label_index(value: Any, lookup: dict[str, int], where: str, source: str) -> int:
+    """The class index of label ``value`` among the names in ``lookup`` (from ``source``)."""
+    _check_label_kind(value, where)
+    if isinstance(value, int):
+        if value >= len(lookup):
+            raise ConfigError(f"{where}: label {value} is out of range: {source} name {len(lookup)} "
+                              f"classes (indices 0-{len(lookup) - 1}); fix the row.")
+        return value
+    if value not in lookup:
+        raise ConfigError(f"{where}: label {value!r} is not a known class (known: {', '.join(lookup)}, "
+                          f"from {source}); fix the row or add the class to {source}.")
+    return lookup[value]
+
+
+# --- tokenizing ----------------------------------------------------------------------------------
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], target: bool = False,
+            **options: Any) -> list[list[int]]:
+    """Token ids of each text (as seq2seq targets if ``target``), in one batched call, not one per row."""
+    if not texts:
+        return []
+    encoded = tokenizer(**{"text_target" if target else "text": texts}, return_attention_mask=False,
+                        return_token_type_ids=False, **options)
+    return encoded["input_ids"]
+
+
+def _causal_lm(rows: list[tuple[str | None, str]], tokenizer: PreTrainedTokenizerBase, max_length: int,
+               path: str | os.PathLike, key: str) -> list[TokenizedExample]:
+    eos = tokenizer.eos_token_id
+    pairs = [i for i, (prompt, _) in enumerate(rows) if prompt is not None]
+    singles = [i for i, (prompt, _) in enumerate(rows) if prompt is None]
+    # verbose=False: sequences longer than the model's limit are cut below, not by the tokenizer.
+    prompt_ids = _encode(tokenizer, [rows[i][0] for i in pairs], verbose=False)
+    completion_ids = _encode(tokenizer, [rows[i][1] for i in pairs], add_special_tokens=False, verbose=False)
+    text_ids = _encode(tokenizer, [rows[i][1] for i in singles], verbose=False)
+
+    def with_eos(ids: list[int]) -> list[int]:
+        # A tokenizer that already ends texts with eos (e.g. add_eos_token=True) must not get two.
+        return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
+
+    by_row: dict[int, TokenizedExample] = {}
+    lost = 0
+    for i, prompt, completion in zip(pairs, prompt_ids, completion_ids):
+        ids = with_eos(prompt + completion)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + ids[len(prompt):])[:max_length]
+        lost += len(prompt) >= max_length
+        by_row[i] = TokenizedExample(tuple(ids), tuple(labels))
+    for i, text in zip(singles, text_ids):
+        ids = tuple(with_eos(text)[:max_length])
+        by_row[i] = TokenizedExample(ids, ids)
+    if pairs and lost == len(pairs):
+        raise ConfigError(f"{key}: every prompt of {os.fspath(path)} fills model.max_length ({max_length} "
+                          f"tokens; the longest prompt has {max(map(len, prompt_ids))}), so no "
+                          "completion token is left to learn; raise model.max_length or shorten the prompts.")
+    if lost:
+        warnings.warn(f"{key}: in {lost} of {len(pairs)} prompt/completion rows of {os.fspath(path)} the "
+                      f"prompt fills model.max_length ({max_length} tokens), so they add no loss; raise "
+                      "model.max_length to learn from them.", stacklevel=3)
+    return [by_row[i] for i in range(len(rows))]
+
+
+def _seq2seq(rows: list[tuple[str | None, str]], tokenizer: PreTrainedTokenizerBase, max_length: int,
+             path: str | os.PathLike, key: str) -> list[TokenizedExample]:
+    # A text row is a target with nothing to condition on: its source is the encoding of "".
+    empty = tuple(_encode(tokenizer, [""])[0])
+    text_row = next((i for i, (prompt, _) in enumerate(rows, 1) if prompt is None), None)
+    if not empty and text_row is not None:
+        raise ConfigError(f"{_where(key, path, text_row)} is a text row, but the tokenizer encodes an empty "
+                          "source as no tokens at all; give seq2seq rows a prompt and completion.")
+    cut = {"truncation": True, "max_length": max_length}
+    sources = _encode(tokenizer, [prompt for prompt, _ in rows if prompt is not None], **cut)
+    targets = _encode(tokenizer, [target for _, target in rows], target=True, **cut)
+    source_of = iter(sources)
+    return [TokenizedExample(tuple(next(source_of)) if prompt is not None else empty, tuple(target))
+            for (prompt, _), target in zip(rows, targets)]
+
+
+def _classification(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                    labels: Sequence[str], path: str | os.PathLike, key: str) -> list[TokenizedExample]:
+    needs = "sequence_classification rows need text and label."
+    texts = _column(dataset, "text", path, key, needs)
+    values = _column(dataset, "label", path, key, needs)
+    lookup = {str(name): i for i, name in enumerate(labels)}
+    source = "the configured labels or those of data.train"
+    classes = []
+    for row, (text, value) in enumerate(zip(texts, values), 1):
+        where = _where(key, path, row)
+        if text is None:
+            raise ConfigError(f"{where}: no 'text' field (it has: {_fields_of(dataset, row - 1)}); {needs}")
+        _check_text(text, "text", where)
+        classes.append(_label_index(value, lookup, where, source))
+    ids = _encode(tokenizer, texts, truncation=True, max_length=max_length)
+    return [TokenizedExample(tuple(i), (c,)) for i, c in zip(ids, classes)]

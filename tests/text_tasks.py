@@ -1,0 +1,63 @@
+"""Tiny tokenizers and data files for the ``deltadist train`` text tasks, built without downloads.
+
+:func:`word_tokenizer` gives every word of a corpus its own id, in order of first appearance
+after the special tokens, so tests can write expected ids by hand: for ``word_tokenizer(["a b"])``,
+``[PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3, a=4, b=5``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+"""Ids of ``[PAD]``, ``[UNK]``, ``[BOS]``, ``[EOS]`` in every :func:`word_tokenizer`."""
+CLS, SEP = 2, 3
+"""Ids of ``[CLS]`` and ``[SEP]`` in a :func:`bert_style_tokenizer` (it has no BOS or EOS)."""
+
+
+def _word_level(corpus: Iterable[str], specials: tuple[str, ...], template: str) -> Tokenizer:
+    """A whitespace word-level tokenizer: ``specials`` take ids 0.., then words by first appearance."""
+    split = pre_tokenizers.Whitespace()
+    vocab = {token: i for i, token in enumerate(specials)}
+    for text in corpus:
+        for word, _ in split.pre_tokenize_str(text):
+            vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = split
+    # TemplateProcessing adds the special tokens that add_special_tokens=True asks for.
+    used = [token for token in specials if token in template.split()]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(token, vocab[token]) for token in used]
+    )
+    return tokenizer
+
+
+def word_tokenizer(corpus: Iterable[str], template: str = "[BOS] $A") -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer over the words of ``corpus`` (unknown words map to ``[UNK]``).
+
+    ``template`` is what encoding with special tokens wraps a text in (tokenizers'
+    ``TemplateProcessing`` syntax): ``"[BOS] $A"`` like Llama (the default), ``"$A [EOS]"`` like T5,
+    ``"$A"`` like GPT-2. The tokenizer has ``[PAD]``, ``[UNK]``, ``[BOS]`` and ``[EOS]`` tokens in all.
+    """
+    backend = _word_level(corpus, ("[PAD]", "[UNK]", "[BOS]", "[EOS]"), template)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
+
+
+def bert_style_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Like :func:`word_tokenizer`, but wrapping texts in ``[CLS] ... [SEP]`` and with no BOS or EOS."""
+    backend = _word_level(corpus, ("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS] $A [SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write ``rows`` to ``path`` as JSON Lines: one object a line."""
+    with open(path, "w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
