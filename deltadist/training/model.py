@@ -177,7 +177,8 @@ def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
     if task == "sequence_classification":
         extra = {"num_labels": len(labels or ()), "id2label": dict(enumerate(labels or ())),
                  "label2id": {name: i for i, name in enumerate(labels or ())}}
-        if config.pad_token_id is None:  # decoder classifiers pool at the last non-pad token
+        # Decoder classifiers pool at each row's last non-pad token, so they need the pad id.
+        if getattr(config, "pad_token_id", None) is None:
             extra["pad_token_id"] = tokenizer.pad_token_id
     for key, value in extra.items():
         setattr(config, key, value)
@@ -215,7 +216,11 @@ def _enable_checkpointing(model: nn.Module, name: str) -> None:
     if not getattr(target, "supports_gradient_checkpointing", False):
         raise ConfigError(f"model.gradient_checkpointing: {name} ({type(target).__name__}) does not "
                           "support it in transformers; set model.gradient_checkpointing: false.")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _first_line(err: BaseException) -> str:
