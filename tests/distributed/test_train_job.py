@@ -1,0 +1,64 @@
+"""``deltadist train`` of a causal LM on 2 gloo ranks under DDP and FSDP2 trains the delta one process
+trains, and a run resumed from a mid-run checkpoint (each rank's optimizer shard: DTensors under
+FSDP2) ends with the delta of the run that was not interrupted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltadist.cli.main import main
+from deltadist.training import run_state
+from tests.distributed.harness import run_ranks
+from tests.distributed.train_workers import train_on_rank
+from tests.task_jobs import Job, make_job
+
+pytestmark = pytest.mark.distributed
+
+JOB = {"epochs": 1, "batch_size": 8, "micro_batch_size": 2, "save_every": 2, "warmup_steps": 1,
+       "scheduler": "cosine"}
+"""8 steps of 8 rows: 2 rows a forward, so each rank accumulates 2 micro-batches a step."""
+
+
+def delta(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "delta" / "delta.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    job = make_job(tmp_path_factory.mktemp("single"), "causal_lm", **JOB)
+    assert main(["train", "--config", str(job.config)]) == 0
+    return job
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow),
+                                    pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_two_ranks_train_and_resume_the_single_process_delta(engine: str, single: Job,
+                                                             tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [f"engine={engine}", f"output_dir={run_dir}"]
+    metrics = run_ranks(train_on_rank, args=(str(single.config), overrides, False), timeout=400)[0]
+    expected = json.loads((single.root / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == expected["steps"] == 8
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4)
+    assert metrics["tokens"] == expected["tokens"]
+    trained = delta(run_dir)
+    for name, tensor in delta(single.root / "run").items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-6)
+
+    # Back to the checkpoint after step 4, as if the job had been killed during step 5.
+    for step, directory in run_state.checkpoints(run_dir):
+        if step > 4:
+            shutil.rmtree(directory)
+    shutil.rmtree(run_dir / "delta")
+    assert sorted(p.name for p in run_state.checkpoints(run_dir)[-1][1].iterdir()) == [
+        "delta", "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors", "run_state.json"]
+    resumed = run_ranks(train_on_rank, args=(str(single.config), overrides, True), timeout=400)[0]
+    assert resumed["resumed_from"] == 4 and resumed["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    for name, tensor in trained.items():
+        torch.testing.assert_close(delta(run_dir)[name], tensor, rtol=1e-6, atol=1e-7)
