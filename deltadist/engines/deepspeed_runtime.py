@@ -90,6 +90,13 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
+LOSS_SCALER_KEY = "loss_scaler"
+OBJECT_KEYS = (LOSS_SCALER_KEY, "param_slice_mappings", "universal_checkpoint_info")
+"""Entries of a ZeRO optimizer's state dict that hold Python objects rather than tensors and
+numbers: the loss scaler (a constant 1 here: the job is fp32 under DeepSpeed) and the fragment maps
+that only DeepSpeed's universal checkpoints read. A resumable checkpoint leaves them out."""
+
+
 class DeepSpeedStepper:
     """Optimizer stand-in for the loop: ``step()`` is ``engine.step()`` (reduce, step, clear grads).
 
@@ -106,8 +113,16 @@ class DeepSpeedStepper:
         self.engine.step()
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's ZeRO optimizer state (its partitions)."""
-        return self.engine.optimizer.state_dict()
+        """This rank's ZeRO optimizer state (its partitions), without :data:`OBJECT_KEYS`."""
+        return {k: v for k, v in self.engine.optimizer.state_dict().items() if k not in OBJECT_KEYS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.optimizer.load_state_dict([state], load_optimizer_states=True)
+        """Load this rank's state (saved by :meth:`state_dict` on this rank of the same world).
+
+        DeepSpeed takes a list of every rank's state and reads its own rank's entry, so this
+        rank's fills the list; the weights themselves come from the module (ZeRO-1/2 copies the
+        loaded delta into its fp32 partitions) or from the saved partitions (ZeRO-3)."""
+        import torch.distributed as dist
+
+        own = {**state, LOSS_SCALER_KEY: self.engine.optimizer.loss_scaler}
+        self.engine.optimizer.load_state_dict([own] * dist.get_world_size(), load_optimizer_states=True)

@@ -36,12 +36,19 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Job:
     return job
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow),
-                                    pytest.param("deepspeed", marks=pytest.mark.slow)])
+REPO = Path(__file__).resolve().parents[2]
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", pytest.param("fsdp1", marks=SLOW),
+                                    pytest.param("zero2", marks=SLOW), pytest.param("zero3", marks=SLOW)])
 def test_two_ranks_train_and_resume_the_single_process_delta(engine: str, single: Job,
                                                              tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     overrides = [f"engine={engine}", f"output_dir={run_dir}"]
+    if engine.startswith("zero"):  # one forward per step there: DeepSpeed would scale accumulated losses
+        overrides = ["engine=deepspeed", f"output_dir={run_dir}", "training.micro_batch_size=null",
+                     f"deepspeed_config={REPO / 'configs' / 'deepspeed' / engine}.json"]
     metrics = run_ranks(train_on_rank, args=(str(single.config), overrides, False), timeout=400)[0]
     expected = json.loads((single.root / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == expected["steps"] == 8
