@@ -43,6 +43,10 @@ class EngineError(DeltaError, RuntimeError):
     """An operation is not possible in the parallel setup the model is in."""
 
 
+class InteractiveError(DeltaError, RuntimeError):
+    """The module picker page (``interactive_modify``) could not start, or ended without a selection."""
+
+
 def closest(word: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
     """The candidates most similar to ``word`` (for "did you mean" lists).
 

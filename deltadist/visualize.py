@@ -38,7 +38,7 @@ Shape = tuple[int, ...]
 
 
 @dataclass
-class _Node:
+class ModuleNode:
     """One shown module: its name, class, own parameters and shown children."""
 
     name: str
@@ -46,25 +46,29 @@ class _Node:
     is_delta: bool
     params: list[tuple[str, Shape, str]]
     """``(name, logical shape, kind)``; kind is a key of ``_PARAM_STYLES``."""
-    children: list[_Node] = field(default_factory=list)
+    children: list[ModuleNode] = field(default_factory=list)
     commons: tuple[str, ...] = ()
     count: int = 1
     """How many identical sibling blocks this node stands for."""
     has_params: bool = False
     signature: tuple[Any, ...] = ()
     """Structure of the subtree (names, classes, shapes, kinds); equal for foldable blocks."""
+    paths: tuple[str, ...] = ()
+    """Canonical names of the modules this node stands for: one, or one per block of a fold."""
+    members: list[ModuleNode] = field(default_factory=list)
+    """For a folded node: one node per block it stands for, in order (the unfolded view)."""
 
 
 @dataclass
 class _Builder:
-    """Walks a module tree into ``_Node``s with one call's options."""
+    """Walks a module tree into ``ModuleNode``s with one call's options."""
 
     engine: Engine
     index: dict[str, tuple[str, ...]]
     keep_non_params: bool
     only_common: bool
 
-    def build(self, module: nn.Module, name: str, path: str, in_delta: bool) -> _Node | None:
+    def build(self, module: nn.Module, name: str, path: str, in_delta: bool) -> ModuleNode | None:
         """The node of ``module`` at canonical ``path``, or ``None`` if it is hidden."""
         in_delta = in_delta or isinstance(module, DeltaModule)
         params, children = _contents(module)
@@ -75,10 +79,10 @@ class _Builder:
             if node is not None:
                 kids.append(node)
         own = [(n, tuple(self.engine.logical_shape(p)), _kind(p, in_delta)) for n, p in params]
-        node = _Node(
+        node = ModuleNode(
             name=name, cls=type(module).__name__, is_delta=isinstance(module, DeltaModule),
             params=own, children=kids, commons=self.index.get(path, ()),
-            has_params=bool(own) or any(k.has_params for k in kids),
+            has_params=bool(own) or any(k.has_params for k in kids), paths=(path,),
         )
         node.signature = (node.cls, node.is_delta, tuple(own),
                           tuple((k.name, k.signature) for k in kids))
@@ -111,9 +115,9 @@ def _kind(param: nn.Parameter, in_delta: bool) -> str:
     return "trainable" if param.requires_grad else "frozen"
 
 
-def _fold(node: _Node) -> _Node:
+def _fold(node: ModuleNode) -> ModuleNode:
     """Fold runs of identical siblings with consecutive integer names into one node."""
-    runs: list[list[_Node]] = []
+    runs: list[list[ModuleNode]] = []
     for child in (_fold(c) for c in node.children):
         last = runs[-1][-1] if runs else None
         if last is not None and _consecutive(last.name, child.name) \
@@ -122,7 +126,8 @@ def _fold(node: _Node) -> _Node:
         else:
             runs.append([child])
     folded = [run[0] if len(run) == 1 else
-              _merge(run[0], run[-1], f"{run[0].name}-{run[-1].name}", len(run)) for run in runs]
+              replace(_overlay(run), name=f"{run[0].name}-{run[-1].name}", count=len(run), members=run)
+              for run in runs]
     return replace(node, children=folded)
 
 
@@ -130,12 +135,21 @@ def _consecutive(a: str, b: str) -> bool:
     return a.isdigit() and b.isdigit() and int(b) == int(a) + 1
 
 
-def _merge(first: _Node, last: _Node, name: str, count: int) -> _Node:
-    """``first`` standing for the run up to ``last``; common names get index ranges."""
+def _overlay(nodes: list[ModuleNode]) -> ModuleNode:
+    """One node standing for same-structure ``nodes`` (one per block of a fold), named as the first.
+
+    Common names get index ranges; paths are all the nodes' paths, and so are those of every
+    child and of every member of a fold inside (so selecting it in a folded view selects them all).
+    """
+    if len(nodes) == 1:
+        return nodes[0]
+    first, last = nodes[0], nodes[-1]
     return replace(
-        first, name=name, count=count,
+        first,
         commons=tuple(_span(a, b) for a, b in zip(first.commons, last.commons)),
-        children=[_merge(a, b, a.name, a.count) for a, b in zip(first.children, last.children)],
+        paths=tuple(path for node in nodes for path in node.paths),
+        children=[_overlay(list(column)) for column in zip(*(n.children for n in nodes))],
+        members=[_overlay(list(column)) for column in zip(*(n.members for n in nodes))],
     )
 
 
@@ -147,7 +161,7 @@ def _span(first: str, last: str) -> str:
     return ".".join(x if x == y else f"{x}-{y}" for x, y in zip(a, b))
 
 
-def _label(node: _Node, show_commons: bool) -> Text:
+def _label(node: ModuleNode, show_commons: bool) -> Text:
     numbered = node.name[:1].isdigit()
     text = Text(node.name, style="red" if numbered else "white")
     if show_commons and node.commons:
@@ -162,7 +176,7 @@ def _label(node: _Node, show_commons: bool) -> Text:
     return text
 
 
-def _add(parent: Tree, node: _Node, show_commons: bool) -> None:
+def _add(parent: Tree, node: ModuleNode, show_commons: bool) -> None:
     branch = parent.add(_label(node, show_commons))
     for child in node.children:
         _add(branch, child, show_commons)
@@ -182,6 +196,28 @@ def _emit(renderable: RenderableType, echo: bool) -> str:
     return text
 
 
+def module_tree(model: nn.Module, engine: Engine, *, keep_non_params: bool = False, rootname: str = "root",
+                fold: bool = True, commons: bool = False, only_common: bool = False) -> ModuleNode:
+    """The tree of shown modules of ``model`` (what :class:`Visualization` draws), as data.
+
+    Args:
+        model: the model (a DDP-style root holding only ``module`` is looked through).
+        engine: gives logical shapes.
+        keep_non_params: also keep modules without parameters.
+        rootname: name of the root node.
+        fold: fold repeated blocks (``0-11 ×12``); the folded nodes keep their blocks as ``members``.
+        commons: fill in each node's common-structure names.
+        only_common: keep only modules with a common-structure name and their ancestors.
+    """
+    root = model
+    if list(root._modules) == ["module"]:
+        root = root.module
+    index = common_name_index(root) if commons or only_common else {}
+    node = _Builder(engine, index, keep_non_params, only_common).build(root, rootname, "", False)
+    assert node is not None  # the root is never hidden
+    return _fold(node) if fold else node
+
+
 class Visualization:
     """Module-tree view of a model, with delta modules and parameters marked.
 
@@ -198,16 +234,9 @@ class Visualization:
                    expand_params: bool = False, common_structure: bool = False,
                    only_common: bool = False) -> Tree:
         """The rich ``Tree`` that :meth:`structure_graph` prints (arguments as there)."""
-        root = self.plm
-        if list(root._modules) == ["module"]:
-            root = root.module
         show_commons = common_structure or only_common
-        builder = _Builder(self.engine, common_name_index(root) if show_commons else {},
-                           keep_non_params, only_common)
-        node = builder.build(root, rootname, "", False)
-        assert node is not None  # the root is never hidden
-        if not expand_params:
-            node = _fold(node)
+        node = module_tree(self.plm, self.engine, keep_non_params=keep_non_params, rootname=rootname,
+                           fold=not expand_params, commons=show_commons, only_common=only_common)
         tree = Tree(_label(node, show_commons))
         for child in node.children:
             _add(tree, child, show_commons)

@@ -26,6 +26,7 @@ from deltadist.config import DeltaConfig
 from deltadist.delta_module import DeltaModule
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
 from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
+from deltadist.interactive import picker
 from deltadist.mechanisms import HOLDER, SPAN, Mechanism
 from deltadist.record import DeltaRecord, kept_by_other_deltas
 
@@ -35,6 +36,14 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
 
     Args:
         backbone_model: the model to modify in place (any ``nn.Module``, possibly on ``meta``).
+        interactive_modify: pick ``modified_modules`` on a web page instead (OpenDelta's option):
+            ``True`` serves it on port 8888, an int on that port (``0``: any free one). The call
+            prints the page's URL and waits; the submitted selection replaces ``modified_modules``,
+            ``exclude_modules`` and ``common_structure`` (it is exact), is printed, and the delta
+            is attached. See :mod:`deltadist.interactive`.
+        interactive_host: interface the page listens on (only this machine by default).
+        interactive_timeout: seconds to wait for a selection (``None``: no limit).
+        interactive_open_browser: also open the page in the default browser.
         **kwargs: fields of the method's config (``modified_modules``, ``exclude_modules``,
             ``unfrozen_modules``, ``common_structure``, ``delta_dtype`` and the method's own,
             e.g. ``lora_r``).
@@ -43,6 +52,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         ConfigError: an unknown keyword or a bad value.
         AddressingError: a pattern matches no module (or, in ``unfrozen_modules``, no parameter).
         SiteError: the method cannot modify a selected module. Nothing is changed in that case.
+        InteractiveError: the page could not be served, or nothing was submitted within
+            ``interactive_timeout``. Nothing is changed then, nor after Ctrl-C while waiting.
     """
 
     delta_type: ClassVar[str]
@@ -57,13 +68,9 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     """Child name at the root (and key prefix) of the module :meth:`_build_shared` returns."""
 
     def __init__(self, backbone_model: nn.Module, *, config: DeltaConfig | None = None,
-                 interactive_modify: bool | int = False, **kwargs: Any) -> None:
-        if interactive_modify:
-            raise ConfigError(
-                "interactive_modify (OpenDelta's web page for picking modules) is not part of "
-                "deltadist. Look at Visualization(model).structure_graph() and pass "
-                "modified_modules=[...]."
-            )
+                 interactive_modify: bool | int = False, interactive_host: str = picker.LOCALHOST,
+                 interactive_timeout: float | None = picker.DEFAULT_TIMEOUT_S,
+                 interactive_open_browser: bool = False, **kwargs: Any) -> None:
         if config is None:
             config = self.config_class.from_dict(kwargs)
         elif kwargs:
@@ -71,7 +78,12 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                               f"got {type(config).__name__}.")
-        self._setup(config, backbone_model)
+        port = picker.picker_port(interactive_modify)
+        if port is None:
+            self._setup(config, backbone_model)
+        else:
+            self._setup_interactively(config, backbone_model, port, interactive_host, interactive_timeout,
+                                      interactive_open_browser)
 
     def _setup(self, config: DeltaConfig, backbone_model: nn.Module, loading_from: str | None = None) -> None:
         """Select sites and kept parameters, build every delta module, attach all or nothing.
@@ -104,6 +116,36 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         naming.remember(self.record, self)
         record_logical_shapes(backbone_model, self.engine)
         self._initialize_from_backbone()
+
+    def _setup_interactively(self, config: DeltaConfig, backbone_model: nn.Module, port: int, host: str,
+                             timeout: float | None, open_browser: bool) -> None:
+        """``interactive_modify``: :meth:`_setup` with the modules picked on the page."""
+
+        def picked(patterns: list[str]) -> DeltaConfig:
+            return config.replace(modified_modules=patterns, exclude_modules=None, common_structure=False)
+
+        # What fails whatever is picked fails now, before a page is opened for nothing.
+        picked(["any"])  # a method that places itself (soft prompts) takes no modified_modules
+        self.backbone_model = backbone_model
+        self._check_attachable(None)
+        naming.claim_name(backbone_model, self.delta_type, config.delta_name)
+        given = config.modified_modules is not None
+        picker.pick_modules(
+            backbone_model, lambda patterns: self._setup(picked(patterns), backbone_model),
+            title=f"{type(self).__name__} on {type(backbone_model).__name__}", broadcast=self.broadcast,
+            initial=self._preview_sites(config, backbone_model) if given else (),
+            defaults=self._preview_sites(config.replace(modified_modules=None), backbone_model),
+            port=port, host=host, timeout=timeout, open_browser=open_browser,
+        )
+
+    def _preview_sites(self, config: DeltaConfig, backbone_model: nn.Module) -> list[str]:
+        """Names of the sites ``config`` selects on ``backbone_model`` (none if it selects nothing)."""
+        self.backbone_model, self.config = backbone_model, config
+        attached = frozenset(id(m) for m in mechanisms.delta_modules(backbone_model).values())
+        try:
+            return [site.name for site in self._select_sites(attached)]
+        except DeltaError:
+            return []
 
     @classmethod
     def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,

@@ -1,4 +1,5 @@
-"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...]``."""
+"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]``
+(delta-tune a model) and ``deltadist pick MODEL_PATH --method M`` (pick modules in the browser)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import sys
 from typing import Sequence
 
+from deltadist.cli import pick
 from deltadist.errors import DeltaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (one subcommand, ``train``)."""
+    """The argument parser (subcommands ``train`` and ``pick``)."""
     parser = argparse.ArgumentParser(prog="deltadist", description="Delta tuning with OpenDelta's API.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from deltadist.training.config import keys_help
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set training.epochs=1 (repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in output_dir (training.save_every)")
+    pick.add_parser(commands)
     return parser
 
 
@@ -45,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     its traceback.
     """
     args = build_parser().parse_args(argv)
+    if args.command == "pick":
+        return pick.run(args)
     from deltadist.training.config import load_config
     from deltadist.training.loop import train
     from deltadist.training.report import print_summary

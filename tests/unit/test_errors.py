@@ -76,11 +76,6 @@ def test_config_round_trips_through_a_dict() -> None:
     assert AutoDeltaConfig.from_dict(config.to_dict()) == config
 
 
-def test_interactive_modify_is_refused_with_the_alternative() -> None:
-    with pytest.raises(ConfigError, match="structure_graph"):
-        LoraModel(build_tiny("bert", "cls"), interactive_modify=True)
-
-
 def test_the_delta_object_is_not_callable_like_a_model() -> None:
     delta = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=build_tiny("bert", "cls"))
     with pytest.raises(TypeError, match="call the backbone model"):
