@@ -370,12 +370,21 @@ class _Job:
         return step, saved["tokens"], Evaluation(**before) if before else None
 
 
+FP32_ENGINES = {
+    "fsdp1": "FSDP1 flattens each unit's parameters into one tensor of one dtype, and the deltas "
+             "stay fp32; engine fsdp2 keeps them apart",
+    "deepspeed": "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet",
+    "bmtrain": "BMTrain's half-precision mode is not wired to deltadist train yet",
+}
+"""Engines that train an fp32 backbone here (``model.dtype: auto`` gives fp32), and why."""
+
+
 def _job_dtype(cfg: TrainConfig, engine: EngineSetup) -> torch.dtype:
-    """The backbone's dtype; DeepSpeed and BMTrain train fp32 backbones here (``auto`` gives fp32)."""
-    if engine.name in ("deepspeed", "bmtrain"):
+    """The backbone's dtype for ``model.dtype`` on this engine's device."""
+    if engine.name in FP32_ENGINES:
         if cfg.model.dtype not in ("auto", "fp32"):
-            raise ConfigError(f"model.dtype: {cfg.model.dtype} is not wired for engine {engine.name} yet; "
-                              "set model.dtype: fp32 (or auto).")
+            raise ConfigError(f"model.dtype: {cfg.model.dtype} does not work with engine {engine.name} "
+                              f"({FP32_ENGINES[engine.name]}); set model.dtype: fp32 (or auto).")
         return torch.float32
     return resolve_dtype(cfg.model.dtype, engine.device)
 

@@ -253,9 +253,11 @@ def test_gradient_checkpointing_trains_the_same_delta(tmp_path: Path) -> None:
         torch.testing.assert_close(delta_tensors(checkpointed.root / "run" / "delta")[name], tensor)
 
 
-def test_a_bf16_backbone_trains_fp32_deltas(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_half_precision_backbone_trains_fp32_deltas(dtype: str, tmp_path: Path) -> None:
+    """Under autocast; fp16 with a gradient scaler."""
     job = make_job(tmp_path, "causal_lm", lr=0.02)
-    assert run_cli(job.config, "--set", "model.dtype=bf16") == 0
+    assert run_cli(job.config, "--set", f"model.dtype={dtype}") == 0
     result = metrics(job)
     assert result["eval_loss"] < result["eval_loss_before"] - 0.05, result
     assert {t.dtype for t in delta_tensors(job.root / "run" / "delta").values()} == {torch.float32}
@@ -276,6 +278,25 @@ def test_a_decoder_classifier_trains_its_new_score_head(tmp_path: Path) -> None:
     result = metrics(job)
     assert result["accuracy_after"] > result["accuracy_before"] + 0.2, result
     assert any(k.startswith("score.") for k in delta_tensors(job.root / "run" / "delta"))
+
+
+@pytest.mark.parametrize(("shipped", "task"), [
+    ("causal_lm_lora", "causal_lm"), ("seq2seq_lora", "seq2seq"),
+    ("classification_lora", "sequence_classification"),
+])
+def test_the_shipped_task_configs_train_once_pointed_at_a_checkpoint(shipped: str, task: str,
+                                                                     tmp_path: Path) -> None:
+    job = make_job(tmp_path, task)
+    overrides = {"model.name_or_path": job.model, "data.train": job.train, "data.eval": job.eval,
+                 "output_dir": tmp_path / "run", "model.max_length": 32, "training.epochs": 2,
+                 "training.batch_size": 8, "training.micro_batch_size": 4, "training.save_every": 4,
+                 "training.eval_every": 4, "training.lr": 0.01, "training.warmup_steps": 2}
+    argv = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["train", "--config", str(REPO / "configs" / f"{shipped}.yaml"), *argv]) == 0
+    result = metrics(job)
+    assert result["task"] == task and result["eval_loss"] < result["eval_loss_before"], result
+    assert [r["step"] for r in log_rows(job) if "eval_loss" in r] == [0, 4, 8, 12, 16]
+    assert [s for s, _ in run_state.checkpoints(tmp_path / "run")] == [12, 16]  # keep_last: 2
 
 
 def test_help_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
@@ -332,6 +353,8 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
         return job.config, []
     if case == "bad_split":
         return job.config, ["--set", "training.micro_batch_size=3"]
+    if case == "half_precision_fsdp1":  # a world of one: the engine starts without a launcher
+        return job.config, ["--set", "engine=fsdp1", "--set", "model.dtype=bf16"]
     raise AssertionError(case)
 
 
@@ -345,6 +368,7 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
                                    "no weights for it"),
     ("seq2seq_on_a_decoder", "task: seq2seq needs an encoder-decoder .* is a llama model"),
     ("bad_split", "not micro_batch_size x gradient_accumulation_steps"),
+    ("half_precision_fsdp1", "model.dtype: bf16 does not work with engine fsdp1 .* set model.dtype: fp32"),
 ])
 def test_bad_input_is_one_line_before_training(case: str, message: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
