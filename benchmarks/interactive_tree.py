@@ -20,21 +20,11 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
 
+from big_models import PROJECTIONS, llama_70b_on_meta
 from report import report
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_S = 2.0
-
-
-def llama_70b_on_meta() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

@@ -26,21 +26,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from big_models import PROJECTIONS, llama_70b_on_meta
 from report import report
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS_S = {"deltadist LoRA, 7 projections": 0.10, "deltadist adapters, o_proj + down_proj": 0.25,
              "deltadist BitFit": 0.25}
 MEMORY_TARGET_MIB = 100
-
-
-def llama_70b_on_meta() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
 
 
 def deltadist_row(delta_type: str, **kwargs: object) -> Callable[[nn.Module], None]:

@@ -115,6 +115,7 @@ class _Job:
         t = cfg.training
         # The cheap checks first: nothing is loaded for a batch that does not split over the ranks.
         split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, engine.world_size)
+        self.resume_from = self._checkpoint_to_resume(resume)
         rows = load_rows(cfg)
         self.dtype = _job_dtype(cfg, engine)
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
@@ -124,7 +125,6 @@ class _Job:
         if self.plan.accumulation > 1 and not engine.accumulates:
             raise ConfigError(f"engine: {engine.name} takes one forward per step here; set "
                               "training.gradient_accumulation_steps: 1 (and micro_batch_size: null).")
-        self.resume_from = self._checkpoint_to_resume(resume)
         self.model = loaded.model
         self.delta = self._attach(loaded)
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
