@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deltadist.engines.batch_split import split_batch
 from deltadist.errors import ConfigError
 
 DEEPSPEED_DEFAULT_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 3}}
@@ -22,7 +23,8 @@ MIN_DEEPSPEED = (0, 19)
 
 
 def resolve_deepspeed_config(path: str | os.PathLike | None, batch_size: int, world_size: int,
-                             max_grad_norm: float | None = None) -> dict[str, Any]:
+                             max_grad_norm: float | None = None, micro_batch_size: int | None = None,
+                             accumulation: int | None = None) -> dict[str, Any]:
     """The JSON at ``path`` (default: ZeRO-3), made concrete for this job.
 
     ``max_grad_norm`` (``training.max_grad_norm``) becomes ``gradient_clipping`` where the JSON
@@ -43,9 +45,10 @@ def resolve_deepspeed_config(path: str | os.PathLike | None, batch_size: int, wo
             raise ConfigError(f"{where}: {section} is not supported by deltadist train (fp32 only); "
                               f'set "{section}": {{"enabled": false}} or "auto".')
         config.pop(section, None)
+    micro_batch_size, accumulation = split_batch(batch_size, micro_batch_size, accumulation, world_size)
     fixed = {"train_batch_size": batch_size,
-             "train_micro_batch_size_per_gpu": batch_size // world_size,
-             "gradient_accumulation_steps": 1}
+             "train_micro_batch_size_per_gpu": micro_batch_size,
+             "gradient_accumulation_steps": accumulation}
     for key, value in fixed.items():
         if config.get(key, "auto") not in ("auto", value):
             raise ConfigError(f"{where}: {key} is {config[key]!r}, but training.batch_size={batch_size} "
@@ -107,10 +110,17 @@ class DeepSpeedStepper:
         self.engine = engine
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing to do: :meth:`step` clears the gradients."""
+        """Nothing to do: the engine clears the gradients when it steps."""
+
+    def backward(self, loss: Any) -> None:
+        """One micro-batch: DeepSpeed divides each gradient by its accumulation steps, while the
+        job's loss is already its part of the global batch's mean, so that division is undone;
+        then ``engine.step()``, which steps the optimizer at the accumulation boundary only."""
+        (loss * self.engine.gradient_accumulation_steps()).backward()
+        self.engine.step()
 
     def step(self) -> None:
-        self.engine.step()
+        """Nothing to do: :meth:`backward` stepped the engine at the boundary."""
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's ZeRO optimizer state (its partitions), without :data:`OBJECT_KEYS`."""

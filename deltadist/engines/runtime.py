@@ -115,6 +115,15 @@ def _syncing(runner: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
+def _backward(loss: torch.Tensor, stepper: Any) -> None:
+    loss.backward()
+
+
+@contextlib.contextmanager
+def _no_deferral(runner: nn.Module, sync: bool) -> Iterator[None]:
+    yield
+
+
 def _clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the gradients' global norm: FSDP1 computes it over its flat shards itself; for
     FSDP2's DTensor gradients and everything else torch's function sums the norms over the mesh."""
@@ -146,8 +155,10 @@ class EngineSetup:
     of an accumulating step, where the engine can skip reducing gradients."""
     clip_grad_norm: Callable[[nn.Module, list[nn.Parameter], float], torch.Tensor] = field(default=_clip)
     """``(runner, trainable parameters, max_norm) -> total norm``, clipping in place."""
+    backward: Callable[[torch.Tensor, Any], None] = field(default=_backward)
+    """``(loss, stepper)``: the backward of one micro-batch (DeepSpeed's engine also counts it)."""
     accumulates: bool = True
-    """Whether several backwards may precede one step (not DeepSpeed's stepper here)."""
+    """Whether several backwards may precede one step (not under BMTrain here: untested)."""
 
     @property
     def is_main(self) -> bool:
@@ -323,7 +334,8 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
 
 
 def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,
-               batch_size: int = 32, max_grad_norm: float | None = None) -> EngineSetup:
+               batch_size: int = 32, micro_batch_size: int | None = None, accumulation: int | None = None,
+               max_grad_norm: float | None = None) -> EngineSetup:
     """ZeRO from a DeepSpeed JSON; the process group as for DDP; ``deepspeed.initialize`` joins it."""
     from deltadist.engines.deepspeed_runtime import (
         DeepSpeedStepper, import_deepspeed, resolve_deepspeed_config,
@@ -332,7 +344,8 @@ def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: st
     deepspeed = import_deepspeed()
     base = _distributed("deepspeed")(environ)
     try:
-        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size, max_grad_norm)
+        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size, max_grad_norm,
+                                          micro_batch_size, accumulation)
     except BaseException:
         base.close()
         raise
@@ -344,8 +357,11 @@ def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: st
     def clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         return torch.tensor(float("nan"))  # DeepSpeed clips in its step (gradient_clipping)
 
+    # DeepSpeed counts micro-batches itself (its step() steps the optimizer at the boundary) and
+    # reduces at the boundary: no deferral to ask for (its no_sync() refuses ZeRO-2/3).
     return dataclasses.replace(base, wrap=lambda model: model.to(base.device), prepare=prepare,
-                               clip_grad_norm=clip, accumulates=False)
+                               clip_grad_norm=clip, gradient_sync=_no_deferral,
+                               backward=lambda loss, stepper: stepper.backward(loss))
 
 
 def _bmtrain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:

@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
+from deltadist.engines.batch_split import split_batch
 from deltadist.engines.optimizer_state import local_piece, rewrap_pieces
 from deltadist.engines.runtime import EngineSetup, setup_engine
 from deltadist.errors import ConfigError
 from deltadist.training import run_state
 from deltadist.training.batching import (
     Collator, MicroBatch, StepPlan, epoch_order, global_batches, loss_units, micro_batches, plan_steps,
-    split_batch,
 )
 from deltadist.training.config import TrainConfig, to_dict
 from deltadist.training.job_data import JobData, load_rows, tokenize
@@ -99,8 +99,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     said on stderr, when there is none); the run then ends as the uninterrupted one would.
     """
     job_start = time.perf_counter()
-    engine = setup_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config,
-                          batch_size=cfg.training.batch_size, max_grad_norm=cfg.training.max_grad_norm)
+    t = cfg.training
+    engine = setup_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, batch_size=t.batch_size,
+                          micro_batch_size=t.micro_batch_size, accumulation=t.gradient_accumulation_steps,
+                          max_grad_norm=t.max_grad_norm)
     try:
         return _Job(cfg, engine, resume).run(job_start)
     finally:
@@ -124,7 +126,7 @@ class _Job:
                                          engine.world_size, len(self.data.train), t.epochs, t.max_steps)
         if self.plan.accumulation > 1 and not engine.accumulates:
             raise ConfigError(f"engine: {engine.name} takes one forward per step here; set "
-                              "training.gradient_accumulation_steps: 1 (and micro_batch_size: null).")
+                              "training.gradient_accumulation_steps: 1 and micro_batch_size: null.")
         self.model = loaded.model
         self.delta = self._attach(loaded)
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
@@ -289,7 +291,7 @@ class _Job:
             with engine.gradient_sync(self.runner, index == len(micros) - 1):
                 loss_sum, _ = self._forward(micro)
                 loss = loss_sum * micro.loss_scale
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                engine.backward(self.scaler.scale(loss) if self.scaler else loss, self.stepper)
             summed += loss.detach()
         if t.max_grad_norm is not None:
             if self.scaler:

@@ -13,8 +13,9 @@ from torch import nn
 
 from deltadist.errors import ConfigError
 from deltadist.training.batching import (
-    Collator, epoch_order, global_batches, loss_units, micro_batches, plan_steps, rank_share, split_batch,
+    Collator, epoch_order, global_batches, loss_units, micro_batches, plan_steps, rank_share,
 )
+from deltadist.engines.batch_split import split_batch
 from deltadist.training.objectives import summed_loss
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
 

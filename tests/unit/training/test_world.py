@@ -99,3 +99,6 @@ def test_deepspeed_config_is_made_concrete_for_the_job(tmp_path) -> None:
     bad.write_text(json.dumps({"train_batch_size": 8}))
     with pytest.raises(ConfigError, match="train_batch_size is 8.*needs 32"):
         resolve_deepspeed_config(bad, batch_size=32, world_size=2)
+    split = resolve_deepspeed_config(None, batch_size=32, world_size=2, max_grad_norm=1.0, micro_batch_size=2)
+    assert (split["train_micro_batch_size_per_gpu"], split["gradient_accumulation_steps"]) == (2, 8)
+    assert split["gradient_clipping"] == 1.0
