@@ -117,9 +117,9 @@ class _Job:
         t = cfg.training
         # The cheap checks first: nothing is loaded for a batch that does not split over the ranks.
         split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, engine.world_size)
+        self.dtype = _job_dtype(cfg, engine)
         self.resume_from = self._checkpoint_to_resume(resume)
         rows = load_rows(cfg)
-        self.dtype = _job_dtype(cfg, engine)
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
