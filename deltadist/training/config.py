@@ -20,6 +20,7 @@ import yaml
 
 from deltadist.api.auto import AutoDeltaConfig
 from deltadist.errors import ConfigError
+from deltadist.training.text_data import TASKS
 from deltadist.engines.runtime import ENGINES
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
@@ -27,7 +28,6 @@ INCLUDE_KEY = "include"
 """Top-level key of a config file naming a base file to read first (see :func:`read_config_file`)."""
 
 
-TASKS = ("causal_lm", "seq2seq", "sequence_classification")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
 BUILTIN_DATA = "builtin:topics"
