@@ -281,8 +281,9 @@ def test_a_decoder_classifier_trains_its_new_score_head(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("shipped", "task"), [
-    ("causal_lm_lora", "causal_lm"), ("seq2seq_lora", "seq2seq"),
-    ("classification_lora", "sequence_classification"),
+    ("causal_lm_lora", "causal_lm"),
+    pytest.param("seq2seq_lora", "seq2seq", marks=pytest.mark.slow),
+    pytest.param("classification_lora", "sequence_classification", marks=pytest.mark.slow),
 ])
 def test_the_shipped_task_configs_train_once_pointed_at_a_checkpoint(shipped: str, task: str,
                                                                      tmp_path: Path) -> None:
