@@ -91,7 +91,7 @@ def load_delta(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_launchers_train_the_single_process_delta(tmp_path: Path) -> None:
     out = check_ok(run([sys.executable, "-m", "deltadist.cli", "train", *JOB,
                         "--set", "engine=plain", "--set", f"output_dir={tmp_path / 'plain'}"]))
-    assert out.count("test accuracy") == 1
+    assert out.count("eval accuracy") == 1
     outputs = {
         engine: check_ok(run(["bash", str(LAUNCHER), "--nproc", "2", "--engine", engine, *JOB,
                               "--set", f"output_dir={tmp_path / engine}"]))
@@ -116,7 +116,7 @@ def test_launchers_train_the_single_process_delta(tmp_path: Path) -> None:
         assert metrics["total_params"] == plain_metrics["total_params"]  # logical, not a shard's
         # Only rank 0 reports: one parameter table, one summary.
         assert output.count("LoraModel on TextClassifier") == 1, output[-3000:]
-        assert output.count("test accuracy") == 1, output[-3000:]
+        assert output.count("eval accuracy") == 1, output[-3000:]
         # Every rank evaluated the whole test set; one differently rounded logit may flip a tie.
         assert abs(metrics["accuracy_after"] - plain_metrics["accuracy_after"]) <= 1 / 32
         assert metrics["accuracy_before"] == plain_metrics["accuracy_before"]
