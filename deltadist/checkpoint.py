@@ -134,7 +134,7 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         replaced = True
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
     except (OSError, SafetensorError) as err:  # safetensors reports disk errors as SafetensorError
         state = ("was replaced but may not be on disk yet" if replaced
                  else f"is left as it was: {_UNCHANGED_MEANS.get(target.name, 'nothing changed')}")
@@ -148,7 +148,7 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -134,7 +134,8 @@ class _Job:
                                 if cfg.task == "seq2seq" else None)
         self.lengths = [len(e.input_ids) for e in self.data.train]
 
-    def _checkpoint_to_resume(self, resume: bool) -> tuple[int, Path] | None:
+    def _checkpoint_to_resume(self, resume: bool) -> tuple[int, Path, dict[str, Any]] | None:
+        """``(step, directory, its run state)`` of the checkpoint to resume from, if any."""
         found = run_state.checkpoints(self.cfg.output_dir)
         if not resume:
             if found:
@@ -155,7 +156,7 @@ class _Job:
                 f"--resume: {directory} was written by engine {saved['engine']} on {saved['world_size']} "
                 f"rank(s); this run is {self.engine.name} on {self.engine.world_size}. Each rank's "
                 "optimizer state is its own shard: resume with the same engine and number of ranks.")
-        return step, directory
+        return step, directory, saved
 
     def _attach(self, loaded: LoadedModel) -> DeltaBase:
         """The delta on the backbone, frozen; modules the checkpoint lacked train with it."""
@@ -351,10 +352,11 @@ class _Job:
             }, self.cfg.training.keep_last)
         engine.barrier()
 
-    def _restore(self, step: int, directory: Path) -> tuple[int, int, Evaluation | None]:
-        """Load the checkpoint at ``directory`` into the delta, optimizer, scheduler and RNG."""
+    def _restore(self, step: int, directory: Path, saved: dict[str, Any]
+                 ) -> tuple[int, int, Evaluation | None]:
+        """Load the checkpoint at ``directory`` (run state ``saved``) into the delta, optimizer,
+        scheduler and RNG."""
         engine = self.engine
-        saved = run_state.read_run_state(directory)
         self.delta.load_finetuned(directory / run_state.DELTA_DIRNAME)
         state = run_state.read_rank_state(directory, engine.rank, engine.world_size)
         optimizer_state = state.optimizer

@@ -121,8 +121,6 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     new_modules: list[str]
     """Modules whose weights were initialised here (a classification head): trained with the delta."""
-    dtype: torch.dtype
-    """The backbone's dtype (``model.dtype`` resolved)."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -150,7 +148,7 @@ def load_model(cfg: Any, task: str, labels: list[str] | None, seed: int, dtype: 
     if cfg.name_or_path in BUILTIN_MODELS and task == "sequence_classification":
         model, tokenizer = build_model(cfg.name_or_path, len(labels or ()), seed, cfg.dropout,
                                        show_progress, dtype)
-        loaded = LoadedModel(model, tokenizer, ["classifier"], dtype)
+        loaded = LoadedModel(model, tokenizer, ["classifier"])
     else:
         loaded = _load_for_task(cfg, task, labels, seed, dtype)
     if cfg.gradient_checkpointing:
@@ -206,7 +204,7 @@ def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
     if task == "causal_lm":
         model.config.use_cache = False  # no key/value cache while training
     new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
-    return LoadedModel(model, tokenizer, new_modules, dtype)
+    return LoadedModel(model, tokenizer, new_modules)
 
 
 def _enable_checkpointing(model: nn.Module, name: str) -> None:

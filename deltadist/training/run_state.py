@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltadist.checkpoint import atomic_write
+from deltadist.checkpoint import atomic_write, fsync_directory
 from deltadist.errors import CheckpointError, ConfigError
 
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -161,11 +161,7 @@ def commit(partial: Path, run_state: dict[str, Any], keep_last: int | None) -> P
     if final.exists():  # a checkpoint of this step from a run that was not resumed from it
         shutil.rmtree(final)
     os.replace(partial, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(final.parent)
     if keep_last is not None:
         for _, old in checkpoints(final.parent.parent)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
