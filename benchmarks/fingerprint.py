@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from deltadist.core.fingerprint import backbone_fingerprint
 from deltadist.engines import detect_engine
-from deltadist.fingerprint import backbone_fingerprint
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -27,9 +27,8 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
-
 from report import report
+from torch import nn
 
 DELTAS, BATCH, SEQ, RANK = 16, 32, 32, 16
 KS = (1, 4, 16)

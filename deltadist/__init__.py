@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
-from deltadist.api.naming import deltas_on
-from deltadist.config import DeltaConfig
+from deltadist.core.config import DeltaConfig
+from deltadist.core.freeze import full_state_dict
+from deltadist.core.naming import deltas_on
+from deltadist.engines.wrapping import wrap_model
 from deltadist.errors import (
     AddressingError,
     BackboneMismatchError,
@@ -19,9 +21,9 @@ from deltadist.errors import (
     ExportError,
     SiteError,
 )
-from deltadist.engines.setup import prepare_model, wrap_model
-from deltadist.freeze import full_state_dict
-from deltadist.mixed_batch import mixed_batch
+from deltadist.integrations.prepare import prepare_model
+from deltadist.interactive.visualize import Visualization
+from deltadist.mechanisms.mixed_batch import mixed_batch
 from deltadist.methods.adapter import AdapterConfig, AdapterModel
 from deltadist.methods.bitfit import BitFitConfig, BitFitModel
 from deltadist.methods.compacter import CompacterConfig, CompacterModel
@@ -30,7 +32,6 @@ from deltadist.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdap
 from deltadist.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from deltadist.methods.prefix import PrefixConfig, PrefixModel
 from deltadist.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
-from deltadist.visualize import Visualization
 
 __version__ = "0.1.0"
 

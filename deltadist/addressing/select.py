@@ -8,10 +8,10 @@ from typing import Sequence
 from torch import nn
 
 from deltadist.addressing.common import common_name_index
+from deltadist.addressing.linear import is_linear_module
 from deltadist.addressing.names import Pattern, canonical_modules, canonical_parameters, parse_patterns
 from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD
 from deltadist.errors import AddressingError, closest
-from deltadist.shapes import is_linear_module
 
 ALL_LINEAR = "all-linear"
 """In ``modified_modules``: every linear layer except the output head (``lm_head``, task heads)."""

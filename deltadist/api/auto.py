@@ -7,11 +7,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from deltadist import checkpoint, peft_interchange
 from deltadist.api.delta_base import DeltaBase
-from deltadist.api.registry import delta_model_class
-from deltadist.config import DeltaConfig
+from deltadist.core.config import DeltaConfig
+from deltadist.core.registry import delta_model_class
 from deltadist.errors import ConfigError
+from deltadist.io import checkpoint
+from deltadist.io import peft as peft_interchange
 
 
 class AutoDeltaConfig:

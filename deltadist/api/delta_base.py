@@ -2,7 +2,7 @@
 
 address -> infer shapes -> attach -> freeze -> save/load. The delta object is not part of the
 model: the backbone keeps running as the user's model, and the delta object holds the one
-record of what it owns (:class:`~deltadist.record.DeltaRecord`) so that it can freeze, detach,
+record of what it owns (:class:`~deltadist.core.record.DeltaRecord`) so that it can freeze, detach,
 re-attach, merge, save and load exactly that.
 """
 
@@ -13,22 +13,23 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
-from deltadist import attach as mechanisms
 from deltadist.addressing.common import modules_with_role
 from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters, select_sites
 from deltadist.addressing.structures import TASK_HEAD
-from deltadist.api import naming
 from deltadist.api.freezing import FreezeMixin
 from deltadist.api.merging import MergeMixin
 from deltadist.api.saving import SaveLoadMixin, check_fingerprint
-from deltadist.attach import Attachment
-from deltadist.config import DeltaConfig
-from deltadist.delta_module import DeltaModule
+from deltadist.core import attach as mechanisms
+from deltadist.core import naming
+from deltadist.core.attach import Attachment
+from deltadist.core.config import DeltaConfig
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.mechanism import HOLDER, Mechanism
+from deltadist.core.record import DeltaRecord, kept_by_other_deltas
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
 from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
 from deltadist.interactive import picker
-from deltadist.mechanisms import HOLDER, SPAN, Mechanism
-from deltadist.record import DeltaRecord, kept_by_other_deltas
+from deltadist.mechanisms.hooks import SPAN
 
 
 class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
@@ -433,7 +434,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     def log(self, module: nn.Module | None = None, delta_ratio: bool = True,
             trainable_ratio: bool = True, visualization: bool = True) -> str:
         """Print the module tree (sites and deltas marked) and parameter ratios; return the text."""
-        from deltadist.visualize import log_delta
+        from deltadist.interactive.visualize import log_delta
 
         return log_delta(self, module if module is not None else self.backbone_model,
                          delta_ratio=delta_ratio, trainable_ratio=trainable_ratio,
@@ -441,7 +442,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` logical parameter counts of the backbone with its deltas (PEFT's name)."""
-        from deltadist.visualize import parameter_summary
+        from deltadist.interactive.visualize import parameter_summary
 
         summary = parameter_summary(self.backbone_model, self.engine)
         return summary["trainable"], summary["total"]

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from deltadist import attach as mechanisms
-from deltadist import freeze
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
-from deltadist.record import records_on
+from deltadist.core import attach as mechanisms
+from deltadist.core import freeze
+from deltadist.core.record import records_on
 
 if TYPE_CHECKING:
-    from deltadist.record import DeltaRecord
+    from deltadist.core.record import DeltaRecord
 
 
 class FreezeMixin:

@@ -1,8 +1,8 @@
 """Folding a delta into the backbone's weights: ``merge`` / ``unmerge`` / ``merge_and_unload``.
 
 A mixin of ``DeltaBase``. Each delta module says whether it has a merged form
-(:meth:`~deltadist.delta_module.DeltaModule.merge_blocker`) and folds itself into its site through
-the engine (:meth:`~deltadist.delta_module.DeltaModule.fold_into`): the site's weight and the delta
+(:meth:`~deltadist.core.delta_module.DeltaModule.merge_blocker`) and folds itself into its site through
+the engine (:meth:`~deltadist.core.delta_module.DeltaModule.fold_into`): the site's weight and the delta
 are gathered together, one site at a time, and the sum is scattered back into whatever sharding
 the weight has, so merging works the same unsharded, under FSDP2 and under ZeRO-3.
 """
@@ -16,7 +16,7 @@ from torch import nn
 from deltadist.errors import SiteError
 
 if TYPE_CHECKING:
-    from deltadist.record import DeltaRecord
+    from deltadist.core.record import DeltaRecord
 
 
 class MergeMixin:

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
-from deltadist import attach as mechanisms
-from deltadist import checkpoint, peft_interchange
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
-from deltadist.config import DeltaConfig, canonical_delta_type
+from deltadist.core import attach as mechanisms
+from deltadist.core.config import DeltaConfig, canonical_delta_type
+from deltadist.core.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Fingerprint, backbone_fingerprint
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
-from deltadist.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Fingerprint, backbone_fingerprint
-from deltadist.provenance import library_versions
+from deltadist.io import checkpoint
+from deltadist.io import peft as peft_interchange
+from deltadist.io.provenance import library_versions
 
 if TYPE_CHECKING:
     from deltadist.api.delta_base import DeltaBase

@@ -3,7 +3,7 @@
 ``plain``: one process, one GPU when CUDA is available, else the CPU. ``ddp``, ``fsdp2``, ``fsdp1``:
 one process per rank, started by ``torchrun`` (``launchers/torchrun.sh``); the default process
 group is initialised here (NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the
-CPU), the delta-fitted model is wrapped by :func:`deltadist.engines.setup.wrap_model`, and
+CPU), the delta-fitted model is wrapped by :func:`deltadist.integrations.prepare.wrap_model`, and
 :meth:`EngineSetup.close` destroys the group at the end. Started without a launcher, a distributed
 engine runs as a world of one (an in-process store, no port), which is handy for trying a config.
 
@@ -267,7 +267,7 @@ def _distributed(name: str) -> Callable[..., EngineSetup]:
     def setup(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
         import torch.distributed as dist
 
-        from deltadist.engines.setup import wrap_model
+        from deltadist.engines.wrapping import wrap_model
 
         env = os.environ if environ is None else environ
         info = launch_info(env)
@@ -338,7 +338,9 @@ def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: st
                max_grad_norm: float | None = None) -> EngineSetup:
     """ZeRO from a DeepSpeed JSON; the process group as for DDP; ``deepspeed.initialize`` joins it."""
     from deltadist.engines.deepspeed_runtime import (
-        DeepSpeedStepper, import_deepspeed, resolve_deepspeed_config,
+        DeepSpeedStepper,
+        import_deepspeed,
+        resolve_deepspeed_config,
     )
 
     deepspeed = import_deepspeed()
@@ -368,7 +370,11 @@ def _bmtrain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
     """BMTrain's own NCCL world (no torch.distributed group): it reads the launcher's variables
     from ``os.environ``, so those of SLURM or MPI are exported there first."""
     from deltadist.engines.bmtrain_runtime import (
-        BMTrainStepper, bmtrain_barrier, clip_bmtrain_grad_norm, start_bmtrain, sum_over_bmtrain_ranks,
+        BMTrainStepper,
+        bmtrain_barrier,
+        clip_bmtrain_grad_norm,
+        start_bmtrain,
+        sum_over_bmtrain_ranks,
         wrap_for_bmtrain,
     )
 

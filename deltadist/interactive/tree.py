@@ -1,6 +1,6 @@
 """What the picker page shows and what it may select: the folded module tree as JSON-ready data.
 
-The tree is :class:`~deltadist.visualize.Visualization`'s (same folding, names, classes, logical
+The tree is :class:`~deltadist.interactive.visualize.Visualization`'s (same folding, names, classes, logical
 parameter shapes, common-structure roles, delta modules marked), so the page and
 ``structure_graph()`` agree. A folded node lists every module it stands for in ``paths`` (selecting
 it selects them all) and keeps its blocks as ``members``, which the page shows when a user unfolds it.
@@ -14,11 +14,11 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from deltadist import attach as mechanisms
 from deltadist.addressing.names import canonical_modules
 from deltadist.addressing.select import without_skipped
+from deltadist.core import attach as mechanisms
 from deltadist.engines import Engine, detect_engine
-from deltadist.visualize import ModuleNode, module_tree
+from deltadist.interactive.visualize import ModuleNode, module_tree
 
 
 def page_tree(model: nn.Module, engine: Engine | None = None) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig, check_choice, check_positive_int
-from deltadist.delta_module import DeltaModule
-from deltadist.mechanisms import AFTER
+from deltadist.core.config import DeltaConfig, check_choice, check_positive_int
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import site_placement, site_widths
+from deltadist.mechanisms.hooks import AFTER
 from deltadist.methods.bottleneck import ACTIVATIONS, AdapterLinear, Bottleneck
-from deltadist.shapes import site_placement, site_widths
 
 
 @dataclass(kw_only=True)
@@ -36,6 +37,7 @@ class AdapterConfig(DeltaConfig):
         check_choice(self, "non_linearity", ACTIVATIONS, case_insensitive=True)
 
 
+@register_method
 class AdapterModel(DeltaBase):
     """Add a sequential bottleneck adapter after each selected module.
 

@@ -19,12 +19,13 @@ from torch import nn
 from deltadist.addressing.names import canonical_modules, parse_patterns
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig
-from deltadist.delta_module import DeltaModule
+from deltadist.core.config import DeltaConfig
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import output_features, site_placement
 from deltadist.engines import Engine
 from deltadist.errors import SiteError
-from deltadist.mechanisms import AFTER
-from deltadist.shapes import output_features, site_placement
+from deltadist.mechanisms.hooks import AFTER
 
 
 @dataclass(kw_only=True)
@@ -62,6 +63,7 @@ class BiasDelta(DeltaModule):
         engine.scatter(site.bias, (full["b"].float() + sign * full["d"].float()).to(full["b"].dtype))
 
 
+@register_method
 class BitFitModel(DeltaBase):
     """Train bias terms of the selected modules and of everything inside them.
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from deltadist.delta_module import DeltaModule
+from deltadist.core.delta_module import DeltaModule
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2/BERT "gelu_new": the tanh approximation

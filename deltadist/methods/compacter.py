@@ -16,14 +16,15 @@ from torch import nn
 
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig, check_choice, check_positive_int, check_range
-from deltadist.delta_module import DeltaModule
+from deltadist.core.config import DeltaConfig, check_choice, check_positive_int, check_range
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import site_placement, site_widths
 from deltadist.errors import ConfigError, SiteError
-from deltadist.mechanisms import AFTER
+from deltadist.mechanisms.hooks import AFTER
 from deltadist.methods.bottleneck import ACTIVATIONS, WEIGHT_INITS, Bottleneck, unlearned_parameters
 from deltadist.methods.low_rank_adapter import bottleneck_width
 from deltadist.methods.phm import PHMLinear, PHMRule, PHMWeight
-from deltadist.shapes import site_placement, site_widths
 
 SHARED_NAME = "compacter_shared"
 """Child name (and checkpoint key prefix) of the holder of shared rules and weights."""
@@ -96,6 +97,7 @@ class CompacterShared(DeltaModule):
         raise TypeError("compacter_shared only holds shared tensors; its children are called by the sites.")
 
 
+@register_method
 class CompacterModel(DeltaBase):
     """Add a Compacter layer after each selected module (default: ``attn.proj``, ``ff.w2``).
 

@@ -16,12 +16,13 @@ from torch import nn
 
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig, check_positive_int, check_range
-from deltadist.delta_module import DeltaModule
+from deltadist.core.config import DeltaConfig, check_positive_int, check_range
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import linear_features, site_placement
 from deltadist.engines import Engine
 from deltadist.errors import SiteError
-from deltadist.mechanisms import PARALLEL
-from deltadist.shapes import linear_features, site_placement
+from deltadist.mechanisms.hooks import PARALLEL
 
 
 @dataclass(kw_only=True)
@@ -113,6 +114,7 @@ class LoRA(DeltaModule):
         return f"{super().extra_repr()}, scaling={self.scaling:g}, dropout={self.dropout:g}"
 
 
+@register_method
 class LoraModel(DeltaBase):
     """Add LoRA branches to linear layers (``nn.Linear``, transformers ``Conv1D``, linear-like).
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig, check_choice, check_positive_int
-from deltadist.delta_module import DeltaModule
+from deltadist.core.config import DeltaConfig, check_choice, check_positive_int
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import site_placement, site_widths
 from deltadist.errors import SiteError
-from deltadist.mechanisms import AFTER
+from deltadist.mechanisms.hooks import AFTER
 from deltadist.methods.bottleneck import ACTIVATIONS, WEIGHT_INITS, Bottleneck, LowRankLinear
-from deltadist.shapes import site_placement, site_widths
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,7 @@ def bottleneck_width(width: int, reduction_factor: int, site: Site) -> int:
     return width // reduction_factor
 
 
+@register_method
 class LowRankAdapterModel(DeltaBase):
     """Add a low-rank adapter after each selected module (default: ``attn.proj``, ``ff.w2``).
 

@@ -16,12 +16,13 @@ from typing import Any, Sequence
 
 from deltadist.addressing.select import Site, select_sites
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig, check_choice, check_positive_int, check_range
-from deltadist.delta_module import DeltaModule
+from deltadist.core.config import DeltaConfig, check_choice, check_positive_int, check_range
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import site_placement, site_widths
 from deltadist.errors import AddressingError, ConfigError
-from deltadist.mechanisms import PARALLEL
+from deltadist.mechanisms.hooks import PARALLEL
 from deltadist.methods.bottleneck import ACTIVATIONS, AdapterLinear, Bottleneck
-from deltadist.shapes import site_placement, site_widths
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,7 @@ class ParallelAdapterConfig(DeltaConfig):
         return super()._pattern(field_name, item, value)
 
 
+@register_method
 class ParallelAdapterModel(DeltaBase):
     """Add a parallel adapter beside each selected module or ``[start, end]`` span.
 

@@ -24,7 +24,7 @@ class PHMRule(nn.Module):
     """The rule ``A: [n, n, n]``, full or as ``left @ right`` (``[n, n, 1] @ [n, 1, n]``).
 
     ``learned=False`` (Compacter's ``learn_phm=False``) keeps it at its initial values: its
-    parameters are :attr:`~deltadist.delta_module.DeltaModule.fixed` -- saved, never trained.
+    parameters are :attr:`~deltadist.core.delta_module.DeltaModule.fixed` -- saved, never trained.
     """
 
     def __init__(self, n: int, factorized: bool, init: str, init_range: float, learned: bool = True,

@@ -1,7 +1,7 @@
 """Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190): trained keys and values.
 
 Every selected attention gets ``P = prefix_token_num`` key and value vectors per key/value head,
-joined before the call's own keys and values (see :mod:`deltadist.attention_routing`): encoder
+joined before the call's own keys and values (see :mod:`deltadist.mechanisms.attention`): encoder
 self-attention, decoder self-attention and cross-attention alike, with the attention's own
 key/value head count and head size (grouped-query models: ``num_key_value_heads`` heads of
 ``config.head_dim``).
@@ -23,19 +23,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltadist import attach as mechanisms
 from deltadist.addressing.common import common_name_index
 from deltadist.addressing.names import canonical_modules
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.attach import Attachment
-from deltadist.attention_routing import PrefixRoute, routing_problem
-from deltadist.config import DeltaConfig, check_positive_int
-from deltadist.delta_module import DeltaModule
+from deltadist.core import attach as mechanisms
+from deltadist.core.attach import Attachment
+from deltadist.core.config import DeltaConfig, check_positive_int
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.mechanism import HOLDER, Mechanism
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import site_placement
 from deltadist.errors import SiteError
-from deltadist.mechanisms import HOLDER, Mechanism
-from deltadist.row_routing import rows_for
-from deltadist.shapes import site_placement
+from deltadist.mechanisms.attention import PrefixRoute, routing_problem
+from deltadist.mechanisms.rows import rows_for
 
 NO_WEIGHT = ("a prefix adds keys and values that no weight of the model holds; "
              "fold_reparameterization() turns the MLP into plain prefixes for inference and export")
@@ -111,7 +112,7 @@ class Prefix(DeltaModule):
     """One attention's prefix: ``[P, kv_width]`` keys and values, plain or from the shared MLP."""
 
     joins_attention = True
-    """Called by the attention wrapper (:mod:`deltadist.attention_routing`) with the call's shape."""
+    """Called by the attention wrapper (:mod:`deltadist.mechanisms.attention`) with the call's shape."""
 
     def __init__(self, tokens: int, kv_width: int, shared: PrefixShared | None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -162,6 +163,7 @@ class Prefix(DeltaModule):
                      .expand(batch, -1, -1, -1) for t in self.key_value())
 
 
+@register_method
 class PrefixModel(DeltaBase):
     """Prefix tuning on the selected attention modules (default: every self- and cross-attention).
 

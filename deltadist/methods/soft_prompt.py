@@ -5,7 +5,7 @@ the text of a text model (between the pads and the text of a left-padded row), b
 encoder's input of an encoder-decoder, after the class token of a vision model. The mask, token
 types and position ids are spread to match, and hidden states are taken back to the caller's
 length before the heads, so logits, labels and losses are the caller's (see
-:mod:`deltadist.input_rewriting`).
+:mod:`deltadist.mechanisms.prompts`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from deltadist.addressing.names import canonical_modules
 from deltadist.addressing.select import Site
 from deltadist.addressing.structures import VISION_SEQUENCE
 from deltadist.api.delta_base import DeltaBase
-from deltadist.config import DeltaConfig, check_positive_int, check_range
-from deltadist.delta_module import DeltaModule
+from deltadist.core.config import DeltaConfig, check_positive_int, check_range
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.mechanism import Mechanism
+from deltadist.core.registry import register_method
+from deltadist.core.shapes import site_placement
 from deltadist.errors import ConfigError, SiteError
-from deltadist.input_rewriting import PromptAfterClassTokens, PromptAtInputs, PromptInEncoder
-from deltadist.mechanisms import Mechanism
-from deltadist.shapes import site_placement
+from deltadist.mechanisms.prompts import PromptAfterClassTokens, PromptAtInputs, PromptInEncoder
+
 
 @dataclass(kw_only=True)
 class SoftPromptConfig(DeltaConfig):
@@ -77,6 +79,7 @@ class SoftPrompt(DeltaModule):
         return self.soft_embeds.to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
 
+@register_method
 class SoftPromptModel(DeltaBase):
     """Put ``soft_token_num`` trained embeddings into the model's input sequence.
 

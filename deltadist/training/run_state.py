@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltadist.checkpoint import atomic_write, fsync_directory
 from deltadist.errors import CheckpointError, ConfigError
+from deltadist.io.checkpoint import atomic_write, fsync_directory
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 STATE_NAME = "run_state.json"

@@ -100,7 +100,7 @@ def test_bmtrain_trains_saves_and_reloads_the_delta_of_one_process(tmp_path, wor
     from safetensors.torch import load_file
 
     from deltadist import AutoDeltaModel
-    from deltadist.checkpoint import WEIGHTS_NAME
+    from deltadist.io.checkpoint import WEIGHTS_NAME
 
     expected_logits = reference(tmp_path / "reference")
     expected = load_file(tmp_path / "reference" / WEIGHTS_NAME)

@@ -354,7 +354,7 @@ def merge_roundtrip(rank: int, world_size: int, engine: str) -> dict[str, Any]:
 
 def failing_save(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
     """Rank 0's write fails (disk full): every rank must raise, none may wait forever."""
-    import deltadist.checkpoint as checkpoint
+    import deltadist.io.checkpoint as checkpoint
 
     model, delta = build("lora")
     wrapped = wrap(model, "ddp")
@@ -466,7 +466,7 @@ def data_share(engine: str, rank: int, world_size: int) -> tuple[dict[str, torch
 
 def fingerprint(model: nn.Module, delta: Any) -> dict[str, Any]:
     """The backbone fingerprint a delta saves (task head left out: the delta carries it)."""
-    from deltadist.fingerprint import backbone_fingerprint
+    from deltadist.core.fingerprint import backbone_fingerprint
 
     found = backbone_fingerprint(model, delta.engine, delta.record.kept_backbone)
     return {"digest": found.digest, "names": found.names, "samples": found.samples}
@@ -486,14 +486,14 @@ def _local_backbone(model: nn.Module, delta: Any) -> dict[str, torch.Tensor]:
 def _reloaded_logits(model: nn.Module, wrapped: nn.Module, delta: Any, weights: str) -> torch.Tensor:
     """Logits of the whole batch after every backbone shard is zeroed and loaded from ``weights``
     by the engine (each rank reads only its rows), as ``prepare_model`` loads them."""
-    from deltadist.engines.setup import _load_weights
+    from deltadist.io.backbone_weights import load_weights
 
     ids = {id(p) for p in delta.delta_parameters().values()}
     with torch.no_grad():
         for param in model.parameters():
             if id(param) not in ids:
                 _local(param).zero_()
-    _load_weights(model, weights, "")
+    load_weights(model, weights, "")
     with torch.no_grad():
         return wrapped(**batch()[0]).logits
 

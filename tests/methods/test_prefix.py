@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 
 from deltadist import LoraModel, PrefixModel, SiteError
-from deltadist.attention_routing import routing_problem
+from deltadist.mechanisms.attention import routing_problem
 from tests.checkpoints import reloaded_logits
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import PREFIX_NEEDS_TRANSFORMERS_5, build_tiny, logits_of, skip_unsupported, tiny_inputs

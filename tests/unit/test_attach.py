@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from deltadist import BitFitModel, LoraModel
-from deltadist.attach import Attachment, attach, detach, forget
-from deltadist.mechanisms import AFTER, BEFORE, PARALLEL, Mechanism
-from deltadist.delta_module import DeltaModule
+from deltadist.core.attach import Attachment, attach, detach, forget
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.mechanism import Mechanism
+from deltadist.mechanisms.hooks import AFTER, BEFORE, PARALLEL
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import TwoLayer
 

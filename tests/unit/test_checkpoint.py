@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import deltadist.checkpoint as checkpoint
+import deltadist.io.checkpoint as checkpoint
 from deltadist import AutoDeltaConfig, AutoDeltaModel, CheckpointError
 from tests.checkpoints import change_every_parameter, reloaded_logits
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
-
 
 
 def test_checkpoint_holds_only_delta_tensors_and_its_config(saved) -> None:

@@ -14,12 +14,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-import deltadist.checkpoint as checkpoint
+import deltadist.io.checkpoint as checkpoint
 from deltadist import AddressingError, AutoDeltaConfig, AutoDeltaModel, CheckpointError, LoraModel
 from tests.checkpoints import change_every_parameter, reloaded_logits
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
-
 
 
 def checkpoint_files(directory: Path) -> list[str]:

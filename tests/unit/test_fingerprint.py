@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from deltadist import LoraModel
-from deltadist.engines import detect_engine
-from deltadist.errors import CheckpointError
-from deltadist.fingerprint import (
+from deltadist.core.fingerprint import (
     DIGEST_DIFFERS,
     RTOL,
     SAMPLES_PER_TENSOR,
@@ -23,6 +21,8 @@ from deltadist.fingerprint import (
     sample_positions,
     samples_agree,
 )
+from deltadist.engines import detect_engine
+from deltadist.errors import CheckpointError
 from tests.tiny import build_tiny
 
 FAMILIES = ("llama", "gpt2", "bert", "t5")

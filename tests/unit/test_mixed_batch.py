@@ -124,7 +124,7 @@ def test_a_prompt_delta_on_the_model_is_refused_naming_it() -> None:
 
 def test_lora_deltas_of_different_ranks_and_scales_share_one_grouped_product() -> None:
     """LoRA branches of one site are computed together (ranks padded with zeros)."""
-    from deltadist.row_routing import ROUTES
+    from deltadist.mechanisms.rows import ROUTES
 
     model = build_tiny("llama", "cls")
     deltas = []

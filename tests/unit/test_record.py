@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deltadist import BitFitModel, LoraModel
-from deltadist.record import delta_key, kept_by_other_deltas, records_on
+from deltadist.core.record import delta_key, kept_by_other_deltas, records_on
 from tests.tiny import build_tiny
 
 
@@ -43,10 +43,10 @@ def test_a_shared_parameter_holder_at_the_root_is_keyed_without_a_site_and_wires
     """The shape later methods need: parameters shared by every site, held once at the root."""
     from torch import nn
 
-    from deltadist.attach import Attachment, attach, detach
-    from deltadist.delta_module import DeltaModule
-    from deltadist.mechanisms import HOLDER
-    from deltadist.record import DeltaRecord
+    from deltadist.core.attach import Attachment, attach, detach
+    from deltadist.core.delta_module import DeltaModule
+    from deltadist.core.mechanism import HOLDER
+    from deltadist.core.record import DeltaRecord
     from tests.tiny import TwoLayer
 
     class Holder(DeltaModule):

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import deltadist
 from deltadist.engines import Engine
-from deltadist.visualize import Visualization, parameter_summary
+from deltadist.interactive.visualize import Visualization, parameter_summary
 
 LAYERS, HIDDEN, INTER, VOCAB, R = 4, 32, 37, 99, 4
 

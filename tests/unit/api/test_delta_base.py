@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltadist import LoraModel
-from deltadist.shapes import is_linear_module
+from deltadist.addressing.linear import is_linear_module
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 

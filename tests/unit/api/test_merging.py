@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 import deltadist
 from deltadist import AutoDeltaModel, BitFitModel, ExportError, LoraModel, SiteError
-from deltadist.delta_module import DeltaModule
+from deltadist.core.delta_module import DeltaModule
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 

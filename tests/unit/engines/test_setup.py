@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from transformers import AutoModelForSequenceClassification
 
 from deltadist import AutoDeltaModel, ConfigError, LoraModel, prepare_model, wrap_model
-from deltadist.engines.setup import repeated_blocks
+from deltadist.engines.wrapping import repeated_blocks
 from tests.tiny import METHODS, build_tiny
 
 

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltadist
 from deltadist.interactive.tree import page_tree, selectable_names
-from deltadist.visualize import Visualization
+from deltadist.interactive.visualize import Visualization
 from tests.tiny import build_tiny
 
 LAYERS = 4

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from deltadist import BitFitModel
-from deltadist.attach import Attachment, attach
-from deltadist.mechanisms import AFTER
-from deltadist.delta_module import DeltaModule
+from deltadist.core.attach import Attachment, attach
+from deltadist.core.delta_module import DeltaModule
+from deltadist.mechanisms.hooks import AFTER
 from tests.tiny import build_tiny
 
 

@@ -2,7 +2,7 @@
 
 A delta is registered as a child module of its site (so engines see, shard and gather it like any
 other parameter, and its state-dict keys are new keys beside the untouched backbone keys) and
-wired in by its :mod:`mechanism <deltadist.mechanisms>` with forward (pre-)hooks whose handles we
+wired in by its :mod:`mechanism <deltadist.mechanisms.hooks>` with forward (pre-)hooks whose handles we
 keep. Nothing reassigns ``forward`` or ``state_dict`` on an instance: ZeRO-3, FSDP and
 ``torch.compile`` rely on ``__call__`` running.
 
@@ -16,7 +16,7 @@ insertion order, so
 * ``PARALLEL`` (and ``SPAN``) deltas add ``delta(input)`` to the output at their place in that order.
 
 An attachment may also be *suspended* (``delta.disabled()``): its child stays, its hooks are off.
-Every re-wiring tells ``torch.compile`` (see :mod:`deltadist.compiled`), so a compiled model runs
+Every re-wiring tells ``torch.compile`` (see :mod:`deltadist.core.compiled`), so a compiled model runs
 the new composition on its next call.
 """
 
@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltadist.addressing.names import walk_modules
-from deltadist.compiled import refresh_compiled_graphs
-from deltadist.delta_module import DeltaModule
+from deltadist.core.compiled import refresh_compiled_graphs
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.mechanism import Mechanism
 from deltadist.errors import SiteError
-from deltadist.mechanisms import Mechanism
 
 _order = itertools.count()
 
@@ -150,7 +150,7 @@ def _rewire(module: nn.Module) -> None:
 def delta_modules(root: nn.Module) -> dict[str, DeltaModule]:
     """Every attached delta module under ``root`` by its (raw) module name, of any delta object.
 
-    For what *one* delta owns, ask its record (:class:`deltadist.record.DeltaRecord`); this is for
+    For what *one* delta owns, ask its record (:class:`deltadist.core.record.DeltaRecord`); this is for
     keeping every delta out of the backbone (fingerprint, site selection, weight loading).
     """
     return {n: m for n, m in walk_modules(root) if isinstance(m, DeltaModule)}

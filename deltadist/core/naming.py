@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import nn
 
+from deltadist.core.record import DeltaRecord, records_on
 from deltadist.errors import ConfigError
-from deltadist.record import DeltaRecord, records_on
 
-if TYPE_CHECKING:
-    from deltadist.api.delta_base import DeltaBase
+
+class DeltaBase(Protocol):
+    """What naming needs of a delta object (:class:`deltadist.DeltaBase` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
 
 # record -> (its delta object, creation order). Kept here, keyed weakly, so the record stays plain
 # data: a delta object that is garbage collected takes its record (and its name) with it.

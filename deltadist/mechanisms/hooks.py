@@ -1,7 +1,7 @@
 """Mechanisms: how a delta module is wired into the module(s) it modifies, with hooks only.
 
 A mechanism is an object that, for one attachment, registers forward (pre-)hooks on each module
-the attachment touches and returns their handles; :mod:`deltadist.attach` keeps the handles and
+the attachment touches and returns their handles; :mod:`deltadist.core.attach` keeps the handles and
 re-wires a module whenever its attachments change. Hooks see (and may rewrite) the call's
 ``(args, kwargs)`` and its output; they never reassign ``forward``.
 
@@ -26,31 +26,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from deltadist.core.mechanism import Mechanism
 from deltadist.errors import SiteError
-from deltadist.row_routing import group_of, rows_for
+from deltadist.mechanisms.rows import group_of, rows_for
 
 if TYPE_CHECKING:
-    from deltadist.attach import Attachment
+    from deltadist.core.attach import Attachment
 
 HIDDEN_STATES_KEY = "hidden_states"
 """The keyword transformers layers use for the hidden states."""
-
-
-class Mechanism:
-    """How an attachment's delta is wired in. Subclasses implement :meth:`wire`."""
-
-    name = "mechanism"
-
-    def modules(self, att: "Attachment") -> tuple[nn.Module, ...]:
-        """The modules this attachment puts hooks on (its site, by default)."""
-        return (att.site,)
-
-    def wire(self, att: "Attachment", module: nn.Module) -> list[RemovableHandle]:
-        """Register ``att``'s hooks on ``module`` (one of :meth:`modules`); return the handles."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return self.name.upper()
 
 
 class Parallel(Mechanism):
@@ -129,16 +113,7 @@ class Span(Mechanism):
         return handles
 
 
-class Holder(Mechanism):
-    """No hooks: the delta module only holds parameters other deltas use (shared across sites)."""
-
-    name = "holder"
-
-    def wire(self, att: "Attachment", module: nn.Module) -> list[RemovableHandle]:
-        return []
-
-
-PARALLEL, AFTER, BEFORE, SPAN, HOLDER = Parallel(), After(), Before(), Span(), Holder()
+PARALLEL, AFTER, BEFORE, SPAN = Parallel(), After(), Before(), Span()
 
 _SPAN_INPUTS: dict[int, torch.Tensor] = {}
 """Inputs captured at a span's start, waiting for its site (one entry per running span)."""

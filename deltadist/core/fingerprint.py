@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from deltadist.addressing.names import canonical_parameters
-from deltadist.attach import delta_modules
+from deltadist.core.attach import delta_modules
 from deltadist.engines import Engine
 from deltadist.errors import CheckpointError
 

@@ -5,7 +5,7 @@ listed delta to the rows that name it, a delta attached but not listed (and ``No
 none. The mechanisms ask :func:`rows_for` at each call and run the delta on those rows alone
 (``index_select``, the delta, then ``index_add`` / ``index_copy`` back), so each row gets what it
 gets with only its delta attached, and one backward gives each delta the gradients of its own
-rows. The routing (:mod:`deltadist.row_routing`) lives in a context variable, never on the
+rows. The routing (:mod:`deltadist.mechanisms.rows`) lives in a context variable, never on the
 model: nothing is left behind, and other threads and models are untouched.
 
 A call on more rows than were listed, by a whole multiple ``m`` (``generate`` with beam search or
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from deltadist.attach import attachments_on
+from deltadist.core.attach import attachments_on
+from deltadist.core.record import records_on
 from deltadist.errors import DeltaError
-from deltadist.mechanisms import PARALLEL
-from deltadist.record import records_on
-from deltadist.row_routing import ROUTES, Routes
+from deltadist.mechanisms.hooks import PARALLEL
+from deltadist.mechanisms.rows import ROUTES, Routes
 
 if TYPE_CHECKING:
-    from deltadist.attach import Attachment
+    from deltadist.core.attach import Attachment
 
 ROUTABLE_MECHANISMS = ("parallel", "after", "before", "span", "holder", "key_value_prefix")
 """Mechanisms whose delta can serve some rows only (soft prompts rewrite the sequence: not yet)."""

@@ -52,7 +52,7 @@ _UNCHANGED_MEANS = {
     "adapter_config.json": "the new adapter_model.safetensors is complete but the config beside it is old",
 }
 _PEFT_NAMES = ("adapter_config.json", "adapter_model.safetensors")
-"""A PEFT adapter's files (see :mod:`deltadist.peft_interchange`), accepted where a checkpoint is."""
+"""A PEFT adapter's files (see :mod:`deltadist.io.peft`), accepted where a checkpoint is."""
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deltadist.delta_module import DeltaModule
+from deltadist.addressing.linear import is_linear_module
+from deltadist.core.delta_module import DeltaModule
 from deltadist.engines import Engine
 from deltadist.errors import SiteError
 
@@ -45,20 +46,6 @@ def site_placement(module: nn.Module, delta_dtype: str = "site") -> tuple[torch.
     if delta_dtype == "site":
         return device, dtype
     return device, getattr(torch, delta_dtype)
-
-
-def is_linear_module(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer by its attributes (``nn.Linear``, transformers' ``Conv1D``).
-
-    A cheap structural test for addressing (``"all-linear"``); :func:`linear_features` also finds
-    linear-like modules by meta propagation.
-    """
-    if isinstance(module, nn.Linear):
-        return True
-    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    if isinstance(in_f, int) and isinstance(out_f, int):
-        return True
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def linear_features(module: nn.Module, engine: Engine) -> tuple[int, int] | None:

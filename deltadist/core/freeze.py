@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltadist.addressing.names import canonical_name
-from deltadist.attach import delta_modules
+from deltadist.core.attach import delta_modules
 from deltadist.engines import detect_engine
 from deltadist.errors import ExportError
 

@@ -1,11 +1,11 @@
 """Mechanisms that rewrite a model's inputs and outputs: soft prompts.
 
 A soft prompt is ``P`` trained embeddings put into the sequence a model reads. Three placements,
-each a mechanism object (see :mod:`deltadist.mechanisms`), all with forward (pre-)hooks only:
+each a mechanism object (see :mod:`deltadist.mechanisms.hooks`), all with forward (pre-)hooks only:
 
 * :class:`PromptAtInputs` -- the base model of a text model (decoder-only or encoder-only: the
   module its heads sit on): its call's token embeddings get the prompt (see
-  :mod:`deltadist.prompt_layout` for where), and the per-position inputs are spread alike:
+  :mod:`deltadist.mechanisms.prompt_layout` for where), and the per-position inputs are spread alike:
   ``attention_mask``, ``token_type_ids`` (``other_expand_ids``), ``position_ids`` and
   ``cache_position``. Its hidden states are taken back to the caller's length *before* the heads
   and the loss, so logits, labels and the pooled token of a sequence classifier are the caller's
@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from deltadist.core.mechanism import Mechanism
 from deltadist.errors import SiteError
-from deltadist.mechanisms import Mechanism
-from deltadist.model_calls import cached_length, call_by_name
-from deltadist.prompt_layout import PromptLayout, first_attended
+from deltadist.mechanisms.model_calls import cached_length, call_by_name
+from deltadist.mechanisms.prompt_layout import PromptLayout, first_attended
 
 if TYPE_CHECKING:
-    from deltadist.attach import Attachment
+    from deltadist.core.attach import Attachment
 
 SEQUENCE_OUTPUTS = ("last_hidden_state", "hidden_states")
 """A base model's output fields with one entry per input position."""

@@ -25,22 +25,19 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from deltadist import attach as mechanisms
-from deltadist import checkpoint
 from deltadist.addressing.names import canonical_modules, canonical_parameters, dot_prefixes, dot_suffixes
-from deltadist.addressing.select import DELTAS_KEYWORD, without_skipped, select_kept_parameters, select_sites
+from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters, select_sites, without_skipped
+from deltadist.core import attach as mechanisms
+from deltadist.core.record import delta_key
 from deltadist.errors import CheckpointError, ConfigError, DeltaError
-from deltadist.record import delta_key
-
-if TYPE_CHECKING:
-    from deltadist.api.delta_base import DeltaBase
+from deltadist.io import checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,7 +85,7 @@ class PeftExport:
     """deltadist checkpoint key -> PEFT key."""
 
 
-def plan_export(delta: "DeltaBase", base_model_name_or_path: str | None) -> PeftExport:
+def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
     """The PEFT config and key names for ``delta`` (every rank computes it; names only).
 
     Raises:

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from deltadist.addressing.names import canonical_parameters
-from deltadist.attach import Attachment
-from deltadist.mechanisms import HOLDER
-
+from deltadist.core.attach import Attachment
+from deltadist.core.mechanism import HOLDER
 
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[DeltaRecord]]" = weakref.WeakKeyDictionary()
 

@@ -12,7 +12,7 @@ import torch
 from deltadist.errors import DeltaError
 
 if TYPE_CHECKING:
-    from deltadist.attach import Attachment
+    from deltadist.core.attach import Attachment
 
 
 @dataclass(frozen=True)

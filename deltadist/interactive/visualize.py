@@ -22,9 +22,9 @@ from torch import nn
 
 from deltadist.addressing.common import common_name_index, families
 from deltadist.addressing.names import WRAPPER_SEGMENTS
-from deltadist.api.naming import deltas_on
-from deltadist.attach import delta_parameter_ids
-from deltadist.delta_module import DeltaModule
+from deltadist.core.attach import delta_parameter_ids
+from deltadist.core.delta_module import DeltaModule
+from deltadist.core.naming import deltas_on
 from deltadist.engines import Engine, detect_engine
 
 _WIDTH = 240

@@ -171,7 +171,7 @@ def _join_prefixes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
 def _served_columns(providers: list[PrefixProvider], widths: list[int], batch: int,
                     device: torch.device) -> torch.Tensor | None:
     """``[batch, P_total]`` booleans: which prefix positions each row may see, inside a mixed batch
-    (:mod:`deltadist.row_routing`); ``None`` when every prefix serves every row."""
+    (:mod:`deltadist.mechanisms.rows`); ``None`` when every prefix serves every row."""
     rows = [getattr(p, "rows", lambda b, d: None)(batch, device) for p in providers]
     if all(r is None for r in rows):
         return None

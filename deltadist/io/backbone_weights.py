@@ -1,0 +1,133 @@
+"""Loading a transformers checkpoint into a backbone built on ``meta`` and maybe sharded.
+
+Tensors are memory-mapped and read one at a time; each engine reads only what its rank keeps
+(:meth:`deltadist.engines.Engine.load`). Buffers only a constructor can compute (rotary
+``inv_freq``) are rebuilt from the owning module's config, and tied weights are tied again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from deltadist.addressing.names import canonical_name
+from deltadist.core.attach import delta_parameter_ids
+from deltadist.engines import detect_engine
+from deltadist.engines.base import TensorSource
+from deltadist.errors import CheckpointError, EngineError
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Names of parameters shared by several modules (tied embeddings), grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Share parameters again after ``to_empty``, which gives every module its own copy."""
+    for first, *others in groups:
+        shared = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+
+
+def _checkpoint_files(weights: str | os.PathLike) -> list[Path]:
+    directory = Path(weights)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"No model.safetensors (or its index) in {directory}; save the backbone "
+                          "with save_pretrained(..., safe_serialization=True).")
+
+
+def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, TensorSource]]:
+    """Every tensor of the checkpoint, memory-mapped: read whole or only some rows."""
+    for path in _checkpoint_files(weights):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, TensorSource(
+                    full=lambda h=handle, k=key: h.get_tensor(k),
+                    rows=lambda start, stop, h=handle, k=key: h.get_slice(k)[start:stop],
+                )
+
+
+def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
+                  tied: list[list[str]] = ()) -> None:
+    """Copy checkpoint tensors into the backbone's own (non-delta) parameters and buffers.
+
+    A checkpoint stores tied weights once; ``tied`` (groups of names, noted before wrapping) lets
+    that one tensor fill every member, also where an engine (FSDP1) has untied them.
+    """
+    root = backbone.get_submodule(prefix) if prefix else backbone
+    targets: dict[str, list[torch.Tensor]] = {}
+    for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers()]:
+        targets.setdefault(canonical_name(name), []).append(tensor)
+    relative = [[n[len(prefix) + 1:] if prefix else n for n in group
+                 if not prefix or n.startswith(prefix + ".")] for group in tied]
+    for group in relative:
+        members = [t for n in group for t in targets.get(canonical_name(n), [])]
+        for name in group:
+            targets[canonical_name(name)] = members
+    delta_ids = delta_parameter_ids(root)
+    engine = detect_engine(backbone)
+    filled: set[int] = set()
+    for key, source in _iter_checkpoint(weights):
+        for target in targets.get(canonical_name(key), []):
+            if id(target) not in filled:
+                engine.load(target, source)
+                filled.add(id(target))
+    missing = sorted(
+        n for n, p in root.named_parameters() if id(p) not in filled and id(p) not in delta_ids
+    )
+    if missing:
+        raise CheckpointError(f"{weights} has no tensor for these backbone parameters: "
+                              f"{', '.join(missing[:20])}. Check weights_prefix.")
+
+
+def nearest_config(backbone: nn.Module, owner: str) -> Any:
+    """The ``config`` of ``owner`` or of its closest ancestor that has one (transformers style)."""
+    parts = owner.split(".") if owner else []
+    for end in range(len(parts), -1, -1):
+        config = getattr(backbone.get_submodule(".".join(parts[:end])), "config", None)
+        if config is not None:
+            return config
+    return None
+
+
+def recompute_buffers(backbone: nn.Module, owners: dict[str, tuple[type, Any]],
+                       device: torch.device) -> None:
+    """Recompute buffers that were built on meta (rotary ``inv_freq``, ``position_ids``...).
+
+    Each owning module is rebuilt on the CPU from its ``config`` (transformers modules take it as
+    their first argument) and its buffers copied over; checkpoint values, loaded afterwards, win.
+    """
+    for owner, (module_type, config) in sorted(owners.items()):
+        module = backbone.get_submodule(owner)
+        if config is None:
+            raise EngineError(
+                f"{owner or 'the root'} ({module_type.__name__}) has buffers that only its "
+                "constructor can compute and no config to rebuild it from. Build that module "
+                "outside torch.device('meta') or register its buffers as persistent."
+            )
+        rebuilt = module_type(config)
+        for name, buffer in rebuilt.named_buffers(recurse=False):
+            getattr(module, name).copy_(buffer.to(device))
+
+
+def check_nothing_on_meta(backbone: nn.Module) -> None:
+    left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
+    if left:
+        raise EngineError(f"Still on the meta device after setup: {', '.join(left[:20])}.")
