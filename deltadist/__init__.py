@@ -10,7 +10,7 @@ from deltadist.api.delta_base import DeltaBase
 from deltadist.core.config import DeltaConfig
 from deltadist.core.freeze import full_state_dict
 from deltadist.core.naming import deltas_on
-from deltadist.engines.wrapping import wrap_model
+from deltadist.engines import wrap_model
 from deltadist.errors import (
     AddressingError,
     BackboneMismatchError,

@@ -24,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delta-tune a transformers checkpoint for causal_lm, seq2seq or "
                     "sequence_classification on JSON Lines / JSON / CSV / Parquet rows. Without a "
                     "config: LoRA on all-MiniLM-L6-v2, 4 topics.",
-        epilog="config keys (YAML; --set KEY=VALUE overrides one):\n" + keys_help() + "\n\n"
-               "Start a distributed engine on N ranks with launchers/torchrun.sh --nproc N --engine "
-               "ddp|fsdp2|fsdp1 [--config PATH] [--set ...], launchers/deepspeed.sh or launchers/bmtrain.sh.",
+        epilog="config keys (YAML; --set KEY=VALUE overrides one):\n" + keys_help() + "\n\n" + _launch_help(),
     )
     train.add_argument("--config", metavar="PATH",
                        help="YAML config (default: the built-in configs/minilm_lora.yaml)")
@@ -104,3 +102,16 @@ def _rank_tag() -> str:
     """`` (rank R)`` in a process torchrun started with several ranks, else ``""``."""
     world = os.environ.get("WORLD_SIZE", "1")
     return f" (rank {os.environ.get('RANK', '?')})" if world.isdigit() and int(world) > 1 else ""
+
+
+def _launch_help() -> str:
+    """How each distributed engine's ranks are started, from the engine registry."""
+    from deltadist.engines import ENGINES
+
+    by_script: dict[str, list[str]] = {}
+    for name, engine in list(ENGINES.items())[1:]:  # the first, plain, runs in one process
+        by_script.setdefault(engine.launcher_script, []).append(name)
+    torchrun = by_script.pop("torchrun.sh")
+    others = [f"launchers/{script}" for script in by_script]
+    return (f"Start a distributed engine on N ranks with launchers/torchrun.sh --nproc N --engine "
+            f"{'|'.join(torchrun)} [--config PATH] [--set ...], {' or '.join(others)}.")

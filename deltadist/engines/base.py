@@ -7,12 +7,13 @@ of deltadist talks to an :class:`Engine`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from deltadist.errors import EngineError
+from deltadist.engines.runtime import EngineSetup, launch_info
+from deltadist.errors import ConfigError, EngineError
 
 # Logical shapes noted before an engine wraps the model, for engines that keep no trace of them on
 # the parameter (FSDP1's flat views). Stored on the parameter object, which FSDP1 preserves (a
@@ -33,6 +34,11 @@ def recorded_shape(param: torch.Tensor) -> torch.Size | None:
     return getattr(param, _SHAPE_ATTR, None)
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``model`` is still on the ``meta`` device."""
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
 @dataclass(frozen=True)
 class TensorSource:
     """A tensor that can be read whole or by rows, e.g. a memory-mapped safetensors entry."""
@@ -43,11 +49,51 @@ class TensorSource:
 
 
 class Engine:
-    """Plain single-process behaviour; engines for sharded setups override the ``_hooks``."""
+    """Plain single-process behaviour; engines for sharded setups override the ``_hooks``.
 
-    name = "plain"
+    An engine class owns everything deltadist knows of its engine: its name (the key of
+    :data:`deltadist.engines.ENGINES`), how it recognises a model it manages (:meth:`claims`), how
+    a job's ranks start (:meth:`launch`), how it wraps a model (:meth:`wrap`), how it reads,
+    gathers and scatters tensors, and its limits (:attr:`half_precision_problem`).
+    """
+
+    name: ClassVar[str] = "plain"
     trainable_only_state_dict = True
     """Whether ``freeze_module(set_state_dict=True)`` may drop frozen entries from ``state_dict()``."""
+    shards_parameters: ClassVar[bool] = False
+    """Whether :meth:`wrap` shards the parameters (FSDP): a model built on ``meta`` is then wrapped
+    before its weights load; a replicating engine (DDP) wraps a loaded model."""
+    half_precision_problem: ClassVar[str | None] = None
+    """Why ``deltadist train`` keeps the backbone in float32 under this engine, or ``None``."""
+    launcher_script: ClassVar[str] = "torchrun.sh"
+    """The script in ``launchers/`` that starts this engine's ranks."""
+
+    @classmethod
+    def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> "EngineSetup":
+        """Start (or join) this engine's world for a job and say where it runs.
+
+        ``environ`` (default ``os.environ``) is where the launcher's variables are read; ``options``
+        are the job's settings an engine may need (DeepSpeed: its config and batch sizes).
+
+        Raises:
+            ConfigError: this process is one rank of several (plain runs in one process).
+        """
+        info = launch_info(environ)
+        if info is not None and info.world_size > 1:
+            raise ConfigError(
+                f"engine: {cls.name} runs in one process, but this is rank {info.rank} of a world of "
+                f"{info.world_size} (started by {info.launcher.title}). Choose a distributed engine "
+                "(--set engine=ddp, fsdp2 or fsdp1; launchers/torchrun.sh --engine ...), or run it as "
+                "one process."
+            )
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return EngineSetup(name=cls.name, device=device, wrap=lambda model: cls.wrap(model, device))
+
+    @classmethod
+    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
+        """Wrap ``model`` (deltas attached, frozen) for this engine; return what to call and train.
+        One process: the model itself, moved to ``device`` unless it is still on ``meta``."""
+        return model.to(device) if not on_meta(model) else model
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

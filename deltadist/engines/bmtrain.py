@@ -18,13 +18,15 @@ only when one of its parameters is seen. Tensor parallelism (``tp_size > 1``) is
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from deltadist.engines.base import Engine
+from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import CheckpointError, EngineError
 
 _MIXED_CLASSES: dict[type, type] = {}
@@ -62,6 +64,21 @@ class BMTrainEngine(Engine):
     """Engine for models whose parameters are BMTrain ``DistributedParameter`` s."""
 
     name = "bmtrain"
+    half_precision_problem = "BMTrain's half-precision mode is not wired to deltadist train yet"
+    launcher_script = "bmtrain.sh"
+
+    @classmethod
+    def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> EngineSetup:
+        """BMTrain's own NCCL world (no torch.distributed group; CUDA only)."""
+        from deltadist.engines.bmtrain_runtime import launch_bmtrain
+
+        return launch_bmtrain(cls.name, os.environ if environ is None else environ)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
+        from deltadist.engines.bmtrain_runtime import wrap_for_bmtrain
+
+        return wrap_for_bmtrain(model, device)
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

@@ -10,11 +10,12 @@ activation checkpointing).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from deltadist.engines.runtime import EngineSetup, export_launch_variables, launch_info, rendezvous
 from deltadist.errors import ConfigError
 
 
@@ -100,3 +101,23 @@ class BMTrainStepper:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def launch_bmtrain(name: str, environ: Mapping[str, str]) -> EngineSetup:
+    """BMTrain's own NCCL world (no torch.distributed group): it reads the launcher's variables
+    from ``os.environ``, so those of SLURM or MPI are exported there first."""
+    info = launch_info(environ)
+    if info is not None and info.source != "torchrun":
+        meeting = rendezvous(info, environ)
+        if meeting is not None:
+            export_launch_variables(info, meeting)
+    rank, world_size, local_rank = start_bmtrain(seed=0)
+    device = torch.device("cuda", local_rank)
+
+    def prepare(model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+        return model, BMTrainStepper(optimizer, world_size)
+
+    return EngineSetup(name=name, device=device, wrap=lambda model: wrap_for_bmtrain(model, device),
+                       rank=rank, world_size=world_size, prepare=prepare,
+                       barrier=bmtrain_barrier, sum_over_ranks=sum_over_bmtrain_ranks,
+                       clip_grad_norm=clip_bmtrain_grad_norm, accumulates=False)

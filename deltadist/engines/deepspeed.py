@@ -15,13 +15,14 @@ partitioned model is seen.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from deltadist.engines.distributed import DistributedEngine, distributed_ready, sample_from_pieces
+from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import EngineError
 
 
@@ -32,7 +33,26 @@ def is_partitioned(param: torch.Tensor) -> bool:
 class ZeRO3Engine(DistributedEngine):
     """Engine for models whose parameters ZeRO-3 partitions (``zero.Init`` or after initialize)."""
 
-    name = "deepspeed-zero3"
+    name = "deepspeed"
+    half_precision_problem = "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet"
+    launcher_script = "deepspeed.sh"
+
+    @classmethod
+    def launch(cls, environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,
+               batch_size: int = 32, micro_batch_size: int | None = None, accumulation: int | None = None,
+               max_grad_norm: float | None = None, **_: Any) -> EngineSetup:
+        """ZeRO from a DeepSpeed JSON; the process group as for DDP; ``deepspeed.initialize``
+        (in the setup's ``prepare``) takes the model and the optimizer together."""
+        from deltadist.engines.deepspeed_runtime import launch_deepspeed
+
+        base = super().launch(environ)
+        return launch_deepspeed(base, deepspeed_config, batch_size, micro_batch_size, accumulation,
+                                max_grad_norm)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
+        """Onto the device only: ``deepspeed.initialize`` wraps and partitions it in ``prepare``."""
+        return model.to(device)
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

@@ -8,13 +8,19 @@ DeepSpeed defaults to 1.0 and the other engines do not do, so it is turned off.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
+from torch import nn
 
 from deltadist.engines.batch_split import split_batch
+from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 
 DEEPSPEED_DEFAULT_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 3}}
@@ -136,3 +142,35 @@ class DeepSpeedStepper:
 
         own = {**state, LOSS_SCALER_KEY: self.engine.optimizer.loss_scaler}
         self.engine.optimizer.load_state_dict([own] * dist.get_world_size(), load_optimizer_states=True)
+
+
+def launch_deepspeed(base: EngineSetup, deepspeed_config: str | None, batch_size: int,
+                     micro_batch_size: int | None, accumulation: int | None,
+                     max_grad_norm: float | None) -> EngineSetup:
+    """``base`` (the process group's setup) made DeepSpeed's: ``prepare`` runs
+    ``deepspeed.initialize`` on the model and optimizer, the engine steps, clips and counts
+    micro-batches. The group is closed again if the config cannot be resolved."""
+    deepspeed = import_deepspeed()
+    try:
+        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size, max_grad_norm,
+                                          micro_batch_size, accumulation)
+    except BaseException:
+        base.close()
+        raise
+
+    def prepare(model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine, DeepSpeedStepper(engine)
+
+    def clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.tensor(float("nan"))  # DeepSpeed clips in its step (gradient_clipping)
+
+    # DeepSpeed counts micro-batches itself (its step() steps the optimizer at the boundary) and
+    # reduces at the boundary: no deferral to ask for (its no_sync() refuses ZeRO-2/3).
+    return dataclasses.replace(base, prepare=prepare, clip_grad_norm=clip, gradient_sync=_no_deferral,
+                               backward=lambda loss, stepper: stepper.backward(loss))
+
+
+@contextlib.contextmanager
+def _no_deferral(runner: nn.Module, sync: bool) -> Iterator[None]:
+    yield

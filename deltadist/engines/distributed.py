@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any, Mapping
+
 import torch
 import torch.distributed as dist
 
-from deltadist.engines.base import Engine
-from deltadist.errors import CheckpointError
+from deltadist.engines.base import Engine, on_meta
+from deltadist.engines.runtime import EngineSetup
+from deltadist.errors import CheckpointError, EngineError
 
 
 def distributed_ready() -> bool:
@@ -77,6 +81,26 @@ class DistributedEngine(Engine):
     """Rank, world size and barrier from the default process group; parameters replicated (DDP)."""
 
     name = "ddp"
+
+    @classmethod
+    def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> EngineSetup:
+        """One process per rank on the default process group (see
+        :mod:`deltadist.engines.process_group`), the model wrapped by :meth:`wrap`."""
+        from deltadist.engines.process_group import start_process_group
+
+        return start_process_group(cls.name, cls.wrap, os.environ if environ is None else environ,
+                                   cls.launcher_script)
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``DistributedDataParallel`` over the loaded model (it copies rank 0's values when built)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if on_meta(model):
+            raise EngineError("DDP needs real weights: materialise and load before wrapping.")
+        model.to(device)
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     @classmethod
     def claims(cls, model: torch.nn.Module) -> bool:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deltadist.engines.base import recorded_shape
+from deltadist.engines.base import Engine, on_meta, record_logical_shapes, recorded_shape
 from deltadist.engines.distributed import (
     DistributedEngine,
     all_gather_pieces,
@@ -27,7 +27,8 @@ from deltadist.engines.distributed import (
     piece_offsets,
     sample_from_pieces,
 )
-from deltadist.errors import EngineError
+from deltadist.engines.wrapping import repeated_blocks
+from deltadist.errors import ConfigError, EngineError
 
 FSDP1_FLAG = "_fsdp_flattened"
 FLAT_PARAMETER = "_flat_param"
@@ -43,6 +44,13 @@ class FSDP1Engine(DistributedEngine):
     """Engine for models wrapped in FSDP1 with ``use_orig_params=True``."""
 
     name = "fsdp1"
+    shards_parameters = True
+    half_precision_problem = ("FSDP1 flattens each unit's parameters into one tensor of one dtype, and the "
+                              "deltas stay fp32; engine fsdp2 keeps them apart")
+
+    @classmethod
+    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
+        return _wrap_fsdp1(model, device)
     # FSDP1's own state-dict hook on the root unit, which wraps the backbone from outside and so
     # runs after deltadist's, requires every parameter it manages to be in the dict.
     trainable_only_state_dict = False
@@ -162,3 +170,40 @@ def _handles_holding_a_gathered_copy(model: nn.Module) -> list:
         if h.uses_sharded_strategy and h._training_state == HandleTrainingState.IDLE
         and getattr(h.flat_param, "_full_param_padded", None) is not None and not h.needs_unshard()
     ]
+
+
+def _wrap_fsdp1(model: nn.Module, device: torch.device) -> nn.Module:
+    """``FullyShardedDataParallel`` with ``use_orig_params=True`` (needed to mix frozen and
+    trainable parameters in one unit), one unit per repeated block."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    _check_one_dtype(model)
+    block_types = {type(b) for b in repeated_blocks(model)}
+    return FullyShardedDataParallel(
+        model, use_orig_params=True, device_id=device,
+        auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
+        param_init_fn=(lambda m: _materialise_unit(m, device)) if on_meta(model) else None,
+    )
+
+
+def _check_one_dtype(model: nn.Module) -> None:
+    """FSDP1 flattens each unit's parameters into one tensor, so they must share one dtype."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    if len(dtypes) > 1:
+        raise ConfigError(
+            f"FSDP1 needs one parameter dtype per unit, but this model mixes {' and '.join(dtypes)} "
+            "(delta_dtype='auto' keeps deltas in float32 on a half-precision backbone). Use fsdp2, "
+            "which keeps trainable parameters apart; or keep the backbone in float32 and let "
+            "MixedPrecision(param_dtype=torch.bfloat16) compute in half precision; or build the "
+            "delta with delta_dtype='site'."
+        )
+
+
+def _materialise_unit(module: nn.Module, device: torch.device) -> None:
+    """FSDP1's ``param_init_fn``: real storage for one module, and its shapes noted for the engine.
+
+    ``to_empty`` makes new parameter objects, so the shapes noted on the meta ones are lost.
+    """
+    module.to_empty(device=device, recurse=False)
+    record_logical_shapes(module, Engine(), recurse=False)

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from deltadist.engines.base import TensorSource
 from deltadist.engines.distributed import DistributedEngine, distributed_ready, sample_from_pieces
+from deltadist.engines.wrapping import repeated_blocks
 from deltadist.errors import EngineError
 
 
@@ -27,6 +28,20 @@ class FSDP2Engine(DistributedEngine):
     """Engine for models sharded with ``fully_shard``."""
 
     name = "fsdp2"
+    shards_parameters = True
+
+    @classmethod
+    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
+        """``fully_shard`` every repeated block, then the root (in place: returns ``model``).
+        Parameters still on ``meta`` get storage on ``device``; values are loaded afterwards."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in repeated_blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:

@@ -1,9 +1,13 @@
-"""Where the job runs: the single dispatch point from ``config.engine`` to a device and wrapper.
+"""How a job's ranks were launched, and what an engine's launch gives the training loop.
+
+Each engine's own ``launch`` (:meth:`deltadist.engines.Engine.launch`) builds an
+:class:`EngineSetup` from what this module reads; :func:`deltadist.engines.setup_engine` picks the
+engine by name.
 
 ``plain``: one process, one GPU when CUDA is available, else the CPU. ``ddp``, ``fsdp2``, ``fsdp1``:
 one process per rank, started by ``torchrun`` (``launchers/torchrun.sh``); the default process
 group is initialised here (NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the
-CPU), the delta-fitted model is wrapped by :func:`deltadist.integrations.prepare.wrap_model`, and
+CPU), the delta-fitted model is wrapped by its engine's ``wrap``, and
 :meth:`EngineSetup.close` destroys the group at the end. Started without a launcher, a distributed
 engine runs as a world of one (an in-process store, no port), which is handy for trying a config.
 
@@ -12,17 +16,13 @@ The ranks may also be started by SLURM's ``srun`` or by ``mpirun`` (Open MPI, MP
 ``MASTER_ADDR:MASTER_PORT``, which the job script sets. ``bmtrain`` (CUDA only) starts BMTrain's
 own NCCL world instead of a process group (``deltadist/engines/bmtrain_runtime.py``).
 
-This is the only module of the training job that knows about ``torch.distributed``; the loop
-sees an :class:`EngineSetup` (device, wrap, rank, world size, close).
+The training loop sees only an :class:`EngineSetup` (device, wrap, rank, world size, close).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Mapping
 
@@ -117,11 +117,6 @@ def _syncing(runner: nn.Module, sync: bool) -> Iterator[None]:
 
 def _backward(loss: torch.Tensor, stepper: Any) -> None:
     loss.backward()
-
-
-@contextlib.contextmanager
-def _no_deferral(runner: nn.Module, sync: bool) -> Iterator[None]:
-    yield
 
 
 def _clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -219,7 +214,7 @@ def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo | None:
     return LaunchInfo(rank, world_size, local_rank, source.name)
 
 
-def _rendezvous(info: LaunchInfo, env: Mapping[str, str]) -> tuple[str, int] | None:
+def rendezvous(info: LaunchInfo, env: Mapping[str, str]) -> tuple[str, int] | None:
     """``(MASTER_ADDR, MASTER_PORT)`` for a world not started by torchrun; ``None`` for a world of one
     without them (it needs no rendezvous)."""
     missing = [name for name in RENDEZVOUS_VARIABLES if not env.get(name)]
@@ -241,180 +236,10 @@ def _rendezvous(info: LaunchInfo, env: Mapping[str, str]) -> tuple[str, int] | N
     return env["MASTER_ADDR"], int(port)
 
 
-def _export(info: LaunchInfo, rendezvous: tuple[str, int]) -> None:
+def export_launch_variables(info: LaunchInfo, rendezvous: tuple[str, int]) -> None:
     """Give ``os.environ`` what ``env://`` (and libraries that read ``LOCAL_RANK``) expect after
     torchrun; variables already set are kept."""
     values = {"RANK": info.rank, "WORLD_SIZE": info.world_size, "LOCAL_RANK": info.local_rank,
               "MASTER_ADDR": rendezvous[0], "MASTER_PORT": rendezvous[1]}
     for name, value in values.items():
         os.environ.setdefault(name, str(value))
-
-
-def _plain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
-    info = launch_info(environ)
-    if info is not None and info.world_size > 1:
-        raise ConfigError(
-            f"engine: plain runs in one process, but this is rank {info.rank} of a world of "
-            f"{info.world_size} (started by {info.launcher.title}). Choose a distributed engine "
-            "(--set engine=ddp, fsdp2 or fsdp1; launchers/torchrun.sh --engine ...), or run it as "
-            "one process."
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return EngineSetup(name="plain", device=device, wrap=lambda model: model)
-
-
-def _distributed(name: str) -> Callable[..., EngineSetup]:
-    def setup(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
-        import torch.distributed as dist
-
-        from deltadist.engines.wrapping import wrap_model
-
-        env = os.environ if environ is None else environ
-        info = launch_info(env)
-        cuda = torch.cuda.is_available()
-        owned = not dist.is_initialized()
-        rendezvous = None
-        if owned and info is not None and info.source != "torchrun":
-            rendezvous = _rendezvous(info, env)  # checked before anything starts
-        if info is not None:
-            local_rank = info.local_rank
-            if cuda and info.source != "torchrun" and torch.cuda.device_count() == 1:
-                local_rank = 0  # srun / mpirun bound one GPU to each rank
-        elif dist.is_initialized() and cuda:  # a group someone else started: one GPU per rank
-            local_rank = dist.get_rank() % torch.cuda.device_count()
-        else:
-            local_rank = 0
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        if owned:
-            backend = "nccl" if cuda else "gloo"
-            if info is not None and info.source != "torchrun" and rendezvous is None:
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            elif info is not None and info.source != "torchrun":
-                _export(info, rendezvous)
-                dist.init_process_group(backend, device_id=device if cuda else None, rank=info.rank,
-                                        world_size=info.world_size)
-            elif info is not None:
-                dist.init_process_group(backend, device_id=device if cuda else None)
-            else:
-                launcher = "deepspeed.sh" if name == "deepspeed" else "torchrun.sh"
-                print(f"deltadist: engine {name} started without a launcher: running as a world of "
-                      f"1. Use launchers/{launcher} --nproc N for N ranks.", file=sys.stderr)
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-        def close() -> None:
-            if owned and dist.is_initialized():
-                dist.destroy_process_group()
-
-        if info is not None and dist.get_world_size() != info.world_size:
-            close()
-            raise ConfigError(f"{info.launcher.world_size}={info.world_size} (from {info.launcher.title}) "
-                              f"but the process group has {dist.get_world_size()} ranks.")
-
-        def wrap(model: nn.Module) -> nn.Module:
-            with warnings.catch_warnings():
-                # FSDP1 warns once per unit that mixes frozen and trainable parameters (every
-                # LoRA'd layer, on every rank): the expected cost of one unit per block.
-                warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad")
-                return wrap_model(model, name, device)
-
-        def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-            total = tensor.detach().to(device, copy=True)
-            dist.all_reduce(total)
-            return total
-
-        return EngineSetup(
-            name=name, device=device, wrap=wrap,
-            rank=dist.get_rank(), world_size=dist.get_world_size(), close=close,
-            barrier=dist.barrier, sum_over_ranks=sum_over_ranks,
-        )
-
-    return setup
-
-
-def _deepspeed(environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,
-               batch_size: int = 32, micro_batch_size: int | None = None, accumulation: int | None = None,
-               max_grad_norm: float | None = None) -> EngineSetup:
-    """ZeRO from a DeepSpeed JSON; the process group as for DDP; ``deepspeed.initialize`` joins it."""
-    from deltadist.engines.deepspeed_runtime import (
-        DeepSpeedStepper,
-        import_deepspeed,
-        resolve_deepspeed_config,
-    )
-
-    deepspeed = import_deepspeed()
-    base = _distributed("deepspeed")(environ)
-    try:
-        config = resolve_deepspeed_config(deepspeed_config, batch_size, base.world_size, max_grad_norm,
-                                          micro_batch_size, accumulation)
-    except BaseException:
-        base.close()
-        raise
-
-    def prepare(model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        return engine, DeepSpeedStepper(engine)
-
-    def clip(runner: nn.Module, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-        return torch.tensor(float("nan"))  # DeepSpeed clips in its step (gradient_clipping)
-
-    # DeepSpeed counts micro-batches itself (its step() steps the optimizer at the boundary) and
-    # reduces at the boundary: no deferral to ask for (its no_sync() refuses ZeRO-2/3).
-    return dataclasses.replace(base, wrap=lambda model: model.to(base.device), prepare=prepare,
-                               clip_grad_norm=clip, gradient_sync=_no_deferral,
-                               backward=lambda loss, stepper: stepper.backward(loss))
-
-
-def _bmtrain(environ: Mapping[str, str] | None = None, **_: Any) -> EngineSetup:
-    """BMTrain's own NCCL world (no torch.distributed group): it reads the launcher's variables
-    from ``os.environ``, so those of SLURM or MPI are exported there first."""
-    from deltadist.engines.bmtrain_runtime import (
-        BMTrainStepper,
-        bmtrain_barrier,
-        clip_bmtrain_grad_norm,
-        start_bmtrain,
-        sum_over_bmtrain_ranks,
-        wrap_for_bmtrain,
-    )
-
-    info = launch_info(environ)
-    if info is not None and info.source != "torchrun":
-        rendezvous = _rendezvous(info, os.environ if environ is None else environ)
-        if rendezvous is not None:
-            _export(info, rendezvous)
-    rank, world_size, local_rank = start_bmtrain(seed=0)
-    device = torch.device("cuda", local_rank)
-
-    def prepare(model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
-        return model, BMTrainStepper(optimizer, world_size)
-
-    return EngineSetup(name="bmtrain", device=device, wrap=lambda model: wrap_for_bmtrain(model, device),
-                       rank=rank, world_size=world_size, prepare=prepare,
-                       barrier=bmtrain_barrier, sum_over_ranks=sum_over_bmtrain_ranks,
-                       clip_grad_norm=clip_bmtrain_grad_norm,
-                       accumulates=False)
-
-
-ENGINES: dict[str, Callable[..., EngineSetup]] = {
-    "plain": _plain,
-    "ddp": _distributed("ddp"),
-    "fsdp2": _distributed("fsdp2"),
-    "fsdp1": _distributed("fsdp1"),
-    "deepspeed": _deepspeed,
-    "bmtrain": _bmtrain,
-}
-
-
-def setup_engine(name: str, environ: Mapping[str, str] | None = None, **options: Any) -> EngineSetup:
-    """The :class:`EngineSetup` for engine ``name`` (initialising the process group if needed).
-
-    ``environ`` (default ``os.environ``) is where the launcher's variables are read.
-
-    Raises:
-        ConfigError: no engine of that name (the message lists the available ones), ``plain`` in
-            a world of several ranks, or malformed launch variables.
-    """
-    if name not in ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; available engines: {', '.join(ENGINES)}.")
-    return ENGINES[name](environ, **options)

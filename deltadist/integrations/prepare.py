@@ -20,7 +20,8 @@ from torch import nn
 
 from deltadist.api.auto import AutoDeltaModel
 from deltadist.core.record import delta_key
-from deltadist.engines.wrapping import on_meta, wrap_model
+from deltadist.engines import engine_class, wrap_model
+from deltadist.engines.base import on_meta
 from deltadist.io.backbone_weights import (
     check_nothing_on_meta,
     load_weights,
@@ -51,7 +52,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
     Args:
         build_backbone: makes the backbone (called under ``torch.device("meta")``: instant).
         delta_config: a delta config or its dict (``{"delta_type": "lora", ...}``).
-        engine: ``plain``, ``ddp``, ``fsdp2`` or ``fsdp1``.
+        engine: an engine name (:data:`deltadist.engines.ENGINES`): ``plain``, ``ddp``, ``fsdp2``, ``fsdp1``.
         weights: a transformers checkpoint directory (``model.safetensors`` or a sharded index).
             Tensors are memory-mapped and read one at a time; under FSDP2 each rank reads only
             the rows of its own shard.
@@ -65,6 +66,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         EngineError: something is still on ``meta`` at the end (named).
     """
     device = torch.device(device)
+    sharded = engine_class(engine).shards_parameters  # else the engine wraps a loaded model (DDP)
     with torch.device("meta"):
         backbone = build_backbone()
     delta = AutoDeltaModel.from_config(delta_config, backbone_model=backbone)
@@ -76,10 +78,10 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         for owner in {n.rpartition(".")[0] for n, b in backbone.named_buffers() if b.is_meta}
     }
     tied = tied_parameters(backbone)
-    model = backbone if engine in ("ddp", "plain") else wrap_model(backbone, engine, device)
+    model = wrap_model(backbone, engine, device) if sharded else backbone
     if on_meta(backbone):
         backbone.to_empty(device=device)
-        if engine in ("ddp", "plain"):
+        if not sharded:
             retie(backbone, tied)
     recompute_buffers(backbone, buffer_owners, device)
     load_weights(backbone, weights, weights_prefix, tied)
@@ -87,7 +89,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         delta.engine.scatter(param, initial[name])
     delta._initialize_from_backbone()  # e.g. a soft prompt copied from the loaded embeddings
     check_nothing_on_meta(backbone)
-    if engine == "ddp":
+    if not sharded:  # DDP copies rank 0's values when it is built: the loaded ones
         model = wrap_model(backbone, engine, device)
     return PreparedModel(model=model, backbone=backbone, delta=delta)
 

@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from deltadist.api.auto import AutoDeltaConfig
+from deltadist.engines import ENGINES
 from deltadist.errors import ConfigError
 from deltadist.training.text_data import TASKS
-from deltadist.engines.runtime import ENGINES
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 INCLUDE_KEY = "include"
@@ -32,6 +32,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
 BUILTIN_DATA = "builtin:topics"
 """``data.train`` of the built-in job: generated sentences about four topics (``training/data.py``)."""
+
+
+_ENGINE_NAMES = list(ENGINES)
 
 
 def _key(default: Any, help: str, **kwargs: Any) -> Any:
@@ -154,8 +157,8 @@ class TrainConfig:
         "help": "the delta: AutoDeltaConfig keys (delta_type, modified_modules, lora_r, ...)"})
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    engine: str = _key("plain", "plain (one process), ddp, fsdp2, fsdp1, deepspeed or bmtrain (start "
-                       "several ranks with the launchers in launchers/)")
+    engine: str = _key("plain", f"{_ENGINE_NAMES[0]} (one process), {', '.join(_ENGINE_NAMES[1:-1])} or "
+                       f"{_ENGINE_NAMES[-1]} (start several ranks with the launchers in launchers/)")
     deepspeed_config: str | None = _key(None, "engine deepspeed: a DeepSpeed JSON (e.g. "
                                         "configs/deepspeed/zero3.json); null: ZeRO-3 defaults")
     output_dir: str = _key("runs/minilm_lora", "where the delta, checkpoints/ and metrics go")

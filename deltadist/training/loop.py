@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
+from deltadist.engines import engine_class, setup_engine
 from deltadist.engines.batch_split import split_batch
 from deltadist.engines.optimizer_state import local_piece, rewrap_pieces
-from deltadist.engines.runtime import EngineSetup, setup_engine
+from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training import run_state
 from deltadist.training.batching import (
@@ -374,21 +375,14 @@ class _Job:
         return step, saved["tokens"], Evaluation(**before) if before else None
 
 
-FP32_ENGINES = {
-    "fsdp1": "FSDP1 flattens each unit's parameters into one tensor of one dtype, and the deltas "
-             "stay fp32; engine fsdp2 keeps them apart",
-    "deepspeed": "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet",
-    "bmtrain": "BMTrain's half-precision mode is not wired to deltadist train yet",
-}
-"""Engines that train an fp32 backbone here (``model.dtype: auto`` gives fp32), and why."""
-
-
 def _job_dtype(cfg: TrainConfig, engine: EngineSetup) -> torch.dtype:
-    """The backbone's dtype for ``model.dtype`` on this engine's device."""
-    if engine.name in FP32_ENGINES:
+    """The backbone's dtype for ``model.dtype`` on this engine's device (float32 where the engine
+    cannot train a half-precision backbone here: ``auto`` gives float32 there)."""
+    problem = engine_class(engine.name).half_precision_problem
+    if problem is not None:
         if cfg.model.dtype not in ("auto", "fp32"):
             raise ConfigError(f"model.dtype: {cfg.model.dtype} does not work with engine {engine.name} "
-                              f"({FP32_ENGINES[engine.name]}); set model.dtype: fp32 (or auto).")
+                              f"({problem}); set model.dtype: fp32 (or auto).")
         return torch.float32
     return resolve_dtype(cfg.model.dtype, engine.device)
 

@@ -525,7 +525,7 @@ def test_ranks_started_by_srun_or_mpirun_form_the_process_group(launcher: str) -
     joins them into one gloo group (an all-reduce of the ranks) and exports torchrun's variables."""
     code = (
         "import os, torch, torch.distributed as dist\n"
-        "from deltadist.engines.runtime import setup_engine\n"
+        "from deltadist.engines import setup_engine\n"
         "setup = setup_engine('ddp')\n"
         "total = torch.tensor([setup.rank + 1.0]); dist.all_reduce(total)\n"
         "print(setup.rank, setup.world_size, int(total), os.environ['RANK'], os.environ['LOCAL_RANK'])\n"

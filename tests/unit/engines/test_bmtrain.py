@@ -184,7 +184,7 @@ def test_detach_and_attach_on_a_bmtrain_model_and_its_whole_state_dict(world_of_
 
 
 def test_engine_bmtrain_without_cuda_is_a_config_error_naming_the_alternatives(monkeypatch) -> None:
-    from deltadist.engines.runtime import setup_engine
+    from deltadist.engines import setup_engine
     from deltadist.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -12,7 +12,8 @@ import socket
 import pytest
 import torch.distributed as dist
 
-from deltadist.engines.runtime import LaunchInfo, launch_info, setup_engine
+from deltadist.engines import setup_engine
+from deltadist.engines.runtime import LaunchInfo, launch_info
 from deltadist.errors import ConfigError
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}

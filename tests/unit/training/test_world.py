@@ -5,14 +5,17 @@ global batches over ranks is tested in ``test_batching.py``."""
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from deltadist.engines import setup_engine
+from deltadist.engines.runtime import EngineSetup, launch_info
 from deltadist.errors import ConfigError
 from deltadist.training import loop
 from deltadist.training.config import load_config
-from deltadist.engines.runtime import EngineSetup, launch_info, setup_engine
+
 
 def test_the_loop_checks_the_batch_size_before_loading_and_always_closes(
         monkeypatch: pytest.MonkeyPatch) -> None:
