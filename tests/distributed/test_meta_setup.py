@@ -41,7 +41,7 @@ def test_every_method_sized_on_meta_and_sharded_equals_real_weights(engine: str,
 @pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
 def test_freezing_after_sharding_trains_the_deltas_only(engine: str) -> None:
     # DDP is not in this list on purpose: it fixes the set of parameters it reduces when it is
-    # built, so under DDP freeze before wrapping (README, "Engines").
+    # built, so under DDP freeze before wrapping (docs/engines.md, "The rules").
     ranks = run_ranks(meta_workers.freeze_after_wrapping, args=(engine,), timeout=240)
     result = ranks[0]
     # FSDP1 gives an original parameter a gradient only on the ranks whose shard holds part of it.
