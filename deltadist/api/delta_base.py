@@ -13,10 +13,10 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
-from deltadist.addressing.common import modules_with_role
-from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters, select_sites
-from deltadist.addressing.structures import TASK_HEAD
+from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_sites
+from deltadist.api import ownership
 from deltadist.api.freezing import FreezeMixin
+from deltadist.api.interactive_setup import setup_interactively
 from deltadist.api.merging import MergeMixin
 from deltadist.api.saving import SaveLoadMixin, check_fingerprint
 from deltadist.core import attach as mechanisms
@@ -25,15 +25,32 @@ from deltadist.core.attach import Attachment
 from deltadist.core.config import DeltaConfig
 from deltadist.core.delta_module import DeltaModule
 from deltadist.core.mechanism import HOLDER, Mechanism
-from deltadist.core.record import DeltaRecord, kept_by_other_deltas
+from deltadist.core.record import DeltaRecord
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
-from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
+from deltadist.errors import ConfigError, DeltaError, SiteError
 from deltadist.interactive import picker
 from deltadist.mechanisms.hooks import SPAN
 
 
 class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
-    """Base of every delta model. Subclasses set the class attributes and two hooks.
+    """Base of every delta model (OpenDelta's API): address, infer shapes, attach, freeze, save.
+
+    **A method** is one file that subclasses this, registers with ``@register_method``, and
+    declares: the class attributes below (``delta_type``, ``config_class``,
+    ``default_modified_modules``, ``mechanism``, ``child_name``) and the hooks of the method
+    protocol. Construction (:meth:`_setup`) calls the hooks in this order, and nothing else:
+
+    1. ``_select_sites(attached)``: the modules the config selects (default: its patterns, or the
+       roles in ``default_modified_modules`` on the family's structure map);
+    2. ``_targets(site)`` for each: the sites really modified (default: the site itself);
+    3. ``_build_shared(targets)``: parameters every site shares, held once at the model root (or
+       ``None``, the default); kept as ``self._shared`` for step 4;
+    4. ``_build_delta(target)`` for each target: its :class:`DeltaModule` (every parameter made
+       here, on the site's device, shapes from :mod:`deltadist.core.shapes`; never a forward);
+    5. ``_mechanism_for(target)``: how that module joins the call (default: ``mechanism``, or
+       :data:`~deltadist.mechanisms.SPAN` for a span);
+    6. all modules are attached, or none; then ``_initialize_from_backbone()`` sets values that
+       depend on the backbone's weights (again after ``prepare_model`` loads them).
 
     Args:
         backbone_model: the model to modify in place (any ``nn.Module``, possibly on ``meta``).
@@ -83,8 +100,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         if port is None:
             self._setup(config, backbone_model)
         else:
-            self._setup_interactively(config, backbone_model, port, interactive_host, interactive_timeout,
-                                      interactive_open_browser)
+            setup_interactively(self, config, backbone_model, port, interactive_host, interactive_timeout,
+                                interactive_open_browser)
 
     def _setup(self, config: DeltaConfig, backbone_model: nn.Module, loading_from: str | None = None) -> None:
         """Select sites and kept parameters, build every delta module, attach all or nothing.
@@ -97,12 +114,13 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self.merged = False
         self.unloaded = False
         self._premerge_fingerprint: Any = None
-        self._check_attachable(loading_from)
+        ownership.check_attachable(self.engine, backbone_model, loading_from)
         self._name = naming.claim_name(backbone_model, self.delta_type, config.delta_name)
         targets = self._select_targets()
         if loading_from is not None:
-            self._refuse_stacking_on_a_resume(targets, loading_from)
-        unfrozen, kept = self._resolve_unfrozen(loading_from)
+            ownership.refuse_stacking_on_a_resume(self.engine, self.child_name, targets, loading_from)
+        unfrozen, kept = ownership.resolve_unfrozen(backbone_model, config.unfrozen_modules,
+                                                    loading_from is not None)
         self.config = config.replace(unfrozen_modules=unfrozen)
         self.record = DeltaRecord(backbone_model, self._build_attachments(targets),
                                   kept_backbone=kept, train_deltas=DELTAS_KEYWORD in unfrozen)
@@ -117,36 +135,6 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         naming.remember(self.record, self)
         record_logical_shapes(backbone_model, self.engine)
         self._initialize_from_backbone()
-
-    def _setup_interactively(self, config: DeltaConfig, backbone_model: nn.Module, port: int, host: str,
-                             timeout: float | None, open_browser: bool) -> None:
-        """``interactive_modify``: :meth:`_setup` with the modules picked on the page."""
-
-        def picked(patterns: list[str]) -> DeltaConfig:
-            return config.replace(modified_modules=patterns, exclude_modules=None, common_structure=False)
-
-        # What fails whatever is picked fails now, before a page is opened for nothing.
-        picked(["any"])  # a method that places itself (soft prompts) takes no modified_modules
-        self.backbone_model = backbone_model
-        self._check_attachable(None)
-        naming.claim_name(backbone_model, self.delta_type, config.delta_name)
-        given = config.modified_modules is not None
-        picker.pick_modules(
-            backbone_model, lambda patterns: self._setup(picked(patterns), backbone_model),
-            title=f"{type(self).__name__} on {type(backbone_model).__name__}", broadcast=self.broadcast,
-            initial=self._preview_sites(config, backbone_model) if given else (),
-            defaults=self._preview_sites(config.replace(modified_modules=None), backbone_model),
-            port=port, host=host, timeout=timeout, open_browser=open_browser,
-        )
-
-    def _preview_sites(self, config: DeltaConfig, backbone_model: nn.Module) -> list[str]:
-        """Names of the sites ``config`` selects on ``backbone_model`` (none if it selects nothing)."""
-        self.backbone_model, self.config = backbone_model, config
-        attached = frozenset(id(m) for m in mechanisms.delta_modules(backbone_model).values())
-        try:
-            return [site.name for site in self._select_sites(attached)]
-        except DeltaError:
-            return []
 
     @classmethod
     def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,
@@ -167,7 +155,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         """The engine managing the backbone now (asked anew: the model may have been wrapped)."""
         return detect_engine(self.backbone_model)
 
-    # -- subclass hooks ------------------------------------------------------------------------
+    # -- the method protocol (see the class docstring for the order) --------------------------
     def _targets(self, site: Site) -> list[Site]:
         """Sites actually modified for a selected site (BitFit broadcasts into sub-modules)."""
         return [site]
@@ -196,67 +184,6 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         )
 
     # -- construction --------------------------------------------------------------------------
-    def _check_attachable(self, loading_from: str | None) -> None:
-        try:
-            self.engine.check_attachable(self.backbone_model)
-        except EngineError as err:
-            if loading_from is None:
-                raise
-            raise EngineError(
-                f"{err} To resume a delta that is already attached (built before wrapping), load "
-                f"into it on every rank: delta.load_finetuned({loading_from!r})."
-            ) from err
-
-    def _resolve_unfrozen(self, loading_from: str | None) -> tuple[list[str], tuple[str, ...]]:
-        """The ``unfrozen_modules`` patterns, explicit, and the backbone parameters they keep.
-
-        The default is ``"deltas"`` plus the model's task head -- unless another delta on this
-        backbone already keeps that head (see :meth:`_check_single_owner`).
-        """
-        backbone = self.backbone_model
-        unfrozen = self.config.unfrozen_modules
-        if unfrozen is None:
-            taken = kept_by_other_deltas(backbone)
-            heads = [h for h in modules_with_role(backbone, TASK_HEAD, guess=False)
-                     if not any(n == h or n.startswith(h + ".") for n in taken)]
-            unfrozen = [DELTAS_KEYWORD, *heads]
-        kept = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
-        self._check_single_owner(kept, None, loading_from is not None)
-        return list(unfrozen), kept
-
-    def _check_single_owner(self, kept: tuple[str, ...], this: DeltaRecord | None, loading: bool) -> None:
-        """One backbone parameter has one owning delta: a second one training or loading it would
-        silently overwrite the first one's trained values (a shared task head)."""
-        shared = [name for name in kept if name in kept_by_other_deltas(self.backbone_model, this)]
-        if shared:
-            fix = ("load it onto its own copy of the backbone" if loading else
-                   "leave them out of unfrozen_modules / exclude (e.g. ['deltas']), or build this "
-                   "delta on its own copy of the backbone")
-            raise ConfigError(
-                f"Another delta on this backbone already trains and saves {', '.join(shared[:5])}; "
-                f"this one would overwrite them. To keep both, {fix}."
-            )
-
-    def _refuse_stacking_on_a_resume(self, targets: list[Site], path: str) -> None:
-        """In a distributed run, loading onto sites that carry this kind of delta is a resume.
-
-        A DDP-wrapped backbone looks unwrapped from inside, and a second delta stacked there
-        would not be reduced across ranks: the ranks would drift apart without an error.
-        """
-        if self.engine.world_size <= 1:
-            return
-        taken = [t.name for t in targets if any(
-            a.attached and a.base_name == self.child_name for a in mechanisms.attachments_on(t.module)
-        )]
-        if taken:
-            raise DeltaError(
-                f"These sites already carry a {self.child_name} delta: {', '.join(taken[:5])}. In a "
-                "distributed run from_finetuned() does not stack a second one (it would not be "
-                f"synchronised once the model is wrapped). To resume: delta.load_finetuned({path!r}) "
-                "on every rank. To stack a second delta: attach it before wrapping, then "
-                "load_finetuned() into it."
-            )
-
     def _select_targets(self) -> list[Site]:
         """The sites the config selects, after broadcasting; errors name what cannot be modified."""
         attached = frozenset(id(m) for m in mechanisms.delta_modules(self.backbone_model).values())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
+from deltadist.api import ownership
 from deltadist.core import attach as mechanisms
 from deltadist.core import freeze
 from deltadist.core.record import records_on
@@ -65,7 +66,7 @@ class FreezeMixin:
         kept = select_kept_parameters(
             self.backbone_model, patterns, mechanisms.delta_parameter_ids(self.backbone_model)
         )
-        self._check_single_owner(kept, self.record, loading=False)
+        ownership.check_single_owner(self.backbone_model, kept, self.record, loading=False)
         self.record.kept_backbone = kept
         self.record.train_deltas = DELTAS_KEYWORD in patterns
         self.config = self.config.replace(unfrozen_modules=patterns)

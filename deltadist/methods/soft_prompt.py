@@ -98,9 +98,7 @@ class SoftPromptModel(DeltaBase):
     config: SoftPromptConfig
 
     def _select_sites(self, attached: frozenset[int]) -> list[Site]:
-        placement = _placement(self.backbone_model)
-        self._mechanism = placement.mechanism(self.config)
-        return [placement.site]
+        return [_placement(self.backbone_model).site]
 
     def _build_delta(self, site: Site) -> DeltaModule:
         width = _width(site, self.backbone_model)
@@ -109,7 +107,7 @@ class SoftPromptModel(DeltaBase):
                           device=device, dtype=dtype)
 
     def _mechanism_for(self, target: Site) -> Mechanism:
-        return self._mechanism  # made for this model's placement by _select_sites
+        return _placement(self.backbone_model).mechanism(self.config)
 
     def _initialize_from_backbone(self) -> None:
         """``token_init``: copy the first ``P`` rows of the (logical, gathered) token embeddings."""

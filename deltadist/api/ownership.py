@@ -1,0 +1,86 @@
+"""Who owns which backbone parameters: the rules a delta's construction and freezing check.
+
+A delta keeps backbone parameters trainable and saves them (a task head) by its
+``unfrozen_modules``; one backbone parameter has one owning delta, so a second delta training or
+loading it would silently overwrite the first one's values.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from deltadist.addressing.common import modules_with_role
+from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters
+from deltadist.addressing.structures import TASK_HEAD
+from deltadist.core import attach as mechanisms
+from deltadist.core.record import DeltaRecord, kept_by_other_deltas
+from deltadist.engines import Engine
+from deltadist.errors import ConfigError, DeltaError, EngineError
+
+
+def check_attachable(engine: Engine, backbone: nn.Module, loading_from: str | None) -> None:
+    """Raise if new parameters cannot join ``backbone`` now; when loading a checkpoint
+    (``loading_from``), the error points to ``load_finetuned``, which loads into a delta already
+    there."""
+    try:
+        engine.check_attachable(backbone)
+    except EngineError as err:
+        if loading_from is None:
+            raise
+        raise EngineError(
+            f"{err} To resume a delta that is already attached (built before wrapping), load "
+            f"into it on every rank: delta.load_finetuned({loading_from!r})."
+        ) from err
+
+
+def resolve_unfrozen(backbone: nn.Module, unfrozen: list[str] | None,
+                     loading: bool) -> tuple[list[str], tuple[str, ...]]:
+    """The ``unfrozen_modules`` patterns, explicit, and the backbone parameters they keep.
+
+    The default is ``"deltas"`` plus the model's task head -- unless another delta on this
+    backbone already keeps that head (see :func:`check_single_owner`).
+    """
+    if unfrozen is None:
+        taken = kept_by_other_deltas(backbone)
+        heads = [h for h in modules_with_role(backbone, TASK_HEAD, guess=False)
+                 if not any(n == h or n.startswith(h + ".") for n in taken)]
+        unfrozen = [DELTAS_KEYWORD, *heads]
+    kept = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
+    check_single_owner(backbone, kept, None, loading)
+    return list(unfrozen), kept
+
+
+def check_single_owner(backbone: nn.Module, kept: tuple[str, ...], this: DeltaRecord | None,
+                       loading: bool) -> None:
+    """One backbone parameter has one owning delta: a second one training or loading it would
+    silently overwrite the first one's trained values (a shared task head)."""
+    shared = [name for name in kept if name in kept_by_other_deltas(backbone, this)]
+    if shared:
+        fix = ("load it onto its own copy of the backbone" if loading else
+               "leave them out of unfrozen_modules / exclude (e.g. ['deltas']), or build this "
+               "delta on its own copy of the backbone")
+        raise ConfigError(
+            f"Another delta on this backbone already trains and saves {', '.join(shared[:5])}; "
+            f"this one would overwrite them. To keep both, {fix}."
+        )
+
+
+def refuse_stacking_on_a_resume(engine: Engine, child_name: str, targets: list[Site], path: str) -> None:
+    """In a distributed run, loading onto sites that carry this kind of delta is a resume.
+
+    A DDP-wrapped backbone looks unwrapped from inside, and a second delta stacked there
+    would not be reduced across ranks: the ranks would drift apart without an error.
+    """
+    if engine.world_size <= 1:
+        return
+    taken = [t.name for t in targets if any(
+        a.attached and a.base_name == child_name for a in mechanisms.attachments_on(t.module)
+    )]
+    if taken:
+        raise DeltaError(
+            f"These sites already carry a {child_name} delta: {', '.join(taken[:5])}. In a "
+            "distributed run from_finetuned() does not stack a second one (it would not be "
+            f"synchronised once the model is wrapped). To resume: delta.load_finetuned({path!r}) "
+            "on every rank. To stack a second delta: attach it before wrapping, then "
+            "load_finetuned() into it."
+        )
