@@ -5,12 +5,15 @@ Importing deltadist imports no optional engine (DeepSpeed, BMTrain) and touches 
 
 from __future__ import annotations
 
+from deltadist.addressing import StructureMap, register_structure_map
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
 from deltadist.core.config import DeltaConfig
+from deltadist.core.delta_module import DeltaModule
 from deltadist.core.freeze import full_state_dict
 from deltadist.core.naming import deltas_on
-from deltadist.engines import wrap_model
+from deltadist.core.registry import register_method
+from deltadist.engines import Engine, register_engine, wrap_model
 from deltadist.errors import (
     AddressingError,
     BackboneMismatchError,
@@ -44,4 +47,6 @@ __all__ = [
     "SoftPromptConfig", "SoftPromptModel", "Visualization",
     "deltas_on", "full_state_dict", "prepare_model", "wrap_model",
     "mixed_batch",
+    # Extension points: a method, an engine, a model family (docs/architecture.md).
+    "DeltaModule", "Engine", "StructureMap", "register_engine", "register_method", "register_structure_map",
 ]

@@ -11,9 +11,17 @@ from deltadist.engines.deepspeed import ZeRO3Engine
 from deltadist.engines.distributed import DistributedEngine
 from deltadist.engines.fsdp1 import FSDP1Engine
 from deltadist.engines.fsdp2 import FSDP2Engine
-from deltadist.engines.registry import ENGINES, detect_engine, engine_class, setup_engine, wrap_model
+from deltadist.engines.registry import (
+    ENGINES,
+    detect_engine,
+    engine_class,
+    register_engine,
+    setup_engine,
+    wrap_model,
+)
 
 __all__ = [
     "BMTrainEngine", "ENGINES", "DistributedEngine", "Engine", "FSDP1Engine", "FSDP2Engine", "detect_engine",
-    "engine_class", "record_logical_shapes", "recorded_shape", "setup_engine", "wrap_model", "ZeRO3Engine",
+    "engine_class", "record_logical_shapes", "recorded_shape", "register_engine", "setup_engine", "wrap_model",
+    "ZeRO3Engine",
 ]

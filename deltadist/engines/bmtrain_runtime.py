@@ -30,7 +30,7 @@ def import_bmtrain() -> Any:
         import bmtrain
     except ImportError as err:
         raise ConfigError("engine: bmtrain needs BMTrain built for this torch and CUDA: "
-                          "pip install bmtrain (see the README, 'BMTrain').") from err
+                          "pip install bmtrain (see docs/engines.md, 'BMTrain').") from err
     return bmtrain
 
 

@@ -24,6 +24,21 @@ ENGINES: dict[str, type[Engine]] = {
 """Engine classes by name, from the most general to the most specific."""
 
 
+def register_engine(engine: type[Engine]) -> type[Engine]:
+    """Class decorator: make ``engine`` known by its ``name`` (to detection, which asks it before
+    the engines registered earlier, to ``setup_engine``, ``wrap_model`` and the training job).
+
+    Raises:
+        ConfigError: another engine class has that name.
+    """
+    known = ENGINES.get(engine.name)
+    if known is not None and known is not engine:
+        raise ConfigError(f"An engine named {engine.name!r} is registered already ({known.__qualname__}); "
+                          f"give {engine.__qualname__} another name.")
+    ENGINES[engine.name] = engine
+    return engine
+
+
 def engine_class(name: str) -> type[Engine]:
     """The engine class called ``name``.
 

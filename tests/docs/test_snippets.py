@@ -6,7 +6,9 @@ GPU, a browser) is preceded by a marker naming why and, where one exists, the te
 
     <!-- not run: needs 2 processes (tested in tests/distributed/test_engines.py) -->
 
-Such blocks are still compiled, so they stay valid Python. Tests are named by file and block
+Such blocks are still compiled, so they stay valid Python. A block that only includes a test
+file (``--8<-- "tests/walkthroughs/test_add_a_method.py"``, pymdownx.snippets) shows code that
+pytest runs as that test; it must name an existing test file. Tests are named by file and block
 index (``docs/methods.md#2``: the third ```python block of that file).
 """
 
@@ -21,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 MARKER = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->\s*$", re.S)
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
 MAX_NOT_RUN = 8
 """Blocks that cannot run in one CPU process are the exception: keep them few."""
 
@@ -56,7 +59,15 @@ def blocks_of(path: Path) -> list[Block]:
     return found
 
 
+def included_file(block: Block) -> str | None:
+    """The file a block only includes, or ``None`` for a block of code."""
+    match = INCLUDE.match(block.code.strip())
+    return match.group(1) if match else None
+
+
 BLOCKS = [block for path in markdown_files() for block in blocks_of(path)]
+INCLUDED = [block for block in BLOCKS if included_file(block) is not None]
+BLOCKS = [block for block in BLOCKS if included_file(block) is None]
 RUN = [block for block in BLOCKS if block.not_run is None]
 NOT_RUN = [block for block in BLOCKS if block.not_run is not None]
 
@@ -89,3 +100,10 @@ def test_the_opendelta_walkthrough_is_executed() -> None:
     """The "Must try" walkthrough (formerly in the README) saves, reloads, detaches and re-attaches."""
     walkthrough = [block for block in RUN if block.path.name == "walkthrough.md"]
     assert any("from_finetuned" in block.code and "detach" in block.code for block in walkthrough)
+
+
+@pytest.mark.parametrize("block", INCLUDED, ids=[block.id for block in INCLUDED])
+def test_an_included_block_is_a_test_file_pytest_runs(block: Block) -> None:
+    path = REPO / included_file(block)
+    assert path.is_file() and path.parts[-2] != "docs", f"{block.id}: {path} is not there"
+    assert path.name.startswith("test_") and "tests" in path.relative_to(REPO).parts
