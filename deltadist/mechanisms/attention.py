@@ -11,18 +11,24 @@ registered in ``ALL_ATTENTION_FUNCTIONS`` (a wrapper of ``<impl>``) and in
 ``ALL_MASK_ATTENTION_FUNCTIONS`` (``<impl>``'s own masks); the last prefix to go restores the
 config. Modules without a prefix run ``<impl>`` unchanged. No ``forward`` is reassigned and no
 hook is needed. This module is the only one that knows these transformers internals.
+:data:`KEY_VALUE_PREFIX` is the mechanism that routes a prefix delta this way.
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
+from deltadist.core.mechanism import Mechanism
 from deltadist.errors import SiteError
+from deltadist.mechanisms.rows import rows_for
+
+if TYPE_CHECKING:
+    from deltadist.core.attach import Attachment
 
 ROUTE_PREFIX = "deltadist_prefix:"
 """Attention implementations deltadist registers: ``deltadist_prefix:sdpa``, ``...:eager``."""
@@ -203,3 +209,20 @@ def _extend_left(tensor: torch.Tensor, count: int, value: bool | float) -> torch
     """``[..., K]`` -> ``[..., count + K]`` with ``value`` in the new leading columns."""
     pad = tensor.new_full((*tensor.shape[:-1], count), value)
     return torch.cat([pad, tensor], dim=-1)
+
+
+class KeyValuePrefix(Mechanism):
+    """A prefix joined to an attention module's keys and values (no hooks: a route)."""
+
+    name = "key_value_prefix"
+
+    def wire(self, att: "Attachment", module: nn.Module) -> list[Any]:
+        def provider(batch: int, heads: int, head_dim: int, dtype: torch.dtype):  # noqa: ANN202
+            return module._modules[att.child_name](batch, heads, head_dim, dtype)
+
+        # In a mixed batch the prefix serves some rows only: the others' mask hides its positions.
+        provider.rows = lambda batch, device: rows_for(att, batch, device)  # type: ignore[attr-defined]
+        return [PrefixRoute(module, provider)]
+
+
+KEY_VALUE_PREFIX = KeyValuePrefix()

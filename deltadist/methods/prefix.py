@@ -18,7 +18,6 @@ and export.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,12 +30,11 @@ from deltadist.core import attach as mechanisms
 from deltadist.core.attach import Attachment
 from deltadist.core.config import DeltaConfig, check_positive_int
 from deltadist.core.delta_module import DeltaModule
-from deltadist.core.mechanism import HOLDER, Mechanism
+from deltadist.core.mechanism import HOLDER
 from deltadist.core.registry import register_method
 from deltadist.core.shapes import site_placement
 from deltadist.errors import SiteError
-from deltadist.mechanisms.attention import PrefixRoute, routing_problem
-from deltadist.mechanisms.rows import rows_for
+from deltadist.mechanisms.attention import KEY_VALUE_PREFIX, routing_problem
 
 NO_WEIGHT = ("a prefix adds keys and values that no weight of the model holds; "
              "fold_reparameterization() turns the MLP into plain prefixes for inference and export")
@@ -64,23 +62,6 @@ class PrefixConfig(DeltaConfig):
         super().__post_init__()
         for name in ("prefix_token_num", "embed_dim", "mid_dim"):
             check_positive_int(self, name)
-
-
-class KeyValuePrefix(Mechanism):
-    """A prefix joined to an attention module's keys and values (no hooks: a route)."""
-
-    name = "key_value_prefix"
-
-    def wire(self, att: "Attachment", module: nn.Module) -> list[Any]:
-        def provider(batch: int, heads: int, head_dim: int, dtype: torch.dtype):  # noqa: ANN202
-            return module._modules[att.child_name](batch, heads, head_dim, dtype)
-
-        # In a mixed batch the prefix serves some rows only: the others' mask hides its positions.
-        provider.rows = lambda batch, device: rows_for(att, batch, device)  # type: ignore[attr-defined]
-        return [PrefixRoute(module, provider)]
-
-
-KEY_VALUE_PREFIX = KeyValuePrefix()
 
 
 class PrefixShared(DeltaModule):
