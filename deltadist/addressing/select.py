@@ -67,15 +67,7 @@ def select_sites(
     modules = without_skipped(canonical_modules(backbone), skip)
     use_defaults = modified_modules is None
     by_role = use_defaults or common_structure
-    index = common_name_index(backbone) if by_role else {}
-    if by_role and not index:
-        known = ", ".join(sorted(t for s in STRUCTURE_MAPS for t in s.model_types))
-        raise AddressingError(
-            f"No common structure map recognises {type(backbone).__name__}, so "
-            f"{'default targets' if use_defaults else 'common_structure names'} cannot be resolved. "
-            f"Known model types: {known}. Pass modified_modules=[...] with real module names "
-            "(see Visualization(model).structure_graph())."
-        )
+    index = _structure_index(backbone, use_defaults) if by_role else {}
     patterns = parse_patterns(default_roles if use_defaults else modified_modules)
     excludes = parse_patterns(exclude_modules)
     candidates = _names_for_matching(modules, by_role, index)
@@ -103,6 +95,25 @@ def select_sites(
         )
     order = {n: i for i, n in enumerate(modules)}
     return sorted(selected.values(), key=lambda s: order[s.name])
+
+
+def _structure_index(backbone: nn.Module, use_defaults: bool) -> dict[str, tuple[str, ...]]:
+    """The common names of ``backbone``'s modules, which role patterns (the method's defaults, or
+    ``common_structure`` names) are matched against.
+
+    Raises:
+        AddressingError: no structure map knows the backbone, so no pattern could match.
+    """
+    index = common_name_index(backbone)
+    if not index:
+        known = ", ".join(sorted(t for s in STRUCTURE_MAPS for t in s.model_types))
+        raise AddressingError(
+            f"No common structure map recognises {type(backbone).__name__}, so "
+            f"{'default targets' if use_defaults else 'common_structure names'} cannot be resolved. "
+            f"Known model types: {known}. Pass modified_modules=[...] with real module names "
+            "(see Visualization(model).structure_graph())."
+        )
+    return index
 
 
 def without_skipped(modules: dict[str, nn.Module], skip: frozenset[int]) -> dict[str, nn.Module]:

@@ -12,7 +12,7 @@ from deltadist.core.config import DeltaConfig
 from deltadist.core.registry import delta_model_class
 from deltadist.errors import ConfigError
 from deltadist.io import checkpoint
-from deltadist.io import peft as peft_interchange
+from deltadist.io import peft
 
 
 class AutoDeltaConfig:
@@ -67,7 +67,7 @@ class AutoDeltaModel:
         loaded as an equivalent :class:`~deltadist.LoraModel`.
         """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
-        if peft_interchange.is_peft_directory(directory):
+        if peft.is_peft_directory(directory):
             delta_type = "lora"  # read_peft refuses other PEFT types, naming them
         else:
             delta_type = checkpoint.read_config(directory).get("delta_type")

@@ -26,7 +26,7 @@ from deltadist.core.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Finger
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
 from deltadist.io import checkpoint
-from deltadist.io import peft as peft_interchange
+from deltadist.io import peft, peft_export, peft_import
 from deltadist.io.provenance import library_versions
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class SaveLoadMixin:
         if format == "peft":  # decided on every rank, so a refusal never leaves a rank in a collective
             if not save_config:
                 raise ConfigError("save_config=False: PEFT's format needs its adapter_config.json.")
-            export = peft_interchange.plan_export(self, checkpoint_name)
+            export = peft_export.plan_export(self, checkpoint_name)
         tensors = dict(state_dict) if state_dict is not None else self.state_dict()
         fingerprint = self._premerge_fingerprint if self.merged else self._fingerprint()
         config = self.config.replace(
@@ -80,7 +80,7 @@ class SaveLoadMixin:
         if self.engine.is_main:
             try:
                 if export is not None:
-                    peft_interchange.write_peft(finetuned_delta_path, tensors, export, config)
+                    peft_export.write_peft(finetuned_delta_path, tensors, export, config)
                 else:
                     checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
             except Exception as err:  # noqa: BLE001 - re-raised on every rank just below
@@ -176,12 +176,12 @@ class SaveLoadMixin:
         """The stored config, a function reading the tensors (only called when needed), and the
         weights file's path -- from a deltadist checkpoint, or from a PEFT LoRA adapter (then in
         deltadist's keys, for ``backbone``)."""
-        if peft_interchange.is_peft_directory(directory):
+        if peft.is_peft_directory(directory):
             if cls.delta_type != "lora":
                 raise ConfigError(f"{directory} is a PEFT LoRA adapter, not a {cls.delta_type!r} delta. "
                                   "Load it with AutoDeltaModel.from_finetuned or LoraModel.from_finetuned.")
-            config, tensors = peft_interchange.read_peft(directory, backbone, cls.default_modified_modules)
-            return config, lambda: tensors, str(directory / peft_interchange.WEIGHTS_NAME)
+            config, tensors = peft_import.read_peft(directory, backbone, cls.default_modified_modules)
+            return config, lambda: tensors, str(directory / peft.WEIGHTS_NAME)
         return (checkpoint.read_config(directory), lambda: checkpoint.read_tensors(directory),
                 str(directory / checkpoint.WEIGHTS_NAME))
 

@@ -85,6 +85,24 @@ def global_batches(examples: Sequence[TokenizedExample], order: Sequence[int],
         yield [examples[i] for i in order[start:start + batch_size]]
 
 
+def batches_after(examples: Sequence[TokenizedExample], lengths: Sequence[int], plan: StepPlan, seed: int,
+                  by_length: bool, done: int) -> Iterator[list[TokenizedExample]]:
+    """The global batches of steps ``done + 1 ...`` up to the plan's total, epoch after epoch (a
+    resumed run picks up inside the epoch it stopped in)."""
+    step = done
+    epoch, skip = divmod(done, plan.steps_per_epoch)
+    while step < plan.total_steps:
+        order = epoch_order(lengths, seed, epoch, plan.batch_size, by_length)
+        for index, batch in enumerate(global_batches(examples, order, plan.batch_size)):
+            if index < skip:
+                continue
+            yield batch
+            step += 1
+            if step == plan.total_steps:
+                return
+        epoch, skip = epoch + 1, 0
+
+
 @dataclass(frozen=True)
 class Collator:
     """Pads a list of examples into the task's model inputs.

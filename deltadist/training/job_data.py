@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltadist.training.config import TrainConfig
-from deltadist.training.text_data import TokenizedExample, label_names, load_split, pack, tokenize_split
+from deltadist.training.data_files import load_split
+from deltadist.training.text_data import TokenizedExample, label_names, pack, tokenize_split
 
 
 @dataclass

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from deltadist.training.loop import Metrics
+from deltadist.training.metrics import Metrics
 
 
 def format_bytes(size: int) -> str:

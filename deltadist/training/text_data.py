@@ -1,24 +1,20 @@
-"""The user's own data for ``deltadist train``: load files with ``datasets``, check rows, tokenize.
+"""The user's rows for ``deltadist train`` as token ids: check every row, then tokenize per task.
 
-A split (``data.train``, ``data.eval``) is a ``.jsonl``/``.json``/``.csv``/``.parquet`` file or a
-folder written by ``save_to_disk``. Rows are ``{"prompt", "completion"}`` or ``{"text"}`` for
-``causal_lm`` and ``seq2seq``, ``{"text", "label"}`` for ``sequence_classification``. Every problem
-with the data is a one-line :class:`ConfigError` naming the config key, the file, the row (1-based
-data rows: the line number of a JSON Lines file without blank lines; a CSV header is not a row) and
-the fix, raised before any tokenizing.
+Rows are ``{"prompt", "completion"}`` or ``{"text"}`` for ``causal_lm`` and ``seq2seq``,
+``{"text", "label"}`` for ``sequence_classification`` (read from files by
+:mod:`deltadist.training.data_files`). Every problem with the data is a one-line
+:class:`ConfigError` naming the config key, the file, the row (1-based data rows: the line number
+of a JSON Lines file without blank lines; a CSV header is not a row) and the fix, raised before
+any tokenizing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import itertools
-import logging
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from deltadist.errors import ConfigError
 
@@ -29,15 +25,8 @@ if TYPE_CHECKING:
 TASKS: tuple[str, ...] = ("causal_lm", "seq2seq", "sequence_classification")
 IGNORE_INDEX = -100
 """Label of a token that adds no loss (the prompt of a ``causal_lm`` row); torch's cross-entropy default."""
-
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_FORMAT_NAMES = {"json": "JSON Lines or a JSON array of objects", "csv": "CSV with a header row",
-                 "parquet": "Parquet"}
-_FORMATS = "a .jsonl, .json, .csv or .parquet file, or a folder written by Dataset.save_to_disk"
-_TEXT_FIELDS = ("prompt", "completion", "text")
-_EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
-"""Splits of a saved DatasetDict that ``data.eval`` takes, in this order of preference."""
-_REASON_CHARS = 200
+TEXT_FIELDS = ("prompt", "completion", "text")
+"""The columns of a row that hold text (``causal_lm`` / ``seq2seq`` fields; ``text`` in every task)."""
 
 
 @dataclass(frozen=True)
@@ -51,25 +40,6 @@ class TokenizedExample:
     """causal_lm: as long as ``input_ids``, :data:`IGNORE_INDEX` on prompt tokens; seq2seq: the target
     ids (with the eos the tokenizer adds); sequence_classification: ``(class index,)``."""
 
-
-def load_split(path: str | os.PathLike, key: str) -> datasets.Dataset:
-    """The rows of the file or saved-dataset folder at ``path``, via ``datasets``.
-
-    ``.jsonl``/``.json`` load with the ``json`` builder, ``.csv`` with ``csv`` (prompt, completion and
-    text columns read as strings, so ``4`` stays the text ``"4"``), ``.parquet`` with ``parquet``; a
-    folder with ``load_from_disk``. A saved ``DatasetDict`` gives its only split, else the split
-    named like the key's last part (``data.train`` -> ``train``; ``data.eval`` -> the first of
-    ``eval, validation, valid, dev, test``). ``key`` names the split in errors (``"data.train"``).
-    """
-    shown = os.fspath(path)
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{key}: {shown} does not exist; check the path (relative paths are from "
-                          "the directory you run deltadist train in).")
-    dataset = _load_saved(path, shown, key) if path.is_dir() else _load_file(path, shown, key)
-    if dataset.num_rows == 0:
-        raise ConfigError(_no_rows(key, shown))
-    return dataset
 
 
 def label_names(dataset: datasets.Dataset, path: str | os.PathLike,
@@ -137,112 +107,6 @@ def pack(examples: Sequence[TokenizedExample], block_size: int) -> list[Tokenize
             for i in range(0, len(ids), block_size)]
 
 
-# --- loading -------------------------------------------------------------------------------------
-
-def _load_file(path: Path, shown: str, key: str) -> datasets.Dataset:
-    import datasets
-
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise ConfigError(f"{key}: {shown} has an unknown format ({path.suffix or 'no extension'}); "
-                          f"use {_FORMATS}.")
-    if path.stat().st_size == 0:  # datasets fails on an empty file with an empty StopIteration
-        raise ConfigError(_no_rows(key, shown))
-    # pandas would read a completion of "4" as the int 4; converters keep text columns text.
-    options = {"converters": {field: str for field in _TEXT_FIELDS}} if builder == "csv" else {}
-    with _quiet_datasets():
-        try:
-            return datasets.load_dataset(builder, name=_file_version(path), data_files=str(path.resolve()),
-                                         split="train", **options)
-        except Exception as error:  # datasets' and pyarrow's exception types vary by version
-            reason = _reason(error)
-            if "corresponds to no data" in reason:  # a JSON [] or a CSV with only a header
-                raise ConfigError(_no_rows(key, shown)) from error
-            raise ConfigError(f"{key}: {shown} could not be read as {_FORMAT_NAMES[builder]} ({reason}); "
-                              f"fix the file, or save it as {_FORMATS}.") from error
-
-
-def _load_saved(path: Path, shown: str, key: str) -> datasets.Dataset:
-    import datasets
-
-    if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
-        raise ConfigError(f"{key}: {shown} is a folder but not a saved dataset (no state.json or "
-                          f"dataset_dict.json, which save_to_disk writes); point {key} at {_FORMATS}.")
-    with _quiet_datasets():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as error:
-            raise ConfigError(f"{key}: {shown} could not be read as a saved dataset ({_reason(error)}); "
-                              "save it again with Dataset.save_to_disk.") from error
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded[_pick_split(list(loaded), shown, key)]
-    # A saved format (e.g. "torch") would turn labels into tensors; rows are read as Python values.
-    return loaded.with_format(None)
-
-
-def _pick_split(splits: list[str], shown: str, key: str) -> str:
-    """The split of a saved DatasetDict that ``key`` takes (see :func:`load_split`)."""
-    if len(splits) == 1:
-        return splits[0]
-    role = key.rsplit(".", 1)[-1]
-    for name in _EVAL_SPLITS if role == "eval" else (role,):
-        if name in splits:
-            return name
-    raise ConfigError(f"{key}: {shown} is a DatasetDict with splits {', '.join(splits)} and none is "
-                      f"the {role} split; point {key} at one split's folder, e.g. "
-                      f"{os.path.join(shown, splits[0])}.")
-
-
-def _file_version(path: Path) -> str:
-    """A datasets config name that changes whenever the file may have changed.
-
-    datasets keys its cache on the file's mtime alone, so a rewrite within one clock tick, or one
-    that keeps the mtime, would load the old rows; size, inode and ctime (which no tool can set
-    back) catch those.
-    """
-    stat = path.stat()
-    stamp = f"{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ctime_ns}-{stat.st_ino}"
-    return "deltadist-" + hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """No progress bars and no logged errors (the ConfigError says it) while datasets loads."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from datasets.utils import logging as datasets_logging
-
-    bars_were_off = are_progress_bars_disabled()
-    verbosity = datasets_logging.get_verbosity()
-    disable_progress_bars()
-    datasets_logging.set_verbosity(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        datasets_logging.set_verbosity(verbosity)
-        if not bars_were_off:
-            enable_progress_bars()
-
-
-def _reason(error: BaseException) -> str:
-    """The root cause's message on one short line.
-
-    datasets wraps the parser's error ("An error occurred while generating the dataset"), so the
-    explicit ``__cause__`` chain is followed to its end; ``__context__`` (an error raised while
-    handling another, e.g. datasets' fallback parser failing too) only past an empty message.
-    """
-    reason = type(error).__name__
-    current: BaseException | None = error
-    while current is not None:
-        message = " ".join(str(current).split())
-        reason = message or reason
-        current = current.__cause__ or (None if message else current.__context__)
-    return reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS - 3] + "..."
-
-
-def _no_rows(key: str, shown: str) -> str:
-    return f"{key}: {shown} holds no rows; add rows to it, or point {key} at a file that has them."
-
-
 # --- checking rows -------------------------------------------------------------------------------
 
 def _where(key: str | None, path: str | os.PathLike, row: int | None = None) -> str:
@@ -278,7 +142,7 @@ def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
                key: str) -> list[tuple[str | None, str]]:
     """Each causal_lm/seq2seq row as ``(prompt, completion)``, or ``(None, text)`` for a text row."""
     needs = f"{task} rows need prompt and completion, or text."
-    present = [field for field in _TEXT_FIELDS if field in dataset.column_names]
+    present = [field for field in TEXT_FIELDS if field in dataset.column_names]
     if "text" not in present and len(present) < 2:
         other = {"prompt": "completion", "completion": "prompt"}
         what = (f"no '{other[present[0]]}' column (nor 'text')" if present
@@ -286,7 +150,7 @@ def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
         raise ConfigError(f"{_where(key, path)} has {what} (it has: {', '.join(dataset.column_names)}); "
                           f"{needs}")
     n = dataset.num_rows
-    prompts, completions, texts = (dataset[f][:] if f in present else [None] * n for f in _TEXT_FIELDS)
+    prompts, completions, texts = (dataset[f][:] if f in present else [None] * n for f in TEXT_FIELDS)
     rows: list[tuple[str | None, str]] = []
     for index, (prompt, completion, text) in enumerate(zip(prompts, completions, texts)):
         where = _where(key, path, index + 1)

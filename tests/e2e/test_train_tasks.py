@@ -138,7 +138,7 @@ def killing_script(job: Job, patch: str) -> str:
     """Python that runs the job in this process after ``patch`` and dies by SIGKILL inside it."""
     return textwrap.dedent(f"""
         import os, signal
-        from deltadist.training import loop, run_state
+        from deltadist.training import run_state, steps
         calls = {{"n": 0}}
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
@@ -152,14 +152,14 @@ def killing_script(job: Job, patch: str) -> str:
 KILL_POINTS = {
     # after step 7's forward and backward, before its optimizer step (the newest checkpoint is step 6)
     "mid_step": """
-        real_step = loop._Job.train_step
+        real_step = steps.StepRunner.train_step
         def train_step(self, batch):
             calls["n"] += 1
             if calls["n"] == 7:
                 self.runner(**{k: v for k, v in self.collate(batch).items() if k != "labels"})
                 die()
             return real_step(self, batch)
-        loop._Job.train_step = train_step
+        steps.StepRunner.train_step = train_step
     """,
     # while writing the checkpoint of step 9: the rank file is written, run_state.json is not
     "mid_checkpoint": """

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from deltadist.training.loop import Metrics
+from deltadist.training.metrics import Metrics
 from deltadist.training.report import print_summary
 
 

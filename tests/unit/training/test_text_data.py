@@ -16,11 +16,11 @@ import datasets
 import pytest
 
 from deltadist.errors import ConfigError
+from deltadist.training.data_files import load_split
 from deltadist.training.text_data import (
     IGNORE_INDEX,
     TokenizedExample,
     label_names,
-    load_split,
     pack,
     tokenize_split,
 )
