@@ -9,8 +9,8 @@ from torch import nn
 def is_linear_module(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer by its attributes (``nn.Linear``, transformers' ``Conv1D``).
 
-    A cheap structural test for addressing (``"all-linear"``); :func:`deltadist.core.shapes.linear_features` also finds
-    linear-like modules by meta propagation.
+    A cheap structural test for addressing (``"all-linear"``);
+    :func:`deltadist.core.shapes.linear_features` also finds linear-like modules by meta propagation.
     """
     if isinstance(module, nn.Linear):
         return True

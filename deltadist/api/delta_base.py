@@ -325,6 +325,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
 
     @property
     def is_attached(self) -> bool:
+        """Whether every module of this delta is attached now."""
         return all(att.attached for att in self.record.attachments)
 
     @property

@@ -95,6 +95,7 @@ class DeltaConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
+        """The config's field names, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
@@ -134,6 +135,7 @@ class DeltaConfig:
 
 
 def check_positive_int(config: DeltaConfig, name: str) -> None:
+    """Raise :class:`ConfigError` unless ``config.<name>`` is an int of at least 1."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")

@@ -98,6 +98,7 @@ class DeltaRecord:
         return {**self.delta_parameters(), **self.backbone_parameters()}
 
     def delta_parameter_ids(self) -> set[int]:
+        """``id()`` of every parameter of this delta's modules."""
         return {id(p) for att in self.attachments for p in att.delta.parameters()}
 
     def fixed_parameter_ids(self) -> set[int]:

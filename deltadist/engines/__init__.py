@@ -22,6 +22,6 @@ from deltadist.engines.registry import (
 
 __all__ = [
     "BMTrainEngine", "ENGINES", "DistributedEngine", "Engine", "FSDP1Engine", "FSDP2Engine", "detect_engine",
-    "engine_class", "record_logical_shapes", "recorded_shape", "register_engine", "setup_engine", "wrap_model",
-    "ZeRO3Engine",
+    "engine_class", "record_logical_shapes", "recorded_shape", "register_engine", "setup_engine",
+    "wrap_model", "ZeRO3Engine",
 ]

@@ -145,14 +145,17 @@ class Engine:
     # -- the parallel world -------------------------------------------------------------------
     @property
     def rank(self) -> int:
+        """This process's rank in the engine's world."""
         return 0
 
     @property
     def world_size(self) -> int:
+        """How many ranks the engine's world has."""
         return 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is the rank that writes files and reports (rank 0)."""
         return self.rank == 0
 
     def barrier(self) -> None:

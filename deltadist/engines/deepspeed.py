@@ -27,6 +27,7 @@ from deltadist.errors import EngineError
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ZeRO-3 partitions ``param`` (it carries ``ds_id`` and its logical ``ds_shape``)."""
     return hasattr(param, "ds_id") and hasattr(param, "ds_shape")
 
 

@@ -37,6 +37,7 @@ FLAT_PARAMETER = "_flat_param"
 
 
 def is_flat_sharded(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a view into one of FSDP1's flat parameters."""
     return bool(getattr(param, FSDP1_FLAG, False))
 
 

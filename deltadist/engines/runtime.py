@@ -57,6 +57,7 @@ class LaunchSource:
 
     @property
     def variables(self) -> tuple[str, ...]:
+        """Every variable this source sets for a rank."""
         return (self.rank, self.world_size, *self.local_rank)
 
 
@@ -173,6 +174,7 @@ class LaunchInfo:
 
     @property
     def launcher(self) -> LaunchSource:
+        """The launch source this process came from."""
         return next(s for s in LAUNCH_SOURCES if s.name == self.source)
 
 

@@ -60,6 +60,7 @@ class Submission:
             return {"ok": False, "error": "No answer from the waiting Python call."}
 
     def mark_sent(self) -> None:
+        """Note that the page has been told the outcome of this submission."""
         self._sent.set()
 
     def wait_sent(self, timeout: float) -> bool:
@@ -111,6 +112,7 @@ class PickerServer:
         return f"http://{host}:{port}/?token={self.token}"
 
     def start(self) -> "PickerServer":
+        """Serve the page in a background thread; return ``self``."""
         self._thread.start()
         return self
 

@@ -128,6 +128,7 @@ def recompute_buffers(backbone: nn.Module, owners: dict[str, tuple[type, Any]],
 
 
 def check_nothing_on_meta(backbone: nn.Module) -> None:
+    """Raise :class:`EngineError` naming what is still on ``meta`` after setup."""
     left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
     if left:
         raise EngineError(f"Still on the meta device after setup: {', '.join(left[:20])}.")

@@ -149,6 +149,7 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
 
 
 def fsync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk, where the platform allows it."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

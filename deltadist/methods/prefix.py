@@ -116,6 +116,7 @@ class Prefix(DeltaModule):
 
     @property
     def reparameterized(self) -> bool:
+        """Whether the prefixes come from the shared MLP (else they are trained directly)."""
         return self.shared is not None
 
     def reset_parameters(self) -> None:

@@ -91,6 +91,7 @@ class DataConfig:
 
     @property
     def builtin(self) -> bool:
+        """Whether the job trains on the built-in topic set."""
         return self.train == BUILTIN_DATA
 
 

@@ -40,10 +40,12 @@ _TREE_KEY = "deltadist_run_state"
 
 
 def step_dirname(step: int) -> str:
+    """The checkpoint folder name of ``step`` (``step-00000008``: sorts by step)."""
     return f"step-{step:08d}"
 
 
 def rank_filename(rank: int, world_size: int) -> str:
+    """The file of one rank's optimizer and RNG state in a checkpoint."""
     return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
@@ -112,6 +114,7 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Put back the RNG states a checkpoint saved (CPU, and CUDA on ``device``)."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -150,6 +153,7 @@ def begin(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def partial_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where the ranks write ``step``'s checkpoint before the main rank renames it complete."""
     return Path(output_dir) / CHECKPOINTS_DIRNAME / f".{step_dirname(step)}.partial"
 
 
@@ -169,6 +173,7 @@ def commit(partial: Path, run_state: dict[str, Any], keep_last: int | None) -> P
 
 
 def read_run_state(directory: Path) -> dict[str, Any]:
+    """The ``run_state.json`` of a checkpoint folder."""
     state = json.loads((directory / STATE_NAME).read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: run checkpoint format {state.get('format_version')!r}, this "
