@@ -1,14 +1,52 @@
-"""The base class of every delta's math: a small ``nn.Module`` attached to one site."""
+"""The base class of every delta's math: a small ``nn.Module`` attached to one site, and the
+per-call state its mechanism reads."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from deltadist.engines import Engine
+
+
+@dataclass(eq=False)
+class CallState:
+    """What a delta module's mechanism reads at the top of each call, besides the call itself.
+
+    It lives on the delta module (``delta.call_state``), so a hook finds it from the module it runs
+    on: never through a closure, a global keyed by ``id()`` or a context variable, so a compiled
+    graph reads it as module state. A copy of the model (``copy.deepcopy``, pickling) keeps how the
+    delta is wired (``joined``, ``order``) and none of the routing of the call or block running
+    now: the copy is routed by nothing its original was routed by.
+    """
+
+    rows: torch.Tensor | None = None
+    """Inside a mixed batch: the listed rows this delta serves (int64, ascending; may be empty).
+    ``None``: every row."""
+    listed: int = 0
+    """Inside a mixed batch: how many rows the block listed."""
+    group: tuple[str, ...] | None = None
+    """Inside a mixed batch: the child names of the deltas of this site computed together with this
+    one by its class's ``grouped_update`` when it leads them, ``()`` when another member computes
+    its share, ``None`` when it runs on its own."""
+    joined: bool = False
+    """Whether this delta takes part in its site's calls now (attached and not suspended), for
+    mechanisms without hooks (a prefix joined inside attention)."""
+    order: int = 0
+    """Its place among the deltas of one site (attach order), for such mechanisms."""
+    pending: Any = None
+    """A value one hook of this delta's call hands to another (a span's start input, a prompt's
+    layout), taken out again within the call."""
+
+    def __deepcopy__(self, memo: dict) -> "CallState":
+        return CallState(joined=self.joined, order=self.order)
+
+    def __reduce__(self) -> tuple:
+        return (CallState, (None, 0, None, self.joined, self.order))
 
 
 class DeltaModule(nn.Module):
@@ -20,6 +58,10 @@ class DeltaModule(nn.Module):
     initialised afterwards (they call :meth:`initialize` last in ``__init__``). A delta with a
     merged form overrides :meth:`merge_blocker` and :meth:`fold_into`.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call_state = CallState()
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters in place (see :meth:`initialize`)."""

@@ -10,14 +10,15 @@ While a prefix is attached, the configs of the modules carrying one name ``delta
 registered in ``ALL_ATTENTION_FUNCTIONS`` (a wrapper of ``<impl>``) and in
 ``ALL_MASK_ATTENTION_FUNCTIONS`` (``<impl>``'s own masks); the last prefix to go restores the
 config. Modules without a prefix run ``<impl>`` unchanged. No ``forward`` is reassigned and no
-hook is needed. This module is the only one that knows these transformers internals.
+hook is needed: the wrapper finds the prefixes as the attention module's own children that have
+joined it (their ``call_state``), so each layer of a compiled graph reads its own, and a copy of
+the model runs its own. This module is the only one that knows these transformers internals.
 :data:`KEY_VALUE_PREFIX` is the mechanism that routes a prefix delta this way.
 """
 
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -35,16 +36,10 @@ ROUTE_PREFIX = "deltadist_prefix:"
 ROUTABLE = ("sdpa", "eager")
 """Implementations a prefix can wrap (their masks are 4-D tensors deltadist can extend)."""
 
-PrefixProvider = Callable[[int, int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
-"""``(batch, kv_heads, head_dim, dtype) -> (key, value)``, each ``[batch, kv_heads, P, head_dim]``."""
-
-_PROVIDERS: "weakref.WeakKeyDictionary[nn.Module, dict[int, PrefixProvider]]" = weakref.WeakKeyDictionary()
-"""Attention module -> its live prefixes, by route id, in attach order."""
-_ROUTED_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-"""Modules deltadist has routed (their prefixes may be off now: detached or ``disabled()``)."""
 _ROUTED: dict[int, list[Any]] = {}
-"""``id(config)`` -> ``[config, original implementation, number of routes]``."""
-_next_id = iter(range(1 << 62))
+"""``id(config)`` -> ``[config, original implementation, number of routes]``: attach-time
+bookkeeping (read when a route is added or removed, never during a call). Configs are not
+hashable, and an attribute set on one would be saved with it."""
 
 
 def routing_problem(module: nn.Module) -> str | None:
@@ -65,25 +60,21 @@ def routing_problem(module: nn.Module) -> str | None:
 
 
 class PrefixRoute:
-    """A live prefix on one attention module; :meth:`remove` takes it out (a hook handle's API)."""
+    """A prefix delta joined to one attention module; :meth:`remove` takes it out (a hook handle's
+    API, so attach and detach treat it like the hooks of other mechanisms)."""
 
-    def __init__(self, module: nn.Module, provider: PrefixProvider) -> None:
+    def __init__(self, module: nn.Module, prefix: nn.Module, order: int) -> None:
         problem = routing_problem(module)
         if problem:
             raise SiteError(problem)
-        self.id = next(_next_id)
-        self.module = weakref.ref(module)
-        self.config = module.config
-        _PROVIDERS.setdefault(module, {})[self.id] = provider
-        _ROUTED_MODULES.add(module)
+        self.prefix, self.config = prefix, module.config
+        prefix.call_state.joined, prefix.call_state.order = True, order
         _route(self.config)
 
     def remove(self) -> None:
-        module = self.module()
-        providers = _PROVIDERS.get(module) if module is not None else None
-        if providers is not None and providers.pop(self.id, None) is not None:
-            if not providers:
-                del _PROVIDERS[module]
+        """Take the prefix out of its attention's calls (the last one out restores the config)."""
+        if self.prefix.call_state.joined:
+            self.prefix.call_state.joined = False
             _unroute(self.config)
 
 
@@ -132,14 +123,12 @@ def _inner_function(module: nn.Module, inner: str) -> Callable[..., Any]:
 def _wrapper(inner: str) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
-        providers = list(_PROVIDERS.get(module, {}).values())
-        if not providers and module not in _ROUTED_MODULES:
-            # A copy of a prefixed model (copy.deepcopy): its config is routed, its prefixes are
-            # its own children, as hooks of other deltas find theirs.
-            providers = [child for child in module.children() if getattr(child, "joins_attention", False)]
-        if providers:
+        prefixes = sorted((child for child in module.children()
+                           if getattr(child, "joins_attention", False) and child.call_state.joined),
+                          key=lambda child: child.call_state.order)
+        if prefixes:
             key, value, attention_mask, kwargs = _join_prefixes(
-                module, query, key, value, attention_mask, kwargs, providers, inner)
+                module, query, key, value, attention_mask, kwargs, prefixes, inner)
         return _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"deltadist_prefix_{inner}"
@@ -147,12 +136,12 @@ def _wrapper(inner: str) -> Callable[..., Any]:
 
 
 def _join_prefixes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   mask: torch.Tensor | None, kwargs: dict[str, Any], providers: list[PrefixProvider],
+                   mask: torch.Tensor | None, kwargs: dict[str, Any], prefixes: list[nn.Module],
                    inner: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """Prefixes before the keys and values (``[B, kv_heads, K, d]``); the mask and a position bias
     (T5) extended so every query sees them."""
     batch, heads, length, head_dim = key.shape
-    pairs = [provider(batch, heads, head_dim, key.dtype) for provider in providers]
+    pairs = [prefix(batch, heads, head_dim, key.dtype) for prefix in prefixes]
     keys = torch.cat([k for k, _ in pairs] + [key], dim=2)
     values = torch.cat([v for _, v in pairs] + [value], dim=2)
     added = keys.shape[2] - length
@@ -161,7 +150,7 @@ def _join_prefixes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     if mask is None and inner == "sdpa" and causal and query.shape[2] > 1:
         # sdpa would apply is_causal aligned to the top-left corner of the longer key sequence.
         mask = _causal_mask(query.shape[2], length, query.device)
-    served = _served_columns(providers, [k.shape[2] for k, _ in pairs], batch, key.device)
+    served = _served_columns(prefixes, [k.shape[2] for k, _ in pairs], batch, key.device)
     if served is not None:  # a mixed batch: hide each prefix from the rows it does not serve
         if mask is None:
             mask = torch.ones(1, 1, query.shape[2], length, dtype=torch.bool, device=key.device)
@@ -174,11 +163,11 @@ def _join_prefixes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     return keys, values, mask, kwargs
 
 
-def _served_columns(providers: list[PrefixProvider], widths: list[int], batch: int,
+def _served_columns(prefixes: list[nn.Module], widths: list[int], batch: int,
                     device: torch.device) -> torch.Tensor | None:
     """``[batch, P_total]`` booleans: which prefix positions each row may see, inside a mixed batch
     (:mod:`deltadist.mechanisms.rows`); ``None`` when every prefix serves every row."""
-    rows = [getattr(p, "rows", lambda b, d: None)(batch, device) for p in providers]
+    rows = [rows_for(prefix, batch, device) for prefix in prefixes]
     if all(r is None for r in rows):
         return None
     columns = []
@@ -217,12 +206,8 @@ class KeyValuePrefix(Mechanism):
     name = "key_value_prefix"
 
     def wire(self, att: "Attachment", module: nn.Module) -> list[Any]:
-        def provider(batch: int, heads: int, head_dim: int, dtype: torch.dtype):  # noqa: ANN202
-            return module._modules[att.child_name](batch, heads, head_dim, dtype)
-
         # In a mixed batch the prefix serves some rows only: the others' mask hides its positions.
-        provider.rows = lambda batch, device: rows_for(att, batch, device)  # type: ignore[attr-defined]
-        return [PrefixRoute(module, provider)]
+        return [PrefixRoute(module, att.delta, att.order)]
 
 
 KEY_VALUE_PREFIX = KeyValuePrefix()

@@ -5,8 +5,10 @@ listed delta to the rows that name it, a delta attached but not listed (and ``No
 none. The mechanisms ask :func:`rows_for` at each call and run the delta on those rows alone
 (``index_select``, the delta, then ``index_add`` / ``index_copy`` back), so each row gets what it
 gets with only its delta attached, and one backward gives each delta the gradients of its own
-rows. The routing (:mod:`deltadist.mechanisms.rows`) lives in a context variable, never on the
-model: nothing is left behind, and other threads and models are untouched.
+rows. The routing (:mod:`deltadist.mechanisms.rows`) is set on each delta module's call state for
+the block and put back as it was after it (blocks nest). It is state of the model, like a delta
+being attached: a block routes every call of that model, from any thread, and a copy of the model
+(``copy.deepcopy``) is not routed.
 
 A call on more rows than were listed, by a whole multiple ``m`` (``generate`` with beam search or
 ``num_return_sequences`` repeats each row ``m`` times in place, ``repeat_interleave``), routes
@@ -19,12 +21,12 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from deltadist.core.attach import attachments_on
 from deltadist.core.record import records_on
 from deltadist.errors import DeltaError
 from deltadist.mechanisms.hooks import PARALLEL
-from deltadist.mechanisms.rows import ROUTES, Routes
 
 if TYPE_CHECKING:
     from deltadist.core.attach import Attachment
@@ -57,21 +59,27 @@ def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
              for delta in listed for att in delta.record.attachments}
     # Every attachment on the model, not only those of deltas someone still holds: a delta object
     # that was dropped keeps its hooks, and it must serve no row either.
-    by_attachment, groups, followers = {}, {}, set()
+    routes: dict[int, tuple[nn.Module, torch.Tensor, tuple[str, ...] | None]] = {}
     for module in backbone.modules():
         on_site = attachments_on(module)
         for att in on_site:
             _check_routable(att, owned.get(id(att), []))
-            by_attachment[id(att)] = torch.tensor(owned.get(id(att), []), dtype=torch.long)
+            routes[id(att)] = (att.delta, torch.tensor(owned.get(id(att), []), dtype=torch.long), None)
         group = _groupable([a for a in on_site if owned.get(id(a))])
         if len(group) > 1:
-            groups[id(group[0])] = tuple(group)
-            followers.update(id(a) for a in group[1:])
-    token = ROUTES.set(Routes(len(rows), by_attachment, groups, frozenset(followers)))
+            names = tuple(a.child_name for a in group)
+            for member in group:
+                delta, served, _ = routes[id(member)]
+                routes[id(member)] = (delta, served, names if member is group[0] else ())
+    saved = [(delta, delta.call_state.rows, delta.call_state.listed, delta.call_state.group)
+             for delta, _, _ in routes.values()]
+    for delta, served, group in routes.values():
+        delta.call_state.rows, delta.call_state.listed, delta.call_state.group = served, len(rows), group
     try:
         yield
     finally:
-        ROUTES.reset(token)
+        for delta, served, count, group in saved:
+            delta.call_state.rows, delta.call_state.listed, delta.call_state.group = served, count, group
 
 
 def _check_listed(delta: Any, row: int, backbone: Any) -> None:

@@ -124,8 +124,6 @@ def test_a_prompt_delta_on_the_model_is_refused_naming_it() -> None:
 
 def test_lora_deltas_of_different_ranks_and_scales_share_one_grouped_product() -> None:
     """LoRA branches of one site are computed together (ranks padded with zeros)."""
-    from deltadist.mechanisms.rows import ROUTES
-
     model = build_tiny("llama", "cls")
     deltas = []
     for r, alpha in ((2, 4.0), (6, 3.0)):
@@ -138,7 +136,9 @@ def test_lora_deltas_of_different_ranks_and_scales_share_one_grouped_product() -
     rows = [deltas[1], deltas[0], deltas[1]]
     inputs = tiny_inputs("llama", batch=3)
     with deltadist.mixed_batch(rows):
-        assert ROUTES.get().groups  # the grouped path is the one under test
+        # the grouped path is the one under test: a delta leads a group (the routing of the block
+        # is on the delta modules' call state)
+        assert any(att.delta.call_state.group for d in deltas for att in d.record.attachments)
         mixed = logits_of(model, inputs)
     for chosen in deltas:
         alone(deltas, chosen)
