@@ -49,8 +49,8 @@ class StructureMap:
     legacy_roles: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
     """Like ``roles``, for module paths of older transformers releases (4.5x) that 5.x renamed."""
     transposed_linear_classes: tuple[str, ...] = ()
-    """Class names (not classes) of linear layers storing their weight ``[in, out]`` (GPT-2's ``Conv1D``);
-    a module of such a class is one on any model (LoRA's merge, shapes and PEFT export transpose it)."""
+    """Class names (not classes) of linear layers storing their weight ``[in, out]`` (GPT-2's
+    ``Conv1D``), matched on any model: LoRA's merge, shapes and PEFT export transpose them."""
     attention_heads_attrs: tuple[str, ...] = ("num_attention_heads",)
     """Config attributes giving the attention's query head count; the first one set wins (as for
     every ``*_attrs`` fact, read by :func:`deltadist.addressing.facts.config_value`)."""

@@ -79,7 +79,8 @@ def test_known_families_name_their_config_attributes() -> None:
 
 def test_a_config_of_no_known_family_is_asked_every_known_name() -> None:
     assert config_attr_names(None, "head_size_attrs") == ("head_dim", "d_kv")
-    assert config_attr_names(SimpleNamespace(model_type="other"), "hidden_size_attrs") == ("hidden_size", "d_model")
+    other = SimpleNamespace(model_type="other")
+    assert config_attr_names(other, "hidden_size_attrs") == ("hidden_size", "d_model")
     assert config_value(SimpleNamespace(d_kv=8), "head_size_attrs") == 8
     assert config_value(SimpleNamespace(hidden_size=0, d_model=16), "hidden_size_attrs") == 16
     assert config_value(SimpleNamespace(head_dim=0), "head_size_attrs") is None  # as `a or b`
