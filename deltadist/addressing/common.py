@@ -11,15 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from deltadist.addressing.names import canonical_modules
-from deltadist.addressing.structures import STRUCTURE_MAPS, StructureMap
+from deltadist.addressing.structures import STRUCTURE_MAPS, StructureMap, structure_map_for
 
 
 def _family_of(module: nn.Module) -> StructureMap | None:
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    for smap in STRUCTURE_MAPS:
-        if model_type in smap.model_types:
-            return smap
-    return None
+    return structure_map_for(getattr(getattr(module, "config", None), "model_type", None))
 
 
 def _scopes(modules: dict[str, nn.Module], guess: bool = True) -> list[tuple[str, StructureMap]]:

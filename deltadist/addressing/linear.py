@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltadist.addressing.facts import weight_is_transposed
+
 
 def is_linear_module(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer by its attributes (``nn.Linear``, transformers' ``Conv1D``).
@@ -17,4 +19,4 @@ def is_linear_module(module: nn.Module) -> bool:
     in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if isinstance(in_f, int) and isinstance(out_f, int):
         return True
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+    return weight_is_transposed(module) and isinstance(getattr(module, "weight", None), torch.Tensor)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from deltadist.addressing.facts import weight_is_transposed
 from deltadist.addressing.linear import is_linear_module
 from deltadist.core.delta_module import DeltaModule
 from deltadist.engines import Engine
@@ -64,7 +65,7 @@ def linear_features(module: nn.Module, engine: Engine) -> tuple[int, int] | None
     shape = engine.logical_shape(weight)
     if len(shape) != 2:
         return None
-    if type(module).__name__ == "Conv1D":
+    if weight_is_transposed(module):
         return int(shape[0]), int(shape[1])
     for in_dim in dict.fromkeys((int(shape[1]), int(shape[0]))):
         out = meta_output(module, engine, torch.Size([1, in_dim]), weight.dtype)

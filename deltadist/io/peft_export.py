@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from deltadist.addressing.facts import weight_is_transposed
 from deltadist.addressing.names import canonical_modules, dot_prefixes, dot_suffixes
 from deltadist.addressing.select import without_skipped
 from deltadist.core import attach as mechanisms
@@ -88,7 +89,7 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
         "revision": None, "inference_mode": True, "r": config.lora_r, "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout, "target_modules": _target_modules(list(sites), modules),
         "modules_to_save": to_save or None, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": all(type(m).__name__ == "Conv1D" for m in sites.values()),
+        "fan_in_fan_out": all(weight_is_transposed(m) for m in sites.values()),
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
@@ -124,7 +125,7 @@ def write_peft(directory: str | Path, tensors: Mapping[str, torch.Tensor], expor
 
 
 def _peft_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or weight_is_transposed(module)
 
 
 def _backbone_modules(backbone: nn.Module) -> dict[str, nn.Module]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltadist.addressing.facts import weight_is_transposed
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
 from deltadist.core.config import DeltaConfig, check_positive_int, check_range
@@ -106,7 +107,7 @@ class LoRA(DeltaModule):
         """``W += sign * (alpha / r) * B A`` (transposed for ``Conv1D``, whose weight is ``[in, out]``)."""
         full = engine.gather({"w": site.weight, "a": self.lora_A, "b": self.lora_B})
         update = (full["b"].float() @ full["a"].float()) * (self.scaling * sign)
-        if type(site).__name__ == "Conv1D":
+        if weight_is_transposed(site):
             update = update.t()
         engine.scatter(site.weight, (full["w"].float() + update).to(full["w"].dtype))
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from deltadist.addressing.common import common_name_index
+from deltadist.addressing.facts import config_value
 from deltadist.addressing.names import canonical_modules
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
@@ -234,14 +235,16 @@ def kv_width(attention: nn.Module) -> int:
     """Key/value heads x head size of an attention module, from its model config.
 
     Grouped-query models set ``num_key_value_heads`` (fewer heads than queries) and often
-    ``head_dim`` (not always ``hidden_size / num_attention_heads``); T5 calls the head size ``d_kv``.
+    ``head_dim`` (not always ``hidden_size / num_attention_heads``). Which config attributes hold
+    these is a fact of the family's structure map (T5 calls the head size ``d_kv``).
     """
     config = attention.config
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
-    if head_dim is None and heads:
-        head_dim = config.hidden_size // heads
+    heads = config_value(config, "attention_heads_attrs")
+    kv_heads = config_value(config, "kv_heads_attrs") or heads
+    head_dim = config_value(config, "head_size_attrs")
+    hidden = config_value(config, "hidden_size_attrs") if head_dim is None and heads else None
+    if hidden is not None:
+        head_dim = hidden // heads
     if not kv_heads or not head_dim:
         raise SiteError(f"{type(attention).__name__}: its config gives no attention head count or size.")
     return int(kv_heads) * int(head_dim)

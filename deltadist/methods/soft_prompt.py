@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deltadist.addressing.common import modules_with_role
+from deltadist.addressing.facts import config_value
 from deltadist.addressing.names import canonical_modules
 from deltadist.addressing.select import Site
 from deltadist.addressing.structures import VISION_SEQUENCE
@@ -171,10 +172,11 @@ def _token_embeddings(backbone: nn.Module) -> nn.Module | None:
 
 
 def _width(site: Site, backbone: nn.Module) -> int:
-    """The hidden width of the sequence at ``site``: the model config's ``hidden_size``."""
+    """The hidden width of the sequence at ``site``: the model config's ``hidden_size`` (or the
+    attribute the family's structure map names for it, ``d_model`` on T5)."""
     for module in (site.module, *canonical_modules(backbone).values()):
         config = getattr(module, "config", None)
-        width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+        width = None if config is None else config_value(config, "hidden_size_attrs")
         if isinstance(width, int):
             return width
     raise SiteError(f"No hidden size is known for {site.name!r}: its model has no config.hidden_size.")

@@ -24,6 +24,14 @@ STRUCTURE_MAPS: list[StructureMap] = [BERT, ROBERTA, DISTILBERT, T5, GPT2, BART,
 family is guessed from its module names, the first of the best-matching maps wins."""
 
 
+def structure_map_for(model_type: object) -> StructureMap | None:
+    """The registered map serving ``model_type`` (a ``config.model_type``), or ``None``."""
+    for smap in STRUCTURE_MAPS:
+        if model_type in smap.model_types:
+            return smap
+    return None
+
+
 def register_structure_map(structure_map: StructureMap) -> StructureMap:
     """Make ``structure_map`` known: models whose ``config.model_type`` it lists get its roles
     (method defaults such as LoRA's ``attn.q``/``attn.v`` then work on them).
@@ -41,4 +49,5 @@ def register_structure_map(structure_map: StructureMap) -> StructureMap:
     return structure_map
 
 
-__all__ = ["STRUCTURE_MAPS", "StructureMap", "TASK_HEAD", "VISION_SEQUENCE", "register_structure_map"]
+__all__ = ["STRUCTURE_MAPS", "StructureMap", "TASK_HEAD", "VISION_SEQUENCE", "register_structure_map",
+           "structure_map_for"]

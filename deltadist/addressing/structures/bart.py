@@ -7,6 +7,7 @@ from .base import TASK_HEAD, StructureMap
 BART = StructureMap(
     family="bart",
     model_types=("bart",),
+    hidden_size_attrs=("d_model",),
     roles={
         # transformers 5 keeps `shared` as a separate module that forward never calls.
         "encoder.embed_tokens": "embeddings",

@@ -3,6 +3,9 @@
 A structure map says, for one model family, which real module paths play which *role* in the
 common transformer structure of OpenDelta's docs (``encoder.block.$.attn.q``, ``decoder.block.$.ff.w2``,
 ``lm_head.proj``...). Method defaults are then written once, by role (``attn.q``), for every family.
+It also holds the other facts that differ by family and that the code asks the map for: which
+config attributes give the attention shape and the hidden width, which linear classes store their
+weight transposed (read through :mod:`deltadist.addressing.facts`).
 
 Maps are data: they name module paths, never import a model class, so they keep working as
 transformers renames its classes.
@@ -45,6 +48,18 @@ class StructureMap:
     """Real template -> common name template, or several (a fused ``c_attn`` is q, k and v)."""
     legacy_roles: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
     """Like ``roles``, for module paths of older transformers releases (4.5x) that 5.x renamed."""
+    transposed_linear_classes: tuple[str, ...] = ()
+    """Class names (not classes) of linear layers storing their weight ``[in, out]`` (GPT-2's
+    ``Conv1D``), matched on any model: LoRA's merge, shapes and PEFT export transpose them."""
+    attention_heads_attrs: tuple[str, ...] = ("num_attention_heads",)
+    """Config attributes giving the attention's query head count; the first one set wins (as for
+    every ``*_attrs`` fact, read by :func:`deltadist.addressing.facts.config_value`)."""
+    kv_heads_attrs: tuple[str, ...] = ("num_key_value_heads",)
+    """Config attributes giving the key/value head count (grouped-query); none set: the query heads."""
+    head_size_attrs: tuple[str, ...] = ("head_dim",)
+    """Config attributes giving the attention head size (T5: ``d_kv``); none set: hidden width / heads."""
+    hidden_size_attrs: tuple[str, ...] = ("hidden_size",)
+    """Config attributes giving the hidden width (soft prompts' width; T5 and BART: ``d_model``)."""
 
     @cached_property
     def _compiled(self) -> list[tuple[str, re.Pattern[str], tuple[str, ...]]]:

@@ -7,6 +7,7 @@ from .base import TASK_HEAD, StructureMap
 GPT2 = StructureMap(
     family="gpt2",
     model_types=("gpt2",),
+    transposed_linear_classes=("Conv1D",),
     roles={
         "wte": "embeddings",
         "h.$.attn": "decoder.block.$.attn",

@@ -7,6 +7,8 @@ from .base import TASK_HEAD, StructureMap
 T5 = StructureMap(
     family="t5",
     model_types=("t5",),
+    head_size_attrs=("d_kv",),
+    hidden_size_attrs=("d_model",),
     roles={
         # transformers 5 keeps `shared` as a separate module that forward never calls.
         "encoder.embed_tokens": "embeddings",
