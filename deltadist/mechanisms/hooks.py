@@ -15,9 +15,9 @@ re-wires a module whenever its attachments change. Hooks see (and may rewrite) t
 Hooks are small objects (:class:`SiteHook`), not closures: they find their delta as
 ``module.<child_name>`` and its per-call state (mixed-batch rows, a span's input) on the delta
 module's ``call_state``, so a ``copy.deepcopy`` or a pickle of the backbone runs its own copy of
-the delta, and ``torch.compile`` sees module state, not a closure or a context variable. Hidden states are the
-``hidden_states`` keyword if given, else the first positional argument, else the first tensor
-keyword; outputs are a tensor or a tuple/list whose first item is the hidden states.
+the delta, and ``torch.compile`` sees module state, not a closure or a context variable. Hidden
+states are the ``hidden_states`` keyword if given, else the first positional argument, else the
+first tensor keyword; outputs are a tensor or a tuple/list whose first item is the hidden states.
 """
 
 from __future__ import annotations
