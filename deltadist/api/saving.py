@@ -221,8 +221,11 @@ def check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
     else:
         shown = ", ".join(differing[:5]) + (f", ... {len(differing) - 5} more" if len(differing) > 5 else "")
         what = f"another checkpoint ({len(differing)} tensors differ: {shown})"
+    trained_on = config.backbone_class or "backbone"
+    here = detect_engine(backbone).model_class_name(backbone)
+    this = f"this {here}" if here != trained_on else "this backbone"
     raise BackboneMismatchError(
-        f"This delta was trained on another {type(backbone).__name__}: this backbone is {what}. "
+        f"This delta was trained on a {trained_on}: {this} is {what}. "
         "Load the backbone checkpoint it was trained on, or pass check_hash=False to load it anyway."
     )
 

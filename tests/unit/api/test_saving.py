@@ -80,3 +80,15 @@ def test_another_architecture_is_named_as_such(saved) -> None:
     deeper = build_tiny("bert", "cls", num_hidden_layers=3)
     with pytest.raises(BackboneMismatchError, match="another architecture"):
         AutoDeltaModel.from_finetuned(directory, backbone_model=deeper)
+
+
+def test_a_mismatch_names_the_class_the_delta_was_trained_on(tmp_path) -> None:
+    """A Llama delta loaded onto BERT says it was trained on a LlamaForCausalLM, not on "another
+    BertForSequenceClassification"."""
+    llama = build_tiny("llama", "lm")
+    delta = LoraModel(llama, modified_modules=["self_attn.q_proj"], lora_r=2)
+    delta.save_finetuned(tmp_path / "llama_delta")
+    bert = build_tiny("bert", "cls")
+    with pytest.raises(BackboneMismatchError, match="trained on a LlamaForCausalLM: this "
+                                                    "BertForSequenceClassification is another architecture"):
+        AutoDeltaModel.from_finetuned(tmp_path / "llama_delta", backbone_model=bert)
