@@ -23,13 +23,16 @@ def test_pre_rebuild_delta_loads_bit_identically(method: str) -> None:
     family, head = CASES[method]
     folder = Path(HERE) / method
     model = build_tiny(family, head)
-    delta = AutoDeltaModel.from_finetuned(str(folder), backbone_model=model)
+    # transformers 4 initialises some families (T5) differently: another backbone to the
+    # fingerprint, so only transformers 5 checks it (and the logits, below).
+    same_backbone = int(transformers.__version__.split(".")[0]) >= 5
+    delta = AutoDeltaModel.from_finetuned(str(folder), backbone_model=model, check_hash=same_backbone)
     saved = load_file(str(folder / "delta.safetensors"))
     loaded = {name: tensor.detach() for name, tensor in delta.state_dict().items()}
     assert sorted(loaded) == sorted(saved)
     for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor), name
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if not same_backbone:
         pytest.skip("the expected logits were computed on transformers 5's random initialisation")
     expected = load_file(str(folder / "expected.safetensors"))["logits"]
     with torch.no_grad():
