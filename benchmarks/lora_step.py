@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import report  # noqa: E402
+from report import report
+from stepping import time_steps
 
 TARGETS = ("query", "value")
 RANK, ALPHA = 8, 16
@@ -41,7 +38,8 @@ class HandLoRALinear(nn.Module):
         self.scaling = ALPHA / RANK
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
+        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        return self.base(x) + update * self.scaling
 
 
 def backbone() -> nn.Module:
@@ -67,8 +65,9 @@ def deltadist_lora() -> tuple[nn.Module, list[nn.Parameter]]:
     from deltadist import AutoDeltaConfig, AutoDeltaModel
 
     model = backbone()
-    config = AutoDeltaConfig.from_dict({"delta_type": "lora", "modified_modules": list(TARGETS), "lora_r": RANK,
-                                        "lora_alpha": ALPHA, "unfrozen_modules": ["deltas", "classifier"]})
+    config = AutoDeltaConfig.from_dict({"delta_type": "lora", "modified_modules": list(TARGETS),
+                                        "lora_r": RANK, "lora_alpha": ALPHA,
+                                        "unfrozen_modules": ["deltas", "classifier"]})
     delta = AutoDeltaModel.from_config(config, backbone_model=model)
     delta.freeze_module(set_state_dict=False)
     return model, list(delta.parameters())
@@ -89,21 +88,13 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (32, 64), generator=generator).to(device)
     mask, labels = torch.ones_like(ids), torch.randint(0, 4, (32,), generator=generator).to(device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(args.warmup + args.rounds):
-        for name, (model, optimizer, _) in runs.items():
-            start = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(ids, mask), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    times = time_steps({name: (model, optimizer) for name, (model, optimizer, _) in runs.items()},
+                       lambda model: nn.functional.cross_entropy(model(ids, mask), labels),
+                       args.rounds, args.warmup, device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     floor = medians["hand-written LoRA (floor)"]
-    rows = [(name, f"{runs[name][2]:,}", f"{m * 1e3:.1f}", f"{m / floor:.3f}x") for name, m in medians.items()]
+    rows = [(name, f"{runs[name][2]:,}", f"{median * 1e3:.1f}", f"{median / floor:.3f}x")
+            for name, median in medians.items()]
     report("lora_step", f"LoRA r={RANK} training step, MiniLM-L6 classifier, batch 32x64, {args.device}, "
                         f"{args.rounds} interleaved rounds",
            ("method", "trainable params", "median step ms", "time vs floor"), rows,

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+
+from stepping import time_steps
 
 RESULTS = Path(__file__).parent / "results"
 LORA_TARGETS = ["query", "value"]
@@ -96,18 +97,9 @@ def main() -> None:
         model.to(device).train()
         runs[name] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
     ids, mask, labels = batch(device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(args.warmup + args.rounds):
-        for name, (model, optimizer, _) in runs.items():
-            start = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(ids, mask), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    times = time_steps({name: (model, optimizer) for name, (model, optimizer, _) in runs.items()},
+                       lambda model: nn.functional.cross_entropy(model(ids, mask), labels),
+                       args.rounds, args.warmup, device)
     report(times, {n: r[2] for n, r in runs.items()}, args, ids.shape[0])
 
 
