@@ -52,6 +52,7 @@ def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
     for i, delta in enumerate(rows):
         if delta is not None:
             _check_listed(delta, i, backbone)
+    _refuse_recomputation_after_the_block(backbone)
     if any(record.merged for record in records_on(backbone)):
         raise DeltaError("mixed_batch: a delta on this model is merged into its weights, so it "
                          "would apply to every row; call unmerge() on it before the block.")
@@ -80,6 +81,24 @@ def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
     finally:
         for delta, served, count, group in saved:
             delta.call_state.rows, delta.call_state.listed, delta.call_state.group = served, count, group
+
+
+def _refuse_recomputation_after_the_block(backbone: nn.Module) -> None:
+    """Activation checkpointing recomputes a layer's forward during the backward, which usually runs
+    after the block, when no routing is set: every delta would then apply to every row of the
+    recomputed layer (silently wrong gradients, or torch's CheckpointError). transformers
+    checkpoints a layer whose ``gradient_checkpointing`` is set while it trains."""
+    if not torch.is_grad_enabled():
+        return  # nothing is recomputed without a backward (evaluation, generate)
+    checkpointed = [name for name, module in backbone.named_modules()
+                    if getattr(module, "gradient_checkpointing", False) is True and module.training]
+    if checkpointed:
+        raise DeltaError(
+            f"mixed_batch cannot train with activation checkpointing ({checkpointed[0] or 'the model'} "
+            "recomputes its forward in the backward, after the block, without the rows' routing). "
+            "Turn it off for mixed-batch training (model.gradient_checkpointing_disable()), or run "
+            "the block under torch.no_grad() / in eval mode for inference. Nothing was routed."
+        )
 
 
 def _check_listed(delta: Any, row: int, backbone: Any) -> None:

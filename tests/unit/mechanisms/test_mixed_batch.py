@@ -161,3 +161,20 @@ def test_deltas_attached_but_not_listed_serve_no_row_even_once_dropped() -> None
     second.detach()
     with deltadist.mixed_batch([first, first]):  # the dropped LoRA still serves no row
         torch.testing.assert_close(logits_of(model, inputs)[:1], mixed[:1], **TOL)
+
+
+def test_training_with_activation_checkpointing_is_refused_when_the_block_starts() -> None:
+    """The recomputation runs in the backward after the block, without the routing: refused, not
+    silently every delta on every row. Inference (no grad, or eval mode) still routes."""
+    model, (first, _) = two_deltas("llama", "lora")
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(DeltaError, match="activation checkpointing.*gradient_checkpointing_disable"):
+        with deltadist.mixed_batch([first, None]):
+            pass
+    inputs = tiny_inputs("llama", batch=2)
+    with torch.no_grad(), deltadist.mixed_batch([first, None]):
+        logits_of(model, inputs)
+    model.eval()
+    with deltadist.mixed_batch([first, None]):
+        logits_of(model, inputs)
