@@ -10,7 +10,7 @@ from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
 from deltadist.core.config import DeltaConfig
 from deltadist.core.delta_module import DeltaModule
-from deltadist.core.freeze import full_state_dict
+from deltadist.core.export_guard import full_state_dict
 from deltadist.core.naming import deltas_on
 from deltadist.core.registry import register_method
 from deltadist.engines import Engine, register_engine, wrap_model

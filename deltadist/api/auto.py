@@ -11,8 +11,7 @@ from deltadist.api.delta_base import DeltaBase
 from deltadist.core.config import DeltaConfig
 from deltadist.core.registry import delta_model_class
 from deltadist.errors import ConfigError
-from deltadist.io import checkpoint
-from deltadist.io import peft
+from deltadist.io import checkpoint, peft
 
 
 class AutoDeltaConfig:

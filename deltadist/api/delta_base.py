@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Iterator, Mapping
 from torch import nn
 
 from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_sites
-from deltadist.api import ownership
+from deltadist.api import construction, ownership
 from deltadist.api.freezing import FreezeMixin
 from deltadist.api.interactive_setup import setup_interactively
 from deltadist.api.merging import MergeMixin
@@ -24,10 +24,10 @@ from deltadist.core import naming
 from deltadist.core.attach import Attachment
 from deltadist.core.config import DeltaConfig
 from deltadist.core.delta_module import DeltaModule
-from deltadist.core.mechanism import HOLDER, Mechanism
+from deltadist.core.mechanism import Mechanism
 from deltadist.core.record import DeltaRecord
 from deltadist.engines import Engine, detect_engine, record_logical_shapes
-from deltadist.errors import ConfigError, DeltaError, SiteError
+from deltadist.errors import ConfigError, DeltaError
 from deltadist.interactive import picker
 from deltadist.mechanisms.hooks import SPAN
 
@@ -116,13 +116,13 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self._premerge_fingerprint: Any = None
         ownership.check_attachable(self.engine, backbone_model, loading_from)
         self._name = naming.claim_name(backbone_model, self.delta_type, config.delta_name)
-        targets = self._select_targets()
+        targets = construction.select_targets(self)
         if loading_from is not None:
             ownership.refuse_stacking_on_a_resume(self.engine, self.child_name, targets, loading_from)
         unfrozen, kept = ownership.resolve_unfrozen(backbone_model, config.unfrozen_modules,
                                                     loading_from is not None)
         self.config = config.replace(unfrozen_modules=unfrozen)
-        self.record = DeltaRecord(backbone_model, self._build_attachments(targets),
+        self.record = DeltaRecord(backbone_model, construction.build_attachments(self, targets),
                                   kept_backbone=kept, train_deltas=DELTAS_KEYWORD in unfrozen)
         self._attach_modules()
         try:
@@ -184,23 +184,6 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         )
 
     # -- construction --------------------------------------------------------------------------
-    def _select_targets(self) -> list[Site]:
-        """The sites the config selects, after broadcasting; errors name what cannot be modified."""
-        attached = frozenset(id(m) for m in mechanisms.delta_modules(self.backbone_model).values())
-        sites = self._select_sites(attached)
-        targets: dict[tuple[str | None, str], Site] = {}
-        problems: list[str] = []
-        for site in sites:
-            try:
-                targets.update(((t.start_name, t.name), t) for t in self._targets(site))
-            except SiteError as err:
-                problems.append(f"  {err}")
-        if not targets and not problems:
-            problems = [f"  {s.name!r} ({type(s.module).__name__})" for s in sites[:10]]
-        if problems:
-            raise self._cannot_modify(problems)
-        return list(targets.values())
-
     def _build_shared(self, targets: list[Site]) -> DeltaModule | None:
         """A module of parameters every site uses, held once at the model root (none by default).
 
@@ -208,35 +191,6 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         under ``<shared_name>.*``.
         """
         return None
-
-    def _build_attachments(self, targets: list[Site]) -> list[Attachment]:
-        """The shared-parameter holder (if any) first, then one delta module per target."""
-        shared = self._shared = self._build_shared(targets)
-        if shared is not None:
-            shared.train(self.backbone_model.training)
-        attachments = [] if shared is None else [Attachment(
-            site=self.backbone_model, site_name="", delta=shared, base_name=self.shared_name,
-            mechanism=HOLDER)]
-        problems = []
-        for target in targets:
-            try:
-                delta = self._build_delta(target)
-            except SiteError as err:
-                problems.append(f"  {err}")
-                continue
-            delta.train(target.module.training)  # a delta on an eval-mode model starts in eval mode (dropout)
-            attachments.append(Attachment(site=target.module, site_name=target.name, delta=delta,
-                                          base_name=self.child_name, start=target.start,
-                                          mechanism=self._mechanism_for(target)))
-        if problems:
-            raise self._cannot_modify(problems)
-        return attachments
-
-    def _cannot_modify(self, problems: list[str]) -> SiteError:
-        return SiteError(
-            f"{type(self).__name__} cannot modify these modules:\n" + "\n".join(problems)
-            + "\nChange modified_modules (or exclude_modules) to skip them. Nothing was changed."
-        )
 
     def _attach_modules(self) -> None:
         """Attach every delta module, or none (a failure rolls back the ones done)."""
@@ -249,12 +203,20 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             for att in reversed(done):
                 mechanisms.forget(att)
             raise
+        for att in self.record.attachments:  # the model keeps its acting deltas alive
+            att.delta.owner.delta = self
+
+    def _let_go(self) -> None:
+        """Detached: the model no longer keeps this delta object alive."""
+        for att in self.record.attachments:
+            att.delta.owner.delta = None
 
     def _forget(self) -> None:
         """Drop every delta module from the backbone for good (a failed load, an unload)."""
         self._release_freeze(reset_state_dict=True)
         for att in reversed(self.record.attachments):
             mechanisms.forget(att)
+        self._let_go()
         self.record.unregister()
 
     # -- attach / detach -----------------------------------------------------------------------
@@ -269,6 +231,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self._check_module_arg(module)
         for att in reversed(self.record.attachments):
             mechanisms.detach(att)
+        self._let_go()
         self._release_freeze(reset_state_dict)
 
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:

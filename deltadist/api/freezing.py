@@ -89,8 +89,21 @@ class FreezeMixin:
             record.changed_flags.setdefault(key, value)
 
     def _release_freeze(self, reset_state_dict: bool) -> None:
-        """Undo the flags (and, with ``reset_state_dict``, the state-dict filter) of freezing."""
-        freeze.restore_flags(self.record.changed_flags)
+        """Undo the flags (and, with ``reset_state_dict``, the state-dict filter) of freezing.
+
+        A backbone parameter another attached, frozen delta also keeps frozen stays frozen: its
+        previous flag passes to that delta, whose own detach puts it back.
+        """
+        heir = next((other for other in records_on(self.backbone_model) if other is not self.record
+                     and other.frozen and all(att.attached for att in other.attachments)), None)
+        own = self.record.delta_parameter_ids()
+        restore: freeze.ChangedFlags = {}
+        for key, (param, previous) in self.record.changed_flags.items():
+            if heir is not None and key not in own and not param.requires_grad:
+                heir.changed_flags.setdefault(key, (param, previous))
+            else:
+                restore[key] = (param, previous)
+        freeze.restore_flags(restore)
         self.record.changed_flags = {}
         if reset_state_dict and self._frozen_scope is not None:
             freeze.release_state_dict(self._frozen_scope, self.record)

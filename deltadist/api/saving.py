@@ -25,8 +25,7 @@ from deltadist.core.config import DeltaConfig, canonical_delta_type
 from deltadist.core.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Fingerprint, backbone_fingerprint
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
-from deltadist.io import checkpoint
-from deltadist.io import peft, peft_export, peft_import
+from deltadist.io import checkpoint, peft, peft_export, peft_import
 from deltadist.io.provenance import library_versions
 
 if TYPE_CHECKING:
@@ -52,7 +51,8 @@ class SaveLoadMixin:
         ``format="peft"`` writes PEFT's LoRA adapter (``adapter_config.json`` and
         ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads; a delta
         that format cannot express raises :class:`ConfigError` naming why, before anything is
-        gathered or written.
+        gathered or written. A checkpoint of the other format in the same directory is removed
+        once the new one is written (with a warning), so the directory holds exactly one.
 
         Returns:
             The checkpoint directory.
@@ -83,6 +83,7 @@ class SaveLoadMixin:
                     peft_export.write_peft(finetuned_delta_path, tensors, export, config)
                 else:
                     checkpoint.write_checkpoint(finetuned_delta_path, tensors, config if save_config else {})
+                checkpoint.remove_other_format(finetuned_delta_path, format)
             except Exception as err:  # noqa: BLE001 - re-raised on every rank just below
                 error = err
         self.engine.broadcast_outcome(error, f"writing {finetuned_delta_path}")

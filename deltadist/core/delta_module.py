@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from deltadist.core.export_guard import refuse_export
+
 if TYPE_CHECKING:
     from deltadist.engines import Engine
 
@@ -49,6 +51,24 @@ class CallState:
         return (CallState, (None, 0, None, self.joined, self.order))
 
 
+class Owner:
+    """The delta object (a ``DeltaBase``) an attached delta module belongs to, held strongly so
+    that a delta acting on a model stays listed by ``deltas_on`` (and keeps its name) while it is
+    attached, even if nobody keeps the object ``from_finetuned`` returned. The model holds its
+    delta modules, and they their owner; a copy of the model (deepcopy, pickle) holds none."""
+
+    __slots__ = ("delta",)
+
+    def __init__(self, delta: Any = None) -> None:
+        self.delta = delta
+
+    def __deepcopy__(self, memo: dict) -> "Owner":
+        return Owner()
+
+    def __reduce__(self) -> tuple:
+        return (Owner, ())
+
+
 class DeltaModule(nn.Module):
     """A delta's trainable math for one site.
 
@@ -62,6 +82,9 @@ class DeltaModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.call_state = CallState()
+        self.owner = Owner()
+        # While attached, an export of the model around it is refused (it would drop the delta).
+        self.register_state_dict_post_hook(refuse_export)
 
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters in place (see :meth:`initialize`)."""

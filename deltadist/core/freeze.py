@@ -13,29 +13,26 @@ the backbone, never a reassigned ``state_dict`` method:
   when it does not: a trainable-only dict (an engine resuming) loads strictly, a dict with backbone
   keys gets every missing key reported, as without deltadist;
 * ``save_pretrained`` (transformers or huggingface_hub) must never write half a model: inside it the
-  state dict is whole, and while deltas are attached the save is refused with the ways out (their
-  weights would be dropped by ``from_pretrained``).
+  state dict is whole (and while deltas are attached, :mod:`deltadist.core.export_guard` refuses
+  the save with the ways out).
 
 Several deltas may ask for the filter on one backbone; the hooks stay until the last one lets go.
 Under FSDP1 the state dict stays whole (its root unit's own hook needs every parameter).
-:func:`full_state_dict` gives the whole state dict back for a block.
+:func:`deltadist.full_state_dict` gives the whole state dict back for a block.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltadist.addressing.names import canonical_name
-from deltadist.core.attach import delta_modules
+from deltadist.core.export_guard import inside_save_pretrained, is_suspended
 from deltadist.engines import detect_engine
-from deltadist.errors import ExportError
 
 ChangedFlags = dict[int, tuple[nn.Parameter, bool]]
 """``id(param) -> (param, previous requires_grad)`` for the flags a freeze replaced."""
@@ -72,7 +69,6 @@ class _Filter:
 
 
 _FILTERS: "weakref.WeakKeyDictionary[nn.Module, _Filter]" = weakref.WeakKeyDictionary()
-_SUSPENDED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def filter_state_dict(module: nn.Module, owner: object) -> None:
@@ -99,22 +95,6 @@ def release_state_dict(module: nn.Module, owner: object) -> None:
         del _FILTERS[module]
 
 
-@contextlib.contextmanager
-def full_state_dict(module: nn.Module) -> Iterator[nn.Module]:
-    """Within this block ``module.state_dict()`` is complete again, even after
-    ``freeze_module(set_state_dict=True)``.
-
-    Example:
-        >>> with deltadist.full_state_dict(model):
-        ...     torch.save(model.state_dict(), "full.pt")  # doctest: +SKIP
-    """
-    _SUSPENDED.add(module)
-    try:
-        yield module
-    finally:
-        _SUSPENDED.discard(module)
-
-
 def _frozen_names(module: nn.Module) -> set[str]:
     """Canonical names of ``module``'s frozen parameters and of its buffers."""
     frozen = {canonical_name(n) for n, p in module.named_parameters() if not p.requires_grad}
@@ -122,46 +102,14 @@ def _frozen_names(module: nn.Module) -> set[str]:
 
 
 def _drop_frozen_entries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    if module in _SUSPENDED or not detect_engine(module).trainable_only_state_dict:
+    if is_suspended(module) or not detect_engine(module).trainable_only_state_dict:
         return
-    if _inside_save_pretrained(module):
-        _refuse_export_with_deltas(module)
-        return  # an export writes the whole model
+    if inside_save_pretrained(module):
+        return  # an export writes the whole model (an attached delta's own guard refuses it)
     trainable = {canonical_name(n) for n, p in module.named_parameters() if p.requires_grad}
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if canonical_name(key[len(prefix):]) not in trainable:
             del state_dict[key]
-
-
-def _inside_save_pretrained(module: nn.Module) -> bool:
-    """Whether a ``save_pretrained`` of ``module`` or of a model containing it is running.
-
-    Why the call stack: transformers' and huggingface_hub's ``save_pretrained`` get the weights
-    from ``state_dict()`` like every other caller; nothing else tells an export apart from an
-    engine's or a trainer's checkpoint, which must keep getting the trainable-only dict.
-    """
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "save_pretrained":
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and any(m is module for m in owner.modules()):
-                return True
-        frame = frame.f_back
-    return False
-
-
-def _refuse_export_with_deltas(module: nn.Module) -> None:
-    attached = sorted(canonical_name(n) for n in delta_modules(module))
-    if attached:
-        raise ExportError(
-            f"save_pretrained() would write {len(attached)} delta modules (e.g. {attached[0]!r}) as "
-            "extra weights that from_pretrained() drops, so the export would silently lose the "
-            "delta. To export a model with the delta folded in: "
-            "delta.merge_and_unload().save_pretrained(path). To keep the delta separate: "
-            "delta.save_finetuned(path) (and save the backbone before attaching). To write the "
-            "backbone and the delta weights as they are: with deltadist.full_state_dict(model): "
-            "model.save_pretrained(path)."
-        )
 
 
 def _note_incoming_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,

@@ -77,6 +77,22 @@ def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.T
     return weights
 
 
+def remove_other_format(directory: str | os.PathLike, written: str) -> list[str]:
+    """After a save in format ``written`` (``"deltadist"`` or ``"peft"``), remove the other
+    format's files from ``directory`` so it holds exactly one checkpoint (a loader would otherwise
+    pick one of two); warn naming what was removed. Returns the removed file names."""
+    other = _PEFT_NAMES if written == "deltadist" else (WEIGHTS_NAME, CONFIG_NAME)
+    removed = [name for name in other if (Path(directory) / name).is_file()]
+    for name in removed:
+        (Path(directory) / name).unlink()
+    if removed:
+        fsync_directory(Path(directory))
+        warnings.warn(f"{directory} held an earlier checkpoint in the other format; removed "
+                      f"{', '.join(removed)} so that the {written} checkpoint just written is the only one.",
+                      stacklevel=3)
+    return removed
+
+
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor in sorted key order: ``[key, dtype, shape]`` as a JSON line, then
     its raw bytes (native order, little-endian on every platform PyTorch trains on).

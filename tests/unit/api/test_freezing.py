@@ -151,3 +151,19 @@ def test_delta_keys_survive_a_wrapper_that_renames_state_dict_keys() -> None:
     delta.freeze_module()
     keys = set(model.state_dict())
     assert keys == set(dict(delta.named_parameters())), sorted(keys ^ set(dict(delta.named_parameters())))
+
+
+def test_detaching_one_of_two_frozen_deltas_leaves_the_others_freezing() -> None:
+    """b stays frozen-around after a goes: the backbone does not become trainable again, and the
+    state dict stays b's; when b goes too, every flag is back as before either."""
+    model = build_tiny("llama", "lm")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    a = LoraModel(model, modified_modules=["q_proj"], lora_r=2, unfrozen_modules=["deltas"])
+    a.freeze_module()
+    b = LoraModel(model, modified_modules=["v_proj"], lora_r=2, unfrozen_modules=["deltas"])
+    b.freeze_module()
+    a.detach()
+    assert _trainable(model) == set(dict(b.named_parameters()))
+    assert set(model.state_dict()) == set(dict(b.named_parameters()))
+    b.detach()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

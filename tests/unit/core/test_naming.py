@@ -100,3 +100,21 @@ def test_deltas_on_sees_through_a_wrapper_holding_the_model_as_module() -> None:
     assert deltadist.deltas_on(Wrapper(model)) == {"x": delta}
     assert deltadist.deltas_on(build_tiny("bert", "cls")) == {}
     assert deltadist.deltas_on(torch.nn.Linear(2, 2)) == {}
+
+
+def test_a_delta_acting_on_the_model_stays_listed_until_detached(tmp_path) -> None:
+    """from_finetuned's return value dropped: the delta still changes the model, so it stays
+    listed and keeps its name; once detached, the model no longer holds it."""
+    import gc
+
+    model = build_tiny("bert")
+    LoraModel(model, lora_r=2, delta_name="french").save_finetuned(tmp_path / "french")
+    deltadist.deltas_on(model)["french"].merge_and_unload()  # a clean backbone again
+    AutoDeltaModel.from_finetuned(tmp_path / "french", backbone_model=model)  # not kept
+    gc.collect()
+    assert list(deltadist.deltas_on(model)) == ["french"]
+    with pytest.raises(ConfigError, match="already has a delta named 'french'"):
+        LoraModel(model, lora_r=2, delta_name="french")
+    deltadist.deltas_on(model)["french"].detach()
+    gc.collect()
+    assert deltadist.deltas_on(model) == {}

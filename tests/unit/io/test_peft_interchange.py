@@ -273,3 +273,24 @@ def test_an_edited_adapter_config_is_used_with_a_warning(tmp_path) -> None:
     with pytest.warns(UserWarning, match="differs from the config saved with.*lora_alpha"):
         again = AutoDeltaModel.from_finetuned(tmp_path, backbone_model=build_tiny("bert", "cls"))
     assert again.config.lora_alpha == 4
+
+
+def test_a_save_leaves_exactly_one_checkpoint_in_its_directory(tmp_path) -> None:
+    """PEFT format over an earlier deltadist checkpoint (and back): the loader cannot pick a stale
+    one, because the other format's files are gone, with a warning naming them."""
+    model = build_tiny("llama", "lm")
+    delta = LoraModel(model, lora_r=2, unfrozen_modules=["deltas"])
+    delta.save_finetuned(tmp_path)
+    with torch.no_grad():
+        for param in delta.parameters():
+            param.add_(0.1)
+    with pytest.warns(UserWarning, match="removed delta.safetensors, delta_config.json"):
+        delta.save_finetuned(tmp_path, format="peft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    inputs = tiny_inputs("llama")
+    fresh = build_tiny("llama", "lm")
+    AutoDeltaModel.from_finetuned(tmp_path, backbone_model=fresh)
+    torch.testing.assert_close(logits_of(fresh, inputs), logits_of(model, inputs))
+    with pytest.warns(UserWarning, match="removed adapter_config.json, adapter_model.safetensors"):
+        delta.save_finetuned(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors", "delta_config.json"]
