@@ -10,7 +10,7 @@ with the growth of resident memory. Targets (issue 9): adapters after ``o_proj``
 
     python benchmarks/meta_attach.py [--rounds 5]
 
-PEFT is optional (``pip install peft``); without it those rows are skipped.
+PEFT is optional (``pip install peft``); without it its rows say so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from big_models import PROJECTIONS, llama_70b_on_meta
-from report import report
+from report import missing_peer, report
 
 TARGETS_S = {"deltadist LoRA, 7 projections": 0.10, "deltadist adapters, o_proj + down_proj": 0.25,
              "deltadist BitFit": 0.25}
@@ -92,9 +92,10 @@ def main() -> None:
          f"{memory[name]:.0f}", f"{peft / medians[name]:.1f}x" if peft else "-"]
         for name in rows
     ]
+    columns = ["method", "median s", "target s", "max RSS growth MiB", "speed vs PEFT"]
+    table_rows += [missing_peer(name, "peft", columns) for name in ROWS if name not in rows]
     report(
-        "meta_attach", "Attach + freeze on a Llama-3-70B shape built on meta (CPU)",
-        ["method", "median s", "target s", "max RSS growth MiB", "speed vs PEFT"], table_rows,
+        "meta_attach", "Attach + freeze on a Llama-3-70B shape built on meta (CPU)", columns, table_rows,
         {"rounds": args.rounds, "median_s": medians, "max_rss_growth_mib": memory,
          "targets_s": TARGETS_S, "memory_target_mib": MEMORY_TARGET_MIB, "torch": torch.__version__},
         medians, "median seconds (lower is better)",

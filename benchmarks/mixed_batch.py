@@ -14,7 +14,7 @@ every k.
 
     python benchmarks/mixed_batch.py [--rounds 15] [--threads 2]
 
-PEFT is optional (``pip install peft``); without it those rows are skipped.
+PEFT is optional (``pip install peft``); without it its rows say so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 import torch
-from report import report
+from report import missing_peer, report
 from torch import nn
 
 DELTAS, BATCH, SEQ, RANK = 16, 32, 32, 16
@@ -120,9 +120,12 @@ def main() -> None:
         peft = medians.get(f"PEFT adapter_names, k={k}") if k and name.startswith("deltadist") else None
         table.append([name, f"{medians[name] * 1000:.1f}", f"{medians[name] / baseline:.2f}x",
                       f"{peft / medians[name]:.2f}x" if peft else "-"])
+    columns = ["row", "median ms", "vs deltadist one delta", "deltadist speed vs PEFT, same k"]
+    if not importlib.util.find_spec("peft"):
+        table.append(missing_peer("PEFT adapter_names", "peft", columns))
     report(
         "mixed_batch", f"Forward of {BATCH} rows x {SEQ} tokens, rows over k LoRA deltas (CPU)",
-        ["row", "median ms", "vs deltadist one delta", "deltadist speed vs PEFT, same k"], table,
+        columns, table,
         {"rounds": args.rounds, "threads": args.threads, "median_s": medians,
          "ratio_to_one_delta": {n: medians[n] / baseline for n in rows},
          "target_ratio_at_16": TARGET_RATIO_AT_16, "torch": torch.__version__},

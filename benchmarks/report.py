@@ -12,6 +12,13 @@ from rich.table import Table
 RESULTS = Path(__file__).parent / "results"
 
 
+def missing_peer(label: str, package: str, columns: Sequence[str]) -> list[str]:
+    """A table row that says ``label`` was not measured because ``package`` is not installed (a
+    peer's row is never dropped without a word)."""
+    return [label, f"not measured: {package} is not installed (pip install {package})",
+            *["-"] * (len(columns) - 2)]
+
+
 def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
            data: dict[str, Any], bars: dict[str, float], bar_label: str) -> None:
     """Print ``rows`` under ``columns``; write ``results/<name>.json`` (``data``) and

@@ -8,26 +8,23 @@ fine-tuning) and writes ``benchmarks/results/throughput.json``.
 
     python benchmarks/throughput.py [--rounds 20] [--warmup 3] [--device cpu|cuda]
 
-PEFT is optional (``pip install peft torch==<your torch>``); without it that row is skipped.
+PEFT is optional (``pip install peft torch==<your torch>``); without it its row says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import statistics
-from pathlib import Path
 from typing import Callable
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
+from report import missing_peer, report
 from stepping import time_steps
 
-RESULTS = Path(__file__).parent / "results"
 LORA_TARGETS = ["query", "value"]
 
 
@@ -85,12 +82,8 @@ def main() -> None:
         "deltadist LoRA r=8": deltadist_method("lora"),
         "deltadist BitFit": deltadist_method("bitfit"),
     }
-    try:
-        import peft  # noqa: F401
-
+    if importlib.util.find_spec("peft"):
         methods["PEFT LoRA r=8"] = peft_lora
-    except ImportError:
-        Console().print("[yellow]peft not installed: its row is skipped[/]")
     runs = {}
     for name, build in methods.items():
         model, params = build()
@@ -100,26 +93,18 @@ def main() -> None:
     times = time_steps({name: (model, optimizer) for name, (model, optimizer, _) in runs.items()},
                        lambda model: nn.functional.cross_entropy(model(ids, mask), labels),
                        args.rounds, args.warmup, device)
-    report(times, {n: r[2] for n, r in runs.items()}, args, ids.shape[0])
-
-
-def report(times: dict[str, list[float]], trainable: dict[str, int], args: argparse.Namespace,
-           batch_size: int) -> None:
-    medians = {n: statistics.median(t) for n, t in times.items()}
-    base = medians["full fine-tuning"]
-    table = Table(title=f"Training step, MiniLM-L6 classifier, batch {batch_size}x64, {args.device}, "
-                        f"{args.rounds} interleaved rounds")
-    for column in ("method", "trainable params", "median step ms", "sentences/s", "speed vs full FT"):
-        table.add_column(column)
-    for name, median in medians.items():
-        table.add_row(name, f"{trainable[name]:,}", f"{median * 1e3:.1f}",
-                      f"{batch_size / median:.1f}", f"{base / median:.2f}x")
-    Console().print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps({
-        "device": args.device, "rounds": args.rounds, "seconds": times, "median": medians,
-        "trainable": trainable, "torch": torch.__version__,
-    }, indent=2))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    base, batch_size = medians["full fine-tuning"], ids.shape[0]
+    columns = ["method", "trainable params", "median step ms", "sentences/s", "speed vs full FT"]
+    rows = [[name, f"{runs[name][2]:,}", f"{median * 1e3:.1f}", f"{batch_size / median:.1f}",
+             f"{base / median:.2f}x"] for name, median in medians.items()]
+    if "PEFT LoRA r=8" not in runs:
+        rows.append(missing_peer("PEFT LoRA r=8", "peft", columns))
+    report("throughput", f"Training step, MiniLM-L6 classifier, batch {batch_size}x64, {args.device}, "
+                         f"{args.rounds} interleaved rounds", columns, rows,
+           {"device": args.device, "rounds": args.rounds, "seconds": times, "median": medians,
+            "trainable": {name: run[2] for name, run in runs.items()}, "torch": torch.__version__},
+           {name: base / median for name, median in medians.items()}, "speed vs full fine-tuning")
 
 
 if __name__ == "__main__":
