@@ -67,6 +67,9 @@ def test_a_compiled_model_runs_each_layers_own_prefix() -> None:
     model = build_tiny("llama", "lm")
     _tuned(model, "prefix", 1)
     inputs = tiny_inputs("llama", batch=2)
-    fast = torch.compile(model, backend="eager", fullgraph=True)
+    # One graph, no break, checked on the torch this was measured on (2.13); the oldest declared
+    # torch (2.9) is held to the same outputs, graph breaks allowed.
+    fullgraph = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+    fast = torch.compile(model, backend="eager", fullgraph=fullgraph)
     with torch.no_grad():
         torch.testing.assert_close(fast(**inputs).logits, logits_of(model, inputs), rtol=1e-4, atol=1e-5)
