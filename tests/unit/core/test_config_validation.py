@@ -42,6 +42,9 @@ SAYS = {"delta_name": "a non-empty string without surrounding spaces, or None",
         **dict.fromkeys(("modified_modules", "exclude_modules", "unfrozen_modules"),
                         f"{PATTERNS}, one pattern string, or None")}
 """Fields whose message says more than their type."""
+SAYS_FOR = {("parallel_adapter", "modified_modules"):
+            "a list of module name patterns and [start, end] pairs of them, one pattern string, or None"}
+"""Fields of one method whose message says more again."""
 
 
 def _type_text(tp: Any) -> str:
@@ -62,9 +65,11 @@ def _cases(first_only: bool) -> list[Any]:
     return cases
 
 
-def _assert_names_it(err: pytest.ExceptionInfo[ConfigError], name: str, value: Any, expected: str) -> None:
+def _assert_names_it(err: pytest.ExceptionInfo[ConfigError], method: str, name: str, value: Any,
+                     expected: str) -> None:
     message = str(err.value)
-    assert f"{name} must be {SAYS.get(name, expected)}, got " in message, message
+    says = SAYS_FOR.get((method, name), SAYS.get(name, expected))
+    assert f"{name} must be {says}, got " in message, message
     assert f"{value!r} ({type(value).__name__})" in message, message
     assert not isinstance(err.value.__cause__, TypeError)
 
@@ -80,7 +85,7 @@ def test_every_field_of_every_method_has_a_checked_type() -> None:
 def test_wrong_types_are_refused_by_from_dict(method: str, name: str, value: Any, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         AutoDeltaConfig.from_dict({**METHODS[method], name: value})
-    _assert_names_it(err, name, value, expected)
+    _assert_names_it(err, method, name, value, expected)
 
 
 @pytest.mark.parametrize(("method", "name", "value", "expected"), _cases(first_only=True))
@@ -91,7 +96,7 @@ def test_wrong_types_are_refused_before_the_model_is_touched(method: str, name: 
     settings = {k: v for k, v in METHODS[method].items() if k != "delta_type"}
     with pytest.raises(ConfigError) as err:
         delta_model_class(METHODS[method]["delta_type"])(model, **{**settings, name: value})
-    _assert_names_it(err, name, value, expected)
+    _assert_names_it(err, method, name, value, expected)
     assert_same_snapshot(before, snapshot(model))
 
 
@@ -104,7 +109,7 @@ def test_wrong_types_in_a_train_jobs_delta_section_are_refused(tmp_path: Path, m
     path.write_text(yaml.safe_dump({"delta": {**METHODS[method], name: value}}))
     with pytest.raises(ConfigError, match=f"^delta: {name} must be ") as err:
         load_config(path)
-    _assert_names_it(err, name, value, expected)
+    _assert_names_it(err, method, name, value, expected)
 
 
 @pytest.mark.parametrize(("config", "message"), [
