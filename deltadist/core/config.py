@@ -1,7 +1,9 @@
 """Typed delta configs: one dataclass per method, loaded from dicts through an allow-list.
 
 Unknown keys are errors that list the valid ones; values are checked in ``__post_init__`` with
-messages naming the field and the value. Configs are plain data (JSON-able), never pickled.
+messages naming the field, the value and what the field takes: first every field against its declared
+type (:func:`check_field_types`, for every method: a bool is not an int, an int is a number), then
+each method's ranges and choices. Configs are plain data (JSON-able), never pickled.
 """
 
 from __future__ import annotations
@@ -178,8 +180,13 @@ def shown(value: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def field_types(cls: type) -> dict[str, Any]:
     """The declared type of each field of the config class ``cls`` (annotations resolved)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):  # a class whose annotations its module cannot resolve (a
+        try:                             # local type) leaves its own fields unchecked, not its bases'
+            hints.update(typing.get_type_hints(klass))
+        except (NameError, TypeError):
+            continue
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
 def describe_type(tp: Any, plural: bool = False) -> str:
