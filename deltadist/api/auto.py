@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from deltadist.api.delta_base import DeltaBase
-from deltadist.core.config import DeltaConfig
+from deltadist.core.config import DeltaConfig, shown
 from deltadist.core.registry import delta_model_class
 from deltadist.errors import ConfigError
 from deltadist.io import checkpoint, peft
@@ -28,6 +28,9 @@ class AutoDeltaConfig:
             >>> AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_r": 5}).lora_r
             5
         """
+        if not isinstance(config_dict, Mapping):
+            raise ConfigError(f"A delta config must be a mapping of field names to values (with "
+                              f"'delta_type'), got {shown(config_dict)}.")
         if "delta_type" not in config_dict:
             raise ConfigError("The config dict has no 'delta_type' key; add one, e.g. 'lora'.")
         cls = delta_model_class(config_dict["delta_type"]).config_class
@@ -54,6 +57,8 @@ class AutoDeltaModel:
         """Attach a fresh delta of the config's type to ``backbone_model``."""
         if isinstance(config, Mapping):
             config = AutoDeltaConfig.from_dict(config)
+        elif not isinstance(config, DeltaConfig):
+            raise ConfigError(f"config must be a DeltaConfig or a dict, got {shown(config)}.")
         return delta_model_class(config.delta_type).from_config(config, backbone_model, **kwargs)
 
     @staticmethod

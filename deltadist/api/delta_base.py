@@ -91,8 +91,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
                  interactive_open_browser: bool = False, **kwargs: Any) -> None:
         if config is None:
             config = self.config_class.from_dict(kwargs)
-        elif kwargs:
-            config = config.replace(**kwargs)
+        elif isinstance(config, DeltaConfig):
+            config = config.replace(**kwargs)  # checked again: its fields may have been set since
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                               f"got {type(config).__name__}.")

@@ -21,7 +21,7 @@ from torch import nn
 
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
 from deltadist.core import attach as mechanisms
-from deltadist.core.config import DeltaConfig, canonical_delta_type
+from deltadist.core.config import CONFIG_FORMAT_VERSION, DeltaConfig, canonical_delta_type
 from deltadist.core.fingerprint import DIGEST_DIFFERS, STRUCTURE_DIFFERS, Fingerprint, backbone_fingerprint
 from deltadist.engines import detect_engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, ConfigError
@@ -74,7 +74,7 @@ class SaveLoadMixin:
             backbone_samples=fingerprint.samples_text if fingerprint is not None else None,
             backbone_checkpoint_name=checkpoint_name,
         ).to_dict()
-        config.update(format_version=1, library_versions=library_versions(),
+        config.update(format_version=CONFIG_FORMAT_VERSION, library_versions=library_versions(),
                       checkpoint_keys=sorted(tensors))
         error = None
         if self.engine.is_main:
@@ -141,7 +141,7 @@ class SaveLoadMixin:
         saved, read_tensors, where = cls._reader(directory, backbone_model)
         stored = saved if delta_config is None else delta_config
         config = stored if isinstance(stored, DeltaConfig) else cls._config_from_dict(stored)
-        config = config.replace(**kwargs) if kwargs else config
+        config = config.replace(**kwargs)  # checked again, also when given as an object
         tensors = dict(state_dict) if state_dict is not None else read_tensors()
         if check_hash and config.backbone_hash:
             check_fingerprint(config, backbone_model)

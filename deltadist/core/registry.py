@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from deltadist.core.config import canonical_delta_type
+from deltadist.core.config import canonical_delta_type, check_delta_type
 from deltadist.errors import ConfigError, closest
 
 DeltaClass = TypeVar("DeltaClass", bound=type)
@@ -36,8 +36,9 @@ def delta_model_class(delta_type: object) -> Any:
     """The delta class for ``delta_type``.
 
     Raises:
-        ConfigError: unknown type (the known ones are listed).
+        ConfigError: not a string, or an unknown type (the known ones are listed).
     """
+    check_delta_type(delta_type)
     delta_type = canonical_delta_type(delta_type)
     if delta_type not in DELTA_MODELS:
         near = closest(str(delta_type), DELTA_MODELS, 2)

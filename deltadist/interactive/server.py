@@ -24,6 +24,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from deltadist.core import jsontext
 from deltadist.errors import InteractiveError
 
 LOCALHOST = "127.0.0.1"
@@ -210,7 +211,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": "Bad submission size."})
             return None
         try:
-            body = json.loads(self.rfile.read(length))
+            body = jsontext.loads(self.rfile.read(length))
+        except jsontext.JSONTooDeepError as err:
+            self._send_json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": f'Expected {{"paths": [names]}}, '
+                                                     f"got {err}."})
+            return None
         except ValueError:
             body = None
         paths = body.get("paths") if isinstance(body, dict) else None

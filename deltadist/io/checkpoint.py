@@ -36,7 +36,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from deltadist.core import jsontext
+from deltadist.core.config import CONFIG_FORMAT_VERSION
 from deltadist.errors import CheckpointError
+from deltadist.io.provenance import library_versions
 
 WEIGHTS_NAME = "delta.safetensors"
 CONFIG_NAME = "delta_config.json"
@@ -238,8 +241,27 @@ def read_config(directory: Path) -> dict[str, Any]:
             f"{weights} has no deltadist config in its header; it was not written by "
             "save_finetuned(). Pass delta_config= to load raw tensors."
         )
+    _check_format_version(weights, config)
     _warn_if_mirror_stale(directory, config)
     return config
+
+
+def _check_format_version(weights: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a config written in a format newer than this deltadist's (absent: the oldest)."""
+    version = config.get("format_version", CONFIG_FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{weights}: its config's format_version must be an integer, got "
+                              f"{version!r}. The file is corrupt: save the delta again or restore it.")
+    if version > CONFIG_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{weights} was written by a newer deltadist: its config has format_version {version}, and "
+            f"this deltadist ({_own_version()}) reads format_version {CONFIG_FORMAT_VERSION} and older. "
+            "Upgrade deltadist (pip install --upgrade deltadist) to load it."
+        )
+
+
+def _own_version() -> str:
+    return library_versions().get("deltadist", "version unknown")
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -271,12 +293,22 @@ def _stored_config(weights: Path, metadata: Mapping[str, str]) -> dict[str, Any]
     if _METADATA_KEY not in metadata:
         return None
     try:
-        config = json.loads(metadata[_METADATA_KEY])
+        config = jsontext.loads(metadata[_METADATA_KEY])
+    except jsontext.JSONTooDeepError as err:
+        raise _too_deep(weights, f"its {_METADATA_KEY!r} header entry", err) from err
     except ValueError as err:
         raise _corrupt(weights, err) from err
     if not isinstance(config, dict):
         raise _corrupt(weights, ValueError(f"its {_METADATA_KEY!r} header entry is not a JSON object"))
     return config
+
+
+def _too_deep(path: Path, what: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {what} is not a config deltadist can have written ({err}; a delta config nests "
+        "3 levels). The file is corrupt or was not made by save_finetuned(): save the delta again, "
+        "or restore the file."
+    )
 
 
 def _corrupt(weights: Path, err: BaseException) -> CheckpointError:
@@ -304,8 +336,12 @@ def _weights_file(directory: Path) -> Path:
 def _warn_if_mirror_stale(directory: Path, config: dict[str, Any]) -> None:
     mirror = directory / CONFIG_NAME
     try:
-        mirrored = json.loads(mirror.read_text())
+        mirrored = jsontext.loads(mirror.read_text())
+    except jsontext.JSONTooDeepError as err:
+        raise _too_deep(mirror, "its JSON", err) from err
     except (OSError, ValueError):
+        mirrored = {}
+    if not isinstance(mirrored, dict):
         mirrored = {}
     if mirrored.get("save_id") != config.get("save_id"):
         warnings.warn(

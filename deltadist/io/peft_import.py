@@ -5,7 +5,6 @@ format is described in :mod:`deltadist.io.peft`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -20,6 +19,7 @@ from torch import nn
 from deltadist.addressing.names import canonical_modules, canonical_parameters, dot_prefixes
 from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters, select_sites
 from deltadist.core import attach as mechanisms
+from deltadist.core import jsontext
 from deltadist.core.record import delta_key
 from deltadist.errors import CheckpointError, DeltaError
 from deltadist.io import checkpoint
@@ -126,7 +126,7 @@ def _sort_keys(directory: Path, backbone: nn.Module, tensors: dict[str, torch.Te
 def _read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     try:
-        adapter = json.loads(path.read_text())
+        adapter = jsontext.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not readable JSON ({err}). Save the adapter again.") from err
     if not isinstance(adapter, dict):
@@ -160,7 +160,7 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         with safe_open(str(weights), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in sorted(handle.keys())}
-        embedded = json.loads(metadata.get(METADATA_KEY, "{}"))
+        embedded = jsontext.loads(metadata.get(METADATA_KEY, "{}"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise checkpoint._corrupt(weights, err) from err
     if not isinstance(embedded, dict):

@@ -38,6 +38,9 @@ class ParallelAdapterConfig(DeltaConfig):
     scaled: float = 1.0
     """Multiplies the adapter's output before it is added (He et al. use 4 beside the FFN)."""
 
+    EXPECTED = {**DeltaConfig.EXPECTED, "modified_modules": "a list of module name patterns and [start, end] "
+                "pairs of them, one pattern string, or None"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "bottleneck_dim")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
+import urllib.error
 import urllib.request
 from typing import Iterator
 
@@ -125,3 +127,21 @@ def test_after_close_nothing_listens() -> None:
     picker.close()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
         pass
+
+
+@pytest.mark.parametrize("body", [
+    b'{"paths": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"paths": ["a"], "x": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+], ids=["paths", "array", "objects"])
+def test_a_body_nested_100000_deep_gets_a_json_400(server: PickerServer, body: bytes) -> None:
+    """Was a ``RecursionError`` in the handler: the connection dropped without an answer."""
+    request = urllib.request.Request(f"{_base(server)}/api/submit?token={server.token}", data=body)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 400
+    answer = json.loads(err.value.read())
+    assert answer["ok"] is False
+    assert re.fullmatch(r'Expected \{"paths": \[names\]\}, got JSON nested 10000[0-2] levels deep '
+                        r"\(at most 100 are read\)\.", answer["error"]), answer["error"]
+    assert server.submissions.empty()
