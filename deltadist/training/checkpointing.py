@@ -15,7 +15,7 @@ import torch
 from deltadist.api.delta_base import DeltaBase
 from deltadist.engines.optimizer_state import local_piece, rewrap_pieces
 from deltadist.engines.runtime import EngineSetup
-from deltadist.errors import ConfigError
+from deltadist.errors import CheckpointError, ConfigError
 from deltadist.training import run_state
 from deltadist.training.config import TrainConfig, to_dict
 from deltadist.training.evaluation import Evaluation

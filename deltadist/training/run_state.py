@@ -6,12 +6,15 @@ Layout of ``output_dir/checkpoints/step-00000100/``::
     rank-00000-of-00002.safetensors  one per rank: that rank's optimizer state as the engine holds
                                      it (a shard under FSDP and ZeRO), its RNG states; the header
                                      holds the rest as JSON (param groups, scheduler, loss scaler)
-    run_state.json                   step, tokens, engine, world size and the job's config
+                                     and the SHA-256 of its tensors
+    run_state.json                   step, tokens, engine, world size, the job's config and the
+                                     number of metrics.jsonl rows written by then
 
 Every rank writes into ``.step-00000100.partial``; once all have, the main rank writes
 ``run_state.json`` and renames the folder, so a checkpoint directory without the ``.partial`` is
-complete, and a run killed at any moment leaves the previous checkpoints intact. Files are read
-with JSON and safetensors only: no pickle, no code runs.
+complete, and a run killed at any moment leaves the previous checkpoints intact. A file damaged
+later (truncated, altered) reads as :class:`DamagedCheckpoint`, and ``--resume`` takes an older
+checkpoint. Files are read with JSON and safetensors only: no pickle, no code runs.
 """
 
 from __future__ import annotations
