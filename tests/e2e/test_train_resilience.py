@@ -121,7 +121,8 @@ def test_a_nonfinite_loss_stops_the_job_naming_the_step(
     assert run_cli(job.config) == 2
     line = _error_line(capsys)
     assert line.startswith(f"{PREFIX}training step 6: the loss is nan and the gradient norm nan (not finite)")
-    assert f"the newest checkpoint, {job.root / 'run' / 'checkpoints' / 'step-00000004'}, is from before it" in line
+    newest = job.root / "run" / "checkpoints" / "step-00000004"
+    assert f"the newest checkpoint, {newest}, is from before it" in line
     assert not (job.root / "run" / "delta").exists()  # no NaN delta as the final one
     assert [s for s, _ in run_state.checkpoints(job.root / "run")] == [4]
     assert [r["step"] for r in log_rows(job) if "loss" in r] == [1, 2, 3, 4, 5]
@@ -155,7 +156,8 @@ def test_skip_nonfinite_steps_still_stops_after_ten_in_a_row(
 
 # -- data, output_dir, extras, warm-up: one line before the model loads --------------------------------
 
-def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_malformed_jsonl_line_is_named_by_its_number(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = make_job(tmp_path, "causal_lm")
     lines = job.train.read_text().splitlines()
     lines[2] = lines[2].replace('", "', '" "', 1)
@@ -169,7 +171,8 @@ def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path: Path, capsys: p
 def test_rows_without_fields_are_reported_before_the_model_loads(
         split: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = make_job(tmp_path, "causal_lm")
-    write_jsonl(getattr(job, split), [{"prompt": "w1 ->", "completion": "w1"}, {"prompt": "w2 ->", "answer": "w2"}])
+    write_jsonl(getattr(job, split), [{"prompt": "w1 ->", "completion": "w1"},
+                                      {"prompt": "w2 ->", "answer": "w2"}])
     # a model path that does not exist: had it been loaded first, the error would be about it
     assert run_cli(job.config, "--set", f"model.name_or_path={tmp_path / 'no_model'}") == 2
     assert f"data.{split}: {getattr(job, split)} row 2: no 'completion' field" in _error_line(capsys)
@@ -186,7 +189,8 @@ def test_an_unwritable_output_dir_is_found_before_the_model_loads(
 
 @pytest.mark.parametrize("module", ["datasets", "transformers"])
 def test_without_the_train_extra_the_error_says_what_to_install(
-        module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
     if module == "transformers":  # the job's modules that import it at the top load again
         for name in [n for n in sys.modules if n.startswith("deltadist.training.")]:

@@ -65,7 +65,8 @@ def test_unclipped_steps_are_the_plain_optimizer_steps_bit_for_bit() -> None:
     model, steps = _runner()
     steps.train_step(BATCH)
     reference = Tiny()
-    optimizer = torch.optim.AdamW(reference.head.parameters(), lr=0.1 / 4, weight_decay=0.0)  # warm-up: 1/(3+1) of lr
+    # the first step of a 3-step warm-up has 1/(3+1) of lr
+    optimizer = torch.optim.AdamW(reference.head.parameters(), lr=0.1 / 4, weight_decay=0.0)
     inputs = Collator("sequence_classification", 0)(BATCH)
     labels = inputs.pop("labels")
     (nn.functional.cross_entropy(reference(**inputs), labels, reduction="sum") / 2).backward()
