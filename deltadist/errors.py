@@ -43,6 +43,10 @@ class EngineError(DeltaError, RuntimeError):
     """An operation is not possible in the parallel setup the model is in."""
 
 
+class TrainingError(DeltaError, RuntimeError):
+    """A training job cannot go on: a step's loss or gradient norm is not finite (nan, inf)."""
+
+
 class InteractiveError(DeltaError, RuntimeError):
     """The module picker page (``interactive_modify``) could not start, or ended without a selection."""
 

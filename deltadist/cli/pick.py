@@ -46,7 +46,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Serve the page, print the accepted ``delta:`` section; 0 ok, 2 bad input, 130 on Ctrl-C."""
     from deltadist.api.auto import AutoDeltaModel
-    from deltadist.cli.main import _fail  # here, not at the top: main imports this module
+    from deltadist.cli.main import _fail, fail_missing_extra  # not at the top: main imports this module
 
     try:
         model = meta_model(args.model_path)
@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("pick", f"cannot read the checkpoint's config: {err}; MODEL_PATH must be a "
                              "transformers checkpoint directory (with config.json).")
     except ImportError as err:
-        return _fail("pick", f"{err}; deltadist pick needs transformers: "
-                             "pip install 'deltadist[transformers]'.")
+        return fail_missing_extra("pick", err, "transformers")
     except KeyboardInterrupt as interrupt:
         print(f"deltadist pick: {interrupt}", file=sys.stderr)
         return 130

@@ -168,7 +168,7 @@ def launch_deepspeed(base: EngineSetup, deepspeed_config: str | None, batch_size
     # DeepSpeed counts micro-batches itself (its step() steps the optimizer at the boundary) and
     # reduces at the boundary: no deferral to ask for (its no_sync() refuses ZeRO-2/3).
     return dataclasses.replace(base, prepare=prepare, clip_grad_norm=clip, gradient_sync=_no_deferral,
-                               backward=lambda loss, stepper: stepper.backward(loss))
+                               backward=lambda loss, stepper: stepper.backward(loss), steps_in_backward=True)
 
 
 @contextlib.contextmanager

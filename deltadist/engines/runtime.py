@@ -155,6 +155,9 @@ class EngineSetup:
     """``(loss, stepper)``: the backward of one micro-batch (DeepSpeed's engine also counts it)."""
     accumulates: bool = True
     """Whether several backwards may precede one step (not under BMTrain here: untested)."""
+    steps_in_backward: bool = False
+    """Whether the optimizer step happens inside ``backward`` (DeepSpeed's engine steps at the
+    accumulation boundary): no gradient norm is known before it, and a step cannot be skipped."""
 
     @property
     def is_main(self) -> bool:

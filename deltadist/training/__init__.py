@@ -6,6 +6,7 @@ sequence classification), or the built-in MiniLM topic task.
 splits), ``model`` (backbone for the task), ``batching`` (global batches -> each rank's
 micro-batches), ``objectives`` (losses), ``schedule`` (learning rate), ``steps`` (an optimizer
 step), ``evaluation`` (eval loss and accuracy), ``run_state`` (resumable checkpoints' files),
-``checkpointing`` (saving, resuming), ``metrics`` (metrics.json(l)), ``loop`` (the job),
-``report`` (the summary). Importing this package imports nothing heavy; import the submodules.
+``checkpointing`` (saving, resuming), ``checks`` (output_dir, warm-up), ``metrics``
+(metrics.json(l)), ``loop`` (the job), ``report`` (the summary). Importing this package imports
+nothing heavy; import the submodules.
 """

@@ -15,7 +15,7 @@ import torch
 from deltadist.api.delta_base import DeltaBase
 from deltadist.engines.optimizer_state import local_piece, rewrap_pieces
 from deltadist.engines.runtime import EngineSetup
-from deltadist.errors import ConfigError
+from deltadist.errors import CheckpointError, ConfigError
 from deltadist.training import run_state
 from deltadist.training.config import TrainConfig, to_dict
 from deltadist.training.evaluation import Evaluation
@@ -30,13 +30,20 @@ class ResumePoint:
     directory: Path
     saved: dict[str, Any]
     """Its run state (``run_state.json``), read once."""
+    state: run_state.RankState
+    """This rank's optimizer, scheduler, scaler and RNG state, read (and checked) once."""
 
 
 def checkpoint_to_resume(cfg: TrainConfig, engine: EngineSetup, resume: bool) -> ResumePoint | None:
-    """The newest complete checkpoint in ``output_dir`` when ``resume``, checked to be this job's.
+    """The newest intact checkpoint in ``output_dir`` when ``resume``, checked to be this job's.
+
+    Every file of a checkpoint is read and checked (the run state, the delta against its SHA-256,
+    this rank's state against its own); a damaged checkpoint is said on stderr and the one before
+    it is tried. Every rank checks its own files, and all agree on the checkpoint.
 
     Raises:
         ConfigError: checkpoints there without ``resume``, or of another job, engine or world size.
+        CheckpointError: no checkpoint there is intact (naming the damaged files).
     """
     found = run_state.checkpoints(cfg.output_dir)
     if not resume:
@@ -50,21 +57,55 @@ def checkpoint_to_resume(cfg: TrainConfig, engine: EngineSetup, resume: bool) ->
             print(f"deltadist train: --resume: no checkpoint in {cfg.output_dir}; starting from "
                   "step 0.", file=sys.stderr)
         return None
-    step, directory = found[-1]
-    saved = run_state.read_run_state(directory)
-    run_state.check_same_job(saved["config"], to_dict(cfg), directory)
-    if (saved["engine"], saved["world_size"]) != (engine.name, engine.world_size):
-        raise ConfigError(
-            f"--resume: {directory} was written by engine {saved['engine']} on {saved['world_size']} "
-            f"rank(s); this run is {engine.name} on {engine.world_size}. Each rank's "
-            "optimizer state is its own shard: resume with the same engine and number of ranks.")
-    return ResumePoint(step, directory, saved)
+    problems = []
+    for step, directory in reversed(found):
+        point, problem = _intact(cfg, engine, step, directory)
+        if point is not None:
+            return point
+        problems.append(problem)
+        if engine.is_main or problem != _ANOTHER_RANK:
+            older = "trying the one before it" if step != found[0][0] else "it was the oldest"
+            print(f"deltadist train{_rank_tag(engine)}: warning: --resume: the checkpoint of step {step} "
+                  f"is damaged: {problem}; {older}.", file=sys.stderr)
+    listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    raise CheckpointError(f"--resume: no intact checkpoint in {cfg.output_dir}: {listed}; restore the "
+                          "files, or move the checkpoints away and train from step 0.")
+
+
+_ANOTHER_RANK = "another rank found one of its files damaged (see its message)"
+
+
+def _intact(cfg: TrainConfig, engine: EngineSetup, step: int, directory: Path
+            ) -> tuple[ResumePoint | None, str]:
+    """The resume point at ``directory`` if every rank found its files intact, else what is wrong."""
+    problem = ""
+    try:
+        saved = run_state.read_run_state(directory)
+        run_state.check_same_job(saved["config"], to_dict(cfg), directory)
+        if (saved["engine"], saved["world_size"]) != (engine.name, engine.world_size):
+            raise ConfigError(
+                f"--resume: {directory} was written by engine {saved['engine']} on {saved['world_size']} "
+                f"rank(s); this run is {engine.name} on {engine.world_size}. Each rank's "
+                "optimizer state is its own shard: resume with the same engine and number of ranks.")
+        state = run_state.read_rank_state(directory, engine.rank, engine.world_size)
+        run_state.check_delta(directory)
+    except run_state.DamagedCheckpoint as err:
+        problem = str(err)
+    damaged = engine.sum_over_ranks(torch.tensor(float(bool(problem)), device=engine.device))
+    if float(damaged) == 0:
+        return ResumePoint(step, directory, saved, state), ""
+    return None, problem or _ANOTHER_RANK
+
+
+def _rank_tag(engine: EngineSetup) -> str:
+    return f" (rank {engine.rank})" if engine.world_size > 1 else ""
 
 
 def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step: int, tokens: int,
-                    before: Evaluation | None) -> None:
+                    before: Evaluation | None, log_rows: int) -> None:
     """Every rank: the delta (gathered) and this rank's state into the partial directory; then
-    the main rank commits it."""
+    the main rank commits it, with the number of ``metrics.jsonl`` rows written so far
+    (``log_rows``: a resumed run keeps those and no more)."""
     engine, output_dir = steps.engine, cfg.output_dir
     if engine.is_main:
         run_state.begin(output_dir, step)
@@ -81,7 +122,7 @@ def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step:
         run_state.commit(partial, {
             "format_version": run_state.FORMAT_VERSION, "step": step, "tokens": tokens,
             "engine": engine.name, "world_size": engine.world_size, "config": to_dict(cfg),
-            "eval_before": asdict(before) if before else None,
+            "eval_before": asdict(before) if before else None, "log_rows": log_rows,
         }, cfg.training.keep_last)
     engine.barrier()
 
@@ -92,7 +133,7 @@ def restore_checkpoint(steps: StepRunner, delta: DeltaBase, point: ResumePoint, 
     step, its tokens trained on, and the evaluation before training."""
     engine, directory = steps.engine, point.directory
     delta.load_finetuned(directory / run_state.DELTA_DIRNAME)
-    state = run_state.read_rank_state(directory, engine.rank, engine.world_size)
+    state = point.state
     optimizer_state = state.optimizer
     if isinstance(steps.stepper, torch.optim.Optimizer):
         optimizer_state = rewrap_pieces(steps.stepper, optimizer_state)

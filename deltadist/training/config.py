@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -30,6 +31,8 @@ INCLUDE_KEY = "include"
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
+MAX_NONFINITE_SKIPS = 10
+"""Consecutive non-finite steps ``training.skip_nonfinite_steps`` skips before the job stops anyway."""
 BUILTIN_DATA = "builtin:topics"
 """``data.train`` of the built-in job: generated sentences about four topics (``training/data.py``)."""
 
@@ -118,6 +121,10 @@ class TrainingConfig:
     keep_last: int | None = _key(None, "keep only the newest N checkpoints; null: keep all")
     eval_every: int | None = _key(None, "evaluate every N steps (and at the end); null: at the end")
     log_every: int = _key(1, "write a metrics.jsonl line every N steps")
+    skip_nonfinite_steps: bool = _key(False, "a step whose loss or gradient norm is not finite (nan, inf) "
+                                      "is skipped (gradients zeroed; no optimizer or scheduler step; a "
+                                      f"warning names it) instead of stopping the job; "
+                                      f"{MAX_NONFINITE_SKIPS} such steps in a row still stop it")
 
     def __post_init__(self) -> None:
         _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
@@ -134,6 +141,19 @@ def _check_positive(section: Any, prefix: str, *names: str) -> None:
         value = getattr(section, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{prefix}.{name} must be positive, got {value!r}.")
+
+
+def _check_finite(value: Any, name: str) -> None:
+    """Every float in ``value`` (a number, or a mapping or list of them) is finite: not nan or inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}; give a number "
+                          "(nan and inf are not values a job can train with).")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(item, f"{name}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{name}[{index}]")
 
 
 def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -176,6 +196,7 @@ class TrainConfig:
         if self.data.packing and self.task != "causal_lm":
             raise ConfigError(f"data.packing applies to task causal_lm only (task is {self.task}); "
                               "set data.packing: false.")
+        _check_finite(self.delta, "delta")
         try:
             AutoDeltaConfig.from_dict(self.delta)
         except ConfigError as err:
@@ -359,14 +380,12 @@ def _value(hint: Any, value: Any, name: str) -> Any:
         if len(arms) == 1:
             return _value(arms[0], value, name)
     expected = typing.get_origin(hint) or hint
-    if expected is float and not isinstance(value, bool):
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if expected is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+        except (ValueError, OverflowError):
+            pass
     if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
         raise ConfigError(f"{name} must be of type {expected.__name__}, got {value!r}.")
+    _check_finite(value, name)
     return value

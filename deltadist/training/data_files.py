@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -69,8 +70,40 @@ def _load_file(path: Path, shown: str, key: str) -> datasets.Dataset:
             reason = _reason(error)
             if "corresponds to no data" in reason:  # a JSON [] or a CSV with only a header
                 raise ConfigError(_no_rows(key, shown)) from error
+            where = _json_problem(path) if builder == "json" else None
+            if where is not None:
+                raise ConfigError(f"{key}: {shown} {where}; fix that line.") from error
             raise ConfigError(f"{key}: {shown} could not be read as {_FORMAT_NAMES[builder]} ({reason}); "
                               f"fix the file, or save it as {_FORMATS}.") from error
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON Lines file (or a JSON document) stops being JSON: ``"line 7 is not valid JSON
+    (Expecting ',' delimiter at column 15)"``; ``None`` if that is not what is wrong with it.
+
+    datasets reports a position in its read buffer, or a row count from the start of a chunk; this
+    reads the file again (only when loading failed) to name the line a person can open.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.lstrip().startswith("["):  # one JSON document: its parser's line and column
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno} is not valid JSON ({err.msg} at column {err.colno})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
+        if not isinstance(row, dict):
+            return f"line {number} is not a JSON object (it is a {type(row).__name__})"
+    return None
 
 
 def _load_saved(path: Path, shown: str, key: str) -> datasets.Dataset:

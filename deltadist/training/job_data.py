@@ -8,7 +8,7 @@ from typing import Any
 
 from deltadist.training.config import TrainConfig
 from deltadist.training.data_files import load_split
-from deltadist.training.text_data import TokenizedExample, label_names, pack, tokenize_split
+from deltadist.training.text_data import TokenizedExample, check_rows, label_names, pack, tokenize_split
 
 
 @dataclass
@@ -33,11 +33,21 @@ class JobData:
 
 
 def load_rows(cfg: TrainConfig) -> Rows:
-    """Read the rows (``datasets``) and settle the class names.
+    """Read the rows (``datasets``), settle the class names and check every row's fields (no
+    tokenizer needed: the job does this before the model's weights load).
 
     Raises:
         ConfigError: a file is missing, unreadable, empty, or its rows lack the task's fields.
     """
+    rows = _read_rows(cfg)
+    check_rows(rows.train, cfg.task, rows.labels, rows.train_path, "data.train")
+    if rows.eval is not None:
+        check_rows(rows.eval, cfg.task, rows.labels, rows.eval_path, "data.eval")
+    return rows
+
+
+def _read_rows(cfg: TrainConfig) -> Rows:
+    """The rows of both splits and the class names, as read."""
     import datasets
 
     data = cfg.data

@@ -28,13 +28,14 @@ from deltadist.engines.batch_split import split_batch
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import Collator, StepPlan, batches_after, plan_steps
+from deltadist.training.checks import check_writable, warn_if_warmup_outlasts
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from deltadist.training.config import TrainConfig
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.job_data import JobData, load_rows, tokenize
 from deltadist.training.metrics import LOG_NAME, METRICS_NAME, Metrics, MetricsLog
 from deltadist.training.model import LoadedModel, load_model, resolve_dtype
-from deltadist.training.steps import prepare_steps
+from deltadist.training.steps import NonFiniteSteps, prepare_steps
 
 DELTA_DIRNAME = "delta"
 
@@ -76,9 +77,14 @@ class _Job:
         t = cfg.training
         # The cheap checks first: nothing is loaded for a batch that does not split over the ranks.
         split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, engine.world_size)
+        if t.skip_nonfinite_steps and engine.steps_in_backward:
+            raise ConfigError(f"training.skip_nonfinite_steps does not work with engine {engine.name}: it "
+                              "takes the optimizer step inside its backward, before the loss is known; "
+                              "set training.skip_nonfinite_steps: false.")
         self.dtype = _job_dtype(cfg, engine)
         self.resume_from = checkpoint_to_resume(cfg, engine, resume)
-        rows = load_rows(cfg)
+        check_writable(cfg.output_dir)
+        rows = load_rows(cfg)  # every row checked: before the weights load
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
@@ -86,6 +92,8 @@ class _Job:
         if self.plan.accumulation > 1 and not engine.accumulates:
             raise ConfigError(f"engine: {engine.name} takes one forward per step here; set "
                               "training.gradient_accumulation_steps: 1 and micro_batch_size: null.")
+        if engine.is_main:
+            warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model = loaded.model
         self.delta = self._attach(loaded)
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
@@ -129,6 +137,9 @@ class _Job:
         after = self._evaluate("eval (after)") if self.data.eval is not None else None
         if after is not None:
             log.write({"step": step, **after.log_row()})
+        if engine.is_main:  # a run killed while saving its delta left a temporary file there
+            for stale in (output_dir / DELTA_DIRNAME).glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         delta_dir = Path(self.delta.save_finetuned(output_dir / DELTA_DIRNAME))  # every rank: it gathers
         if not engine.is_main:
             return TrainResult(self.model, self.delta, None, None)
@@ -155,7 +166,7 @@ class _Job:
         if self.resume_from is not None:
             step, tokens, before = restore_checkpoint(self.steps, self.delta, self.resume_from,
                                                       self.plan.total_steps)
-            log.truncate_after(step)
+            log.truncate_after(step, self.resume_from.saved.get("log_rows"))
             return step, tokens, before
         log.truncate_after(-1)  # the log of an earlier run (that left no checkpoint) goes
         before = None
@@ -171,25 +182,30 @@ class _Job:
         with tqdm(total=self.plan.total_steps, initial=step, desc="train", unit="step",
                   disable=not self.engine.is_main) as bar:
             since, tokens_since = time.perf_counter(), 0
+            nonfinite = NonFiniteSteps(t.skip_nonfinite_steps, self.cfg.output_dir, self.engine.is_main)
             for batch in batches_after(self.data.train, self.lengths, self.plan, t.seed,
                                        self.cfg.data.sort_by_length, step):
-                loss, step_tokens = self.steps.train_step(batch)
+                outcome = self.steps.train_step(batch)
                 step += 1
-                tokens += step_tokens
-                tokens_since += step_tokens
+                skipped = nonfinite.check(step, outcome)  # raises when the job must stop
+                if not skipped:
+                    tokens += outcome.tokens
+                    tokens_since += outcome.tokens
                 elapsed = time.perf_counter() - since
                 bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_since / max(elapsed, 1e-9):,.0f}")
+                bar.set_postfix(loss=f"{outcome.loss:.4f}", tok_s=f"{tokens_since / max(elapsed, 1e-9):,.0f}")
                 if step % t.log_every == 0 or step == self.plan.total_steps:
                     log.write({"step": step, "epoch": round(step / self.plan.steps_per_epoch, 4),
-                               "loss": loss, "lr": self.steps.scheduler.get_last_lr()[0],
-                               "tokens": tokens, "tokens_per_s": round(tokens_since / max(elapsed, 1e-9), 1)})
+                               "loss": None if skipped else outcome.loss,
+                               "lr": self.steps.scheduler.get_last_lr()[0], "tokens": tokens,
+                               "tokens_per_s": round(tokens_since / max(elapsed, 1e-9), 1),
+                               **({"skipped": True} if skipped else {})})
                     since, tokens_since = time.perf_counter(), 0
                 evaluating = t.eval_every and step % t.eval_every == 0 and step < self.plan.total_steps
                 if evaluating and self.data.eval is not None:
                     log.write({"step": step, **self._evaluate(f"eval (step {step})").log_row()})
                 if t.save_every and step % t.save_every == 0:
-                    save_checkpoint(self.cfg, self.steps, self.delta, step, tokens, before)
+                    save_checkpoint(self.cfg, self.steps, self.delta, step, tokens, before, log.rows)
         return step, tokens
 
     def _evaluate(self, desc: str) -> Evaluation:

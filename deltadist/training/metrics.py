@@ -49,16 +49,27 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        self.rows = 0
+        """Rows in the file (this run's, after :meth:`truncate_after`): what a checkpoint records."""
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the lines of steps after ``step`` (written after the checkpoint a run resumes from)."""
+    def truncate_after(self, step: int, rows: int | None = None) -> None:
+        """Keep the rows written up to the checkpoint a run resumes from: its first ``rows`` rows
+        (the count the checkpoint recorded), else (a checkpoint without the count) the rows of steps
+        up to ``step``; ``step`` -1 drops every row. The rest (written after the checkpoint, such
+        as the final evaluation of a run killed while saving its delta) goes."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        if step < 0:
+            kept = []
+        elif rows is not None:
+            kept = lines[:rows]
+        else:
+            kept = [line for line in lines if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+        self.rows = len(kept)
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row``, its finite floats rounded to 6 places."""
@@ -67,3 +78,12 @@ class MetricsLog:
         row = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        self.rows += 1
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; a line cut off by a kill (not JSON) sorts after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

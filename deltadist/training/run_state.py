@@ -6,12 +6,15 @@ Layout of ``output_dir/checkpoints/step-00000100/``::
     rank-00000-of-00002.safetensors  one per rank: that rank's optimizer state as the engine holds
                                      it (a shard under FSDP and ZeRO), its RNG states; the header
                                      holds the rest as JSON (param groups, scheduler, loss scaler)
-    run_state.json                   step, tokens, engine, world size and the job's config
+                                     and the SHA-256 of its tensors
+    run_state.json                   step, tokens, engine, world size, the job's config and the
+                                     number of metrics.jsonl rows written by then
 
 Every rank writes into ``.step-00000100.partial``; once all have, the main rank writes
 ``run_state.json`` and renames the folder, so a checkpoint directory without the ``.partial`` is
-complete, and a run killed at any moment leaves the previous checkpoints intact. Files are read
-with JSON and safetensors only: no pickle, no code runs.
+complete, and a run killed at any moment leaves the previous checkpoints intact. A file damaged
+later (truncated, altered) reads as :class:`DamagedCheckpoint`, and ``--resume`` takes an older
+checkpoint. Files are read with JSON and safetensors only: no pickle, no code runs.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from deltadist.errors import CheckpointError, ConfigError
-from deltadist.io.checkpoint import atomic_write, fsync_directory
+from deltadist.io.checkpoint import atomic_write, fsync_directory, read_tensors, tensors_sha256
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 STATE_NAME = "run_state.json"
@@ -37,6 +40,13 @@ DELTA_DIRNAME = "delta"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _TREE_KEY = "deltadist_run_state"
+_CHECKSUM_KEY = "deltadist_run_state_sha256"
+"""Header key of a rank file: the SHA-256 of its tensors (absent in files of older versions)."""
+_STATE_KEYS = ("step", "tokens", "engine", "world_size", "config")
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A file of a checkpoint is truncated or corrupt (``--resume`` falls back to an older one)."""
 
 
 def step_dirname(step: int) -> str:
@@ -128,20 +138,53 @@ def write_rank_state(directory: Path, rank: int, world_size: int, state: RankSta
     tree = _encode({"optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler,
                     "rng": state.rng}, tensors, local)
     target = directory / rank_filename(rank, world_size)
-    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={_TREE_KEY: json.dumps(tree)}))
+    metadata = {_TREE_KEY: json.dumps(tree), _CHECKSUM_KEY: tensors_sha256(tensors)}
+    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_rank_state(directory: Path, rank: int, world_size: int) -> RankState:
-    """This rank's part of the checkpoint at ``directory`` (tensors on the CPU)."""
+    """This rank's part of the checkpoint at ``directory`` (tensors on the CPU), checked against
+    the checksum written with it.
+
+    Raises:
+        CheckpointError: no file for this rank (another world size wrote the checkpoint).
+        DamagedCheckpoint: the file is truncated or corrupt.
+    """
     path = directory / rank_filename(rank, world_size)
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {path.name}: it was written by another number of "
                               f"ranks than {world_size}; resume with the world size it was written with.")
-    with safe_open(str(path), framework="pt") as handle:
-        tree = json.loads(handle.metadata()[_TREE_KEY])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    parts = _decode(tree, tensors)
-    return RankState(parts["optimizer"], parts["scheduler"], parts["scaler"], parts["rng"])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tree = json.loads(metadata[_TREE_KEY])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        parts = _decode(tree, tensors)
+        state = RankState(parts["optimizer"], parts["scheduler"], parts["scaler"], parts["rng"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise DamagedCheckpoint(f"{path} is truncated or corrupt ({_short(err)})") from err
+    expected = metadata.get(_CHECKSUM_KEY)
+    if expected is not None and tensors_sha256(tensors) != expected:
+        raise DamagedCheckpoint(f"{path} is corrupt (its tensors do not match the SHA-256 written with them)")
+    return state
+
+
+def check_delta(directory: Path) -> None:
+    """Read a checkpoint's delta whole, checking its SHA-256.
+
+    Raises:
+        DamagedCheckpoint: it is missing, truncated or corrupt.
+    """
+    try:
+        read_tensors(directory / DELTA_DIRNAME)
+    except CheckpointError as err:
+        raise DamagedCheckpoint(_short(err)) from err
+
+
+def _short(err: BaseException) -> str:
+    """The first line of ``err``'s message, at most 200 characters."""
+    text = (str(err).splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def begin(output_dir: str | os.PathLike, step: int) -> Path:
@@ -173,19 +216,34 @@ def commit(partial: Path, run_state: dict[str, Any], keep_last: int | None) -> P
 
 
 def read_run_state(directory: Path) -> dict[str, Any]:
-    """The ``run_state.json`` of a checkpoint folder."""
-    state = json.loads((directory / STATE_NAME).read_text())
+    """The ``run_state.json`` of a checkpoint folder.
+
+    Raises:
+        DamagedCheckpoint: it is truncated or corrupt (not JSON, or without the keys it holds).
+        CheckpointError: it was written in another format version.
+    """
+    path = directory / STATE_NAME
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"{path} is truncated or corrupt ({_short(err)})") from err
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{path} is corrupt (it holds no JSON object)")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: run checkpoint format {state.get('format_version')!r}, this "
                               f"deltadist reads {FORMAT_VERSION}.")
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{path} is corrupt (it lacks {', '.join(missing)})")
     return state
 
 
 RESUMABLE_DIFFERENCES = frozenset({
     "output_dir", "training.save_every", "training.keep_last", "training.eval_every",
-    "training.log_every", "training.eval_batch_size", "data.eval",
+    "training.log_every", "training.eval_batch_size", "data.eval", "training.skip_nonfinite_steps",
 })
-"""Config keys a resumed run may change: they do not alter the trajectory of training."""
+"""Config keys a resumed run may change: they do not alter the trajectory of training (skipping
+non-finite steps changes only what a run that would stop does instead)."""
 
 
 def check_same_job(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:

@@ -5,7 +5,10 @@ and backwards over its micro-batches (gradient accumulation), clipping and the u
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +16,10 @@ from torch import nn
 
 from deltadist.api.delta_base import DeltaBase
 from deltadist.engines.runtime import EngineSetup
+from deltadist.errors import TrainingError
+from deltadist.training import run_state
 from deltadist.training.batching import Collator, MicroBatch, StepPlan, micro_batches
-from deltadist.training.config import TrainingConfig
+from deltadist.training.config import MAX_NONFINITE_SKIPS, TrainingConfig
 from deltadist.training.objectives import summed_loss
 from deltadist.training.schedule import lr_schedule
 from deltadist.training.text_data import TokenizedExample
@@ -54,8 +59,13 @@ class StepRunner:
         with self._autocast():
             return summed_loss(self.task, self.runner, inputs)
 
-    def train_step(self, batch: list[TokenizedExample]) -> tuple[float, int]:
-        """One optimizer step on the global ``batch``; returns its mean loss and real tokens (all ranks)."""
+    def train_step(self, batch: list[TokenizedExample]) -> StepOutcome:
+        """One optimizer step on the global ``batch``: its mean loss and real tokens (all ranks).
+
+        A step whose loss or gradient norm is not finite is not taken (unless the engine steps
+        inside its backward): the gradients are dropped, the optimizer and the scheduler keep their
+        state, and the outcome says so (``finite``); every rank sees the same sums, so all agree.
+        """
         engine = self.engine
         self.runner.train()
         self.stepper.zero_grad(set_to_none=True)
@@ -68,19 +78,56 @@ class StepRunner:
                 loss = loss_sum * micro.loss_scale
                 engine.backward(self.scaler.scale(loss) if self.scaler else loss, self.stepper)
             summed += loss.detach()
-        if self.max_grad_norm is not None:
-            if self.scaler:
-                self.scaler.unscale_(self.stepper)
-            engine.clip_grad_norm(self.runner, self.params, self.max_grad_norm)
+        tokens = torch.tensor(float(sum(m.tokens for m in micros)), device=engine.device)
+        totals = engine.sum_over_ranks(torch.stack([summed, tokens]))
+        mean_loss, real_tokens = float(totals[0]) / engine.world_size, int(totals[1])
+        grad_norm = self._grad_norm()
+        finite = math.isfinite(mean_loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if not finite and not engine.steps_in_backward:
+            self.stepper.zero_grad(set_to_none=True)
+            return StepOutcome(mean_loss, real_tokens, grad_norm, finite=False)
         if self.scaler:
             self.scaler.step(self.stepper)
             self.scaler.update()
         else:
             self.stepper.step()
         self.scheduler.step()
-        tokens = torch.tensor(float(sum(m.tokens for m in micros)), device=engine.device)
-        totals = engine.sum_over_ranks(torch.stack([summed, tokens]))
-        return float(totals[0]) / engine.world_size, int(totals[1])
+        return StepOutcome(mean_loss, real_tokens, grad_norm, finite)
+
+    def _grad_norm(self) -> float | None:
+        """The gradients' global norm, clipped to ``max_grad_norm`` when it is set; ``None`` where
+        it is not this loop's to check: under a gradient scaler (fp16), which skips steps that
+        overflow itself, and under an engine that steps inside its backward (DeepSpeed).
+
+        Without clipping the norm is the engine's clipping to infinity: every gradient is
+        multiplied by exactly 1, so the step is the unclipped one bit for bit.
+        """
+        if self.engine.steps_in_backward or (self.scaler and self.max_grad_norm is None):
+            return None
+        if self.scaler:
+            self.scaler.unscale_(self.stepper)
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
+        norm = self.engine.clip_grad_norm(self.runner, self.params, max_norm)
+        if self.scaler:
+            return None
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one call of :meth:`StepRunner.train_step` did."""
+
+    loss: float
+    """The global batch's mean loss."""
+    tokens: int
+    """Real (unpadded) input tokens of the batch, over all ranks."""
+    grad_norm: float | None
+    """The gradients' global norm before clipping; ``None`` where it was not checked."""
+    finite: bool
+    """Whether the loss and the gradient norm were finite (else the step was not taken, except
+    under an engine that steps inside its backward)."""
 
 
 def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, training: TrainingConfig,
@@ -100,3 +147,42 @@ def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, train
     return StepRunner(engine=engine, task=task, dtype=dtype, collate=collate, accumulation=plan.accumulation,
                       max_grad_norm=training.max_grad_norm, runner=runner, stepper=stepper,
                       scheduler=scheduler, scaler=scaler, params=params)
+
+
+class NonFiniteSteps:
+    """What the job does with a step whose loss or gradient norm is not finite: stop, or (with
+    ``training.skip_nonfinite_steps``) skip it, until :data:`MAX_NONFINITE_SKIPS` come in a row."""
+
+    def __init__(self, skip: bool, output_dir: str | Path, is_main: bool) -> None:
+        self.skip, self.output_dir, self.is_main = skip, Path(output_dir), is_main
+        self.in_a_row = 0
+
+    def check(self, step: int, outcome: StepOutcome) -> bool:
+        """Whether step ``step`` (1-based) was skipped; raises when the job must stop.
+
+        Raises:
+            TrainingError: naming the step, its loss and gradient norm, and the newest checkpoint.
+        """
+        if outcome.finite:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        what = f"step {step}: the loss is {outcome.loss}" + (
+            f" and the gradient norm {outcome.grad_norm}" if outcome.grad_norm is not None else "")
+        if self.skip and self.in_a_row < MAX_NONFINITE_SKIPS:
+            if self.is_main:
+                warnings.warn(f"training {what}; skipped it (training.skip_nonfinite_steps: the gradients "
+                              "were dropped, the optimizer and the scheduler did not step).", stacklevel=2)
+            return True
+        found = run_state.checkpoints(self.output_dir)
+        kept = (f"the newest checkpoint, {found[-1][1]}, is from before it" if found
+                else "no checkpoint was written")
+        if self.skip:
+            what += f" ({MAX_NONFINITE_SKIPS} non-finite steps in a row)"
+            fix = "lower training.lr or set training.max_grad_norm"
+        else:
+            fix = ("lower training.lr, set training.max_grad_norm, or set training.skip_nonfinite_steps: "
+                   "true to skip such steps")
+        raise TrainingError(f"training {what} (not finite): the job stops, and no final delta is written; "
+                            f"{kept}. Check the data and the config: {fix}.")
+

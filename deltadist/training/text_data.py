@@ -91,6 +91,22 @@ def tokenize_split(dataset: datasets.Dataset, task: str, tokenizer: PreTrainedTo
     return _seq2seq(rows, tokenizer, max_length, path, key)
 
 
+def check_rows(dataset: datasets.Dataset, task: str, labels: Sequence[str] | None,
+               path: str | os.PathLike, key: str) -> None:
+    """Check that every row has the task's fields (and a known label), as :func:`tokenize_split`
+    will, but without a tokenizer: the job calls it before the model's weights load.
+
+    Raises:
+        ConfigError: the first row that is wrong, named by its number.
+    """
+    if task == "sequence_classification":
+        if labels is None:
+            raise ValueError("sequence_classification needs the class names (see label_names).")
+        _classes(dataset, labels, path, key)
+    else:
+        _text_rows(dataset, task, path, key)
+
+
 def pack(examples: Sequence[TokenizedExample], block_size: int) -> list[TokenizedExample]:
     """causal_lm examples concatenated in order and cut into blocks of ``block_size`` tokens.
 
@@ -261,6 +277,14 @@ def _seq2seq(rows: list[tuple[str | None, str]], tokenizer: PreTrainedTokenizerB
 
 def _classification(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
                     labels: Sequence[str], path: str | os.PathLike, key: str) -> list[TokenizedExample]:
+    texts, classes = _classes(dataset, labels, path, key)
+    ids = _encode(tokenizer, texts, truncation=True, max_length=max_length)
+    return [TokenizedExample(tuple(i), (c,)) for i, c in zip(ids, classes)]
+
+
+def _classes(dataset: datasets.Dataset, labels: Sequence[str], path: str | os.PathLike,
+             key: str) -> tuple[list[str], list[int]]:
+    """The texts of a sequence_classification split and their class indices, every row checked."""
     needs = "sequence_classification rows need text and label."
     texts = _column(dataset, "text", path, key, needs)
     values = _column(dataset, "label", path, key, needs)
@@ -273,5 +297,4 @@ def _classification(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBas
             raise ConfigError(f"{where}: no 'text' field (it has: {_fields_of(dataset, row - 1)}); {needs}")
         _check_text(text, "text", where)
         classes.append(_label_index(value, lookup, where, source))
-    ids = _encode(tokenizer, texts, truncation=True, max_length=max_length)
-    return [TokenizedExample(tuple(i), (c,)) for i, c in zip(ids, classes)]
+    return texts, classes

@@ -127,9 +127,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Job:
     return job
 
 
-def resumable_copy(reference: Job, root: Path) -> Job:
-    """The reference job (checkpoint, rows, config) with an output_dir of its own under ``root``."""
+def resumable_copy(reference: Job, root: Path, **training: object) -> Job:
+    """The reference job (checkpoint, rows, config) with an output_dir of its own under ``root``
+    (and ``training`` keys changed: those a resumed run may change)."""
     config = {**reference.config_dict(), "output_dir": str(root / "run")}
+    config["training"] = {**config["training"], **training}
     (root / "job.yaml").write_text(yaml.safe_dump(config))
     return Job(root, reference.model, reference.train, reference.eval, root / "job.yaml")
 
@@ -171,21 +173,33 @@ KILL_POINTS = {
                 die()
         run_state.write_rank_state = write_rank_state
     """,
+    # while writing the final delta (half its file written), after the final evaluation was logged;
+    # the job checkpoints every 4 steps, so the newest checkpoint is the final step's
+    "final_delta": """
+        real_replace = os.replace
+        def replace(src, dst):
+            if str(dst).endswith(os.path.join("run", "delta", "delta.safetensors")):
+                os.truncate(src, os.path.getsize(src) // 2)
+                die()
+            real_replace(src, dst)
+        os.replace = replace
+    """,
 }
+KILL_SAVE_EVERY = {"mid_step": 3, "mid_checkpoint": 3, "final_delta": 4}
 
 
 @pytest.mark.parametrize("moment", KILL_POINTS)
 def test_a_killed_run_resumes_to_the_uninterrupted_delta(
         moment: str, uninterrupted: Job, tmp_path: Path) -> None:
-    job = resumable_copy(uninterrupted, tmp_path)
+    job = resumable_copy(uninterrupted, tmp_path, save_every=KILL_SAVE_EVERY[moment])
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     killed = subprocess.run([sys.executable, "-c", killing_script(job, KILL_POINTS[moment])], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    newest = {"mid_step": 6, "mid_checkpoint": 6}[moment]
+    newest = {"mid_step": 6, "mid_checkpoint": 6, "final_delta": 16}[moment]
     assert [s for s, _ in run_state.checkpoints(job.root / "run")][-1] == newest
-    assert not (job.root / "run" / "delta").exists()
+    assert not (job.root / "run" / "delta" / "delta.safetensors").exists()
     assert run_cli(job.config, "--resume") == 0
     for name, tensor in delta_tensors(uninterrupted.root / "run" / "delta").items():
         assert torch.equal(delta_tensors(job.root / "run" / "delta")[name], tensor), name
@@ -197,6 +211,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_delta(
             {k: v for k, v in b.items() if k != "tokens_per_s"}
     assert metrics(job)["resumed_from"] == newest
     assert not list((job.root / "run" / "checkpoints").glob(".*partial"))
+    assert not list((job.root / "run" / "delta").glob(".*.tmp"))  # the killed save's temporary file
 
 
 def test_resume_from_an_earlier_checkpoint_after_deleting_the_later_ones(

@@ -155,7 +155,8 @@ FORMATS = ("a .jsonl, .json, .csv or .parquet file, or a folder written by Datas
 @pytest.mark.parametrize(("name", "content", "expected"), [
     ("train.txt", b"hello", "has an unknown format (.txt); use " + FORMATS + "."),
     ("train", b"hello", "has an unknown format (no extension); use " + FORMATS + "."),
-    ("train.jsonl", b'{"text": "a"\n', "could not be read as JSON Lines or a JSON array of objects (JSON"),
+    ("train.jsonl", b'{"text": "a"\n', "line 1 is not valid JSON (Expecting ',' delimiter at column 13); "
+                                        "fix that line."),
     ("train.jsonl", bytes(range(256)), "could not be read as JSON Lines or a JSON array of objects ("),
     ("train.parquet", b'{"text": "a"}\n', "could not be read as Parquet ("),
     ("train.jsonl", b"", "holds no rows; add rows to it, or point data.train at a file that has them."),

@@ -1,0 +1,40 @@
+"""Checks of a job that need neither the model nor the data: found before the weights load
+(``output_dir`` can be written), or said as soon as the plan is known (a warm-up longer than the run)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from deltadist.errors import ConfigError
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """Create ``output_dir`` (with its parents) and write and remove a file in it, as every rank
+    will write its checkpoint files there.
+
+    Raises:
+        ConfigError: it cannot be created or written, naming why.
+    """
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".deltadist-write-check-"):
+            pass
+    except OSError as err:
+        reason = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        raise ConfigError(f"output_dir: {os.fspath(output_dir)} cannot be written ({reason}); choose "
+                          "an output_dir this user can create and write.") from err
+
+
+def warn_if_warmup_outlasts(warmup_steps: int, total_steps: int) -> None:
+    """Warn when the linear warm-up does not end within the run: the learning rate then never
+    reaches ``training.lr`` (its last step has ``total / (warmup + 1)`` of it)."""
+    if warmup_steps < total_steps:
+        return
+    peak = total_steps / (warmup_steps + 1)
+    warnings.warn(f"training.warmup_steps ({warmup_steps}) is not shorter than the run ({total_steps} "
+                  f"optimizer steps): the learning rate warms up the whole run and reaches only {peak:.0%} "
+                  "of training.lr; lower training.warmup_steps or train for more steps.", stacklevel=3)
