@@ -247,6 +247,9 @@ def test_two_nodes_train_the_delta_one_node_trains(tmp_path: Path) -> None:
     """Two launcher invocations on 127.0.0.1 with --nnodes 2 (one rank each) meet at a c10d
     rendezvous and train exactly what one node with two ranks trains."""
     endpoint = f"127.0.0.1:{_free_port()}"
+    # One thread per rank in both layouts: the launcher's default (cores / ranks per node) would
+    # give a one-rank node two threads, and another BLAS summation order differs in the last bits.
+    threads = {"OMP_NUM_THREADS": "1"}
 
     def launch(*args: str) -> list[str]:
         return ["bash", str(LAUNCHER), "--engine", "ddp", *args, *JOB]
@@ -254,15 +257,15 @@ def test_two_nodes_train_the_delta_one_node_trains(tmp_path: Path) -> None:
     node0 = subprocess.Popen(launch("--nproc", "1", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint",
                                     endpoint, "--set", f"output_dir={tmp_path / 'two'}"),
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, **threads})
     try:
         check_ok(run(launch("--nproc", "1", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", endpoint,
-                            "--set", f"output_dir={tmp_path / 'two'}")))
+                            "--set", f"output_dir={tmp_path / 'two'}"), env=threads))
         out, _ = node0.communicate(timeout=LAUNCH_TIMEOUT_S)
     finally:
         _kill_group(node0.pid)
     assert node0.returncode == 0, out[-6000:]
-    check_ok(run(launch("--nproc", "2", "--set", f"output_dir={tmp_path / 'one'}")))
+    check_ok(run(launch("--nproc", "2", "--set", f"output_dir={tmp_path / 'one'}"), env=threads))
     two, one = load_delta(tmp_path / "two"), load_delta(tmp_path / "one")
     assert sorted(two) == sorted(one)
     for key, value in one.items():
