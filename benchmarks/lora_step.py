@@ -13,14 +13,13 @@ two checkouts to compare them (same machine, same command).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
 from torch import nn
 
 from report import report
-from stepping import time_steps
+from stepping import minilm_classifier, time_methods
 
 TARGETS = ("query", "value")
 RANK, ALPHA = 8, 16
@@ -42,16 +41,8 @@ class HandLoRALinear(nn.Module):
         return self.base(x) + update * self.scaling
 
 
-def backbone() -> nn.Module:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from deltadist.training.model import build_model
-
-    model, _ = build_model("builtin:minilm", num_labels=4, seed=0, dropout=0.0, show_progress=False)
-    return model
-
-
 def hand_written() -> tuple[nn.Module, list[nn.Parameter]]:
-    model = backbone()
+    model = minilm_classifier()
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         if name.rpartition(".")[2] in TARGETS and isinstance(module, nn.Linear):
@@ -64,7 +55,7 @@ def hand_written() -> tuple[nn.Module, list[nn.Parameter]]:
 def deltadist_lora() -> tuple[nn.Module, list[nn.Parameter]]:
     from deltadist import AutoDeltaConfig, AutoDeltaModel
 
-    model = backbone()
+    model = minilm_classifier()
     config = AutoDeltaConfig.from_dict({"delta_type": "lora", "modified_modules": list(TARGETS),
                                         "lora_r": RANK, "lora_alpha": ALPHA,
                                         "unfrozen_modules": ["deltas", "classifier"]})
@@ -80,20 +71,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    runs = {}
-    for name, build in {"hand-written LoRA (floor)": hand_written, "deltadist LoRA": deltadist_lora}.items():
-        model, params = build()
-        model.to(device).train()
-        runs[name] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (32, 64), generator=generator).to(device)
-    mask, labels = torch.ones_like(ids), torch.randint(0, 4, (32,), generator=generator).to(device)
-    times = time_steps({name: (model, optimizer) for name, (model, optimizer, _) in runs.items()},
-                       lambda model: nn.functional.cross_entropy(model(ids, mask), labels),
-                       args.rounds, args.warmup, device)
+    methods = {"hand-written LoRA (floor)": hand_written, "deltadist LoRA": deltadist_lora}
+    times, trainable = time_methods(methods, args.rounds, args.warmup, device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     floor = medians["hand-written LoRA (floor)"]
-    rows = [(name, f"{runs[name][2]:,}", f"{median * 1e3:.1f}", f"{median / floor:.3f}x")
+    rows = [(name, f"{trainable[name]:,}", f"{median * 1e3:.1f}", f"{median / floor:.3f}x")
             for name, median in medians.items()]
     report("lora_step", f"LoRA r={RANK} training step, MiniLM-L6 classifier, batch 32x64, {args.device}, "
                         f"{args.rounds} interleaved rounds",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 from typing import Callable
 
@@ -23,21 +22,13 @@ import torch
 from torch import nn
 
 from report import missing_peer, report
-from stepping import time_steps
+from stepping import BATCH_ROWS, Build, minilm_classifier, time_methods
 
 LORA_TARGETS = ["query", "value"]
 
 
-def backbone() -> nn.Module:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from deltadist.training.model import build_model
-
-    model, _ = build_model("builtin:minilm", num_labels=4, seed=0, dropout=0.0, show_progress=False)
-    return model
-
-
 def full_finetuning() -> tuple[nn.Module, list[nn.Parameter]]:
-    model = backbone()
+    model = minilm_classifier()
     return model, list(model.parameters())
 
 
@@ -45,7 +36,7 @@ def deltadist_method(delta_type: str) -> Callable[[], tuple[nn.Module, list[nn.P
     def build() -> tuple[nn.Module, list[nn.Parameter]]:
         from deltadist import AutoDeltaConfig, AutoDeltaModel
 
-        model = backbone()
+        model = minilm_classifier()
         config = {"delta_type": delta_type, "unfrozen_modules": ["deltas", "classifier"]}
         if delta_type == "lora":
             config |= {"modified_modules": LORA_TARGETS, "lora_r": 8}
@@ -59,15 +50,9 @@ def deltadist_method(delta_type: str) -> Callable[[], tuple[nn.Module, list[nn.P
 def peft_lora() -> tuple[nn.Module, list[nn.Parameter]]:
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(backbone(), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
+    model = get_peft_model(minilm_classifier(), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
                                                   modules_to_save=["classifier"]))
     return model, [p for p in model.parameters() if p.requires_grad]
-
-
-def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (32, 64), generator=generator)
-    return ids.to(device), torch.ones_like(ids).to(device), torch.randint(0, 4, (32,)).to(device)
 
 
 def main() -> None:
@@ -77,33 +62,25 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    methods: dict[str, Callable[[], tuple[nn.Module, list[nn.Parameter]]]] = {
+    methods: dict[str, Build] = {
         "full fine-tuning": full_finetuning,
         "deltadist LoRA r=8": deltadist_method("lora"),
         "deltadist BitFit": deltadist_method("bitfit"),
     }
     if importlib.util.find_spec("peft"):
         methods["PEFT LoRA r=8"] = peft_lora
-    runs = {}
-    for name, build in methods.items():
-        model, params = build()
-        model.to(device).train()
-        runs[name] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
-    ids, mask, labels = batch(device)
-    times = time_steps({name: (model, optimizer) for name, (model, optimizer, _) in runs.items()},
-                       lambda model: nn.functional.cross_entropy(model(ids, mask), labels),
-                       args.rounds, args.warmup, device)
+    times, trainable = time_methods(methods, args.rounds, args.warmup, device)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    base, batch_size = medians["full fine-tuning"], ids.shape[0]
+    base, batch_size = medians["full fine-tuning"], BATCH_ROWS
     columns = ["method", "trainable params", "median step ms", "sentences/s", "speed vs full FT"]
-    rows = [[name, f"{runs[name][2]:,}", f"{median * 1e3:.1f}", f"{batch_size / median:.1f}",
+    rows = [[name, f"{trainable[name]:,}", f"{median * 1e3:.1f}", f"{batch_size / median:.1f}",
              f"{base / median:.2f}x"] for name, median in medians.items()]
-    if "PEFT LoRA r=8" not in runs:
+    if "PEFT LoRA r=8" not in methods:
         rows.append(missing_peer("PEFT LoRA r=8", "peft", columns))
     report("throughput", f"Training step, MiniLM-L6 classifier, batch {batch_size}x64, {args.device}, "
                          f"{args.rounds} interleaved rounds", columns, rows,
            {"device": args.device, "rounds": args.rounds, "seconds": times, "median": medians,
-            "trainable": {name: run[2] for name, run in runs.items()}, "torch": torch.__version__},
+            "trainable": trainable, "torch": torch.__version__},
            {name: base / median for name, median in medians.items()}, "speed vs full fine-tuning")
 
 
