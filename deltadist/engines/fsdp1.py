@@ -49,12 +49,14 @@ class FSDP1Engine(DistributedEngine):
     half_precision_problem = ("FSDP1 flattens each unit's parameters into one tensor of one dtype, and the "
                               "deltas stay fp32; engine fsdp2 keeps them apart")
 
-    @classmethod
-    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
-        return _wrap_fsdp1(model, device)
     # FSDP1's own state-dict hook on the root unit, which wraps the backbone from outside and so
     # runs after deltadist's, requires every parameter it manages to be in the dict.
     trainable_only_state_dict = False
+
+    @classmethod
+    def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
+        """One FSDP1 unit per repeated block and one around the model (``use_orig_params=True``)."""
+        return _wrap_fsdp1(model, device)
 
     def __init__(self, handles: dict[int, Any] | None = None) -> None:
         self._handles = handles or {}
