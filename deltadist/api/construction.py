@@ -11,6 +11,7 @@ from deltadist.core import attach as mechanisms
 from deltadist.core.attach import Attachment
 from deltadist.core.mechanism import HOLDER
 from deltadist.errors import SiteError
+from deltadist.mechanisms.copies import COPY_NAME, SERVE_COPY, TrainedCopy
 
 if TYPE_CHECKING:
     from deltadist.api.delta_base import DeltaBase
@@ -56,6 +57,35 @@ def build_attachments(delta: "DeltaBase", targets: list[Site]) -> list[Attachmen
     if problems:
         raise _cannot_modify(delta, problems)
     return attachments
+
+
+def copy_attachments(delta: "DeltaBase", units: list[str]) -> list[Attachment]:
+    """One trained copy per module in ``units`` (canonical names), in the module's mode."""
+    attachments = []
+    for name in units:
+        module = delta.backbone_model.get_submodule(name)
+        attachments.append(Attachment(site=module, site_name=name, delta=TrainedCopy(module, delta.engine),
+                                      base_name=COPY_NAME, mechanism=SERVE_COPY))
+    return attachments
+
+
+def sync_copies(delta: "DeltaBase", units: list[str]) -> None:
+    """Make the delta's trained copies those of ``units``: new ones attached (where the engine
+    lets new parameters join), those no longer kept dropped."""
+    record = delta.record
+    have = {att.site_name: att for att in record.attachments if att.mechanism.copies_backbone}
+    new = copy_attachments(delta, [name for name in units if name not in have])
+    gone = [att for name, att in have.items() if name not in units]
+    if new:
+        delta.engine.check_attachable(delta.backbone_model)
+    for att in gone:
+        mechanisms.forget(att)
+        record.attachments.remove(att)
+    for att in new:
+        mechanisms.attach(att)
+        att.delta.owner.delta = delta
+        record.attachments.append(att)
+    delta.engine.adopt(att.delta for att in new)
 
 
 def _cannot_modify(delta: "DeltaBase", problems: list[str]) -> SiteError:

@@ -117,13 +117,16 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         ownership.check_attachable(self.engine, backbone_model, loading_from)
         self._name = naming.claim_name(backbone_model, self.delta_type, config.delta_name)
         targets = construction.select_targets(self)
+        ownership.refuse_sites_in_copies(backbone_model, targets)
         if loading_from is not None:
             ownership.refuse_stacking_on_a_resume(self.engine, self.child_name, targets, loading_from)
-        unfrozen, kept = ownership.resolve_unfrozen(backbone_model, config.unfrozen_modules,
-                                                    loading_from is not None)
+        unfrozen, kept, copied = ownership.resolve_unfrozen(
+            backbone_model, config.unfrozen_modules, loading=loading_from is not None,
+            sites=[n for t in targets for n in (t.name, t.start_name) if n is not None])
         self.config = config.replace(unfrozen_modules=unfrozen)
-        self.record = DeltaRecord(backbone_model, construction.build_attachments(self, targets),
-                                  kept_backbone=kept, train_deltas=DELTAS_KEYWORD in unfrozen)
+        attachments = construction.build_attachments(self, targets) + construction.copy_attachments(self, copied)
+        self.record = DeltaRecord(backbone_model, attachments, kept_backbone=kept,
+                                  train_deltas=DELTAS_KEYWORD in unfrozen)
         self._attach_modules()
         try:
             self.engine.adopt(att.delta for att in self.record.attachments)
@@ -174,6 +177,13 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         Runs when the delta is built on real weights, and again in ``prepare_model`` once the
         weights of a backbone built on ``meta`` are loaded.
         """
+
+    def _copy_loaded_modules(self) -> None:
+        """Give each trained copy its module's values (a meta-built backbone got its weights)."""
+        engine = self.engine
+        for att in self.record.attachments:
+            if att.mechanism.copies_backbone:
+                att.delta.take_values(att.site, engine)
 
     def _select_sites(self, attached: frozenset[int]) -> list[Site]:
         """The sites the config's patterns select (``attached``: ids of delta modules to skip)."""

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from deltadist.addressing.select import DELTAS_KEYWORD, select_kept_parameters
-from deltadist.api import ownership
+from deltadist.addressing.select import DELTAS_KEYWORD
+from deltadist.api import construction, ownership
 from deltadist.core import attach as mechanisms
 from deltadist.core import freeze
 from deltadist.core.record import records_on
@@ -62,11 +62,10 @@ class FreezeMixin:
             freeze.release_state_dict(module, self.record)
 
     def _keep_trainable(self, patterns: list[str]) -> None:
-        """Make ``patterns`` the delta's notion of trainable (record and config)."""
-        kept = select_kept_parameters(
-            self.backbone_model, patterns, mechanisms.delta_parameter_ids(self.backbone_model)
-        )
-        ownership.check_single_owner(self.backbone_model, kept, self.record, loading=False)
+        """Make ``patterns`` the delta's notion of trainable (record, copies and config)."""
+        _, kept, copied = ownership.resolve_unfrozen(self.backbone_model, patterns, loading=False,
+                                                     sites=self.record.site_names, this=self.record)
+        construction.sync_copies(self, copied)
         self.record.kept_backbone = kept
         self.record.train_deltas = DELTAS_KEYWORD in patterns
         self.config = self.config.replace(unfrozen_modules=patterns)

@@ -1,8 +1,10 @@
 """Who owns which backbone parameters: the rules a delta's construction and freezing check.
 
 A delta keeps backbone parameters trainable and saves them (a task head) by its
-``unfrozen_modules``; one backbone parameter has one owning delta, so a second delta training or
-loading it would silently overwrite the first one's values.
+``unfrozen_modules``. Where it can, it trains its own copy of their module
+(:mod:`deltadist.mechanisms.copies`), so deltas do not share heads; a parameter trained in place has
+one owning delta, since a second delta training or loading it would silently overwrite the first
+one's values.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 from torch import nn
 
 from deltadist.addressing.common import modules_with_role
+from deltadist.addressing.names import canonical_name
 from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters
 from deltadist.addressing.structures import TASK_HEAD
 from deltadist.core import attach as mechanisms
 from deltadist.core.record import DeltaRecord, kept_by_other_deltas
 from deltadist.engines import Engine
-from deltadist.errors import ConfigError, DeltaError, EngineError
+from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
+from deltadist.mechanisms.copies import TrainedCopy, copy_units
 
 
 def check_attachable(engine: Engine, backbone: nn.Module, loading_from: str | None) -> None:
@@ -33,21 +37,52 @@ def check_attachable(engine: Engine, backbone: nn.Module, loading_from: str | No
         ) from err
 
 
-def resolve_unfrozen(backbone: nn.Module, unfrozen: list[str] | None,
-                     loading: bool) -> tuple[list[str], tuple[str, ...]]:
-    """The ``unfrozen_modules`` patterns, explicit, and the backbone parameters they keep.
+def default_unfrozen(backbone: nn.Module) -> list[str]:
+    """``"deltas"`` plus the model's task head (each delta trains its own copy of it) -- unless
+    another delta trains that head in place (see :func:`check_single_owner`)."""
+    taken = kept_by_other_deltas(backbone)
+    heads = [h for h in modules_with_role(backbone, TASK_HEAD, guess=False)
+             if not any(n == h or n.startswith(h + ".") for n in taken)]
+    return [DELTAS_KEYWORD, *heads]
 
-    The default is ``"deltas"`` plus the model's task head -- unless another delta on this
-    backbone already keeps that head (see :func:`check_single_owner`).
+
+def resolve_unfrozen(backbone: nn.Module, unfrozen: list[str] | None, *, loading: bool, sites: list[str],
+                     this: DeltaRecord | None = None) -> tuple[list[str], tuple[str, ...], list[str]]:
+    """The ``unfrozen_modules`` patterns (explicit), the backbone parameters they keep, and the
+    modules the delta trains copies of (``sites``: the delta's own site names; ``this``: its record,
+    once it has one).
+
+    Raises:
+        AddressingError: a pattern keeps no backbone parameter.
+        ConfigError: a parameter trained in place is another delta's already.
     """
     if unfrozen is None:
-        taken = kept_by_other_deltas(backbone)
-        heads = [h for h in modules_with_role(backbone, TASK_HEAD, guess=False)
-                 if not any(n == h or n.startswith(h + ".") for n in taken)]
-        unfrozen = [DELTAS_KEYWORD, *heads]
+        unfrozen = default_unfrozen(backbone)
     kept = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
-    check_single_owner(backbone, kept, None, loading)
-    return list(unfrozen), kept
+    units = copy_units(backbone, kept, [*sites, *modified_sites(backbone)])
+    in_place = tuple(n for n in kept if not any(n.startswith(unit + ".") for unit in units))
+    check_single_owner(backbone, in_place, this, loading)
+    return list(unfrozen), kept, units
+
+
+def modified_sites(backbone: nn.Module) -> list[str]:
+    """Canonical names of the modules deltas on ``backbone`` modify (trained copies left out)."""
+    return [canonical_name(name.rpartition(".")[0]) for name, module in
+            mechanisms.delta_modules(backbone).items() if not isinstance(module, TrainedCopy)]
+
+
+def refuse_sites_in_copies(backbone: nn.Module, targets: list[Site]) -> None:
+    """A delta cannot modify a module another delta serves from its trained copy (or anything in
+    it): the copy's output replaces the module's, so the new delta would be silently skipped."""
+    copied = [canonical_name(name.rpartition(".")[0]) for name, module in
+              mechanisms.delta_modules(backbone).items() if isinstance(module, TrainedCopy)]
+    inside = [t.name for t in targets for unit in copied if t.name == unit or t.name.startswith(unit + ".")]
+    if inside:
+        raise SiteError(
+            f"{', '.join(inside[:5])}: another delta on this backbone trains its own copy of this "
+            "module (a task head), whose output replaces it. Leave it out of modified_modules "
+            "(exclude_modules), or detach and unload that delta first. Nothing was changed."
+        )
 
 
 def check_single_owner(backbone: nn.Module, kept: tuple[str, ...], this: DeltaRecord | None,

@@ -22,6 +22,9 @@ class Mechanism:
     """How an attachment's delta is wired in. Subclasses implement :meth:`wire`."""
 
     name = "mechanism"
+    copies_backbone = False
+    """Whether the delta module is a trained copy of its site (a task head): its parameters are
+    saved under the site's own names, not as delta parameters."""
 
     def modules(self, att: "Attachment") -> tuple[nn.Module, ...]:
         """The modules this attachment puts hooks on (its site, by default)."""

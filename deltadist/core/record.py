@@ -8,7 +8,9 @@ A delta owns two kinds of parameters:
   a module whose site is the model root is keyed ``<kind>.<param>``. :func:`delta_key` builds
   every key.
 * **kept backbone parameters**: backbone parameters the delta keeps trainable and saves with
-  itself (a task head, ``unfrozen_modules=["deltas", "classifier"]``), by canonical name.
+  itself (a task head, ``unfrozen_modules=["deltas", "classifier"]``), by canonical name. Where the
+  delta trains its own copy of the module (an attachment whose mechanism ``copies_backbone``), the
+  name stands for the copy's parameter; otherwise for the backbone's, trained in place.
 
 Freezing, ``parameters()``, ``state_dict()``, saving, loading, detaching, merging, ``log()``, the
 fingerprint and the engines all read this record; nothing else decides what "the delta" is.
@@ -36,8 +38,9 @@ def records_on(backbone: nn.Module) -> list["DeltaRecord"]:
 
 
 def kept_by_other_deltas(backbone: nn.Module, this: "DeltaRecord | None" = None) -> set[str]:
-    """Canonical names of the backbone parameters other deltas on ``backbone`` keep trainable."""
-    return {name for other in records_on(backbone) if other is not this for name in other.kept_backbone}
+    """Canonical names of the backbone parameters other deltas on ``backbone`` train in place (not
+    on copies of their own)."""
+    return {name for other in records_on(backbone) if other is not this for name in other.kept_in_place()}
 
 
 def delta_key(site_name: str, kind: str, param_name: str) -> str:
@@ -79,19 +82,34 @@ class DeltaRecord:
         _RECORDS.get(self.backbone, weakref.WeakSet()).discard(self)
 
     def delta_parameters(self) -> dict[str, nn.Parameter]:
-        """Every delta parameter by checkpoint key, in attach order."""
+        """Every delta parameter by checkpoint key, in attach order (trained copies left out)."""
         return {
             delta_key(att.site_name, att.base_name, name): param
-            for att in self.attachments
+            for att in self.attachments if not att.mechanism.copies_backbone
             for name, param in att.delta.named_parameters()
         }
 
+    def copied_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters of the delta's trained copies, by the backbone names they stand for."""
+        return {
+            delta_key(att.site_name, "", name): param
+            for att in self.attachments if att.mechanism.copies_backbone
+            for name, param in att.delta.module.named_parameters()
+        }
+
     def backbone_parameters(self) -> dict[str, nn.Parameter]:
-        """The kept backbone parameters by canonical name."""
+        """The kept backbone parameters by canonical name: the delta's copies where it has them."""
         if not self.kept_backbone:
             return {}
-        params = canonical_parameters(self.backbone)
-        return {name: params[name] for name in self.kept_backbone if name in params}
+        copies = self.copied_parameters()
+        params = canonical_parameters(self.backbone) if len(copies) < len(self.kept_backbone) else {}
+        found = {**params, **copies}
+        return {name: found[name] for name in self.kept_backbone if name in found}
+
+    def kept_in_place(self) -> tuple[str, ...]:
+        """The kept backbone parameters the delta trains in place (no copy of their module)."""
+        copied = self.copied_parameters()
+        return tuple(name for name in self.kept_backbone if name not in copied)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """Everything the delta trains and saves, by checkpoint key."""
@@ -107,5 +125,7 @@ class DeltaRecord:
 
     @property
     def site_names(self) -> list[str]:
-        """Canonical names of the modified sites (shared-parameter holders left out), in order."""
-        return list(dict.fromkeys(a.site_name for a in self.attachments if a.mechanism is not HOLDER))
+        """Canonical names of the modified sites (shared-parameter holders and trained copies left
+        out), in order."""
+        return list(dict.fromkeys(a.site_name for a in self.attachments
+                                  if a.mechanism is not HOLDER and not a.mechanism.copies_backbone))

@@ -87,6 +87,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
     load_weights(backbone, weights, weights_prefix, tied)
     for name, param in delta.delta_parameters().items():
         delta.engine.scatter(param, initial[name])
+    delta._copy_loaded_modules()  # each trained copy (a task head) starts as the loaded module
     delta._initialize_from_backbone()  # e.g. a soft prompt copied from the loaded embeddings
     check_nothing_on_meta(backbone)
     if not sharded:  # DDP copies rank 0's values when it is built: the loaded ones
@@ -104,6 +105,8 @@ def _initial_delta_values(delta: Any, seed: int) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for att in delta.record.attachments:
+            if att.mechanism.copies_backbone:
+                continue  # a trained copy starts as its loaded module
             twin = copy.deepcopy(att.delta).to_empty(device="cpu")
             twin.reset_parameters()
             for name, param in twin.named_parameters():

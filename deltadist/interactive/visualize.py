@@ -26,6 +26,7 @@ from deltadist.core.attach import delta_parameter_ids
 from deltadist.core.delta_module import DeltaModule
 from deltadist.core.naming import deltas_on
 from deltadist.engines import Engine, detect_engine
+from deltadist.mechanisms.copies import TrainedCopy
 
 _WIDTH = 240
 """Width of the returned text: wide enough that tree lines are not wrapped."""
@@ -270,20 +271,23 @@ def parameter_summary(module: nn.Module, engine: Engine, delta_ids: set[int] | N
         module: the model.
         engine: gives logical shapes.
         delta_ids: ``id()`` of the parameters to count as ``delta`` (one delta's record);
-            default: the parameters of every delta module in ``module``.
+            default: the parameters of every delta module in ``module`` but trained copies.
 
     Returns:
         ``total``, ``trainable`` (``requires_grad``), ``delta``, ``backbone`` (``total`` minus
-        every delta's parameters) and ``sites`` (modules holding a delta module).
+        every delta's parameters, trained copies of task heads included) and ``sites`` (modules
+        a delta modifies; a module served by a trained copy is not one).
     """
     params = {id(p): p for p in module.parameters()}
     every_delta = delta_parameter_ids(module)
+    copies = {id(p) for m in module.modules() if isinstance(m, TrainedCopy) for p in m.parameters()}
     sizes = {key: engine.logical_shape(p).numel() for key, p in params.items()}
     total = sum(sizes.values())
-    counted = every_delta if delta_ids is None else delta_ids
+    counted = every_delta - copies if delta_ids is None else delta_ids
     sites = sum(
         1 for m in module.modules()
-        if not isinstance(m, DeltaModule) and any(isinstance(c, DeltaModule) for c in m.children())
+        if not isinstance(m, DeltaModule)
+        and any(isinstance(c, DeltaModule) and not isinstance(c, TrainedCopy) for c in m.children())
     )
     return {
         "total": total,
@@ -336,7 +340,7 @@ def log_delta(delta: Any, module: nn.Module, delta_ratio: bool = True,
         parts.append(Visualization(module, engine=delta.engine).build_tree())
     title = f"{type(delta).__name__} on {type(module).__name__}"
     record = delta.record
-    summary = parameter_summary(module, delta.engine, record.delta_parameter_ids())
+    summary = parameter_summary(module, delta.engine, {id(p) for p in record.delta_parameters().values()})
     kept = list(dict.fromkeys(name.rpartition(".")[0] or name for name in record.kept_backbone))
     others = [f"{n} ({d.delta_type})" for n, d in deltas_on(delta.backbone_model).items() if d is not delta]
     names = (delta.name, "other deltas on the model: " + ", ".join(others) if others else "")

@@ -55,7 +55,8 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
             "deltadist's format (save_finetuned(path)), or export the plain model with "
             "merge_and_unload().save_pretrained(path) where the method can merge."
         )
-    sites = {att.site_name: att.site for att in delta.record.attachments}
+    lora = [att for att in delta.record.attachments if not att.mechanism.copies_backbone]
+    sites = {att.site_name: att.site for att in lora}  # trained copies are modules_to_save below
     problems = [
         "the model root itself (PEFT puts LoRA on submodules only)" if not name else
         f"{name} ({type(module).__name__}; PEFT's LoRA wraps nn.Linear and transformers' Conv1D)"
@@ -79,7 +80,7 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
         and _can_save([top], modules, wholly_kept, sites)
     ))
     keys = {delta_key(att.site_name, att.base_name, p): f"{PREFIX}{att.site_name}.{p}.weight"
-            for att in delta.record.attachments for p in ("lora_A", "lora_B")}
+            for att in lora for p in ("lora_A", "lora_B")}
     for name in kept:  # in a LoRA-wrapped module PEFT's parameter lives under base_layer
         module, _, leaf = name.rpartition(".")
         keys[name] = f"{PREFIX}{module}.base_layer.{leaf}" if module in sites else PREFIX + name

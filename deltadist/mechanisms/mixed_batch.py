@@ -31,7 +31,7 @@ from deltadist.mechanisms.hooks import PARALLEL
 if TYPE_CHECKING:
     from deltadist.core.attach import Attachment
 
-ROUTABLE_MECHANISMS = ("parallel", "after", "before", "span", "holder", "key_value_prefix")
+ROUTABLE_MECHANISMS = ("parallel", "after", "before", "span", "holder", "key_value_prefix", "trained_copy")
 """Mechanisms whose delta can serve some rows only (soft prompts rewrite the sequence: not yet)."""
 
 

@@ -15,25 +15,33 @@ def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _trains_exactly(model, delta) -> bool:
+    """The model's trainable parameters are the delta's (its head copies included, which the
+    delta names by the backbone's names and the model by where they live)."""
+    return {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in delta.parameters()}
+
+
 def test_what_freeze_module_keeps_trainable_is_optimised_saved_and_restored(tmp_path) -> None:
     model = build_tiny("bert", "cls")
     delta = LoraModel(model, lora_r=2, unfrozen_modules=["deltas"])
     delta.freeze_module(exclude=["deltas", "classifier"])
-    assert _trainable(model) == set(dict(delta.named_parameters()))
+    assert _trains_exactly(model, delta)
     assert {"classifier.weight", "classifier.bias"} <= set(dict(delta.named_parameters()))
+    assert dict(delta.named_parameters())["classifier.weight"] is model.classifier.copy.module.weight
     assert delta.config.unfrozen_modules == ["deltas", "classifier"]
     optimizer = torch.optim.SGD(delta.parameters(), lr=1.0)
     inputs = tiny_inputs("bert")
     logits_of(model, inputs).pow(2).sum().backward()
-    optimizer.step()  # trains the classifier too: it is in delta.parameters()
+    optimizer.step()  # trains the delta's copy of the classifier too: it is in delta.parameters()
     tuned = logits_of(model, inputs)
     delta.save_finetuned(tmp_path / "delta")
 
     fresh = build_tiny("bert", "cls")
     loaded = AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
     assert loaded.config.unfrozen_modules == ["deltas", "classifier"]
-    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert torch.equal(fresh.classifier.copy.module.weight, model.classifier.copy.module.weight)
     assert torch.equal(logits_of(fresh, inputs), tuned)
+    assert torch.equal(fresh.classifier.weight, build_tiny("bert", "cls").classifier.weight)  # untouched
 
 
 @pytest.mark.parametrize("where", ["unfrozen_modules", "exclude"])
@@ -65,8 +73,10 @@ def test_a_task_head_is_trained_and_saved_by_default(family: str, head: str, hea
     delta = LoraModel(model, lora_r=2)
     delta.freeze_module()
     saved = set(dict(delta.named_parameters()))
-    assert head_params <= saved and head_params <= _trainable(model)
-    assert saved == _trainable(model)
+    assert head_params <= saved and _trains_exactly(model, delta)
+    head = head_params.pop().rpartition(".")[0].split(".")[0]  # the head module, as the delta copies it
+    assert all(p.requires_grad for p in model.get_submodule(head).copy.parameters())
+    assert not any(p.requires_grad for n, p in model.get_submodule(head).named_parameters() if ".copy." not in f".{n}")
 
 
 def test_deltas_only_turns_the_task_head_off_and_lm_heads_are_never_task_heads() -> None:
@@ -121,8 +131,7 @@ def test_freezing_leaves_other_deltas_flags_alone() -> None:
     lora.freeze_module()
     bitfit = BitFitModel(model, modified_modules=["attention"], unfrozen_modules=["deltas"])
     bitfit.freeze_module()
-    trainable = _trainable(model)
-    assert all(n in trainable for n in (dict(lora.named_parameters()).keys()))
+    assert all(p.requires_grad for p in lora.parameters())
     assert all(p.requires_grad for p in bitfit.parameters())
 
 
@@ -150,7 +159,9 @@ def test_delta_keys_survive_a_wrapper_that_renames_state_dict_keys() -> None:
         model.model.layers[i] = checkpoint_wrapper(layer)
     delta.freeze_module()
     keys = set(model.state_dict())
-    assert keys == set(dict(delta.named_parameters())), sorted(keys ^ set(dict(delta.named_parameters())))
+    # the head's copy is listed where it lives in the model; the delta names it by the backbone's name
+    expected = {k.replace("score.", "score.copy.module.") for k in dict(delta.named_parameters())}
+    assert keys == expected, sorted(keys ^ expected)
 
 
 def test_detaching_one_of_two_frozen_deltas_leaves_the_others_freezing() -> None:

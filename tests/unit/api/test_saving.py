@@ -30,14 +30,29 @@ def test_from_finetuned_never_loads_into_the_delta_already_there(tmp_path) -> No
         assert torch.equal(value, trained_a[key]), key  # A's trained values are untouched
 
 
-def test_a_second_delta_never_overwrites_the_task_head_another_one_trains(saved) -> None:
-    model, delta, directory, _ = saved  # delta keeps (trains, saves) the classifier
+def test_a_second_delta_trains_its_own_task_head_beside_the_first(saved) -> None:
+    model, delta, directory, tuned = saved  # delta trains (and saved) its own copy of the classifier
+    second = AutoDeltaModel.from_finetuned(directory, backbone_model=model)  # a second copy of both
+    assert second.config.unfrozen_modules == ["deltas", "classifier"]
+    mine, its = dict(delta.named_parameters()), dict(second.named_parameters())
+    assert mine["classifier.weight"] is not its["classifier.weight"]
+    assert torch.equal(mine["classifier.weight"], its["classifier.weight"])
+    with torch.no_grad():
+        its["classifier.weight"].add_(1.0)  # training the second's head leaves the first's alone
+    assert torch.equal(mine["classifier.weight"], delta.state_dict()["classifier.weight"])
+    second.detach()
+    assert torch.equal(logits_of(model, tiny_inputs("bert")), tuned)
+
+
+def test_a_parameter_trained_in_place_has_one_owner() -> None:
+    """A bias kept without its module's weight is trained in place (a copy would copy the frozen
+    weight): a second delta keeping it would overwrite the first's values, so it is refused."""
+    model = build_tiny("bert", "cls")
+    LoraModel(model, lora_r=2, unfrozen_modules=["deltas", "classifier.bias"])
     before = snapshot(model)
-    with pytest.raises(ConfigError, match="classifier.weight.*own copy of the backbone"):
-        AutoDeltaModel.from_finetuned(directory, backbone_model=model)
+    with pytest.raises(ConfigError, match="classifier.bias"):
+        LoraModel(model, lora_r=2, unfrozen_modules=["deltas", "classifier.bias"])
     assert_same_snapshot(before, snapshot(model))
-    with pytest.raises(ConfigError, match="classifier"):
-        LoraModel(model, lora_r=2, unfrozen_modules=["deltas", "classifier"])
     other = LoraModel(model, lora_r=2)  # by default a second delta leaves the owned head alone
     assert other.config.unfrozen_modules == ["deltas"]
 

@@ -21,19 +21,23 @@ def test_the_record_lists_delta_and_kept_parameters_by_key() -> None:
     record = delta.record
     assert delta.sites == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
     assert list(record.backbone_parameters()) == ["classifier.weight", "classifier.bias"]
-    assert record.backbone_parameters()["classifier.weight"] is model.classifier.weight
+    # the default task head is the delta's own copy; the backbone's head is left as it was
+    assert record.backbone_parameters()["classifier.weight"] is model.classifier.copy.module.weight
+    assert record.kept_in_place() == ()
     assert all(record.delta_parameters()[k] is p for k, p in delta.delta_parameters().items())
     assert record.delta_parameter_ids() == {id(model.bert.encoder.layer[i].attention.self.query.lora.lora_A)
                                             for i in range(2)} | {
-        id(model.bert.encoder.layer[i].attention.self.query.lora.lora_B) for i in range(2)}
+        id(model.bert.encoder.layer[i].attention.self.query.lora.lora_B) for i in range(2)} | {
+        id(p) for p in model.classifier.copy.parameters()}
 
 
 def test_records_are_known_on_their_backbone_until_unloaded() -> None:
     model = build_tiny("bert", "cls")
-    lora = LoraModel(model, lora_r=2)
+    lora = LoraModel(model, lora_r=2, unfrozen_modules=["deltas", "classifier.bias"])
     bitfit = BitFitModel(model, modified_modules=["attention"])
     assert set(map(id, records_on(model))) == {id(lora.record), id(bitfit.record)}
-    assert kept_by_other_deltas(model, bitfit.record) == {"classifier.weight", "classifier.bias"}
+    # a bias kept without its weight is trained in place (a copy would copy the frozen weight)
+    assert kept_by_other_deltas(model, bitfit.record) == {"classifier.bias"}
     with torch.no_grad():
         lora.merge_and_unload()
     assert [id(r) for r in records_on(model)] == [id(bitfit.record)]

@@ -106,7 +106,9 @@ def test_parameter_summary_before_freezing() -> None:
     model = _bert()
     deltadist.LoraModel(backbone_model=model, modified_modules=["value"], lora_r=R)
     summary = parameter_summary(model, Engine())
-    assert summary["trainable"] == summary["total"] == BACKBONE + DELTA // 2
+    head = HIDDEN * 2 + 2  # the delta's own copy of the classifier: trainable, not backbone
+    assert summary["trainable"] == summary["total"] == BACKBONE + DELTA // 2 + head
+    assert summary["backbone"] == BACKBONE and summary["delta"] == DELTA // 2
     assert summary["sites"] == LAYERS
 
 
