@@ -124,7 +124,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             backbone_model, config.unfrozen_modules, loading=loading_from is not None,
             sites=[n for t in targets for n in (t.name, t.start_name) if n is not None])
         self.config = config.replace(unfrozen_modules=unfrozen)
-        attachments = construction.build_attachments(self, targets) + construction.copy_attachments(self, copied)
+        attachments = [*construction.build_attachments(self, targets),
+                       *construction.copy_attachments(self, copied)]
         self.record = DeltaRecord(backbone_model, attachments, kept_backbone=kept,
                                   train_deltas=DELTAS_KEYWORD in unfrozen)
         self._attach_modules()

@@ -13,6 +13,8 @@ and each unit's handle (a private but frozen FSDP1 structure) says how it shards
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import torch
@@ -72,7 +74,6 @@ class FSDP1Engine(DistributedEngine):
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "FSDP1Engine":
-        from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(name == FLAT_PARAMETER or name.endswith("." + FLAT_PARAMETER)
                for name, _ in model.named_parameters()):
@@ -83,9 +84,7 @@ class FSDP1Engine(DistributedEngine):
                 "use_orig_params=True (deltadist.wrap_model does), or use FSDP2 (fully_shard)."
             )
         handles = {}
-        for unit in model.modules():
-            if not isinstance(unit, FullyShardedDataParallel):
-                continue
+        for unit in _units(model):
             linked = getattr(getattr(unit, "_exec_order_data", None), "all_handles", None) or []
             for handle in [unit._handle, *linked]:
                 if handle is not None:
@@ -159,13 +158,10 @@ def _handles_holding_a_gathered_copy(model: nn.Module) -> list:
     of all handles (``_exec_order_data.all_handles``, set at FSDP1's lazy init), which is how it
     is found. FSDP1 is frozen upstream, so these private names are stable.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp._flat_param import HandleTrainingState
 
     handles: dict[int, object] = {}
-    for unit in model.modules():
-        if not isinstance(unit, FullyShardedDataParallel):
-            continue
+    for unit in _units(model):
         found = [unit._handle, *getattr(getattr(unit, "_exec_order_data", None), "all_handles", [])]
         handles.update((id(h), h) for h in found if h is not None)
     return [
@@ -173,6 +169,43 @@ def _handles_holding_a_gathered_copy(model: nn.Module) -> list:
         if h.uses_sharded_strategy and h._training_state == HandleTrainingState.IDLE
         and getattr(h.flat_param, "_full_param_padded", None) is not None and not h.needs_unshard()
     ]
+
+
+def _units(model: nn.Module) -> list[Any]:
+    """The FSDP1 units that manage ``model``'s parameters: those inside it, or else the one unit
+    that wraps it from outside (``FSDP(model, ...)`` without inner units)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    inside = [unit for unit in model.modules() if isinstance(unit, FullyShardedDataParallel)]
+    if inside:
+        return inside
+    outer = _OUTER_UNITS.get(model)
+    unit = outer() if outer is not None else None
+    if unit is None or unit.module is not model:
+        unit = _find_outer_unit(model, FullyShardedDataParallel)
+        if unit is None:
+            return []
+        _OUTER_UNITS[model] = weakref.ref(unit)
+    return [unit]
+
+
+_OUTER_UNITS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+"""``model`` -> the FSDP1 unit found wrapping it from outside (one search per model)."""
+
+
+def _find_outer_unit(model: nn.Module, unit_class: type) -> Any:
+    """The FSDP1 unit whose wrapped module is ``model``.
+
+    A module does not know what wraps it, and an FSDP1 unit around a model with no unit inside it
+    is the only place its handle (sharding strategy, process group, gathered copy) can be read:
+    without it a ``NO_SHARD`` model would be gathered over the world and a merge after a forward
+    would write into a copy FSDP1 then drops. So the collector's objects are searched once per model
+    (a fraction of a second; cached), only when no unit is inside the model.
+    """
+    for obj in gc.get_objects():
+        if isinstance(obj, unit_class) and obj.module is model:
+            return obj
+    return None
 
 
 def _wrap_fsdp1(model: nn.Module, device: torch.device) -> nn.Module:

@@ -52,9 +52,11 @@ def detached_clone(module: nn.Module, value_of: Callable[[nn.Parameter], torch.T
              for key, value in module.__dict__.items()}
     state["_parameters"] = {name: None if p is None else nn.Parameter(value_of(p), p.requires_grad)
                             for name, p in module._parameters.items()}
-    state["_buffers"] = {name: None if b is None else b.detach().clone() for name, b in module._buffers.items()}
+    state["_buffers"] = {name: None if b is None else b.detach().clone()
+                         for name, b in module._buffers.items()}
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-    state["_modules"] = OrderedDict((name, detached_clone(child, value_of)) for name, child in module._modules.items()
+    state["_modules"] = OrderedDict((name, detached_clone(child, value_of))
+                                    for name, child in module._modules.items()
                                     if child is not None and not isinstance(child, DeltaModule))
     clone.__dict__.update(state)
     return clone

@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
+from deltadist.api.ownership import default_unfrozen
 from deltadist.engines import engine_class, setup_engine
 from deltadist.engines.batch_split import split_batch
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import Collator, StepPlan, batches_after, plan_steps
-from deltadist.training.checks import check_writable, warn_if_warmup_outlasts
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
+from deltadist.training.checks import check_writable, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.job_data import JobData, load_rows, tokenize
@@ -102,11 +103,16 @@ class _Job:
         self.lengths = [len(e.input_ids) for e in self.data.train]
 
     def _attach(self, loaded: LoadedModel) -> DeltaBase:
-        """The delta on the backbone, frozen; modules the checkpoint lacked train with it."""
+        """The delta on the backbone, frozen; by default (as the library's) with the task head,
+        and always with the modules the checkpoint lacked. Copies of kept modules train in fp32,
+        like the delta."""
         settings = dict(self.cfg.delta)
-        unfrozen = list(settings.get("unfrozen_modules") or ["deltas"])
+        unfrozen = list(settings.get("unfrozen_modules") or default_unfrozen(loaded.model))
         settings["unfrozen_modules"] = unfrozen + [m for m in loaded.new_modules if m not in unfrozen]
         delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(settings), backbone_model=loaded.model)
+        for att in delta.record.attachments:
+            if att.mechanism.copies_backbone:
+                att.delta.float()
         delta.freeze_module()
         if self.engine.is_main:
             delta.log(visualization=False)

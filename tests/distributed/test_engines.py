@@ -180,11 +180,16 @@ def test_a_shared_compacter_rule_is_saved_once_at_full_shape(trained) -> None:
 
 
 @pytest.mark.parametrize(("strategy", "world_size"), [
-    ("no_shard", 2), ("shard_grad_op", 2), ("hybrid_shard", 4)])
+    ("no_shard", 2), ("shard_grad_op", 2), ("hybrid_shard", 4),
+    ("no_shard:outer", 2), ("full_shard:outer", 2),
+    pytest.param("shard_grad_op:outer", 2, marks=pytest.mark.slow),
+    pytest.param("hybrid_shard:outer", 4, marks=pytest.mark.slow)])
 def test_fsdp1_sharding_strategies_save_and_merge_what_one_process_trains(
         strategy: str, world_size: int, references, tmp_path) -> None:
     """Each strategy gathers over its own group (no group at all for NO_SHARD, one replica for
-    HYBRID_SHARD), so the checkpoint is the single-process one and merges land in every shard."""
+    HYBRID_SHARD), so the checkpoint is the single-process one and merges land in every shard.
+    ``:outer``: one unit around the whole model and none inside it (``FSDP(model, ...)``), whose
+    handle the engine finds outside the model."""
     ranks = run_ranks(workers.train_save_merge, args=(f"fsdp1:{strategy}", str(tmp_path)),
                       world_size=world_size, timeout=400)
     for method in ("lora", "compacter"):

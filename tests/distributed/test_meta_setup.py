@@ -48,7 +48,7 @@ def test_freezing_after_sharding_trains_the_deltas_only(engine: str) -> None:
     with_grad = sorted(set().union(*(rank["with_grad"] for rank in ranks)))
     assert result["trainable"] == with_grad
     assert with_grad and all(".lora." in n or n.startswith("score.") for n in with_grad)
-    assert "score.weight" in with_grad  # the task head, trained with the delta by default
+    assert "score.copy.module.weight" in with_grad  # the delta's own task head, trained by default
     assert all(value.abs().sum() > 0 for key, value in result["delta"].items() if "lora_B" in key)
 
 

@@ -85,11 +85,13 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    if engine.startswith("fsdp1"):  # "fsdp1" or "fsdp1:<sharding strategy>" (e.g. fsdp1:no_shard)
+    if engine.startswith("fsdp1"):  # "fsdp1", "fsdp1:<sharding strategy>" (e.g. fsdp1:no_shard), and
+        # "fsdp1:<strategy>:outer": one unit around the whole model, none inside it
         from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        strategy = ShardingStrategy[engine.partition(":")[2].upper() or "FULL_SHARD"]
+        _, strategy_name, layout = (engine.split(":") + ["", ""])[:3]
+        strategy = ShardingStrategy[strategy_name.upper() or "FULL_SHARD"]
         mesh = None
         if strategy == ShardingStrategy.HYBRID_SHARD:  # replicas of 2 ranks, sharded within each
             from torch.distributed.device_mesh import init_device_mesh
@@ -103,7 +105,8 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
             warnings.filterwarnings("ignore", message=".*requires_grad=True and False", category=UserWarning)
             return FullyShardedDataParallel(
                 model, use_orig_params=True, device_id=torch.device("cpu"),
-                auto_wrap_policy=ModuleWrapPolicy({layer_cls}), sharding_strategy=strategy,
+                auto_wrap_policy=None if layout == "outer" else ModuleWrapPolicy({layer_cls}),
+                sharding_strategy=strategy,
                 device_mesh=mesh,
             )
     raise ValueError(engine)

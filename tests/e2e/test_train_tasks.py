@@ -295,6 +295,22 @@ def test_a_decoder_classifier_trains_its_new_score_head(tmp_path: Path) -> None:
     assert any(k.startswith("score.") for k in delta_tensors(job.root / "run" / "delta"))
 
 
+def test_a_classifier_checkpoint_with_its_head_trains_that_head_by_default(tmp_path: Path) -> None:
+    """As the library's default: the delta trains its own copy of the task head the checkpoint
+    already has (it was frozen before: accuracy stayed where the random head put it)."""
+    job = make_job(tmp_path, "sequence_classification")
+    labels = sorted({json.loads(line)["label"] for line in job.train.read_text().splitlines()})
+    torch.manual_seed(5)
+    with_head = AutoModelForSequenceClassification.from_pretrained(job.model, num_labels=len(labels))
+    with_head.save_pretrained(job.model)  # the same backbone, now with a (random) classifier
+    head = with_head.classifier.weight.detach().clone()
+    assert run_cli(job.config) == 0
+    saved = delta_tensors(job.root / "run" / "delta")
+    assert "classifier.weight" in saved and not torch.equal(saved["classifier.weight"], head)
+    result = metrics(job)
+    assert result["accuracy_after"] > result["accuracy_before"] + 0.2, result
+
+
 @pytest.mark.parametrize(("shipped", "task"), [
     ("causal_lm_lora", "causal_lm"),
     pytest.param("seq2seq_lora", "seq2seq", marks=pytest.mark.slow),

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from deltadist import AutoDeltaModel, BackboneMismatchError, ConfigError, LoraModel
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
-
 
 
 def test_from_finetuned_never_loads_into_the_delta_already_there(tmp_path) -> None:
