@@ -120,9 +120,13 @@ def test_a_trained_task_head_goes_both_ways(tmp_path) -> None:
     assert config["modules_to_save"] == ["pre_classifier", "classifier"]
     torch.testing.assert_close(_peft_logits("distilbert", "cls", tmp_path / "out"), tuned, rtol=0, atol=ATOL)
     fresh = build_tiny("distilbert", "cls")
+    untouched = fresh.classifier.weight.detach().clone()
     again = AutoDeltaModel.from_finetuned(tmp_path / "out", backbone_model=fresh)
     assert set(again.record.kept_backbone) == set(delta.record.kept_backbone)
     torch.testing.assert_close(logits_of(fresh, tiny_inputs("distilbert")), tuned, rtol=0, atol=ATOL)
+    # modules_to_save land on the delta's own copies; the backbone's head stays as it was
+    assert again.unfrozen_backbone_parameters()["classifier.weight"] is fresh.classifier.copy.module.weight
+    assert torch.equal(fresh.classifier.weight, untouched)
 
 
 def test_without_a_task_head_no_task_type_asks_peft_for_one(tmp_path) -> None:
