@@ -61,7 +61,8 @@ class CompacterConfig(DeltaConfig):
     phm_init_range: float = 0.0001
     """Standard deviation of the ``normal`` initialisations."""
     kronecker_prod: bool | None = None
-    """Build ``W`` explicitly before multiplying (same function; ``None`` means no)."""
+    """Build ``W`` explicitly before multiplying (``True``), contract the factors (``False``), or
+    whichever is cheaper for each call's shape (``None``); the same function either way."""
     use_bias_up_sampler: bool = True
     """A bias on the up projection."""
     use_bias_down_sampler: bool = True
@@ -173,7 +174,7 @@ class CompacterModel(DeltaBase):
             rule = self._rule(device, dtype) if own_rule else shared["phm_rule"]
             weight = self._weight(in_f, out_f, device, dtype) if own_weight else shared[f"{which}_weight"]
             return PHMLinear(in_f, out_f, rule, weight, own_rule=own_rule, own_weight=own_weight,
-                             kronecker_prod=bool(cfg.kronecker_prod), bias=bias, device=device, dtype=dtype)
+                             kronecker_prod=cfg.kronecker_prod, bias=bias, device=device, dtype=dtype)
 
         return Bottleneck(projection(width, bottleneck, "down", cfg.use_bias_down_sampler),
                           projection(bottleneck, width, "up", cfg.use_bias_up_sampler),

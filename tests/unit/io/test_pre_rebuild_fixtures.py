@@ -18,6 +18,11 @@ from tests.fixtures.make_pre_rebuild import CASES, HERE
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
 
+SUMMED_IN_ANOTHER_ORDER = {"compacter"}
+"""Since issue 23 a PHM layer left at ``kronecker_prod=None`` builds ``W`` for these inputs (it was
+the contraction): the same function, its sums in another order."""
+
+
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_pre_rebuild_delta_loads_bit_identically(method: str) -> None:
     family, head = CASES[method]
@@ -36,4 +41,8 @@ def test_pre_rebuild_delta_loads_bit_identically(method: str) -> None:
         pytest.skip("the expected logits were computed on transformers 5's random initialisation")
     expected = load_file(str(folder / "expected.safetensors"))["logits"]
     with torch.no_grad():
-        assert torch.equal(logits_of(model, tiny_inputs(family)), expected)
+        logits = logits_of(model, tiny_inputs(family))
+    if method in SUMMED_IN_ANOTHER_ORDER:
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(logits, expected)

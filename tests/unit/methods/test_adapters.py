@@ -11,7 +11,7 @@ from deltadist import (
     ParallelAdapterModel, SiteError,
 )
 from deltadist.methods.bottleneck import LowRankLinear
-from deltadist.methods.phm import PHMLinear, PHMRule, PHMWeight
+from deltadist.methods.phm import PHMLinear, PHMRule, PHMWeight, kronecker_is_cheaper
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import TwoLayer, build_tiny, logits_of, tiny_inputs
 
@@ -65,11 +65,19 @@ def test_phm_layer_is_a_sum_of_kronecker_products_either_way_it_is_computed(fact
     weight = PHMWeight(n, in_f, out_f, factorized, 2, "glorot-uniform", 0.1)
     rule.reset_parameters(), weight.reset_parameters()
     layers = [PHMLinear(in_f, out_f, rule, weight, own_rule=False, own_weight=False, kronecker_prod=k,
-                        bias=False) for k in (True, False)]
+                        bias=False) for k in (True, False, None)]
     full = sum(torch.kron(rule()[i], weight()[i]) for i in range(n))
     x = torch.randn(3, in_f)
     for layer in layers:
         torch.testing.assert_close(layer(x), x @ full, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cheaper_phm_path_is_picked_by_the_calls_shape() -> None:
+    """Training batches build ``W``; a single row of a wide layer (decoding) contracts the factors."""
+    assert kronecker_is_cheaper(rows=8 * 128, in_features=4096)
+    assert kronecker_is_cheaper(rows=64, in_features=256)
+    assert not kronecker_is_cheaper(rows=1, in_features=4096)
+    assert AutoDeltaConfig.from_dict({"delta_type": "compacter"}).kronecker_prod is None  # the default
 
 
 def test_compacter_shares_one_rule_saved_once_and_trains_it_from_every_site(tmp_path) -> None:
