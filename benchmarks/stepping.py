@@ -12,15 +12,16 @@ from torch import nn
 
 
 def time_steps(runs: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-               loss_of: Callable[[nn.Module], torch.Tensor], rounds: int, warmup: int,
+               loss_of: Callable[[str, nn.Module], torch.Tensor], rounds: int, warmup: int,
                device: torch.device) -> dict[str, list[float]]:
     """Seconds of each timed step (forward, backward, optimizer step) per run, after ``warmup``
-    untimed rounds. Every round steps each run once in turn, so all see the same machine state."""
+    untimed rounds. Every round steps each run once in turn, so all see the same machine state.
+    ``loss_of(name, model)``: the run's loss."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(warmup + rounds):
         for name, (model, optimizer) in runs.items():
             start = time.perf_counter()
-            loss = loss_of(model)
+            loss = loss_of(name, model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -65,6 +66,6 @@ def time_methods(methods: dict[str, Build], rounds: int, warmup: int,
         runs[name] = (model, torch.optim.AdamW(params, lr=1e-4))
         trainable[name] = sum(p.numel() for p in params)
     ids, mask, labels = batch(device)
-    times = time_steps(runs, lambda model: nn.functional.cross_entropy(model(ids, mask), labels),
+    times = time_steps(runs, lambda _, model: nn.functional.cross_entropy(model(ids, mask), labels),
                        rounds, warmup, device)
     return times, trainable

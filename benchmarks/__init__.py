@@ -1,0 +1,1 @@
+"""deltadist's benchmarks: ``python -m benchmarks run [--quick] [--only NAME ...] [--check]``."""

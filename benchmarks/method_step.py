@@ -1,0 +1,181 @@
+"""Training step of every method: deltadist against the method's hand-written floor
+(:mod:`benchmarks.floors`), PEFT where PEFT has the method, and full fine-tuning, on Llama-shaped
+causal LMs (fp32, AdamW). Every run has its own model; runs step interleaved, one timed step each
+per round, so all see the same machine state; ratios are taken round by round.
+
+Memory is counted, not sampled (a CPU has no per-run allocator peak): the bytes autograd saves for
+the backward of one step (activations) plus the trained parameters' values, gradients and AdamW
+state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from benchmarks.floors import floor_loss, with_floor
+from benchmarks.stepping import time_steps
+from benchmarks.suite import Check, Ratio, Result
+
+PROMPT_TOKENS = 16
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"delta_type": "lora", "lora_r": 8, "lora_alpha": 16},
+    "bitfit": {"delta_type": "bitfit"},
+    "adapter": {"delta_type": "adapter", "bottleneck_dim": 16},
+    "low_rank_adapter": {"delta_type": "low_rank_adapter"},
+    "compacter": {"delta_type": "compacter"},
+    "parallel_adapter": {"delta_type": "parallel_adapter", "modified_modules": ["mlp"], "bottleneck_dim": 16,
+                         "scaled": 2.0},
+    "prefix": {"delta_type": "prefix", "prefix_token_num": PROMPT_TOKENS, "reparameterize": False},
+    "soft_prompt": {"delta_type": "soft_prompt", "soft_token_num": PROMPT_TOKENS, "token_init": False},
+}
+"""Each method as deltadist builds it here (sites: the method's defaults unless named)."""
+
+TARGET_TO_FLOOR = 1.03
+"""Every method within 3% of its hand-written floor."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    layers: int
+    rows: int
+    tokens: int
+
+
+QUICK = [Shape("Llama h256 x4, batch 8x128", 256, 4, 8, 128)]
+FULL = [*QUICK, Shape("Llama h512 x8, batch 8x256", 512, 8, 8, 256)]
+
+
+def llama(shape: Shape) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2000, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.hidden // 64, num_key_value_heads=max(1, shape.hidden // 128),
+                         intermediate_size=shape.hidden * 4, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+Run = tuple[nn.Module, list[nn.Parameter], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+
+
+def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def deltadist_run(base: nn.Module, method: str) -> tuple[Run, list[str]]:
+    from deltadist import AutoDeltaConfig, AutoDeltaModel
+
+    model = copy.deepcopy(base)
+    config = AutoDeltaConfig.from_dict({**METHODS[method], "unfrozen_modules": ["deltas"]})
+    delta = AutoDeltaModel.from_config(config, backbone_model=model)
+    delta.freeze_module(set_state_dict=False)
+    return (model, list(delta.parameters()), _lm_loss), list(delta.sites)
+
+
+def floor_run(base: nn.Module, method: str, sites: list[str]) -> Run:
+    from deltadist import AutoDeltaConfig
+
+    model = copy.deepcopy(base)
+    config = dataclasses.asdict(AutoDeltaConfig.from_dict(METHODS[method]))  # with deltadist's defaults
+    params = with_floor(method, model, sites, config)
+    return model, params, lambda m, ids: floor_loss(method, m, ids)
+
+
+def peft_run(base: nn.Module, method: str) -> Run | None:
+    """PEFT's own version of ``method`` (None where PEFT has none)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    configs = {
+        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type="CAUSAL_LM"),
+        "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type="CAUSAL_LM"),
+    }
+    if method not in configs:
+        return None
+    model = get_peft_model(copy.deepcopy(base), configs[method]())
+    return model, [p for p in model.parameters() if p.requires_grad], _lm_loss
+
+
+def full_run(base: nn.Module) -> Run:
+    model = copy.deepcopy(base)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model, list(model.parameters()), _lm_loss
+
+
+def counted_memory(run: Run, ids: torch.Tensor) -> float:
+    """MiB a training step holds beyond the frozen weights: saved activations (unique storages)
+    plus values, gradients and AdamW state of the trained parameters."""
+    model, params, loss_of = run
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of(model, ids)
+    del loss
+    state = 4 * sum(p.numel() * p.element_size() for p in params)  # value, grad, two moments
+    frozen_ids = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(size for ptr, size in seen.items() if ptr not in frozen_ids)
+    return (activations + state) / 2**20
+
+
+def run(quick: bool) -> Result:
+    peft = importlib.util.find_spec("peft") is not None
+    rounds, warmup = (8, 2) if quick else (20, 3)
+    rows, bars, checks, data = [], {}, [], {}
+    for shape in QUICK if quick else FULL:
+        base = llama(shape)
+        ids = torch.randint(0, base.config.vocab_size, (shape.rows, shape.tokens),
+                            generator=torch.Generator().manual_seed(0))
+        runs: dict[str, Run] = {"full fine-tuning": full_run(base)}
+        for method in METHODS:
+            runs[f"{method} deltadist"], sites = deltadist_run(base, method)
+            runs[f"{method} floor"] = floor_run(base, method, sites)
+            if peft and (peer := peft_run(base, method)) is not None:
+                runs[f"{method} PEFT"] = peer
+        memory = {name: counted_memory(r, ids) for name, r in runs.items()}
+        times = time_steps({name: (model, torch.optim.AdamW(params, lr=1e-4)) for name, (model, params, _)
+                            in runs.items()}, lambda name, model: runs[name][2](model, ids), rounds, warmup,
+                           torch.device("cpu"))
+        full = times["full fine-tuning"]
+        for method in METHODS:
+            floor = times[f"{method} floor"]
+            mine = Ratio.of(times[f"{method} deltadist"], floor)
+            peer = Ratio.of(times[f"{method} PEFT"], floor) if f"{method} PEFT" in times else None
+            bars[f"{method}\n{shape.name.split(',')[0]}"] = {"deltadist": mine, **({"PEFT": peer} if peer else {}),
+                                                              "full FT": Ratio.of(full, floor)}
+            rows.append([shape.name.split(",")[0], method, f"{statistics.median(floor) * 1e3:.1f}", str(mine),
+                         str(peer) if peer else ("not measured: peft is not installed" if not peft
+                                                 else "PEFT has no such method"),
+                         f"{statistics.median(full) / statistics.median(floor):.2f}x",
+                         f"{memory[f'{method} deltadist']:.0f} / {memory[f'{method} floor']:.0f}"])
+            checks.append(Check(f"{shape.name}: {method} / floor", mine.value, TARGET_TO_FLOOR, mine.noise))
+            if peer:  # no slower than the fastest peer
+                mine_to_peer = Ratio.of(times[f"{method} deltadist"], times[f"{method} PEFT"])
+                checks.append(Check(f"{shape.name}: {method} / PEFT", mine_to_peer.value, 1.0, mine_to_peer.noise))
+        data[shape.name] = {"seconds": times, "counted_memory_mib": memory}
+    return Result(
+        name="method_step",
+        title=f"Training step per method vs its hand-written floor (CPU, fp32, AdamW, {rounds} interleaved rounds)",
+        columns=["model", "method", "floor ms", "deltadist / floor", "PEFT / floor", "full FT / floor",
+                 "MiB deltadist / floor"],
+        rows=rows, data=data, bars=bars, bar_label="step time / floor", checks=checks,
+        notes=["Ratios are medians of per-round ratios (interleaved rounds); MiB counts saved activations "
+               "plus trained values, gradients and AdamW state."])
