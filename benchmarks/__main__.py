@@ -18,7 +18,7 @@ import time
 
 from benchmarks.suite import show, update_readme, write
 
-BENCHMARKS = ("method_step",)
+BENCHMARKS = ("method_step", "mixed_batch")
 """Module names under ``benchmarks`` that define ``run(quick) -> Result``, in the order they run."""
 
 

@@ -15,13 +15,16 @@ import dataclasses
 import importlib.util
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from benchmarks.floors import floor_loss, with_floor
-from benchmarks.stepping import time_steps
+from benchmarks.peer_worker import METHODS_OF
+from benchmarks.peers import PEERS, PeerRun, environment
+from benchmarks.stepping import interleave, training_step
 from benchmarks.suite import Check, Ratio, Result
 
 PROMPT_TOKENS = 16
@@ -139,6 +142,8 @@ def counted_memory(run: Run, ids: torch.Tensor) -> float:
 def run(quick: bool) -> Result:
     peft = importlib.util.find_spec("peft") is not None
     rounds, warmup = (8, 2) if quick else (20, 3)
+    envs = {peer: environment(peer) for peer in PEERS}
+    peer_labels = ["PEFT", *(PEERS[p]["label"] for p in PEERS)]
     rows, bars, checks, data = [], {}, [], {}
     for shape in QUICK if quick else FULL:
         base = llama(shape)
@@ -151,31 +156,75 @@ def run(quick: bool) -> Result:
             if peft and (peer := peft_run(base, method)) is not None:
                 runs[f"{method} PEFT"] = peer
         memory = {name: counted_memory(r, ids) for name, r in runs.items()}
-        times = time_steps({name: (model, torch.optim.AdamW(params, lr=1e-4)) for name, (model, params, _)
-                            in runs.items()}, lambda name, model: runs[name][2](model, ids), rounds, warmup,
-                           torch.device("cpu"))
+        steps: dict[str, Callable[[], float]] = {
+            name: training_step(model, torch.optim.AdamW(params, lr=1e-4), lambda m, f=loss_of: f(m, ids),
+                                torch.device("cpu")) for name, (model, params, loss_of) in runs.items()}
+        remote, why_not = _peer_steps(envs, shape)
+        steps.update(remote)
+        try:
+            times = interleave(steps, rounds, warmup)
+        finally:
+            for step in remote.values():
+                step.close()
         full = times["full fine-tuning"]
         for method in METHODS:
             floor = times[f"{method} floor"]
             mine = Ratio.of(times[f"{method} deltadist"], floor)
-            peer = Ratio.of(times[f"{method} PEFT"], floor) if f"{method} PEFT" in times else None
-            bars[f"{method}\n{shape.name.split(',')[0]}"] = {"deltadist": mine, **({"PEFT": peer} if peer else {}),
+            peers = {label: Ratio.of(times[f"{method} {label}"], floor) for label in peer_labels
+                     if f"{method} {label}" in times}
+            bars[f"{method}\n{shape.name.split(',')[0]}"] = {"deltadist": mine, **peers,
                                                               "full FT": Ratio.of(full, floor)}
+            cells = [str(peers[label]) if label in peers else why_not.get((label, method), "not measured")
+                     for label in peer_labels]
             rows.append([shape.name.split(",")[0], method, f"{statistics.median(floor) * 1e3:.1f}", str(mine),
-                         str(peer) if peer else ("not measured: peft is not installed" if not peft
-                                                 else "PEFT has no such method"),
-                         f"{statistics.median(full) / statistics.median(floor):.2f}x",
+                         *cells, f"{statistics.median(full) / statistics.median(floor):.2f}x",
                          f"{memory[f'{method} deltadist']:.0f} / {memory[f'{method} floor']:.0f}"])
             checks.append(Check(f"{shape.name}: {method} / floor", mine.value, TARGET_TO_FLOOR, mine.noise))
-            if peer:  # no slower than the fastest peer
-                mine_to_peer = Ratio.of(times[f"{method} deltadist"], times[f"{method} PEFT"])
-                checks.append(Check(f"{shape.name}: {method} / PEFT", mine_to_peer.value, 1.0, mine_to_peer.noise))
+            if peers:  # no slower than the fastest peer
+                fastest = min(peers, key=lambda label: peers[label].value)
+                versus = Ratio.of(times[f"{method} deltadist"], times[f"{method} {fastest}"])
+                checks.append(Check(f"{shape.name}: {method} / {fastest} (fastest peer)", versus.value, 1.0,
+                                    versus.noise))
         data[shape.name] = {"seconds": times, "counted_memory_mib": memory}
+    if not peft:
+        why = "not measured: peft is not installed (pip install peft)"
+        rows = [[*row[:4], why if row[4] == "not measured" else row[4], *row[5:]] for row in rows]
     return Result(
         name="method_step",
         title=f"Training step per method vs its hand-written floor (CPU, fp32, AdamW, {rounds} interleaved rounds)",
-        columns=["model", "method", "floor ms", "deltadist / floor", "PEFT / floor", "full FT / floor",
-                 "MiB deltadist / floor"],
+        columns=["model", "method", "floor ms", "deltadist / floor", *(f"{label} / floor" for label in peer_labels),
+                 "full FT / floor", "MiB deltadist / floor"],
         rows=rows, data=data, bars=bars, bar_label="step time / floor", checks=checks,
-        notes=["Ratios are medians of per-round ratios (interleaved rounds); MiB counts saved activations "
-               "plus trained values, gradients and AdamW state."])
+        notes=["Ratios are medians of per-round ratios (interleaved rounds; peers in their own environments "
+               "step in worker processes between deltadist's steps); MiB counts saved activations plus trained "
+               "values, gradients and AdamW state. A peer's cell says why where it has no such method or could "
+               "not run."])
+
+
+def _peer_steps(envs: dict[str, Path | str], shape: Shape) -> tuple[dict[str, PeerRun], dict[tuple[str, str], str]]:
+    """Each peer's worker per method it has, and why the others are not measured."""
+    steps, why_not = {}, {}
+    for peer, python in envs.items():
+        label = PEERS[peer]["label"]
+        for method in METHODS:
+            if isinstance(python, str):
+                why_not[(label, method)] = f"not measured: {python}"
+            elif method not in METHODS_OF[peer]:
+                why_not[(label, method)] = f"{label} has no such method"
+            else:
+                spec = {"peer": peer, "method": method, "hidden": shape.hidden, "layers": shape.layers,
+                        "rows": shape.rows, "tokens": shape.tokens, "prompt_tokens": PROMPT_TOKENS,
+                        "threads": torch.get_num_threads()}
+                step = PeerRun(python, spec)
+                if step.error:
+                    why_not[(label, method)] = _short(f"could not run: {step.error}")
+                else:
+                    steps[f"{method} {label}"] = step
+    for method in METHODS:
+        why_not.setdefault(("PEFT", method), "PEFT has no such method")
+    return steps, why_not
+
+
+def _short(reason: str, limit: int = 90) -> str:
+    """A reason that fits a table cell."""
+    return reason if len(reason) <= limit else reason[:limit - 1] + "…"

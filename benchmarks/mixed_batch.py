@@ -1,39 +1,31 @@
-"""A forward over one batch whose rows use k different LoRA deltas: deltadist vs PEFT (CPU).
+"""Many tasks in one batch: a forward and a training step over one batch whose rows use k
+different LoRA deltas, against one delta for the whole batch and against PEFT's ``adapter_names``
+(forward; PEFT does not train mixed batches), on the CPU.
 
-A small Llama (hidden 512, 4 layers) carries 16 LoRA deltas (r=16 on all seven projections, so
-the deltas' share of the work is visible). Timed, interleaved over the rounds, each row a forward
-of 32 rows x 32 tokens under ``torch.no_grad``:
+A small Llama (hidden 512, 4 layers) carries 64 LoRA deltas (r=16 on all seven projections, so the
+deltas' share of the work is visible); a batch is 32 rows x 32 tokens, rows dealt round-robin over
+k = 1, 4, 16 and 64 deltas (all attached; the unlisted ones serve no row). Runs are interleaved
+over the rounds and each is compared round by round with deltadist's one-delta batch.
 
-* deltadist, one delta for the whole batch (a copy of the model with that one delta): the baseline;
-* deltadist ``mixed_batch`` with k = 1, 4 and 16 distinct deltas (rows dealt round-robin; all 16
-  attached, the unlisted ones serve no row);
-* PEFT, one adapter active; PEFT ``adapter_names`` with k = 1, 4 and 16 (the same 16 adapters).
-
-Target (issue 12): deltadist at k = 16 at most 1.3x its one-delta batch, and faster than PEFT at
-every k.
-
-    python benchmarks/mixed_batch.py [--rounds 15] [--threads 2]
-
-PEFT is optional (``pip install peft``); without it its rows say so.
+Target: k = 64 within 1.3x of one delta, forward and training step.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
-import statistics
 import time
 from typing import Callable
 
 import torch
-from report import missing_peer, report
 from torch import nn
 
-DELTAS, BATCH, SEQ, RANK = 16, 32, 32, 16
-KS = (1, 4, 16)
+from benchmarks.suite import Check, Ratio, Result
+
+DELTAS, BATCH, SEQ, RANK = 64, 32, 32, 16
+KS = (1, 4, 16, 64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGET_RATIO_AT_16 = 1.3
+TARGET_RATIO_AT_64 = 1.3
 
 
 def backbone() -> nn.Module:
@@ -59,21 +51,40 @@ def deltadist_rows(base: nn.Module, inputs: dict) -> dict[str, Callable[[], obje
     import deltadist
 
     single = copy.deepcopy(base)  # the baseline: a model with one delta, no block
-    lora(single)
+    one = lora(single)
     model = copy.deepcopy(base)
     deltas = [lora(model) for _ in range(DELTAS)]
 
-    def mixed(k: int) -> Callable[[], object]:
+    def mixed(k: int, train: bool) -> Callable[[], object]:
         rows = [deltas[i % k] for i in range(BATCH)]
+        step = training_step(model, [p for d in deltas[:k] for p in d.parameters()], inputs)
 
         def run() -> object:
             with deltadist.mixed_batch(rows):
-                return model(**inputs)
+                return step() if train else model(**inputs)
 
         return run
 
-    return {"deltadist, one delta": lambda: single(**inputs),
-            **{f"deltadist mixed, k={k}": mixed(k) for k in KS}}
+    one_step = training_step(single, list(one.parameters()), inputs)
+    return {"forward, deltadist one delta": lambda: single(**inputs),
+            **{f"forward, deltadist mixed k={k}": mixed(k, False) for k in KS},
+            "train step, deltadist one delta": one_step,
+            **{f"train step, deltadist mixed k={k}": mixed(k, True) for k in KS}}
+
+
+def training_step(model: nn.Module, params: list[nn.Parameter], inputs: dict) -> Callable[[], object]:
+    """One SGD step of ``params`` on the batch's causal LM loss (grad enabled inside)."""
+    optimizer = torch.optim.SGD(params, lr=1e-4)
+
+    def step() -> object:
+        with torch.enable_grad():
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def peft_rows(model: nn.Module, inputs: dict) -> dict[str, Callable[[], object]]:
@@ -90,48 +101,44 @@ def peft_rows(model: nn.Module, inputs: dict) -> dict[str, Callable[[], object]]
         names = [f"a{i % k}" for i in range(BATCH)]
         return lambda: peft_model(**inputs, adapter_names=names)
 
-    return {"PEFT, one adapter": lambda: peft_model(**inputs),
-            **{f"PEFT adapter_names, k={k}": named(k) for k in KS}}
+    return {"forward, PEFT one adapter": lambda: peft_model(**inputs),
+            **{f"forward, PEFT adapter_names k={k}": named(k) for k in KS}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def run(quick: bool) -> Result:
+    rounds = 5 if quick else 15
     inputs = {"input_ids": torch.randint(3, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))}
     base = backbone()
-    rows = deltadist_rows(base, inputs)
-    if importlib.util.find_spec("peft"):
-        rows.update(peft_rows(copy.deepcopy(base), inputs))
-    times: dict[str, list[float]] = {name: [] for name in rows}
+    runs = deltadist_rows(base, inputs)
+    peft = importlib.util.find_spec("peft") is not None
+    if peft:
+        runs.update(peft_rows(copy.deepcopy(base), inputs))
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
-        for _ in range(args.rounds + 1):  # the first round warms up
-            for name, run in rows.items():
+        for round_index in range(rounds + 1):  # the first round warms up
+            for name, step in runs.items():
                 start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values[1:]) for name, values in times.items()}
-    baseline = medians["deltadist, one delta"]
-    table = []
-    for name in rows:
-        k = name.rsplit("k=", 1)[1] if "k=" in name else None
-        peft = medians.get(f"PEFT adapter_names, k={k}") if k and name.startswith("deltadist") else None
-        table.append([name, f"{medians[name] * 1000:.1f}", f"{medians[name] / baseline:.2f}x",
-                      f"{peft / medians[name]:.2f}x" if peft else "-"])
-    columns = ["row", "median ms", "vs deltadist one delta", "deltadist speed vs PEFT, same k"]
-    if not importlib.util.find_spec("peft"):
-        table.append(missing_peer("PEFT adapter_names", "peft", columns))
-    report(
-        "mixed_batch", f"Forward of {BATCH} rows x {SEQ} tokens, rows over k LoRA deltas (CPU)",
-        columns, table,
-        {"rounds": args.rounds, "threads": args.threads, "median_s": medians,
-         "ratio_to_one_delta": {n: medians[n] / baseline for n in rows},
-         "target_ratio_at_16": TARGET_RATIO_AT_16, "torch": torch.__version__},
-        {n: medians[n] * 1000 for n in rows}, "median ms (lower is better)",
-    )
-
-
-if __name__ == "__main__":
-    main()
+                step()
+                if round_index:
+                    times[name].append(time.perf_counter() - start)
+    rows, bars, checks = [], {}, []
+    for kind in ("forward", "train step"):
+        one = times[f"{kind}, deltadist one delta"]
+        for k in KS:
+            mine = Ratio.of(times[f"{kind}, deltadist mixed k={k}"], one)
+            peer_name = f"{kind}, PEFT adapter_names k={k}"
+            peer = Ratio.of(times[peer_name], one) if peer_name in times else None
+            bars[f"{kind}\nk={k}"] = {"deltadist": mine, **({"PEFT adapter_names": peer} if peer else {})}
+            rows.append([kind, k, f"{sorted(times[f'{kind}, deltadist mixed k={k}'])[rounds // 2] * 1e3:.0f}",
+                         str(mine), str(peer) if peer else
+                         ("PEFT trains no mixed batch" if kind == "train step" else
+                          "not measured: peft is not installed")])
+            if k == KS[-1]:
+                checks.append(Check(f"{kind}, k={k} / one delta", mine.value, TARGET_RATIO_AT_64, mine.noise))
+    return Result(
+        name="mixed_batch",
+        title=f"{BATCH} rows x {SEQ} tokens over k LoRA deltas (Llama h512 x4, r={RANK} on 7 projections, CPU, "
+              f"{rounds} rounds)",
+        columns=["what", "k", "deltadist ms", "deltadist / one delta", "PEFT / deltadist one delta"],
+        rows=rows, data={"rounds": rounds, "seconds": times}, bars=bars, bar_label="time / one delta",
+        checks=checks)

@@ -11,25 +11,43 @@ import torch
 from torch import nn
 
 
+def interleave(steps: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """The seconds each step reports, per run, after ``warmup`` untimed rounds. Every round runs
+    each step once in turn, so all see the same machine state (a step may run in another process
+    and report its own time)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(warmup + rounds):
+        for name, step in steps.items():
+            seconds = step()
+            if round_index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of: Callable[[nn.Module], torch.Tensor],
+                  device: torch.device) -> Callable[[], float]:
+    """A timed training step (forward, backward, optimizer step) of ``model``."""
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = loss_of(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
 def time_steps(runs: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
                loss_of: Callable[[str, nn.Module], torch.Tensor], rounds: int, warmup: int,
                device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each timed step (forward, backward, optimizer step) per run, after ``warmup``
-    untimed rounds. Every round steps each run once in turn, so all see the same machine state.
+    """Seconds of each timed training step per run, interleaved (:func:`interleave`).
     ``loss_of(name, model)``: the run's loss."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(warmup + rounds):
-        for name, (model, optimizer) in runs.items():
-            start = time.perf_counter()
-            loss = loss_of(name, model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+    return interleave({name: training_step(model, optimizer, lambda m, name=name: loss_of(name, m), device)
+                       for name, (model, optimizer) in runs.items()}, rounds, warmup)
 
 
 def minilm_classifier() -> nn.Module:

@@ -1,0 +1,105 @@
+"""A peer library's training step in its own virtual environment, stepped by the benchmark.
+
+Run as ``<venv>/bin/python -m benchmarks.peer_worker '<json spec>'`` (by :mod:`benchmarks.peers`).
+It builds the Llama of the spec with the peer's version of the method, answers ``ready`` (or
+``error: ...``), then for each ``step`` line on stdin runs one training step and answers its
+seconds; ``quit`` ends it. It imports only torch, transformers and the peer (never deltadist).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def llama(spec: dict[str, Any]) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hidden = spec["hidden"]
+    config = LlamaConfig(vocab_size=2000, hidden_size=hidden, num_hidden_layers=spec["layers"],
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+                         intermediate_size=hidden * 4, max_position_embeddings=1024, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
+    """AdapterHub's ``adapters``: its configs closest to deltadist's for ``method``."""
+    import adapters
+    from adapters import (CompacterConfig, DoubleSeqBnConfig, LoRAConfig, ParBnConfig, PrefixTuningConfig,
+                          PromptTuningConfig)
+
+    reduction = spec["hidden"] // 16
+    configs: dict[str, Callable[[], Any]] = {
+        "lora": lambda: LoRAConfig(r=8, alpha=16, attn_matrices=["q", "v"]),
+        "adapter": lambda: DoubleSeqBnConfig(reduction_factor=reduction),  # after attention and FFN
+        "compacter": lambda: CompacterConfig(reduction_factor=16, phm_dim=4),
+        "parallel_adapter": lambda: ParBnConfig(reduction_factor=reduction, scaling=2.0),
+        "prefix": lambda: PrefixTuningConfig(prefix_length=spec["prompt_tokens"], flat=True),
+        "soft_prompt": lambda: PromptTuningConfig(prompt_length=spec["prompt_tokens"]),
+    }
+    adapters.init(model)
+    model.add_adapter("bench", config=configs[method]())
+    model.train_adapter("bench")
+
+
+def opendelta(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
+    """OpenDelta 0.3.2's models, on the sites deltadist uses."""
+    import opendelta
+
+    builders: dict[str, Callable[[], Any]] = {
+        "lora": lambda: opendelta.LoraModel(model, lora_r=8, lora_alpha=16, modified_modules=["q_proj", "v_proj"]),
+        "bitfit": lambda: opendelta.BitFitModel(model, modified_modules=[  # no default for Llama
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
+            "post_attention_layernorm"]),
+        "adapter": lambda: opendelta.AdapterModel(model, bottleneck_dim=16, modified_modules=["o_proj", "down_proj"]),
+        "low_rank_adapter": lambda: opendelta.LowRankAdapterModel(model, modified_modules=["o_proj", "down_proj"]),
+        "compacter": lambda: opendelta.CompacterModel(model, modified_modules=["o_proj", "down_proj"]),
+        "parallel_adapter": lambda: opendelta.ParallelAdapterModel(model, bottleneck_dim=16, modified_modules=["mlp"]),
+    }
+    delta = builders[method]()
+    delta.freeze_module(exclude=["deltas"])
+
+
+PEERS = {"adapters": adapterhub, "opendelta": opendelta}
+METHODS_OF = {"adapters": ("lora", "adapter", "compacter", "parallel_adapter", "prefix", "soft_prompt"),
+              "opendelta": ("lora", "bitfit", "adapter", "low_rank_adapter", "compacter", "parallel_adapter")}
+"""The methods each peer has (as configured above)."""
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    try:
+        model = llama(spec)
+        PEERS[spec["peer"]](model, spec["method"], spec)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        ids = torch.randint(0, 2000, (spec["rows"], spec["tokens"]), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()  # fails here rather than at the first timed step
+        optimizer.zero_grad(set_to_none=True)
+    except Exception as err:  # the peer cannot do it: say why, one line
+        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
+        return
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"{time.perf_counter() - start:.9f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
