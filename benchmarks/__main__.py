@@ -18,7 +18,7 @@ import time
 
 from benchmarks.suite import show, update_readme, write
 
-BENCHMARKS = ("method_step", "mixed_batch")
+BENCHMARKS = ("method_step", "mixed_batch", "meta_attach", "interactive_tree")
 """Module names under ``benchmarks`` that define ``run(quick) -> Result``, in the order they run."""
 
 

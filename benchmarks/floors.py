@@ -142,8 +142,8 @@ class PrefixCache(nn.Module):
 
         cache = DynamicCache()
         for layer in range(self.keys.shape[0]):
-            cache.update(self.keys[layer].expand(batch, -1, -1, -1), self.values[layer].expand(batch, -1, -1, -1),
-                         layer)
+            keys, values = self.keys[layer], self.values[layer]
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
         return cache
 
 

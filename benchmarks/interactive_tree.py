@@ -6,23 +6,17 @@ unfolding the 80-layer block there; and, after a submit, turning a selection of 
 projections in 79 of the 80 layers into patterns. Target (issue 14): the tree is on the page in
 under 2 s (tree + JSON + page load). The median of the rounds is reported.
 
-    python benchmarks/interactive_tree.py [--rounds 5]
-
-The browser rows need selenium and Debian's chromium + chromium-driver; without them they are skipped.
+The browser rows need selenium and Debian's chromium + chromium-driver; without them their rows say so.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import statistics
 import time
 from typing import Callable
 
-import torch
-
-from big_models import PROJECTIONS, llama_70b_on_meta
-from report import report
+from benchmarks.big_models import PROJECTIONS, llama_70b_on_meta
+from benchmarks.suite import Check, Ratio, Result
 
 TARGET_S = 2.0
 
@@ -73,43 +67,40 @@ def browser_rows(payload: bytes, rounds: int) -> dict[str, list[float]]:
     return {name: values[1:] for name, values in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+def run(quick: bool) -> Result:
     from deltadist.interactive.patterns import shortest_patterns
     from deltadist.interactive.picker import page_payload
     from deltadist.interactive.tree import selectable_names
 
-    model_s, model = timed(llama_70b_on_meta)
+    rounds = 3 if quick else 5
+    model = llama_70b_on_meta()
     chosen = [f"model.layers.{i}.{part}.{p}" for i in range(79) for p in PROJECTIONS
               for part in (("self_attn",) if p in PROJECTIONS[:4] else ("mlp",))]
     times: dict[str, list[float]] = {"folded tree + JSON (Python)": [], "selection -> patterns (Python)": []}
-    payload = b""
-    for _ in range(args.rounds + 1):
+    payload, patterns = b"", []
+    for _ in range(rounds + 1):
         seconds, payload = timed(lambda: page_payload(model, "LoraModel on LlamaForCausalLM"))
         times["folded tree + JSON (Python)"].append(seconds)
         names = selectable_names(model)
         seconds, patterns = timed(lambda: shortest_patterns(chosen, names))
         times["selection -> patterns (Python)"].append(seconds)
     times = {name: values[1:] for name, values in times.items()}
-    times.update(browser_rows(payload, args.rounds))
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    times.update(browser_rows(payload, rounds))
+    spreads = {name: Ratio.spread(values) for name, values in times.items()}
     page = "page load to drawn tree (Chromium)"
-    total = medians["folded tree + JSON (Python)"] + medians.get(page, 0.0)
-    rows = [[name, f"{seconds:.3f}", ""] for name, seconds in medians.items()]
-    rows.append(["tree on the page (tree + JSON + page load)", f"{total:.3f}",
-                 f"<= {TARGET_S:.1f}" + ("" if page in medians else " (no browser: Python only)")])
-    report(
-        "interactive_tree", "Module picker on a Llama-3-70B shape built on meta (CPU)",
-        ["step", "median s", "target s"], rows,
-        {"rounds": args.rounds, "median_s": medians, "tree_on_page_s": total, "target_s": TARGET_S,
-         "payload_bytes": len(payload), "build_model_on_meta_s": model_s, "patterns": patterns,
-         "torch": torch.__version__},
-        {**medians, "tree on the page": total}, "median seconds (lower is better)",
-    )
-    print(f"payload {len(payload) / 1024:.0f} KiB; patterns for 7 projections x 79 of 80 layers: {patterns}")
-
-
-if __name__ == "__main__":
-    main()
+    rows = [[name, f"{spread.value:.3f}", ""] for name, spread in spreads.items()]
+    checks = []
+    if page in spreads:
+        total = spreads["folded tree + JSON (Python)"].value + spreads[page].value
+        rows.append(["tree on the page (tree + JSON + page load)", f"{total:.3f}", f"<= {TARGET_S:.1f}"])
+        checks.append(Check("70B tree on the page, s", total, TARGET_S, spreads[page].noise))
+    else:
+        rows.append([page, "not measured: needs selenium and Debian's chromium + chromium-driver", ""])
+    return Result(
+        name="interactive_tree",
+        title=f"Module picker on a Llama-3-70B shape built on meta (CPU, {rounds} rounds)",
+        columns=["step", "median s", "target s"], rows=rows,
+        data={"seconds": times, "payload_bytes": len(payload), "patterns": patterns},
+        bars={"picker": spreads}, bar_label="seconds", checks=checks,
+        notes=[f"Payload {len(payload) / 1024:.0f} KiB; the selection of 7 projections in 79 of 80 layers "
+               f"becomes {patterns}."])

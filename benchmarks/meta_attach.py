@@ -1,44 +1,45 @@
-"""Attaching deltas to a Llama-3-70B-shaped model built on the meta device: deltadist vs PEFT.
+"""Attaching deltas to 8B- and 70B-shaped Llamas built on the meta device: every method, and PEFT.
 
-The model (hidden 8192, 80 layers, 64 heads, 8 KV heads, intermediate 28672, vocab 128256) is
-built on ``meta`` -- no memory for weights -- so what is timed is the library's own work: finding
-the sites, sizing and creating the delta parameters, wiring, freezing. Each row is timed on a
-fresh model (building it is not timed), rows interleaved over the rounds; the median is reported
-with the growth of resident memory. Targets (issue 9): adapters after ``o_proj`` and
-``down_proj`` <= 0.25 s, LoRA on all seven projections <= 0.10 s, BitFit <= 0.25 s, memory growth
-<= 100 MiB.
-
-    python benchmarks/meta_attach.py [--rounds 5]
-
-PEFT is optional (``pip install peft``); without it its rows say so.
+The models are built on ``meta`` -- no memory for weights -- so what is timed is the library's own
+work: finding the sites, sizing and creating the delta parameters, wiring, freezing. Each run is
+timed on a fresh model (building it is not timed), runs interleaved over the rounds, with the
+growth of resident memory. Targets on the 70B shape: LoRA <= 0.10 s, every other method <= 0.25 s,
+memory growth <= 100 MiB.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import os
-import statistics
 import time
 from typing import Callable
 
-import torch
 from torch import nn
 
-from big_models import PROJECTIONS, llama_70b_on_meta
-from report import missing_peer, report
+from benchmarks.big_models import PROJECTIONS, llama_8b_on_meta, llama_70b_on_meta
+from benchmarks.suite import Check, Ratio, Result
 
-TARGETS_S = {"deltadist LoRA, 7 projections": 0.10, "deltadist adapters, o_proj + down_proj": 0.25,
-             "deltadist BitFit": 0.25}
+METHODS: dict[str, dict[str, object]] = {
+    "lora": {"delta_type": "lora", "lora_r": 16, "modified_modules": PROJECTIONS},
+    "bitfit": {"delta_type": "bitfit"},
+    "adapter": {"delta_type": "adapter", "modified_modules": ["o_proj", "down_proj"]},
+    "low_rank_adapter": {"delta_type": "low_rank_adapter"},
+    "compacter": {"delta_type": "compacter"},
+    "parallel_adapter": {"delta_type": "parallel_adapter"},
+    "prefix": {"delta_type": "prefix"},
+    "soft_prompt": {"delta_type": "soft_prompt"},
+}
+TARGET_S = {"lora": 0.10}
+OTHER_TARGET_S = 0.25
 MEMORY_TARGET_MIB = 100
 
 
-def deltadist_row(delta_type: str, **kwargs: object) -> Callable[[nn.Module], None]:
+def deltadist_attach(config: dict[str, object]) -> Callable[[nn.Module], None]:
     def attach_and_freeze(model: nn.Module) -> None:
         from deltadist import AutoDeltaModel
 
-        AutoDeltaModel.from_config({"delta_type": delta_type, **kwargs}, backbone_model=model).freeze_module()
+        AutoDeltaModel.from_config(dict(config), backbone_model=model).freeze_module()
 
     return attach_and_freeze
 
@@ -46,19 +47,7 @@ def deltadist_row(delta_type: str, **kwargs: object) -> Callable[[nn.Module], No
 def peft_lora(model: nn.Module) -> None:
     from peft import LoraConfig, get_peft_model
 
-    get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS),
-                   low_cpu_mem_usage=True)
-
-
-ROWS: dict[str, Callable[[nn.Module], None]] = {
-    "deltadist LoRA, 7 projections": deltadist_row("lora", lora_r=16, modified_modules=PROJECTIONS),
-    "deltadist adapters, o_proj + down_proj": deltadist_row(
-        "adapter", modified_modules=["o_proj", "down_proj"]),
-    "deltadist BitFit": deltadist_row("bitfit"),
-    "deltadist prefix, every attention": deltadist_row("prefix"),
-    "deltadist soft prompt": deltadist_row("soft_prompt"),
-    "PEFT LoRA, 7 projections": peft_lora,
-}
+    get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS), low_cpu_mem_usage=True)
 
 
 def rss_mib() -> float:
@@ -67,40 +56,44 @@ def rss_mib() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    rows = {k: fn for k, fn in ROWS.items() if not k.startswith("PEFT") or importlib.util.find_spec("peft")}
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    growth: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(args.rounds + 1):  # the first round warms imports and caches up
-        for name, attach in rows.items():
-            model = llama_70b_on_meta()
-            gc.collect()
-            before = rss_mib()
-            start = time.perf_counter()
-            attach(model)
-            times[name].append(time.perf_counter() - start)
-            growth[name].append(rss_mib() - before)
-            del model
-    medians = {name: statistics.median(values[1:]) for name, values in times.items()}
-    memory = {name: max(values[1:]) for name, values in growth.items()}
-    peft = medians.get("PEFT LoRA, 7 projections")
-    table_rows = [
-        [name, f"{medians[name]:.3f}", f"{TARGETS_S[name]:.2f}" if name in TARGETS_S else "-",
-         f"{memory[name]:.0f}", f"{peft / medians[name]:.1f}x" if peft else "-"]
-        for name in rows
-    ]
-    columns = ["method", "median s", "target s", "max RSS growth MiB", "speed vs PEFT"]
-    table_rows += [missing_peer(name, "peft", columns) for name in ROWS if name not in rows]
-    report(
-        "meta_attach", "Attach + freeze on a Llama-3-70B shape built on meta (CPU)", columns, table_rows,
-        {"rounds": args.rounds, "median_s": medians, "max_rss_growth_mib": memory,
-         "targets_s": TARGETS_S, "memory_target_mib": MEMORY_TARGET_MIB, "torch": torch.__version__},
-        medians, "median seconds (lower is better)",
-    )
-
-
-if __name__ == "__main__":
-    main()
+def run(quick: bool) -> Result:
+    rounds = 3 if quick else 5
+    shapes = {"70B": llama_70b_on_meta} if quick else {"8B": llama_8b_on_meta, "70B": llama_70b_on_meta}
+    peft = importlib.util.find_spec("peft") is not None
+    attachers = {f"{method} deltadist": deltadist_attach(config) for method, config in METHODS.items()}
+    if peft:
+        attachers["lora PEFT"] = peft_lora
+    rows, bars, checks, data = [], {}, [], {}
+    for shape, build in shapes.items():
+        times: dict[str, list[float]] = {name: [] for name in attachers}
+        growth: dict[str, list[float]] = {name: [] for name in attachers}
+        for round_index in range(rounds + 1):  # the first round warms imports and caches up
+            for name, attach in attachers.items():
+                model = build()
+                gc.collect()
+                before, start = rss_mib(), time.perf_counter()
+                attach(model)
+                if round_index:
+                    times[name].append(time.perf_counter() - start)
+                    growth[name].append(rss_mib() - before)
+                del model
+        for method in METHODS:
+            mine = Ratio.spread(times[f"{method} deltadist"])
+            peer = Ratio.spread(times["lora PEFT"]) if method == "lora" and peft else None
+            target = TARGET_S.get(method, OTHER_TARGET_S)
+            bars[f"{method}\n{shape}"] = {"deltadist": mine, **({"PEFT": peer} if peer else {})}
+            rows.append([shape, method, f"{mine.value:.3f}", f"{target:.2f}" if shape == "70B" else "-",
+                         f"{max(growth[f'{method} deltadist']):.0f}",
+                         f"{peer.value:.3f} ({peer.value / mine.value:.1f}x slower)" if peer else
+                         ("PEFT has no meta attach here" if method != "lora" else
+                          "not measured: peft is not installed")])
+            if shape == "70B":
+                checks.append(Check(f"70B {method} attach + freeze, s", mine.value, target, mine.noise))
+                checks.append(Check(f"70B {method} memory growth, MiB", max(growth[f"{method} deltadist"]),
+                                    MEMORY_TARGET_MIB, 0.0))
+        data[shape] = {"seconds": times, "rss_growth_mib": growth}
+    return Result(
+        name="meta_attach", title=f"Attach + freeze on Llama shapes built on meta (CPU, {rounds} rounds)",
+        columns=["shape", "method", "deltadist median s", "target s", "max RSS growth MiB", "PEFT median s"],
+        rows=rows, data=data, bars=bars, bar_label="seconds", checks=checks,
+        notes=["AdapterHub on meta is not measured yet (its venv worker times training steps only)."])

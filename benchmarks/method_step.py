@@ -63,7 +63,8 @@ def llama(shape: Shape) -> nn.Module:
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=2000, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.hidden // 64, num_key_value_heads=max(1, shape.hidden // 128),
+                         num_attention_heads=shape.hidden // 64,
+                         num_key_value_heads=max(1, shape.hidden // 128),
                          intermediate_size=shape.hidden * 4, max_position_embeddings=1024,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
@@ -102,7 +103,8 @@ def peft_run(base: nn.Module, method: str) -> Run | None:
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     configs = {
-        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                   task_type="CAUSAL_LM"),
         "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type="CAUSAL_LM"),
         "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type="CAUSAL_LM"),
     }
@@ -191,17 +193,19 @@ def run(quick: bool) -> Result:
         rows = [[*row[:4], why if row[4] == "not measured" else row[4], *row[5:]] for row in rows]
     return Result(
         name="method_step",
-        title=f"Training step per method vs its hand-written floor (CPU, fp32, AdamW, {rounds} interleaved rounds)",
-        columns=["model", "method", "floor ms", "deltadist / floor", *(f"{label} / floor" for label in peer_labels),
+        title=f"Training step per method vs its hand-written floor (CPU, fp32, AdamW, {rounds} rounds)",
+        columns=["model", "method", "floor ms", "deltadist / floor",
+                 *(f"{label} / floor" for label in peer_labels),
                  "full FT / floor", "MiB deltadist / floor"],
         rows=rows, data=data, bars=bars, bar_label="step time / floor", checks=checks,
-        notes=["Ratios are medians of per-round ratios (interleaved rounds; peers in their own environments "
-               "step in worker processes between deltadist's steps); MiB counts saved activations plus trained "
-               "values, gradients and AdamW state. A peer's cell says why where it has no such method or could "
-               "not run."])
+        notes=["Ratios are medians of per-round ratios (interleaved rounds; peers in their own "
+               "environments step in worker processes between deltadist's steps); MiB counts saved "
+               "activations plus trained values, gradients and AdamW state. A peer's cell says why where "
+               "it has no such method or could not run."])
 
 
-def _peer_steps(envs: dict[str, Path | str], shape: Shape) -> tuple[dict[str, PeerRun], dict[tuple[str, str], str]]:
+def _peer_steps(envs: dict[str, Path | str],
+                shape: Shape) -> tuple[dict[str, PeerRun], dict[tuple[str, str], str]]:
     """Each peer's worker per method it has, and why the others are not measured."""
     steps, why_not = {}, {}
     for peer, python in envs.items():

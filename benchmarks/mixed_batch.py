@@ -137,8 +137,8 @@ def run(quick: bool) -> Result:
                 checks.append(Check(f"{kind}, k={k} / one delta", mine.value, TARGET_RATIO_AT_64, mine.noise))
     return Result(
         name="mixed_batch",
-        title=f"{BATCH} rows x {SEQ} tokens over k LoRA deltas (Llama h512 x4, r={RANK} on 7 projections, CPU, "
-              f"{rounds} rounds)",
+        title=f"{BATCH} rows x {SEQ} tokens over k LoRA deltas (Llama h512 x4, r={RANK} on 7 projections, "
+              f"CPU, {rounds} rounds)",
         columns=["what", "k", "deltadist ms", "deltadist / one delta", "PEFT / deltadist one delta"],
         rows=rows, data={"rounds": rounds, "seconds": times}, bars=bars, bar_label="time / one delta",
         checks=checks)

@@ -24,7 +24,8 @@ def llama(spec: dict[str, Any]) -> nn.Module:
     hidden = spec["hidden"]
     config = LlamaConfig(vocab_size=2000, hidden_size=hidden, num_hidden_layers=spec["layers"],
                          num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                         intermediate_size=hidden * 4, max_position_embeddings=1024, tie_word_embeddings=False)
+                         intermediate_size=hidden * 4, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model
@@ -33,8 +34,14 @@ def llama(spec: dict[str, Any]) -> nn.Module:
 def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
     """AdapterHub's ``adapters``: its configs closest to deltadist's for ``method``."""
     import adapters
-    from adapters import (CompacterConfig, DoubleSeqBnConfig, LoRAConfig, ParBnConfig, PrefixTuningConfig,
-                          PromptTuningConfig)
+    from adapters import (
+        CompacterConfig,
+        DoubleSeqBnConfig,
+        LoRAConfig,
+        ParBnConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+    )
 
     reduction = spec["hidden"] // 16
     configs: dict[str, Callable[[], Any]] = {
@@ -54,15 +61,18 @@ def opendelta(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
     """OpenDelta 0.3.2's models, on the sites deltadist uses."""
     import opendelta
 
+    sites = ["o_proj", "down_proj"]
     builders: dict[str, Callable[[], Any]] = {
-        "lora": lambda: opendelta.LoraModel(model, lora_r=8, lora_alpha=16, modified_modules=["q_proj", "v_proj"]),
+        "lora": lambda: opendelta.LoraModel(model, lora_r=8, lora_alpha=16,
+                                            modified_modules=["q_proj", "v_proj"]),
         "bitfit": lambda: opendelta.BitFitModel(model, modified_modules=[  # no default for Llama
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
             "post_attention_layernorm"]),
-        "adapter": lambda: opendelta.AdapterModel(model, bottleneck_dim=16, modified_modules=["o_proj", "down_proj"]),
-        "low_rank_adapter": lambda: opendelta.LowRankAdapterModel(model, modified_modules=["o_proj", "down_proj"]),
-        "compacter": lambda: opendelta.CompacterModel(model, modified_modules=["o_proj", "down_proj"]),
-        "parallel_adapter": lambda: opendelta.ParallelAdapterModel(model, bottleneck_dim=16, modified_modules=["mlp"]),
+        "adapter": lambda: opendelta.AdapterModel(model, bottleneck_dim=16, modified_modules=sites),
+        "low_rank_adapter": lambda: opendelta.LowRankAdapterModel(model, modified_modules=sites),
+        "compacter": lambda: opendelta.CompacterModel(model, modified_modules=sites),
+        "parallel_adapter": lambda: opendelta.ParallelAdapterModel(model, bottleneck_dim=16,
+                                                                   modified_modules=["mlp"]),
     }
     delta = builders[method]()
     delta.freeze_module(exclude=["deltas"])
@@ -83,7 +93,8 @@ def main() -> None:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
-        ids = torch.randint(0, 2000, (spec["rows"], spec["tokens"]), generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 2000, (spec["rows"], spec["tokens"]), generator=generator)
         model(input_ids=ids, labels=ids).loss.backward()  # fails here rather than at the first timed step
         optimizer.zero_grad(set_to_none=True)
     except Exception as err:  # the peer cannot do it: say why, one line

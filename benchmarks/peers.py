@@ -47,7 +47,8 @@ def environment(peer: str) -> Path | str:
         if done.returncode:
             lines = [line for line in (done.stderr + done.stdout).splitlines()
                      if line.strip() and "WARNING: Location" not in line]
-            return f"could not install {' '.join(PEERS[peer]['packages'])}: " + (lines[-1] if lines else "failed")
+            packages = " ".join(PEERS[peer]["packages"])
+            return f"could not install {packages}: " + (lines[-1] if lines else "failed")
     marker.write_text("ok\n")
     return python
 
@@ -58,7 +59,8 @@ class PeerRun:
 
     def __init__(self, python: Path, spec: dict[str, Any]) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-        self.process = subprocess.Popen([str(python), "-m", "benchmarks.peer_worker", json.dumps(spec)], cwd=ROOT,
+        command = [str(python), "-m", "benchmarks.peer_worker", json.dumps(spec)]
+        self.process = subprocess.Popen(command, cwd=ROOT,
                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
         answer = self.process.stdout.readline().strip()

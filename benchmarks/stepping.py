@@ -1,9 +1,7 @@
-"""Timing training steps of several models side by side (interleaved rounds, one step each), on
-the model and batch every step benchmark trains: the shipped MiniLM-L6 with a 4-class head."""
+"""Timing steps of several runs side by side: interleaved rounds, one step of each run per round."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -24,7 +22,8 @@ def interleave(steps: dict[str, Callable[[], float]], rounds: int, warmup: int) 
     return times
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of: Callable[[nn.Module], torch.Tensor],
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  loss_of: Callable[[nn.Module], torch.Tensor],
                   device: torch.device) -> Callable[[], float]:
     """A timed training step (forward, backward, optimizer step) of ``model``."""
 
@@ -39,51 +38,3 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_of: C
         return time.perf_counter() - start
 
     return step
-
-
-def time_steps(runs: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-               loss_of: Callable[[str, nn.Module], torch.Tensor], rounds: int, warmup: int,
-               device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each timed training step per run, interleaved (:func:`interleave`).
-    ``loss_of(name, model)``: the run's loss."""
-    return interleave({name: training_step(model, optimizer, lambda m, name=name: loss_of(name, m), device)
-                       for name, (model, optimizer) in runs.items()}, rounds, warmup)
-
-
-def minilm_classifier() -> nn.Module:
-    """all-MiniLM-L6-v2 (BERT, 22.7M parameters) with a 4-class head, seeded, without dropout."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from deltadist.training.model import build_model
-
-    model, _ = build_model("builtin:minilm", num_labels=4, seed=0, dropout=0.0, show_progress=False)
-    return model
-
-
-BATCH_ROWS, BATCH_TOKENS = 32, 64
-
-
-def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids [32, 64], attention_mask, labels [32])``, the same in every run."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (BATCH_ROWS, BATCH_TOKENS), generator=generator)
-    return ids.to(device), torch.ones_like(ids).to(device), torch.randint(0, 4, (BATCH_ROWS,)).to(device)
-
-
-Build = Callable[[], tuple[nn.Module, list[nn.Parameter]]]
-"""Makes a model to train and the parameters its optimizer steps."""
-
-
-def time_methods(methods: dict[str, Build], rounds: int, warmup: int,
-                 device: torch.device) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Each method's model trained with AdamW on :func:`batch`, timed by :func:`time_steps`:
-    the seconds of every timed step, and each method's number of trained values."""
-    runs, trainable = {}, {}
-    for name, build in methods.items():
-        model, params = build()
-        model.to(device).train()
-        runs[name] = (model, torch.optim.AdamW(params, lr=1e-4))
-        trainable[name] = sum(p.numel() for p in params)
-    ids, mask, labels = batch(device)
-    times = time_steps(runs, lambda _, model: nn.functional.cross_entropy(model(ids, mask), labels),
-                       rounds, warmup, device)
-    return times, trainable

@@ -43,6 +43,11 @@ class Ratio:
         quartiles = statistics.quantiles(ratios, n=4)
         return cls(statistics.median(ratios), quartiles[0], quartiles[2])
 
+    @classmethod
+    def spread(cls, values: Sequence[float]) -> "Ratio":
+        """A plain series' median and quartiles (seconds, say)."""
+        return cls.of(values, [1.0] * len(values))
+
     @property
     def noise(self) -> float:
         """Half the interquartile spread, relative to the median."""
@@ -109,7 +114,8 @@ def show(result: Result) -> None:
     Console(width=140).print(table)
     for check in result.checks:
         mark = "ok  " if check.passed else "MISS"
-        print(f"{mark} {check.what}: {check.value:.3f} (target <= {check.target:.2f}, noise {check.noise:.1%})")
+        print(f"{mark} {check.what}: {check.value:.3f} "
+              f"(target <= {check.target:.2f}, noise {check.noise:.1%})")
 
 
 def write(result: Result, quick: bool) -> Path:

@@ -56,17 +56,25 @@ def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
     if any(record.merged for record in records_on(backbone)):
         raise DeltaError("mixed_batch: a delta on this model is merged into its weights, so it "
                          "would apply to every row; call unmerge() on it before the block.")
-    owned = {id(att): [i for i, d in enumerate(rows) if d is delta]
-             for delta in listed for att in delta.record.attachments}
+    # Each listed delta's rows, once per delta (not per attachment: a block is entered per batch).
+    served_by: dict[int, list[int]] = {}
+    for i, delta in enumerate(rows):
+        if delta is not None:
+            served_by.setdefault(id(delta), []).append(i)
+    indices = {key: torch.tensor(served, dtype=torch.long) for key, served in served_by.items()}
+    owned = {id(att): (served_by[id(delta)], indices[id(delta)])
+             for delta in {id(d): d for d in listed}.values() for att in delta.record.attachments}
+    unserved: tuple[list[int], torch.Tensor] = ([], torch.empty(0, dtype=torch.long))
     # Every attachment on the model, not only those of deltas someone still holds: a delta object
     # that was dropped keeps its hooks, and it must serve no row either.
     routes: dict[int, tuple[nn.Module, torch.Tensor, tuple[str, ...] | None]] = {}
     for module in backbone.modules():
         on_site = attachments_on(module)
         for att in on_site:
-            _check_routable(att, owned.get(id(att), []))
-            routes[id(att)] = (att.delta, torch.tensor(owned.get(id(att), []), dtype=torch.long), None)
-        group = _groupable([a for a in on_site if owned.get(id(a))])
+            served, index = owned.get(id(att), unserved)
+            _check_routable(att, served)
+            routes[id(att)] = (att.delta, index, None)
+        group = _groupable([a for a in on_site if id(a) in owned])
         if len(group) > 1:
             names = tuple(a.child_name for a in group)
             for member in group:
@@ -128,7 +136,14 @@ def _groupable(serving: list["Attachment"]) -> list["Attachment"]:
     delta class's ``grouped_update`` can compute together: same class and dtype, each groupable."""
     live = [a for a in serving if a.attached and not a.suspended and a.mechanism is PARALLEL
             and getattr(a.delta, "groupable", False)]
-    if not live:
-        return []
-    kind, dtype = type(live[0].delta), next(live[0].delta.parameters()).dtype
-    return [a for a in live if type(a.delta) is kind and next(a.delta.parameters()).dtype == dtype]
+    if len(live) < 2:
+        return live
+    dtypes = [_dtype_of(a.delta) for a in live]
+    kind = type(live[0].delta)
+    return [a for a, dtype in zip(live, dtypes) if type(a.delta) is kind and dtype == dtypes[0]]
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of a delta module's first parameter (its own, before its children's)."""
+    own = next(iter(module._parameters.values()), None)
+    return own.dtype if own is not None else next(module.parameters()).dtype

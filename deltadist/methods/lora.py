@@ -85,18 +85,27 @@ class LoRA(DeltaModule):
         with disjoint rows. Shapes: ``hidden [batch, ..., in]`` -> ``[batch, ..., out]``."""
         first = members[0][0]
         rank = max(branch.lora_A.shape[0] for branch, _ in members)
-        pad = [(branch, rank - branch.lora_A.shape[0]) for branch, _ in members]
-        a = [nn.functional.pad(branch.lora_A, (0, 0, 0, extra)) for branch, extra in pad]
-        b = [nn.functional.pad(branch.lora_B * branch.scaling, (0, extra)) for branch, extra in pad]
-        a_stack = torch.stack([torch.zeros_like(a[0]), *a])  # slot 0: rows no branch serves
-        b_stack = torch.stack([torch.zeros_like(b[0]), *b])
+        zero_a = first.lora_A.new_zeros(rank, first.lora_A.shape[1])  # slot 0: rows no branch serves
+        zero_b = first.lora_B.new_zeros(first.lora_B.shape[0], rank)
+        a_of, b_of, scale_of = [zero_a], [zero_b], [0.0]
+        for branch, _ in members:
+            extra = rank - branch.lora_A.shape[0]  # pad only where ranks differ (padding copies)
+            a_of.append(branch.lora_A if not extra else nn.functional.pad(branch.lora_A, (0, 0, 0, extra)))
+            b_of.append(branch.lora_B if not extra else nn.functional.pad(branch.lora_B, (0, extra)))
+            scale_of.append(branch.scaling)
         batch = hidden.shape[0]
-        slot = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+        slots = [0] * batch
         for index, (_, rows) in enumerate(members, start=1):
-            slot[rows] = index
+            for row in rows.tolist():
+                slots[row] = index
+        # Each row's A and B stacked directly (one copy), and the scaling applied to the rank-wide
+        # product rather than to a scaled copy of every B.
+        a_rows = torch.stack([a_of[slot] for slot in slots])                    # [batch, rank, in]
+        b_rows = torch.stack([b_of[slot] for slot in slots])                    # [batch, out, rank]
         x = hidden.to(first.lora_A.dtype).reshape(batch, -1, hidden.shape[-1])
-        low = torch.bmm(x, a_stack[slot].transpose(1, 2))          # [batch, tokens, rank]
-        update = torch.bmm(low, b_stack[slot].transpose(1, 2))     # [batch, tokens, out]
+        scale = torch.tensor([scale_of[slot] for slot in slots], dtype=x.dtype, device=x.device)
+        low = torch.bmm(x, a_rows.transpose(1, 2)) * scale.view(batch, 1, 1)  # [batch, tokens, rank]
+        update = torch.bmm(low, b_rows.transpose(1, 2))                         # [batch, tokens, out]
         return update.reshape(*hidden.shape[:-1], update.shape[-1]).to(hidden.dtype)
 
     def merge_blocker(self, site: nn.Module) -> str | None:
