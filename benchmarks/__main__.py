@@ -18,7 +18,8 @@ import time
 
 from benchmarks.suite import show, update_readme, write
 
-BENCHMARKS = ("method_step", "mixed_batch", "meta_attach", "interactive_tree")
+BENCHMARKS = ("method_step", "mixed_batch", "meta_attach", "interactive_tree", "training_job", "engines",
+              "saving")
 """Module names under ``benchmarks`` that define ``run(quick) -> Result``, in the order they run."""
 
 

@@ -200,18 +200,20 @@ def backbone_fingerprint(
     names: list[str] = []
     counts: list[int] = []
     samples: list[float] = []
-    for name, param in sorted(canonical_parameters(backbone).items()):
-        if name in skip or id(param) in delta_params:
-            continue
-        shape = engine.logical_shape(param)
+    kept = [(name, param, engine.logical_shape(param))
+            for name, param in sorted(canonical_parameters(backbone).items())
+            if name not in skip and id(param) not in delta_params]
+    # All tensors' samples in one request: a sharding engine sums them in one collective per group.
+    sampled = engine.sample_many([(param, sample_positions(shape.numel())) for _, param, shape in kept
+                                  if shape.numel() > 0])
+    if any(values is None for values in sampled):
+        return None
+    found = iter(sampled)
+    for name, _, shape in kept:
         entry = f"{name}:{tuple(shape)};".encode()
         digest.update(entry)
         structure.update(entry)
-        values = torch.zeros(0, dtype=torch.float64)
-        if shape.numel() > 0:
-            values = engine.sample(param, sample_positions(shape.numel()))
-            if values is None:
-                return None
+        values = next(found) if shape.numel() > 0 else torch.zeros(0, dtype=torch.float64)
         # The digest rounds the float64 samples to bf16 as checkpoints' backbone_hash always has,
         # so old checkpoints (digest only) still compare equal.
         digest.update(values.to(torch.bfloat16).to(torch.float32).numpy().tobytes())

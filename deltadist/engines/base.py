@@ -7,7 +7,7 @@ of deltadist talks to an :class:`Engine`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -210,6 +210,11 @@ class Engine:
             return None
         flat = self._full_tensor(param).detach().reshape(-1)
         return flat[flat_indices.to(flat.device)].to("cpu", torch.float64)
+
+    def sample_many(self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor | None]:
+        """:meth:`sample` of each ``(param, flat_indices)``; engines that sample by collectives
+        run them together. Every rank calls it with the same requests."""
+        return [self.sample(param, indices) for param, indices in requests]
 
     def _full_tensor(self, param: torch.Tensor) -> torch.Tensor:
         return param

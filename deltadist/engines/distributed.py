@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,10 +72,41 @@ def sample_from_pieces(piece: torch.Tensor, start: int, flat_indices: torch.Tens
 
 
 def sum_across_ranks(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Element-wise sum over the ranks of ``group`` (default: the world; CPU in, CPU out)."""
+    """Element-wise sum over the ranks of ``group`` (default: the world; CPU in, CPU out).
+
+    Inside :func:`sums_together` the sum is only recorded: the tensor returned is filled when the
+    block ends, with every recorded sum of one group done in one collective.
+    """
+    if _PENDING:
+        out = torch.zeros_like(values)
+        _PENDING[-1].setdefault(group, []).append((values, out))
+        return out
     reduced = values.to(collective_device())
     dist.all_reduce(reduced, group=group)
     return reduced.cpu()
+
+
+_PENDING: list[dict[Any, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+"""The open :func:`sums_together` blocks: per group, ``(this rank's values, where the sum goes)``."""
+
+
+@contextlib.contextmanager
+def sums_together() -> Iterator[None]:
+    """Sum every :func:`sum_across_ranks` of the block in one ``all_reduce`` per group, at its end.
+
+    A fingerprint samples every backbone tensor; one collective per tensor made the cost of saving
+    grow with the backbone's number of tensors (a few hundred round trips on a 70B model). Every
+    rank must run the same block, so that the groups' collectives meet in the same order.
+    """
+    _PENDING.append({})
+    try:
+        yield
+    finally:
+        pending = _PENDING.pop()
+    for group, entries in pending.items():  # first-seen order: the same on every rank
+        summed = sum_across_ranks(torch.cat([values.reshape(-1) for values, _ in entries]), group)
+        for (values, out), part in zip(entries, summed.split([v.numel() for v, _ in entries])):
+            out.copy_(part.view_as(out))
 
 
 class DistributedEngine(Engine):
@@ -90,6 +122,10 @@ class DistributedEngine(Engine):
 
         return start_process_group(cls.name, cls.wrap, os.environ if environ is None else environ,
                                    cls.launcher_script)
+
+    def sample_many(self, requests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor | None]:
+        with sums_together():  # one collective per group for all the samples, not one per tensor
+            return super().sample_many(requests)
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -482,7 +482,7 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 def _local_backbone(model: nn.Module, delta: Any) -> dict[str, torch.Tensor]:
     """Copies of this rank's pieces of the backbone's own parameters, by name."""
     delta.engine.settle(model)  # sharded again after a forward
-    ids = {id(p) for p in delta.delta_parameters().values()}
+    ids = {id(p) for p in delta.parameters()}  # the delta's own, its task-head copy included
     return {n: _local(p).detach().clone() for n, p in model.named_parameters() if id(p) not in ids}
 
 
@@ -491,7 +491,7 @@ def _reloaded_logits(model: nn.Module, wrapped: nn.Module, delta: Any, weights: 
     by the engine (each rank reads only its rows), as ``prepare_model`` loads them."""
     from deltadist.io.backbone_weights import load_weights
 
-    ids = {id(p) for p in delta.delta_parameters().values()}
+    ids = {id(p) for p in delta.parameters()}  # the delta's own, its task-head copy included
     with torch.no_grad():
         for param in model.parameters():
             if id(param) not in ids:
