@@ -60,9 +60,12 @@ class FSDP1Engine(DistributedEngine):
         """One FSDP1 unit per repeated block and one around the model (``use_orig_params=True``)."""
         return _wrap_fsdp1(model, device)
 
-    def __init__(self, handles: dict[int, Any] | None = None) -> None:
+    def __init__(self, handles: dict[int, Any] | None = None, starts: dict[int, int] | None = None) -> None:
         self._handles = handles or {}
         """``id(original parameter)`` -> the FSDP1 handle of the unit that shards it."""
+        self._starts = starts or {}
+        """``id(original parameter)`` -> where this rank's piece of it begins (flat position), as the
+        handle's shard metadata says; asked of the group (a collective) where it is not known."""
         # The root unit usually wraps the backbone from outside, where the backbone cannot see it
         # (until FSDP1's lazy init links every unit's handle): its parameters (a task head) get the
         # sharding of the units inside, which one wrapping call gives one strategy and group.
@@ -83,13 +86,24 @@ class FSDP1Engine(DistributedEngine):
                 "parameter: deltas could not be found, saved or loaded. Wrap with "
                 "use_orig_params=True (deltadist.wrap_model does), or use FSDP2 (fully_shard)."
             )
-        handles = {}
+        handles, starts = {}, {}
         for unit in _units(model):
             linked = getattr(getattr(unit, "_exec_order_data", None), "all_handles", None) or []
             for handle in [unit._handle, *linked]:
                 if handle is not None:
-                    handles.update((id(p), handle) for p in handle.flat_param._params or ())
-        return cls(handles)
+                    flat = handle.flat_param
+                    handles.update((id(p), handle) for p in flat._params or ())
+                    # One entry per original parameter, aligned with _params (FSDP1 is frozen upstream).
+                    for param, info in zip(flat._params or (), getattr(flat, "_shard_param_infos", ())):
+                        starts[id(param)] = info.intra_param_start_idx if info.in_shard else 0
+        return cls(handles, starts)
+
+    def _piece_start(self, param: torch.Tensor, group: Any) -> int:
+        """Flat position in ``param`` where this rank's piece begins (``group``: its sharding group)."""
+        start = self._starts.get(id(param))
+        if start is None:
+            return piece_offsets(param.numel(), group)[dist.get_rank(group)]
+        return start
 
     def _sharding(self, param: torch.Tensor) -> tuple[bool, Any]:
         """Whether ``param`` is a piece of a flat shard, and the group its pieces span."""
@@ -138,7 +152,7 @@ class FSDP1Engine(DistributedEngine):
         sharded, group = self._sharding(param)
         if not sharded:
             return super().scatter(param, value.reshape(param.shape))
-        start = piece_offsets(param.numel(), group)[dist.get_rank(group)]
+        start = self._piece_start(param, group)
         piece = value.reshape(-1)[start:start + param.numel()]
         with torch.no_grad():
             param.view(-1).copy_(piece.to(device=param.device, dtype=param.dtype))
@@ -147,7 +161,7 @@ class FSDP1Engine(DistributedEngine):
         sharded, group = self._sharding(param)
         if not sharded:
             return super().sample(param, flat_indices)
-        start = piece_offsets(param.numel(), group)[dist.get_rank(group)]
+        start = self._piece_start(param, group)
         return sample_from_pieces(param, start, flat_indices, group)
 
 
