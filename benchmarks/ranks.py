@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,10 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, out: str) -> None:
+    # FSDP1 warns about every unit that mixes frozen and trainable parameters (expected with
+    # deltas, and printed with every name) and that it is deprecated in favour of FSDP2.
+    warnings.filterwarnings("ignore", message=".*requires_grad=True and False")
+    warnings.simplefilter("ignore", FutureWarning)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     result = fn(rank, world_size, *args)
