@@ -120,7 +120,8 @@ def run(quick: bool) -> Result:
         name="engines",
         title=f"Training step per engine, world size 2 on CPU (gloo), Llama h{hidden} x{layers}, "
               f"4 x {tokens} tokens a rank, {rounds} rounds",
-        columns=["engine", "contender", "rank 0 median ms", "time / full fine-tuning", "rank 0 peak MiB added"],
+        columns=["engine", "contender", "rank 0 median ms", "time / full fine-tuning",
+                 "rank 0 peak MiB added"],
         rows=rows, data=data, bars=bars, bar_label="step time / full fine-tuning under the same engine",
         notes=["Peak MiB: resident memory that building, wrapping and one step of the contender added on "
                "rank 0 (sampled at ~1 kHz, after a throwaway contender took the one-time costs; the frozen "

@@ -32,7 +32,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def tinyllama(dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):
@@ -48,10 +49,12 @@ def contenders(base: nn.Module) -> dict[str, tuple[nn.Module, list[nn.Parameter]
 
     runs = {}
     model = copy.deepcopy(base)
-    delta = LoraModel(model, lora_r=16, lora_alpha=32, modified_modules=PROJECTIONS, unfrozen_modules=["deltas"])
+    delta = LoraModel(model, lora_r=16, lora_alpha=32, modified_modules=PROJECTIONS,
+                      unfrozen_modules=["deltas"])
     delta.freeze_module(set_state_dict=False)
     runs["deltadist LoRA r=16"] = (model, list(delta.parameters()))
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
     runs["PEFT LoRA r=16"] = (peft_model, [p for p in peft_model.parameters() if p.requires_grad])
     full = copy.deepcopy(base)
     full.requires_grad_(True)
@@ -107,7 +110,8 @@ def main() -> None:
               f"a step adds {memory[name][1]:.1f} GiB")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_lora.json").write_text(json.dumps(
-        {"machine": {**machine(), "gpu": torch.cuda.get_device_name(device)}, "args": vars(args), "rows": rows,
+        {"machine": {**machine(), "gpu": torch.cuda.get_device_name(device)}, "args": vars(args),
+         "rows": rows,
          "seconds": times}, indent=2) + "\n")
 
 

@@ -44,9 +44,8 @@ def rank_main(rank: int, world_size: int, engine: str, layers: int, repeats: int
 
     dist.init_process_group("gloo")
     model = llama(Shape("", 512, layers, 1, 1))
-    delta = LoraModel(model, lora_r=4, modified_modules=["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
-                                                          "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"],
-                      unfrozen_modules=["deltas"])
+    sites = [f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    delta = LoraModel(model, lora_r=4, modified_modules=sites, unfrozen_modules=["deltas"])
     delta.freeze_module(set_state_dict=False)
     wrapped = wrap_model(model, engine, torch.device("cpu"))
     results: dict[str, dict[str, list[float]]] = {"save_finetuned": {"s": [], "bytes": []},
@@ -79,7 +78,8 @@ def run(quick: bool) -> Result:
             seconds = Ratio.of(big[way]["s"], small[way]["s"])
             bars[engine][way] = seconds
             rows.append([engine, way, *(f"{statistics.median(r[way]['s']) * 1e3:.1f}" for r in (small, big)),
-                         str(seconds), *(f"{statistics.median(r[way]['bytes']) / 2**20:.1f}" for r in (small, big))])
+                         str(seconds),
+                         *(f"{statistics.median(r[way]['bytes']) / 2**20:.1f}" for r in (small, big))])
         mine = Ratio.of(big["save_finetuned"]["s"], small["save_finetuned"]["s"])
         checks.append(Check(f"{engine}: save_finetuned time at {growth:.0f}x the backbone", mine.value,
                             TARGET_GROWTH, mine.noise))

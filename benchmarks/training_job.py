@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks.suite import ROOT, Check, Ratio, Result
@@ -115,7 +114,8 @@ def run_trainer(output_dir: str) -> float:
             loss_sum, _ = summed_loss(cfg.task, model, inputs)
             return loss_sum / inputs["labels"].shape[0]
 
-    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=t.batch_size,
+                             learning_rate=t.lr,
                              num_train_epochs=t.epochs, lr_scheduler_type="constant", save_strategy="no",
                              logging_strategy="no", report_to=[], use_cpu=True, seed=t.seed,
                              remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0)
@@ -140,10 +140,12 @@ def run(quick: bool) -> Result:
     loop = tokens_per_s["loop"]
     # Ratios of time (the inverse of throughput), so that above 1 means slower, as elsewhere.
     ratios = {kind: Ratio.of(loop, values) for kind, values in tokens_per_s.items()}
-    rows = [[KINDS[kind], f"{Ratio.spread(tokens_per_s[kind]).value:,.0f}", str(ratios[kind])] for kind in KINDS]
+    rows = [[KINDS[kind], f"{Ratio.spread(tokens_per_s[kind]).value:,.0f}", str(ratios[kind])]
+            for kind in KINDS]
     return Result(
         name="training_job",
-        title=f"The built-in job (MiniLM-L6 + LoRA, 1,000 sentences, batch 32, CPU): {rounds} alternating runs",
+        title=f"The built-in job (MiniLM-L6 + LoRA, 1,000 sentences, batch 32, CPU): "
+              f"{rounds} alternating runs",
         columns=["contender", "training tokens/s", "time / hand-written loop"], rows=rows,
         data={"tokens_per_s": tokens_per_s}, bars={"built-in job": ratios},
         bar_label="training time / hand-written loop",
