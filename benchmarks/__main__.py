@@ -16,7 +16,7 @@ import importlib
 import sys
 import time
 
-from benchmarks.suite import show, update_readme, write
+from benchmarks.suite import TABLE_PAGES, show, update_readme, write
 
 BENCHMARKS = ("method_step", "mixed_batch", "meta_attach", "interactive_tree", "training_job", "engines",
               "saving")
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         result = importlib.import_module(f"benchmarks.{name}").run(args.quick)
         show(result)
         path = write(result, args.quick)
-        placed = update_readme(result, path)
+        placed = [page.name for page in TABLE_PAGES if update_readme(result, path, page)]
         print(f"    {time.perf_counter() - start:.0f} s; wrote {path}"
-              f"{' and the README table' if placed else ''}")
+              f"{' and the table in ' + ', '.join(placed) if placed else ''}")
         missed += [check for check in result.checks if not check.passed]
     if args.check and missed:
         print(f"{len(missed)} target(s) missed: " + "; ".join(c.what for c in missed))

@@ -24,6 +24,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 README = ROOT / "README.md"
+TABLE_PAGES = (README, ROOT / "docs" / "benchmarks.md")
+"""Where the runner rewrites a benchmark's table (the pages holding its markers)."""
 
 
 @dataclass(frozen=True)
