@@ -116,14 +116,18 @@ class After(nn.Module):
 
 
 class Beside(nn.Module):
-    """A parallel adapter: ``f(x) + s * bottleneck(x)``."""
+    """A parallel adapter: ``f(x) + s * bottleneck(x)`` (``x`` the first input, the sum on the first
+    output of a module that returns a tuple)."""
 
     def __init__(self, base: nn.Module, bottleneck: Bottleneck, scale: float) -> None:
         super().__init__()
         self.base, self.adapter, self.scale = base, bottleneck, scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * self.adapter(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        out = self.base(*args, **kwargs)
+        hidden = (out[0] if isinstance(out, tuple) else out) + self.scale * self.adapter(x)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
 class PrefixCache(nn.Module):
@@ -180,8 +184,10 @@ def _in_width(module: nn.Module) -> int:
     return first.in_features
 
 
-def floor_loss(kind: str, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The causal LM loss of the floor of ``kind`` on ``ids`` (prompt methods add their tokens)."""
+def floor_loss(kind: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of the floor of ``kind`` on ``batch`` (prompt methods, on a causal LM, add their
+    tokens)."""
+    ids = batch["input_ids"]
     if kind == "prefix":
         prefix = model.floor_prompt
         mask = torch.ones(ids.shape[0], prefix.tokens + ids.shape[1], dtype=torch.long)
@@ -192,4 +198,4 @@ def floor_loss(kind: str, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), model.get_input_embeddings()(ids)], 1)
         hidden = model.model(inputs_embeds=embeds).last_hidden_state[:, prompt.shape[0]:]
         return model.loss_function(model.lm_head(hidden), ids, model.config.vocab_size)
-    return model(input_ids=ids, labels=ids).loss
+    return model(**batch).loss

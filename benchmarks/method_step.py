@@ -52,10 +52,41 @@ class Shape:
     layers: int
     rows: int
     tokens: int
+    family: str = "llama"
+    """``llama`` (a causal LM, every method) or ``bert`` (a 4-class classifier, no prompt methods)."""
 
 
-QUICK = [Shape("Llama h256 x4, batch 8x128", 256, 4, 8, 128)]
+QUICK = [Shape("Llama h256 x4, batch 8x128", 256, 4, 8, 128),
+         Shape("BERT h384 x6, batch 32x64", 384, 6, 32, 64, "bert")]
 FULL = [*QUICK, Shape("Llama h512 x8, batch 8x256", 512, 8, 8, 256)]
+BERT_METHODS = {**{m: c for m, c in METHODS.items() if m not in ("prefix", "soft_prompt")},
+                "parallel_adapter": {**METHODS["parallel_adapter"], "modified_modules": ["attention"]}}
+"""On BERT: beside each attention block; prompt methods have no floor written for an encoder yet."""
+
+
+def methods_of(shape: Shape) -> dict[str, dict[str, Any]]:
+    return BERT_METHODS if shape.family == "bert" else METHODS
+
+
+def backbone(shape: Shape) -> nn.Module:
+    """The shape's model, seeded (BERT without dropout, so every run computes the same)."""
+    if shape.family == "llama":
+        return llama(shape)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=2000, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.hidden // 64, intermediate_size=shape.hidden * 4, num_labels=4,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def batch_of(shape: Shape, vocab: int) -> dict[str, torch.Tensor]:
+    """The batch every run of ``shape`` trains on: next-token labels, or 4 class labels."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (shape.rows, shape.tokens), generator=generator)
+    labels = ids if shape.family == "llama" else torch.randint(0, 4, (shape.rows,), generator=generator)
+    return {"input_ids": ids, "labels": labels}
 
 
 def llama(shape: Shape) -> nn.Module:
@@ -75,53 +106,54 @@ def llama(shape: Shape) -> nn.Module:
 Run = tuple[nn.Module, list[nn.Parameter], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 
 
-def _lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids).loss
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
 
 
-def deltadist_run(base: nn.Module, method: str) -> tuple[Run, list[str]]:
+def deltadist_run(base: nn.Module, method: str, config: dict[str, Any]) -> tuple[Run, list[str]]:
     from deltadist import AutoDeltaConfig, AutoDeltaModel
 
     model = copy.deepcopy(base)
-    config = AutoDeltaConfig.from_dict({**METHODS[method], "unfrozen_modules": ["deltas"]})
-    delta = AutoDeltaModel.from_config(config, backbone_model=model)
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({**config, "unfrozen_modules": ["deltas"]}),
+                                       backbone_model=model)
     delta.freeze_module(set_state_dict=False)
-    return (model, list(delta.parameters()), _lm_loss), list(delta.sites)
+    return (model, list(delta.parameters()), _loss), list(delta.sites)
 
 
-def floor_run(base: nn.Module, method: str, sites: list[str]) -> Run:
+def floor_run(base: nn.Module, method: str, config: dict[str, Any], sites: list[str]) -> Run:
     from deltadist import AutoDeltaConfig
 
     model = copy.deepcopy(base)
-    config = dataclasses.asdict(AutoDeltaConfig.from_dict(METHODS[method]))  # with deltadist's defaults
-    params = with_floor(method, model, sites, config)
-    return model, params, lambda m, ids: floor_loss(method, m, ids)
+    full_config = dataclasses.asdict(AutoDeltaConfig.from_dict(config))  # with deltadist's defaults
+    params = with_floor(method, model, sites, full_config)
+    return model, params, lambda m, batch: floor_loss(method, m, batch)
 
 
-def peft_run(base: nn.Module, method: str) -> Run | None:
+def peft_run(base: nn.Module, method: str, shape: Shape) -> Run | None:
     """PEFT's own version of ``method`` (None where PEFT has none)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
+    targets = ["q_proj", "v_proj"] if shape.family == "llama" else ["query", "value"]
+    task = "CAUSAL_LM" if shape.family == "llama" else None  # SEQ_CLS would train the head as well
     configs = {
-        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                   task_type="CAUSAL_LM"),
-        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type="CAUSAL_LM"),
-        "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type="CAUSAL_LM"),
+        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task),
+        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=task),
+        "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=task),
     }
     if method not in configs:
         return None
     model = get_peft_model(copy.deepcopy(base), configs[method]())
-    return model, [p for p in model.parameters() if p.requires_grad], _lm_loss
+    return model, [p for p in model.parameters() if p.requires_grad], _loss
 
 
 def full_run(base: nn.Module) -> Run:
     model = copy.deepcopy(base)
     for param in model.parameters():
         param.requires_grad_(True)
-    return model, list(model.parameters()), _lm_loss
+    return model, list(model.parameters()), _loss
 
 
-def counted_memory(run: Run, ids: torch.Tensor) -> float:
+def counted_memory(run: Run, batch: dict[str, torch.Tensor]) -> float:
     """MiB a training step holds beyond the frozen weights: saved activations (unique storages)
     plus values, gradients and AdamW state of the trained parameters."""
     model, params, loss_of = run
@@ -133,7 +165,7 @@ def counted_memory(run: Run, ids: torch.Tensor) -> float:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_of(model, ids)
+        loss = loss_of(model, batch)
     del loss
     state = 4 * sum(p.numel() * p.element_size() for p in params)  # value, grad, two moments
     frozen_ids = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -148,18 +180,17 @@ def run(quick: bool) -> Result:
     peer_labels = ["PEFT", *(PEERS[p]["label"] for p in PEERS)]
     rows, bars, checks, data = [], {}, [], {}
     for shape in QUICK if quick else FULL:
-        base = llama(shape)
-        ids = torch.randint(0, base.config.vocab_size, (shape.rows, shape.tokens),
-                            generator=torch.Generator().manual_seed(0))
+        base, methods = backbone(shape), methods_of(shape)
+        batch = batch_of(shape, base.config.vocab_size)
         runs: dict[str, Run] = {"full fine-tuning": full_run(base)}
-        for method in METHODS:
-            runs[f"{method} deltadist"], sites = deltadist_run(base, method)
-            runs[f"{method} floor"] = floor_run(base, method, sites)
-            if peft and (peer := peft_run(base, method)) is not None:
+        for method, config in methods.items():
+            runs[f"{method} deltadist"], sites = deltadist_run(base, method, config)
+            runs[f"{method} floor"] = floor_run(base, method, config, sites)
+            if peft and (peer := peft_run(base, method, shape)) is not None:
                 runs[f"{method} PEFT"] = peer
-        memory = {name: counted_memory(r, ids) for name, r in runs.items()}
+        memory = {name: counted_memory(r, batch) for name, r in runs.items()}
         steps: dict[str, Callable[[], float]] = {
-            name: training_step(model, torch.optim.AdamW(params, lr=1e-4), lambda m, f=loss_of: f(m, ids),
+            name: training_step(model, torch.optim.AdamW(params, lr=1e-4), lambda m, f=loss_of: f(m, batch),
                                 torch.device("cpu")) for name, (model, params, loss_of) in runs.items()}
         remote, why_not = _peer_steps(envs, shape)
         steps.update(remote)
@@ -169,7 +200,7 @@ def run(quick: bool) -> Result:
             for step in remote.values():
                 step.close()
         full = times["full fine-tuning"]
-        for method in METHODS:
+        for method in methods:
             floor = times[f"{method} floor"]
             mine = Ratio.of(times[f"{method} deltadist"], floor)
             peers = {label: Ratio.of(times[f"{method} {label}"], floor) for label in peer_labels
@@ -211,7 +242,9 @@ def _peer_steps(envs: dict[str, Path | str],
     for peer, python in envs.items():
         label = PEERS[peer]["label"]
         for method in METHODS:
-            if isinstance(python, str):
+            if shape.family != "llama":
+                why_not[(label, method)] = f"not measured on {shape.family} yet (the worker builds Llamas)"
+            elif isinstance(python, str):
                 why_not[(label, method)] = f"not measured: {python}"
             elif method not in METHODS_OF[peer]:
                 why_not[(label, method)] = f"{label} has no such method"
