@@ -1,32 +1,22 @@
 """Backbone fingerprint cost on a ~1.1B-parameter Llama (TinyLlama shape) on CPU.
 
-Compares deltadist's sampled fingerprint with OpenDelta's approach (MD5 over every parameter),
-interleaved in one run. Prints a table and writes ``benchmarks/results/fingerprint.json``.
-
-    python benchmarks/fingerprint.py [--repeats 3]
+Compares deltadist's sampled fingerprint (what every save and load checks) with OpenDelta's
+approach (an MD5 over every parameter), interleaved in one run.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from deltadist.core.fingerprint import backbone_fingerprint
-from deltadist.engines import detect_engine
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.suite import Ratio, Result
 
 
 def build_model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
     with torch.device("meta"):
@@ -47,32 +37,28 @@ def md5_all_parameters(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def run(quick: bool) -> Result:
+    from deltadist.core.fingerprint import backbone_fingerprint
+    from deltadist.engines import detect_engine
+
+    repeats = 3 if quick else 7
     model = build_model()
     n_params = sum(p.numel() for p in model.parameters())
     engine = detect_engine(model)
-    timings: dict[str, list[float]] = {"deltadist fingerprint": [], "md5 of all parameters": []}
-    for _ in range(args.repeats):  # interleaved, so both see the same machine state
+    timings: dict[str, list[float]] = {"deltadist fingerprint": [], "MD5 of all parameters (OpenDelta)": []}
+    for _ in range(repeats):  # interleaved, so both see the same machine state
         for name, fn in (("deltadist fingerprint", lambda: backbone_fingerprint(model, engine)),
-                         ("md5 of all parameters", lambda: md5_all_parameters(model))):
+                         ("MD5 of all parameters (OpenDelta)", lambda: md5_all_parameters(model))):
             start = time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) for k, v in timings.items()}
-    table = Table(title=f"Backbone fingerprint, Llama {n_params / 1e9:.2f}B params, CPU")
-    for column in ("method", "median s", "min s", "ratio"):
-        table.add_column(column)
-    base = medians["deltadist fingerprint"]
-    for name, values in timings.items():
-        table.add_row(name, f"{medians[name]:.4f}", f"{min(values):.4f}", f"{medians[name] / base:.0f}x")
-    Console().print(table)
-    RESULTS.mkdir(exist_ok=True)
-    out = {"parameters": n_params, "repeats": args.repeats, "seconds": timings, "median": medians}
-    (RESULTS / "fingerprint.json").write_text(json.dumps(out, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    mine = timings["deltadist fingerprint"]
+    spreads = {name: Ratio.of(values, mine) for name, values in timings.items()}
+    rows = [[name, f"{Ratio.spread(values).value:.4f}", str(spreads[name])]
+            for name, values in timings.items()]
+    return Result(
+        name="fingerprint", title=f"Backbone fingerprint, Llama {n_params / 1e9:.2f}B parameters, CPU, "
+                                  f"{repeats} interleaved repeats",
+        columns=["how", "median s", "time / deltadist"], rows=rows,
+        data={"parameters": n_params, "seconds": timings}, bars={"fingerprint": spreads},
+        bar_label="time / deltadist's fingerprint")

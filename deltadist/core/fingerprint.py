@@ -5,7 +5,7 @@ different on every device). Here each backbone parameter contributes its canonic
 logical shape and ``SAMPLES_PER_TENSOR`` values at fixed, evenly spaced flat positions. Sampling
 goes through the engine, so a sharded parameter only contributes the few values asked for, never a
 full gather; the cost per tensor is independent of its size (well under a second for a 1B model on
-CPU, see ``benchmarks/fingerprint.py``).
+CPU, see ``python -m benchmarks run --only fingerprint``).
 
 A :class:`Fingerprint` keeps three views of those samples:
 
