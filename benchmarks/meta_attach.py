@@ -15,9 +15,11 @@ import os
 import time
 from typing import Callable
 
+import torch
 from torch import nn
 
 from benchmarks.big_models import PROJECTIONS, llama_8b_on_meta, llama_70b_on_meta
+from benchmarks.peers import PeerRun, environment
 from benchmarks.suite import Check, Ratio, Result
 
 METHODS: dict[str, dict[str, object]] = {
@@ -50,6 +52,39 @@ def peft_lora(model: nn.Module) -> None:
     get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS), low_cpu_mem_usage=True)
 
 
+def _timed_on(build: Callable[[], nn.Module],
+              attach: Callable[[nn.Module], None]) -> Callable[[], tuple[float, float]]:
+    """``(seconds, MiB of resident growth)`` of ``attach`` on a fresh model (built untimed)."""
+
+    def step() -> tuple[float, float]:
+        model = build()
+        gc.collect()
+        before, start = rss_mib(), time.perf_counter()
+        attach(model)
+        return time.perf_counter() - start, rss_mib() - before
+
+    return step
+
+
+def _adapterhub_steps(build: Callable[[], nn.Module]) -> tuple[dict[str, PeerRun], dict[str, str]]:
+    """AdapterHub's attach per method it has, in its environment's worker; why not, per method."""
+    python = environment("adapters")
+    if isinstance(python, str):
+        return {}, {method: f"not measured: {python}" for method in METHODS}
+    config = build().config.to_dict()
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    steps, why_not = {}, {}
+    for method in ("lora", "adapter"):
+        step = PeerRun(python, {"task": "attach", "method": method, "threads": torch.get_num_threads(),
+                                "config": {key: config[key] for key in keys}})
+        if step.error:
+            why_not[method] = f"could not run: {step.error}"[:90]
+        else:
+            steps[f"{method} AdapterHub"] = step
+    return steps, why_not
+
+
 def rss_mib() -> float:
     """Resident memory of this process (Linux ``/proc``)."""
     with open("/proc/self/statm") as handle:
@@ -65,28 +100,36 @@ def run(quick: bool) -> Result:
         attachers["lora PEFT"] = peft_lora
     rows, bars, checks, data = [], {}, [], {}
     for shape, build in shapes.items():
-        times: dict[str, list[float]] = {name: [] for name in attachers}
+        steps = {name: _timed_on(build, attach) for name, attach in attachers.items()}
+        remote, why_not = _adapterhub_steps(build)
+        steps.update(remote)
+        times: dict[str, list[float]] = {name: [] for name in steps}
         growth: dict[str, list[float]] = {name: [] for name in attachers}
-        for round_index in range(rounds + 1):  # the first round warms imports and caches up
-            for name, attach in attachers.items():
-                model = build()
-                gc.collect()
-                before, start = rss_mib(), time.perf_counter()
-                attach(model)
-                if round_index:
-                    times[name].append(time.perf_counter() - start)
-                    growth[name].append(rss_mib() - before)
-                del model
+        try:
+            for round_index in range(rounds + 1):  # the first round warms imports and caches up
+                for name, step in steps.items():
+                    seconds, grown = step() if name in attachers else (step(), 0.0)
+                    if round_index:
+                        times[name].append(seconds)
+                        if name in growth:
+                            growth[name].append(grown)
+        finally:
+            for step in remote.values():
+                step.close()
         for method in METHODS:
             mine = Ratio.spread(times[f"{method} deltadist"])
             peer = Ratio.spread(times["lora PEFT"]) if method == "lora" and peft else None
+            hub = Ratio.spread(times[f"{method} AdapterHub"]) if f"{method} AdapterHub" in times else None
             target = TARGET_S.get(method, OTHER_TARGET_S)
-            bars[f"{method}\n{shape}"] = {"deltadist": mine, **({"PEFT": peer} if peer else {})}
+            bars[f"{method}\n{shape}"] = {"deltadist": mine, **({"PEFT": peer} if peer else {}),
+                                          **({"AdapterHub": hub} if hub else {})}
             rows.append([shape, method, f"{mine.value:.3f}", f"{target:.2f}" if shape == "70B" else "-",
                          f"{max(growth[f'{method} deltadist']):.0f}",
                          f"{peer.value:.3f} ({peer.value / mine.value:.1f}x slower)" if peer else
                          ("PEFT has no meta attach here" if method != "lora" else
-                          "not measured: peft is not installed")])
+                          "not measured: peft is not installed"),
+                         f"{hub.value:.3f} ({hub.value / mine.value:.1f}x slower)" if hub else
+                         why_not.get(method, "not measured (the worker attaches LoRA and adapters)")])
             if shape == "70B":
                 checks.append(Check(f"70B {method} attach + freeze, s", mine.value, target, mine.noise))
                 checks.append(Check(f"70B {method} memory growth, MiB", max(growth[f"{method} deltadist"]),
@@ -94,6 +137,9 @@ def run(quick: bool) -> Result:
         data[shape] = {"seconds": times, "rss_growth_mib": growth}
     return Result(
         name="meta_attach", title=f"Attach + freeze on Llama shapes built on meta (CPU, {rounds} rounds)",
-        columns=["shape", "method", "deltadist median s", "target s", "max RSS growth MiB", "PEFT median s"],
+        columns=["shape", "method", "deltadist median s", "target s", "max RSS growth MiB", "PEFT median s",
+                 "AdapterHub median s"],
         rows=rows, data=data, bars=bars, bar_label="seconds", checks=checks,
-        notes=["AdapterHub on meta is not measured yet (its venv worker times training steps only)."])
+        notes=["AdapterHub (LoRA on q, k, v and both MLP projections; Houlsby adapters) attaches in its "
+               "own environment's worker, its modules created on meta like the model's; its build is not "
+               "timed either."])

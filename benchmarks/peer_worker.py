@@ -78,6 +78,30 @@ def opendelta(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
     delta.freeze_module(exclude=["deltas"])
 
 
+def adapterhub_attach(spec: dict[str, Any]) -> Callable[[], float]:
+    """Seconds to attach AdapterHub's ``method`` (created on meta, like the model) to a fresh
+    Llama of the spec's shape built on the meta device (the build is not timed)."""
+    import adapters
+    from adapters import DoubleSeqBnConfig, LoRAConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**spec["config"])
+    make = {"lora": lambda: LoRAConfig(r=16, alpha=32, attn_matrices=["q", "k", "v"], intermediate_lora=True,
+                                       output_lora=True),
+            "adapter": lambda: DoubleSeqBnConfig(reduction_factor=16)}[spec["method"]]
+
+    def attach() -> float:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+            start = time.perf_counter()
+            adapters.init(model)
+            model.add_adapter("bench", config=make())
+            model.train_adapter("bench")
+            return time.perf_counter() - start
+
+    return attach
+
+
 PEERS = {"adapters": adapterhub, "opendelta": opendelta}
 METHODS_OF = {"adapters": ("lora", "adapter", "compacter", "parallel_adapter", "prefix", "soft_prompt"),
               "opendelta": ("lora", "bitfit", "adapter", "low_rank_adapter", "compacter", "parallel_adapter")}
@@ -87,6 +111,18 @@ METHODS_OF = {"adapters": ("lora", "adapter", "compacter", "parallel_adapter", "
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
+    if spec.get("task") == "attach":
+        try:
+            attach = adapterhub_attach(spec)
+        except Exception as err:  # the peer cannot do it: say why, one line
+            print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
+            return
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            print(f"{attach():.9f}", flush=True)
+        return
     try:
         model = llama(spec)
         PEERS[spec["peer"]](model, spec["method"], spec)
