@@ -108,31 +108,32 @@ METHODS_OF = {"adapters": ("lora", "adapter", "compacter", "parallel_adapter", "
 """The methods each peer has (as configured above)."""
 
 
+def training_step(spec: dict[str, Any]) -> Callable[[], float]:
+    """Seconds of one training step of the peer's ``method`` on the spec's Llama (built here, and
+    run once untimed so that a failure shows before the first timed step)."""
+    model = llama(spec)
+    PEERS[spec["peer"]](model, spec["method"], spec)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2000, (spec["rows"], spec["tokens"]), generator=generator)
+
+    def step() -> float:
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()
+    return step
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
-    if spec.get("task") == "attach":
-        try:
-            attach = adapterhub_attach(spec)
-        except Exception as err:  # the peer cannot do it: say why, one line
-            print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
-            return
-        print("ready", flush=True)
-        for line in sys.stdin:
-            if line.strip() != "step":
-                break
-            print(f"{attach():.9f}", flush=True)
-        return
     try:
-        model = llama(spec)
-        PEERS[spec["peer"]](model, spec["method"], spec)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 2000, (spec["rows"], spec["tokens"]), generator=generator)
-        model(input_ids=ids, labels=ids).loss.backward()  # fails here rather than at the first timed step
-        optimizer.zero_grad(set_to_none=True)
+        step = adapterhub_attach(spec) if spec.get("task") == "attach" else training_step(spec)
     except Exception as err:  # the peer cannot do it: say why, one line
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", flush=True)
         return
@@ -140,12 +141,7 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        print(f"{time.perf_counter() - start:.9f}", flush=True)
+        print(f"{step():.9f}", flush=True)
 
 
 if __name__ == "__main__":
