@@ -16,6 +16,7 @@ import deltadist
 from deltadist import AutoDeltaModel, LoraModel
 from deltadist.errors import DeltaError, SiteError
 from tests.fixtures.make_pre_rebuild import HERE
+from tests.mixed_rows import alone, assert_rows_as_alone
 from tests.snapshot import assert_same_snapshot, snapshot
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
@@ -30,11 +31,6 @@ def _task(model: nn.Module, seed: int) -> LoraModel:
         for param in delta.parameters():
             param.add_(0.2 * torch.randn(param.shape, generator=generator))
     return delta
-
-
-def _alone(deltas: list, chosen) -> None:
-    for delta in deltas:
-        (delta.attach if delta is chosen else delta.detach)()
 
 
 def test_detach_restores_the_backbones_head_bit_for_bit_after_training() -> None:
@@ -62,7 +58,7 @@ def test_two_deltas_each_have_their_own_head_the_newest_serves() -> None:
     assert first.unfrozen_backbone_parameters()["classifier.weight"] is not \
         second.unfrozen_backbone_parameters()["classifier.weight"]
     both = logits_of(model, inputs)
-    _alone([first, second], second)
+    alone([first, second], second)
     second_alone = logits_of(model, inputs)
     first.attach()  # attached last: its head serves, the other waits (its LoRA still composes)
     with second.disabled():
@@ -76,23 +72,8 @@ def test_a_mixed_batch_routes_each_row_through_its_deltas_head_forward_and_backw
     model = build_tiny("bert", "cls")
     first, second = _task(model, 1), _task(model, 2)
     rows = [first, second, None, second]
-    inputs = tiny_inputs("bert", batch=len(rows))
-    with deltadist.mixed_batch(rows):
-        mixed = logits_of(model, inputs)
-        mixed.pow(2).sum().backward()
-    grads = {id(p): p.grad.clone() for d in (first, second) for p in d.parameters()}
-    for delta in (first, second):
-        for param in delta.parameters():
-            param.grad = None
-    for chosen in (first, second, None):
-        _alone([first, second], chosen)
-        picked = [i for i, r in enumerate(rows) if r is chosen]
-        lone = logits_of(model, {k: v[picked] for k, v in inputs.items()})
-        torch.testing.assert_close(mixed[picked], lone, **TOL)
-        if chosen is not None:  # training both in one batch equals training each alone
-            lone.pow(2).sum().backward()
-            for param in chosen.parameters():
-                torch.testing.assert_close(param.grad, grads[id(param)], **TOL)
+    # training both in one batch equals training each alone
+    assert_rows_as_alone(model, [first, second], rows, tiny_inputs("bert", batch=len(rows)), **TOL)
 
 
 def test_heads_of_different_widths_in_one_mixed_batch_are_refused() -> None:

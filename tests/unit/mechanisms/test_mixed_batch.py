@@ -10,6 +10,7 @@ from torch import nn
 import deltadist
 from deltadist import AutoDeltaConfig, AutoDeltaModel
 from deltadist.errors import DeltaError
+from tests.mixed_rows import alone, assert_rows_as_alone
 from tests.tiny import METHODS, build_tiny, logits_of, skip_unsupported, tiny_inputs
 
 ROUTED = [m for m in METHODS if m != "soft_prompt"]
@@ -30,12 +31,6 @@ def two_deltas(family: str, method: str) -> tuple[nn.Module, list]:
     return model, deltas
 
 
-def alone(deltas: list, chosen) -> None:
-    """Attach only ``chosen`` (``None``: none)."""
-    for delta in deltas:
-        (delta.attach if delta is chosen else delta.detach)()
-
-
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 @pytest.mark.parametrize("method", ROUTED)
 def test_each_row_gets_what_its_delta_alone_gives_forward_and_backward(family, method) -> None:
@@ -43,26 +38,7 @@ def test_each_row_gets_what_its_delta_alone_gives_forward_and_backward(family, m
     model, (first, second) = two_deltas(family, method)
     rows = [first, second, None, first]
     inputs = tiny_inputs(family, batch=len(rows))
-    with deltadist.mixed_batch(rows):
-        mixed = logits_of(model, inputs)
-        mixed.pow(2).sum().backward()
-    grads = {id(p): p.grad.clone() for d in (first, second) for p in d.parameters()}
-    for d in (first, second):
-        d.attach()
-        for p in d.parameters():
-            p.grad = None
-    for chosen in (first, second, None):
-        alone([first, second], chosen)
-        picked = [i for i, r in enumerate(rows) if r is chosen]
-        lone = logits_of(model, {k: v[picked] for k, v in inputs.items()})
-        torch.testing.assert_close(mixed[picked], lone, **TOL)
-        if chosen is not None:  # its gradient comes from its own rows only
-            lone.pow(2).sum().backward()
-            for p in chosen.parameters():
-                torch.testing.assert_close(grads[id(p)], p.grad, **TOL)
-    alone([first, second], None)
-    for d in (first, second):
-        d.attach()
+    mixed = assert_rows_as_alone(model, [first, second], rows, inputs, **TOL)
     # Outside the block both apply to every row again.
     assert not torch.allclose(logits_of(model, inputs)[2], mixed[2])
 
