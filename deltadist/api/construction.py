@@ -73,7 +73,7 @@ def sync_copies(delta: "DeltaBase", units: list[str]) -> None:
     """Make the delta's trained copies those of ``units``: new ones attached (where the engine
     lets new parameters join), those no longer kept dropped."""
     record = delta.record
-    have = {att.site_name: att for att in record.attachments if att.mechanism.copies_backbone}
+    have = {att.site_name: att for att in record.trained_copies()}
     new = copy_attachments(delta, [name for name in units if name not in have])
     gone = [att for name, att in have.items() if name not in units]
     if new:

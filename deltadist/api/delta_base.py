@@ -182,9 +182,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     def _copy_loaded_modules(self) -> None:
         """Give each trained copy its module's values (a meta-built backbone got its weights)."""
         engine = self.engine
-        for att in self.record.attachments:
-            if att.mechanism.copies_backbone:
-                att.delta.take_values(att.site, engine)
+        for att in self.record.trained_copies():
+            att.delta.take_values(att.site, engine)
 
     def _select_sites(self, attached: frozenset[int]) -> list[Site]:
         """The sites the config's patterns select (``attached``: ids of delta modules to skip)."""

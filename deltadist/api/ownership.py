@@ -65,17 +65,17 @@ def resolve_unfrozen(backbone: nn.Module, unfrozen: list[str] | None, *, loading
     return list(unfrozen), kept, units
 
 
-def modified_sites(backbone: nn.Module) -> list[str]:
-    """Canonical names of the modules deltas on ``backbone`` modify (trained copies left out)."""
+def modified_sites(backbone: nn.Module, copied: bool = False) -> list[str]:
+    """Canonical names of the modules deltas on ``backbone`` modify (``copied``: instead, those
+    deltas serve from a trained copy)."""
     return [canonical_name(name.rpartition(".")[0]) for name, module in
-            mechanisms.delta_modules(backbone).items() if not isinstance(module, TrainedCopy)]
+            mechanisms.delta_modules(backbone).items() if isinstance(module, TrainedCopy) == copied]
 
 
 def refuse_sites_in_copies(backbone: nn.Module, targets: list[Site]) -> None:
     """A delta cannot modify a module another delta serves from its trained copy (or anything in
     it): the copy's output replaces the module's, so the new delta would be silently skipped."""
-    copied = [canonical_name(name.rpartition(".")[0]) for name, module in
-              mechanisms.delta_modules(backbone).items() if isinstance(module, TrainedCopy)]
+    copied = modified_sites(backbone, copied=True)
     inside = [t.name for t in targets for unit in copied if t.name == unit or t.name.startswith(unit + ".")]
     if inside:
         raise SiteError(

@@ -89,11 +89,15 @@ class DeltaRecord:
             for name, param in att.delta.named_parameters()
         }
 
+    def trained_copies(self) -> list[Attachment]:
+        """The attachments of the delta's trained copies of backbone modules (task heads)."""
+        return [att for att in self.attachments if att.mechanism.copies_backbone]
+
     def copied_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters of the delta's trained copies, by the backbone names they stand for."""
         return {
             delta_key(att.site_name, "", name): param
-            for att in self.attachments if att.mechanism.copies_backbone
+            for att in self.trained_copies()
             for name, param in att.delta.module.named_parameters()
         }
 
@@ -102,7 +106,8 @@ class DeltaRecord:
         if not self.kept_backbone:
             return {}
         copies = self.copied_parameters()
-        params = canonical_parameters(self.backbone) if len(copies) < len(self.kept_backbone) else {}
+        # The backbone's own parameters are looked up only if some are trained in place.
+        params = canonical_parameters(self.backbone) if set(self.kept_backbone) - copies.keys() else {}
         found = {**params, **copies}
         return {name: found[name] for name in self.kept_backbone if name in found}
 

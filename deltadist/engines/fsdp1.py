@@ -77,7 +77,6 @@ class FSDP1Engine(DistributedEngine):
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "FSDP1Engine":
-
         if any(name == FLAT_PARAMETER or name.endswith("." + FLAT_PARAMETER)
                for name, _ in model.named_parameters()):
             raise EngineError(

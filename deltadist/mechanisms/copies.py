@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deltadist.addressing.names import canonical_modules, canonical_name, dot_prefixes
-from deltadist.core.attach import attachments_on
+from deltadist.core.attach import attachments_on, delta_parameter_ids
 from deltadist.core.delta_module import DeltaModule
 from deltadist.core.mechanism import Mechanism
 from deltadist.errors import DeltaError
@@ -113,18 +113,8 @@ def _full_value(param: nn.Parameter, engine: "Engine") -> torch.Tensor:
 
 def _own_parameters(site: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
     """The site's parameters without any delta's (its copy's included)."""
-    for name, param in site.named_parameters():
-        if not _inside_delta(site, name):
-            yield name, param
-
-
-def _inside_delta(root: nn.Module, name: str) -> bool:
-    module = root
-    for part in name.split(".")[:-1]:
-        module = module._modules[part]
-        if isinstance(module, DeltaModule):
-            return True
-    return False
+    deltas = delta_parameter_ids(site)
+    return [(name, param) for name, param in site.named_parameters() if id(param) not in deltas]
 
 
 class _ServeCopy(SiteHook):
@@ -211,5 +201,5 @@ def copy_units(backbone: nn.Module, kept: Iterable[str], sites: Iterable[str]) -
 def _copyable(module: nn.Module, name: str, kept: set[str], sites: list[str]) -> bool:
     if not name or any(site == name or site.startswith(name + ".") for site in sites):
         return False
-    own = [canonical_name(n) for n, _ in module.named_parameters() if not _inside_delta(module, n)]
+    own = [canonical_name(n) for n, _ in _own_parameters(module)]
     return bool(own) and all(f"{name}.{n}" in kept for n in own)

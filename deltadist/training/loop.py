@@ -110,9 +110,8 @@ class _Job:
         unfrozen = list(settings.get("unfrozen_modules") or default_unfrozen(loaded.model))
         settings["unfrozen_modules"] = unfrozen + [m for m in loaded.new_modules if m not in unfrozen]
         delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(settings), backbone_model=loaded.model)
-        for att in delta.record.attachments:
-            if att.mechanism.copies_backbone:
-                att.delta.float()
+        for att in delta.record.trained_copies():
+            att.delta.float()
         delta.freeze_module()
         if self.engine.is_main:
             delta.log(visualization=False)
