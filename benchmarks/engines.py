@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.method_step import Shape, llama
+from benchmarks.models import small_llama
 from benchmarks.ranks import launch, peak_extra_rss
 from benchmarks.stepping import interleave, training_step
 from benchmarks.suite import Ratio, Result
@@ -27,7 +27,7 @@ CONTENDERS = {"lora": {"delta_type": "lora", "lora_r": 8, "unfrozen_modules": ["
               "full fine-tuning": None}
 
 
-def _join(engine: str) -> Any:
+def join(engine: str) -> Any:
     """The process group (DeepSpeed's, for ZeRO), from the launch's environment."""
     if engine.startswith("zero"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -39,6 +39,18 @@ def _join(engine: str) -> Any:
 
     dist.init_process_group("gloo")
     return None
+
+
+def deepspeed_runner(deepspeed: Any, model: torch.nn.Module, params: list[torch.nn.Parameter], stage: int,
+                     micro_batch: int) -> Any:
+    """``model`` under DeepSpeed ZeRO ``stage`` with a torch AdamW over ``params`` (no clipping;
+    under ZeRO-3 every parameter is partitioned, none kept whole)."""
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+              "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0}
+                                                        if stage == 3 else {})}}
+    runner, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4), config=config)
+    return runner
 
 
 def _contender(base: torch.nn.Module, config: dict[str, Any] | None, engine: str, deepspeed: Any,
@@ -58,13 +70,7 @@ def _contender(base: torch.nn.Module, config: dict[str, Any] | None, engine: str
     if deepspeed is None:
         wrapped = wrap_model(model, engine, torch.device("cpu"))
         return training_step(wrapped, torch.optim.AdamW(params(), lr=1e-4), loss_of, torch.device("cpu"))
-    stage = int(engine[-1])
-    config_ds = {"train_micro_batch_size_per_gpu": ids.shape[0], "gradient_accumulation_steps": 1,
-                 "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-                 "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0}
-                                                           if stage == 3 else {})}}
-    runner, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params(), lr=1e-4),
-                                      config=config_ds)
+    runner = deepspeed_runner(deepspeed, model, params(), int(engine[-1]), ids.shape[0])
 
     def step() -> float:
         import time
@@ -80,8 +86,8 @@ def _contender(base: torch.nn.Module, config: dict[str, Any] | None, engine: str
 
 def rank_main(rank: int, world_size: int, engine: str, hidden: int, layers: int, tokens: int,
               rounds: int) -> dict[str, Any]:
-    deepspeed = _join(engine)
-    base = llama(Shape("", hidden, layers, 4, tokens))
+    deepspeed = join(engine)
+    base = small_llama(hidden, layers)
     ids = torch.randint(0, base.config.vocab_size, (4, tokens), generator=torch.Generator().manual_seed(rank))
     steps: dict[str, Callable[[], float]] = {}
     memory: dict[str, int] = {}

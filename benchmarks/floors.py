@@ -135,7 +135,7 @@ class PrefixCache(nn.Module):
 
     def __init__(self, config: Any, tokens: int) -> None:
         super().__init__()
-        heads = config.num_key_value_heads
+        heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
         head_dim = config.hidden_size // config.num_attention_heads
         self.tokens = tokens
         self.keys = nn.Parameter(torch.randn(config.num_hidden_layers, heads, tokens, head_dim) * 0.02)
@@ -185,17 +185,20 @@ def _in_width(module: nn.Module) -> int:
 
 
 def floor_loss(kind: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss of the floor of ``kind`` on ``batch`` (prompt methods, on a causal LM, add their
-    tokens)."""
+    """The loss of the floor of ``kind`` on ``batch``; prompt methods add their tokens (a causal
+    LM's or a BERT classifier's: ``model.base_model`` is the body, ``lm_head`` / ``pooler`` and
+    ``classifier`` the head)."""
     ids = batch["input_ids"]
     if kind == "prefix":
         prefix = model.floor_prompt
         mask = torch.ones(ids.shape[0], prefix.tokens + ids.shape[1], dtype=torch.long)
-        return model(input_ids=ids, attention_mask=mask, past_key_values=prefix.cache(ids.shape[0]),
-                     labels=ids).loss
+        return model(**batch, attention_mask=mask, past_key_values=prefix.cache(ids.shape[0])).loss
     if kind == "soft_prompt":  # the prompt's positions leave before the head, as deltadist's do
         prompt = model.floor_prompt[0]
         embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), model.get_input_embeddings()(ids)], 1)
-        hidden = model.model(inputs_embeds=embeds).last_hidden_state[:, prompt.shape[0]:]
-        return model.loss_function(model.lm_head(hidden), ids, model.config.vocab_size)
+        out = model.base_model(inputs_embeds=embeds)
+        if hasattr(model, "lm_head"):
+            logits = model.lm_head(out.last_hidden_state[:, prompt.shape[0]:])
+            return model.loss_function(logits, ids, model.config.vocab_size)
+        return F.cross_entropy(model.classifier(out.pooler_output), batch["labels"])
     return model(**batch).loss

@@ -15,7 +15,7 @@ import shutil
 import time
 from typing import Callable
 
-from benchmarks.big_models import PROJECTIONS, llama_70b_on_meta
+from benchmarks.models import PROJECTIONS, llama_70b_on_meta
 from benchmarks.suite import Check, Ratio, Result
 
 TARGET_S = 2.0

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.big_models import PROJECTIONS, llama_8b_on_meta, llama_70b_on_meta
+from benchmarks.models import PROJECTIONS, llama_8b_on_meta, llama_70b_on_meta
 from benchmarks.peers import PeerRun, environment
 from benchmarks.suite import Check, Ratio, Result
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.floors import floor_loss, with_floor
+from benchmarks.models import SMALL_MODELS, training_batch
 from benchmarks.peer_worker import METHODS_OF
 from benchmarks.peers import PEERS, PeerRun, environment
 from benchmarks.stepping import interleave, training_step
@@ -53,15 +54,15 @@ class Shape:
     rows: int
     tokens: int
     family: str = "llama"
-    """``llama`` (a causal LM, every method) or ``bert`` (a 4-class classifier, no prompt methods)."""
+    """``llama`` (a causal LM) or ``bert`` (a 4-class classifier)."""
 
 
-QUICK = [Shape("Llama h256 x4, batch 8x128", 256, 4, 8, 128),
-         Shape("BERT h384 x6, batch 32x64", 384, 6, 32, 64, "bert")]
-FULL = [*QUICK, Shape("Llama h512 x8, batch 8x256", 512, 8, 8, 256)]
-BERT_METHODS = {**{m: c for m, c in METHODS.items() if m not in ("prefix", "soft_prompt")},
-                "parallel_adapter": {**METHODS["parallel_adapter"], "modified_modules": ["attention"]}}
-"""On BERT: beside each attention block; prompt methods have no floor written for an encoder yet."""
+SMALL_LLAMA = Shape("Llama h256 x4, batch 8x128", 256, 4, 8, 128)
+QUICK = [SMALL_LLAMA, Shape("BERT h384 x6, batch 16x64", 384, 6, 16, 64, "bert")]
+FULL = [SMALL_LLAMA, Shape("BERT h384 x6, batch 32x64", 384, 6, 32, 64, "bert"),
+        Shape("Llama h512 x8, batch 8x256", 512, 8, 8, 256)]
+BERT_METHODS = {**METHODS, "parallel_adapter": {**METHODS["parallel_adapter"], "modified_modules": ["attention"]}}
+"""On BERT the parallel adapter sits beside each attention block."""
 
 
 def methods_of(shape: Shape) -> dict[str, dict[str, Any]]:
@@ -69,38 +70,11 @@ def methods_of(shape: Shape) -> dict[str, dict[str, Any]]:
 
 
 def backbone(shape: Shape) -> nn.Module:
-    """The shape's model, seeded (BERT without dropout, so every run computes the same)."""
-    if shape.family == "llama":
-        return llama(shape)
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=2000, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.hidden // 64, intermediate_size=shape.hidden * 4, num_labels=4,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return SMALL_MODELS[shape.family](shape.hidden, shape.layers)
 
 
 def batch_of(shape: Shape, vocab: int) -> dict[str, torch.Tensor]:
-    """The batch every run of ``shape`` trains on: next-token labels, or 4 class labels."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (shape.rows, shape.tokens), generator=generator)
-    labels = ids if shape.family == "llama" else torch.randint(0, 4, (shape.rows,), generator=generator)
-    return {"input_ids": ids, "labels": labels}
-
-
-def llama(shape: Shape) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2000, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.hidden // 64,
-                         num_key_value_heads=max(1, shape.hidden // 128),
-                         intermediate_size=shape.hidden * 4, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    model.config.use_cache = False
-    return model
+    return training_batch(shape.family, shape.rows, shape.tokens, vocab)
 
 
 Run = tuple[nn.Module, list[nn.Parameter], Callable[[nn.Module, torch.Tensor], torch.Tensor]]
@@ -129,20 +103,29 @@ def floor_run(base: nn.Module, method: str, config: dict[str, Any], sites: list[
     return model, params, lambda m, batch: floor_loss(method, m, batch)
 
 
-def peft_run(base: nn.Module, method: str, shape: Shape) -> Run | None:
-    """PEFT's own version of ``method`` (None where PEFT has none)."""
+def peft_run(base: nn.Module, method: str, shape: Shape, batch: dict[str, torch.Tensor]) -> Run | str:
+    """PEFT's own version of ``method``, or why there is none (it is tried once on ``batch``)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     targets = ["q_proj", "v_proj"] if shape.family == "llama" else ["query", "value"]
-    task = "CAUSAL_LM" if shape.family == "llama" else None  # SEQ_CLS would train the head as well
+    task = "CAUSAL_LM" if shape.family == "llama" else None
+    prompt_task = task or "SEQ_CLS"  # PEFT's prompt methods need a task; its head copy is frozen below
     configs = {
         "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task),
-        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=task),
-        "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=task),
+        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=prompt_task),
+        "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=prompt_task),
     }
     if method not in configs:
-        return None
-    model = get_peft_model(copy.deepcopy(base), configs[method]())
+        return "PEFT has no such method"
+    try:
+        model = get_peft_model(copy.deepcopy(base), configs[method]())
+        with torch.no_grad():
+            model(**batch)
+    except ValueError as err:  # e.g. prefix tuning on an encoder
+        return _short(f"could not run: {err}")
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name:  # SEQ_CLS trains a copy of the head; deltadist's runs do not
+            param.requires_grad_(False)
     return model, [p for p in model.parameters() if p.requires_grad], _loss
 
 
@@ -162,7 +145,8 @@ def counted_memory(run: Run, batch: dict[str, torch.Tensor]) -> float:
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # Detached: a saved output kept with its own grad_fn would form a cycle autograd never frees.
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = loss_of(model, batch)
@@ -183,16 +167,22 @@ def run(quick: bool) -> Result:
         base, methods = backbone(shape), methods_of(shape)
         batch = batch_of(shape, base.config.vocab_size)
         runs: dict[str, Run] = {"full fine-tuning": full_run(base)}
+        peft_why_not: dict[tuple[str, str], str] = {}
         for method, config in methods.items():
             runs[f"{method} deltadist"], sites = deltadist_run(base, method, config)
             runs[f"{method} floor"] = floor_run(base, method, config, sites)
-            if peft and (peer := peft_run(base, method, shape)) is not None:
-                runs[f"{method} PEFT"] = peer
+            if peft:
+                peer = peft_run(base, method, shape, batch)
+                if isinstance(peer, str):
+                    peft_why_not[("PEFT", method)] = peer
+                else:
+                    runs[f"{method} PEFT"] = peer
         memory = {name: counted_memory(r, batch) for name, r in runs.items()}
         steps: dict[str, Callable[[], float]] = {
             name: training_step(model, torch.optim.AdamW(params, lr=1e-4), lambda m, f=loss_of: f(m, batch),
                                 torch.device("cpu")) for name, (model, params, loss_of) in runs.items()}
         remote, why_not = _peer_steps(envs, shape)
+        why_not.update(peft_why_not)
         steps.update(remote)
         try:
             times = interleave(steps, rounds, warmup)
@@ -242,14 +232,12 @@ def _peer_steps(envs: dict[str, Path | str],
     for peer, python in envs.items():
         label = PEERS[peer]["label"]
         for method in METHODS:
-            if shape.family != "llama":
-                why_not[(label, method)] = f"not measured on {shape.family} yet (the worker builds Llamas)"
-            elif isinstance(python, str):
+            if isinstance(python, str):
                 why_not[(label, method)] = f"not measured: {python}"
             elif method not in METHODS_OF[peer]:
                 why_not[(label, method)] = f"{label} has no such method"
             else:
-                spec = {"peer": peer, "method": method, "hidden": shape.hidden, "layers": shape.layers,
+                spec = {"peer": peer, "method": method, "family": shape.family, "hidden": shape.hidden, "layers": shape.layers,
                         "rows": shape.rows, "tokens": shape.tokens, "prompt_tokens": PROMPT_TOKENS,
                         "threads": torch.get_num_threads()}
                 step = PeerRun(python, spec)
@@ -257,8 +245,6 @@ def _peer_steps(envs: dict[str, Path | str],
                     why_not[(label, method)] = _short(f"could not run: {step.error}")
                 else:
                     steps[f"{method} {label}"] = step
-    for method in METHODS:
-        why_not.setdefault(("PEFT", method), "PEFT has no such method")
     return steps, why_not
 
 

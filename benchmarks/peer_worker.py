@@ -1,7 +1,7 @@
 """A peer library's training step in its own virtual environment, stepped by the benchmark.
 
 Run as ``<venv>/bin/python -m benchmarks.peer_worker '<json spec>'`` (by :mod:`benchmarks.peers`).
-It builds the Llama of the spec with the peer's version of the method, answers ``ready`` (or
+It builds the model of the spec (:mod:`benchmarks.models`) with the peer's version of the method, answers ``ready`` (or
 ``error: ...``), then for each ``step`` line on stdin runs one training step and answers its
 seconds; ``quit`` ends it. It imports only torch, transformers and the peer (never deltadist).
 """
@@ -16,19 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-
-def llama(spec: dict[str, Any]) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    hidden = spec["hidden"]
-    config = LlamaConfig(vocab_size=2000, hidden_size=hidden, num_hidden_layers=spec["layers"],
-                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                         intermediate_size=hidden * 4, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    model.config.use_cache = False
-    return model
+from benchmarks.models import SMALL_MODELS, training_batch
 
 
 def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
@@ -58,21 +46,23 @@ def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
 
 
 def opendelta(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
-    """OpenDelta 0.3.2's models, on the sites deltadist uses."""
+    """OpenDelta 0.3.2's models, on the sites deltadist uses (OpenDelta has no structure map of
+    Llama, so they are named; on BERT its own defaults, the same roles as deltadist's)."""
     import opendelta
 
-    sites = ["o_proj", "down_proj"]
+    llama = spec["family"] == "llama"
+    sites = {"modified_modules": ["o_proj", "down_proj"]} if llama else {}
     builders: dict[str, Callable[[], Any]] = {
         "lora": lambda: opendelta.LoraModel(model, lora_r=8, lora_alpha=16,
-                                            modified_modules=["q_proj", "v_proj"]),
-        "bitfit": lambda: opendelta.BitFitModel(model, modified_modules=[  # no default for Llama
+                                            modified_modules=["q_proj", "v_proj"] if llama else None),
+        "bitfit": lambda: opendelta.BitFitModel(model, modified_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
-            "post_attention_layernorm"]),
-        "adapter": lambda: opendelta.AdapterModel(model, bottleneck_dim=16, modified_modules=sites),
-        "low_rank_adapter": lambda: opendelta.LowRankAdapterModel(model, modified_modules=sites),
-        "compacter": lambda: opendelta.CompacterModel(model, modified_modules=sites),
-        "parallel_adapter": lambda: opendelta.ParallelAdapterModel(model, bottleneck_dim=16,
-                                                                   modified_modules=["mlp"]),
+            "post_attention_layernorm"] if llama else None),
+        "adapter": lambda: opendelta.AdapterModel(model, bottleneck_dim=16, **sites),
+        "low_rank_adapter": lambda: opendelta.LowRankAdapterModel(model, **sites),
+        "compacter": lambda: opendelta.CompacterModel(model, **sites),
+        "parallel_adapter": lambda: opendelta.ParallelAdapterModel(
+            model, bottleneck_dim=16, modified_modules=["mlp"] if llama else ["attention"]),
     }
     delta = builders[method]()
     delta.freeze_module(exclude=["deltas"])
@@ -109,18 +99,17 @@ METHODS_OF = {"adapters": ("lora", "adapter", "compacter", "parallel_adapter", "
 
 
 def training_step(spec: dict[str, Any]) -> Callable[[], float]:
-    """Seconds of one training step of the peer's ``method`` on the spec's Llama (built here, and
+    """Seconds of one training step of the peer's ``method`` on the spec's model (built here, and
     run once untimed so that a failure shows before the first timed step)."""
-    model = llama(spec)
+    model = SMALL_MODELS[spec["family"]](spec["hidden"], spec["layers"])
     PEERS[spec["peer"]](model, spec["method"], spec)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 2000, (spec["rows"], spec["tokens"]), generator=generator)
+    batch = training_batch(spec["family"], spec["rows"], spec["tokens"], model.config.vocab_size)
 
     def step() -> float:
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

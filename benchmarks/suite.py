@@ -166,6 +166,18 @@ def markdown_table(result: Result) -> str:
     return "\n".join(lines)
 
 
+def checks_line(result: Result) -> str | None:
+    """One sentence on the result's targets in this run: all met, or which were missed and by how
+    much (``None`` where it has no targets)."""
+    if not result.checks:
+        return None
+    missed = [c for c in result.checks if not c.passed]
+    if not missed:
+        return f"Targets: all {len(result.checks)} met in this run (`--check`)."
+    listed = "; ".join(f"{c.what} {c.value:.2f} (target {c.target:.2f}, noise {c.noise:.0%})" for c in missed)
+    return f"Targets missed in this run ({len(missed)} of {len(result.checks)}): {listed}."
+
+
 def update_readme(result: Result, source: Path, path: Path = README) -> bool:
     """Replace the text between ``<!-- benchmark:NAME -->`` and ``<!-- /benchmark:NAME -->`` with the
     result's table and notes; ``False`` where the README has no such markers."""
@@ -174,7 +186,7 @@ def update_readme(result: Result, source: Path, path: Path = README) -> bool:
     if not pattern.search(text):
         return False
     body = markdown_table(result) + "\n"
-    body += "".join(f"\n{note}\n" for note in result.notes)
+    body += "".join(f"\n{note}\n" for note in [*result.notes, *filter(None, [checks_line(result)])])
     body += f"\n<sub>{source.relative_to(ROOT)}</sub>\n"
     path.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
     return True

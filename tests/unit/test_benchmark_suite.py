@@ -38,3 +38,17 @@ def test_the_readme_table_is_rewritten_between_its_markers_only(tmp_path: Path) 
     assert "benchmarks/results/demo.json" in text
     other = Result(name="absent", title="t", columns=["a"], rows=[], data={})
     assert not update_readme(other, source, readme)
+
+
+def test_the_notes_under_a_table_name_each_missed_target(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmark:demo -->\n<!-- /benchmark:demo -->\n")
+    source = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo.json"
+    checks = [Check("lora / floor", 1.01, 1.03, 0.01), Check("bitfit / floor", 1.20, 1.03, 0.02)]
+    update_readme(Result(name="demo", title="t", columns=["a"], rows=[], data={}, checks=checks), source, readme)
+    text = readme.read_text()
+    assert "Targets missed in this run (1 of 2): bitfit / floor 1.20 (target 1.03, noise 2%)" in text
+    assert "lora / floor" not in text
+    update_readme(Result(name="demo", title="t", columns=["a"], rows=[], data={}, checks=checks[:1]), source,
+                  readme)
+    assert "Targets: all 1 met in this run" in readme.read_text()
