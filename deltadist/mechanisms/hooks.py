@@ -53,8 +53,11 @@ class _AddParallel(SiteHook):
     """``y + delta(x)`` on the delta's rows; in a mixed batch, one product for a site's group."""
 
     def __call__(self, site: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x, delta = hidden_input(args, kwargs, self.label), site._modules[self.child_name]
+        delta = site._modules[self.child_name]
         group = group_of(delta)
+        if group == ():  # a mixed batch whose group leader adds this delta's share: nothing to do
+            return None
+        x = hidden_input(args, kwargs, self.label)
         if group is not None:  # a mixed batch: one product for the deltas of this site
             return map_hidden(output, lambda y: add_group(site, group, y, x), self)
         return map_hidden(output, lambda y: add_on_rows(y, delta, x), self)
@@ -167,11 +170,8 @@ def add_on_rows(y: torch.Tensor, delta: nn.Module, x: torch.Tensor) -> torch.Ten
 
 
 def add_group(site: nn.Module, group: tuple[str, ...], y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` plus the update of every delta in ``group`` (child names of ``site``) on its own rows,
-    computed at once by the deltas' ``grouped_update``; an empty group (its share is computed
-    elsewhere) adds nothing."""
-    if not group:
-        return y
+    """``y`` plus the update of every delta in ``group`` (child names of ``site``, at least one) on
+    its own rows, computed at once by the deltas' ``grouped_update``."""
     deltas = [site._modules[name] for name in group]
     members = [(delta, rows_for(delta, x.shape[0], x.device)) for delta in deltas]
     return y + type(deltas[0]).grouped_update(x, members).to(y.dtype)
