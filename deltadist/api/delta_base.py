@@ -154,10 +154,29 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             check_fingerprint(config, backbone_model)
         return cls(backbone_model, config=config, **kwargs)
 
+    _pinned_engine: Engine | None = None
+
     @property
     def engine(self) -> Engine:
-        """The engine managing the backbone now (asked anew: the model may have been wrapped)."""
+        """The engine managing the backbone now: asked anew (the model may have been wrapped since
+        the last call), except inside :meth:`one_engine`."""
+        if self._pinned_engine is not None:
+            return self._pinned_engine
         return detect_engine(self.backbone_model)
+
+    @contextlib.contextmanager
+    def one_engine(self) -> Iterator[Engine]:
+        """Within one operation the model is not re-wrapped: find its engine once (each search
+        walks every parameter of the backbone) and answer :attr:`engine` with it until the
+        operation ends."""
+        if self._pinned_engine is not None:  # an operation inside another one
+            yield self._pinned_engine
+            return
+        self._pinned_engine = detect_engine(self.backbone_model)
+        try:
+            yield self._pinned_engine
+        finally:
+            self._pinned_engine = None
 
     # -- the method protocol (see the class docstring for the order) --------------------------
     def _targets(self, site: Site) -> list[Site]:

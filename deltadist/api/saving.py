@@ -59,6 +59,12 @@ class SaveLoadMixin:
         """
         if format not in ("deltadist", "peft"):
             raise ConfigError(f"format must be 'deltadist' or 'peft', got {format!r}.")
+        with self.one_engine():
+            return self._save(finetuned_delta_path, save_config, state_dict, backbone_checkpoint_name, format)
+
+    def _save(self, finetuned_delta_path: str | os.PathLike, save_config: bool,
+              state_dict: Mapping[str, torch.Tensor] | None, backbone_checkpoint_name: str | None,
+              format: str) -> str:
         checkpoint_name = (backbone_checkpoint_name or self.config.backbone_checkpoint_name
                            or _name_or_path(self.backbone_model))
         export = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import struct
@@ -175,8 +176,10 @@ def parse_samples_text(text: str) -> tuple[str, torch.Tensor]:
     return structure, torch.tensor(struct.unpack(f"<{len(raw) // 4}f", raw), dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=256)
 def sample_positions(numel: int) -> torch.Tensor:
-    """Evenly spaced flat indices (first and last included) of a tensor with ``numel`` values."""
+    """Evenly spaced flat indices (first and last included) of a tensor with ``numel`` values.
+    Cached by size (a model repeats a few shapes); the returned tensor is shared: never write to it."""
     count = min(SAMPLES_PER_TENSOR, numel)
     return torch.linspace(0, numel - 1, steps=count, dtype=torch.float64).round().long()
 
@@ -199,7 +202,6 @@ def backbone_fingerprint(
     digest, structure = hashlib.sha256(), hashlib.sha256()
     names: list[str] = []
     counts: list[int] = []
-    samples: list[float] = []
     kept = [(name, param, engine.logical_shape(param))
             for name, param in sorted(canonical_parameters(backbone).items())
             if name not in skip and id(param) not in delta_params]
@@ -208,18 +210,23 @@ def backbone_fingerprint(
                                   if shape.numel() > 0])
     if any(values is None for values in sampled):
         return None
-    found = iter(sampled)
+    # One conversion for all samples (not a few small ops per tensor): the digest rounds the
+    # float64 samples to bf16 as checkpoints' backbone_hash always has, so old checkpoints (digest
+    # only) still compare equal.
+    every = torch.cat([torch.zeros(0, dtype=torch.float64), *sampled])
+    rounded = every.to(torch.bfloat16).to(torch.float32).numpy().tobytes()
+    samples = every.to(torch.float32).tolist()
+    sizes = iter(len(values) for values in sampled)
+    start = 0
     for name, _, shape in kept:
         entry = f"{name}:{tuple(shape)};".encode()
         digest.update(entry)
         structure.update(entry)
-        values = next(found) if shape.numel() > 0 else torch.zeros(0, dtype=torch.float64)
-        # The digest rounds the float64 samples to bf16 as checkpoints' backbone_hash always has,
-        # so old checkpoints (digest only) still compare equal.
-        digest.update(values.to(torch.bfloat16).to(torch.float32).numpy().tobytes())
+        end = start + (next(sizes) if shape.numel() > 0 else 0)
+        digest.update(rounded[4 * start:4 * end])
         names.append(name)
-        counts.append(len(values))
-        samples.extend(values.to(torch.float32).tolist())
+        counts.append(end - start)
+        start = end
     return Fingerprint(
         digest=digest.hexdigest(), structure=structure.hexdigest(), names=tuple(names),
         counts=tuple(counts), samples=tuple(samples),

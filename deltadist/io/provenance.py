@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import PackageNotFoundError, version
 
 _PACKAGES = ("deltadist", "torch", "transformers", "safetensors")
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape a checkpoint (missing ones left out)."""
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """Read once per process: each lookup parses a package's metadata file."""
     found = {}
     for name in _PACKAGES:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
             continue
-    return found
+    return tuple(found.items())
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape a checkpoint (missing ones left out)."""
+    return dict(_installed_versions())
