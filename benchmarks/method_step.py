@@ -222,7 +222,8 @@ def run(quick: bool) -> Result:
         notes=["Ratios are medians of per-round ratios (interleaved rounds; peers in their own "
                "environments step in worker processes between deltadist's steps); MiB counts saved "
                "activations plus trained values, gradients and AdamW state. A peer's cell says why where "
-               "it has no such method or could not run."])
+               "it has no such method or could not run. Where deltadist misses its floor and why: "
+               "docs/benchmarks.md."])
 
 
 def _peer_steps(envs: dict[str, Path | str],
