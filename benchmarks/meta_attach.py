@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from benchmarks.models import PROJECTIONS, llama_8b_on_meta, llama_70b_on_meta
+from benchmarks.peer_worker import METHODS_OF
 from benchmarks.peers import PeerRun, environment
 from benchmarks.suite import Check, Ratio, Result
 
@@ -74,8 +75,8 @@ def _adapterhub_steps(build: Callable[[], nn.Module]) -> tuple[dict[str, PeerRun
     config = build().config.to_dict()
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size")
-    steps, why_not = {}, {}
-    for method in ("lora", "adapter"):
+    steps, why_not = {}, {m: "AdapterHub has no such method" for m in METHODS if m not in METHODS_OF["adapters"]}
+    for method in METHODS_OF["adapters"]:
         step = PeerRun(python, {"task": "attach", "method": method, "threads": torch.get_num_threads(),
                                 "config": {key: config[key] for key in keys}})
         if step.error:
@@ -129,7 +130,7 @@ def run(quick: bool) -> Result:
                          ("PEFT has no meta attach here" if method != "lora" else
                           "not measured: peft is not installed"),
                          f"{hub.value:.3f} ({hub.value / mine.value:.1f}x slower)" if hub else
-                         why_not.get(method, "not measured (the worker attaches LoRA and adapters)")])
+                         why_not.get(method, "not measured")])
             if shape == "70B":
                 checks.append(Check(f"70B {method} attach + freeze, s", mine.value, target, mine.noise))
                 checks.append(Check(f"70B {method} memory growth, MiB", max(growth[f"{method} deltadist"]),
@@ -140,6 +141,7 @@ def run(quick: bool) -> Result:
         columns=["shape", "method", "deltadist median s", "target s", "max RSS growth MiB", "PEFT median s",
                  "AdapterHub median s"],
         rows=rows, data=data, bars=bars, bar_label="seconds", checks=checks,
-        notes=["AdapterHub (LoRA on q, k, v and both MLP projections; Houlsby adapters) attaches in its "
-               "own environment's worker, its modules created on meta like the model's; its build is not "
-               "timed either."])
+        notes=["AdapterHub (LoRA on q, k, v and both MLP projections; Houlsby adapters; Compacter; "
+               "parallel adapters; prefix tuning with its default reparameterizing MLP) attaches in its own "
+               "environment's worker, its modules created on meta like the model's; its build is not timed "
+               "either."])

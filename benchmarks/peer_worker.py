@@ -70,15 +70,26 @@ def opendelta(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
 
 def adapterhub_attach(spec: dict[str, Any]) -> Callable[[], float]:
     """Seconds to attach AdapterHub's ``method`` (created on meta, like the model) to a fresh
-    Llama of the spec's shape built on the meta device (the build is not timed)."""
+    Llama of the spec's shape built on the meta device (the build is not timed; tried once first)."""
     import adapters
-    from adapters import DoubleSeqBnConfig, LoRAConfig
+    from adapters import (
+        CompacterConfig,
+        DoubleSeqBnConfig,
+        LoRAConfig,
+        ParBnConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+    )
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**spec["config"])
     make = {"lora": lambda: LoRAConfig(r=16, alpha=32, attn_matrices=["q", "k", "v"], intermediate_lora=True,
                                        output_lora=True),
-            "adapter": lambda: DoubleSeqBnConfig(reduction_factor=16)}[spec["method"]]
+            "adapter": lambda: DoubleSeqBnConfig(reduction_factor=16),
+            "compacter": lambda: CompacterConfig(reduction_factor=16, phm_dim=4),
+            "parallel_adapter": lambda: ParBnConfig(reduction_factor=16),
+            "prefix": lambda: PrefixTuningConfig(),  # its defaults: 30 tokens through a reparameterizing MLP
+            "soft_prompt": lambda: PromptTuningConfig()}[spec["method"]]
 
     def attach() -> float:
         with torch.device("meta"):
@@ -89,6 +100,7 @@ def adapterhub_attach(spec: dict[str, Any]) -> Callable[[], float]:
             model.train_adapter("bench")
             return time.perf_counter() - start
 
+    attach()  # once untimed, so that a failure shows before the first timed attach
     return attach
 
 

@@ -60,6 +60,7 @@ class PeerRun:
     def __init__(self, python: Path, spec: dict[str, Any]) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
         command = [str(python), "-m", "benchmarks.peer_worker", json.dumps(spec)]
+        self.label = f"{spec.get('peer', 'adapters')} {spec.get('task', 'step')} of {spec['method']}"
         self.process = subprocess.Popen(command, cwd=ROOT,
                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
@@ -71,7 +72,11 @@ class PeerRun:
     def __call__(self) -> float:
         self.process.stdin.write("step\n")
         self.process.stdin.flush()
-        return float(self.process.stdout.readline())
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"a peer worker ({self.label}) ended during a step, exit code "
+                               f"{self.process.wait()}")
+        return float(answer)
 
     def close(self) -> None:
         if self.process.poll() is None:
