@@ -86,6 +86,10 @@ class DeltaModule(nn.Module):
         # While attached, an export of the model around it is refused (it would drop the delta).
         self.register_state_dict_post_hook(refuse_export)
 
+    reads_site_output: bool = False
+    """Whether a parallel mechanism calls it as ``delta(x, site_output, site)`` (DoRA rescales the
+    site's own output) rather than ``delta(x)``."""
+
     def reset_parameters(self) -> None:
         """(Re)initialise the parameters in place (see :meth:`initialize`)."""
         raise NotImplementedError(f"{type(self).__name__} must define reset_parameters()")

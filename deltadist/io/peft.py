@@ -5,7 +5,8 @@ wrote (``from_finetuned``).
 
 A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``,
 ``target_modules``, ``modules_to_save``, ...) and ``adapter_model.safetensors`` with the keys
-``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and ``...lora_B.weight`` (``[out, r]``).
+``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and ``...lora_B.weight`` (``[out, r]``),
+with DoRA also ``...lora_magnitude_vector`` (``[out]``).
 PEFT's update is ``(lora_alpha / r) * B A dropout(x)`` on ``nn.Linear`` and transformers' ``Conv1D``
 alike, as deltadist's: the tensors copy over unchanged. Backbone parameters are
 ``base_model.model.<parameter>`` and, inside a LoRA-wrapped module, ``<module>.base_layer.<name>``.
@@ -32,6 +33,9 @@ PREFIX = "base_model.model."
 METADATA_KEY = "deltadist_config"
 """The safetensors header entry holding deltadist's config."""
 LORA_KIND = "lora"  # LoraModel.child_name: the middle part of deltadist's keys
+MAGNITUDE_KEY = "lora_magnitude_vector"
+"""DoRA's magnitude of a site in PEFT's files (``<module>.lora_magnitude_vector``, no ``.weight``);
+deltadist's is ``<module>.lora.magnitude``."""
 
 
 def is_peft_directory(directory: Path) -> bool:

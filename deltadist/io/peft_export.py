@@ -22,7 +22,7 @@ from deltadist.core import attach as mechanisms
 from deltadist.core.record import delta_key
 from deltadist.errors import CheckpointError, ConfigError
 from deltadist.io import checkpoint
-from deltadist.io.peft import CONFIG_NAME, LORA_KIND, METADATA_KEY, PREFIX, WEIGHTS_NAME
+from deltadist.io.peft import CONFIG_NAME, LORA_KIND, MAGNITUDE_KEY, METADATA_KEY, PREFIX, WEIGHTS_NAME
 
 # PEFT's task type by the end of the model's class name (None: plain PeftModel).
 _TASK_TYPES = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
@@ -81,6 +81,9 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
     ))
     keys = {delta_key(att.site_name, att.base_name, p): f"{PREFIX}{att.site_name}.{p}.weight"
             for att in lora for p in ("lora_A", "lora_B")}
+    if delta.config.use_dora:
+        keys.update({delta_key(att.site_name, att.base_name, "magnitude"):
+                     f"{PREFIX}{att.site_name}.{MAGNITUDE_KEY}" for att in lora})
     for name in kept:  # in a LoRA-wrapped module PEFT's parameter lives under base_layer
         module, _, leaf = name.rpartition(".")
         keys[name] = f"{PREFIX}{module}.base_layer.{leaf}" if module in sites else PREFIX + name
@@ -89,9 +92,9 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": config.lora_r, "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout, "target_modules": _target_modules(list(sites), modules),
-        "modules_to_save": to_save or None, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": all(weight_is_transposed(m) for m in sites.values()),
-        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "modules_to_save": to_save or None, "bias": "none", "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "fan_in_fan_out": all(weight_is_transposed(m) for m in sites.values()),
+        "init_lora_weights": config.init_lora_weights, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
     return PeftExport(adapter_config, keys)

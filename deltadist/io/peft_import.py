@@ -5,7 +5,6 @@ format is described in :mod:`deltadist.io.peft`.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections import Counter
@@ -23,15 +22,29 @@ from deltadist.core import jsontext
 from deltadist.core.record import delta_key
 from deltadist.errors import CheckpointError, DeltaError
 from deltadist.io import checkpoint
-from deltadist.io.peft import CONFIG_NAME, LORA_KIND, METADATA_KEY, PICKLE_NAME, PREFIX, WEIGHTS_NAME
+from deltadist.io.peft import (
+    CONFIG_NAME,
+    LORA_KIND,
+    MAGNITUDE_KEY,
+    METADATA_KEY,
+    PICKLE_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+)
 
-_LORA_KEY = re.compile(r"(.+)\.(lora_A|lora_B)\.weight")
-"""A LoRA tensor's key after :data:`PREFIX`: ``<site>.lora_A.weight`` or ``<site>.lora_B.weight``."""
+_LORA_KEY = re.compile(r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))")
+"""A LoRA tensor's key after :data:`PREFIX`: ``<site>.lora_A.weight``, ``<site>.lora_B.weight`` or
+(DoRA) ``<site>.lora_magnitude_vector``."""
+_PART = {"lora_A": "lora_A", "lora_B": "lora_B", MAGNITUDE_KEY: "magnitude"}
+"""PEFT's name of each LoRA tensor -> deltadist's."""
+_CONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+"""init_lora_weights values that change the base model: an adapter so initialised works only on
+the residual base PEFT made, unless it was converted to a plain LoRA when saved."""
 
 # adapter_config.json fields that change what LoRA computes and have no deltadist equivalent:
-# refused when set (truthy). use_rslora is mapped instead (lora_alpha * sqrt(r)).
+# refused when set (truthy). use_rslora and use_dora are mapped to deltadist's fields.
 _UNSUPPORTED = (
-    ("use_dora", "DoRA (use_dora)"), ("lora_bias", "a bias on lora_B (lora_bias)"),
+    ("lora_bias", "a bias on lora_B (lora_bias)"),
     ("rank_pattern", "per-module ranks (rank_pattern)"),
     ("alpha_pattern", "per-module alphas (alpha_pattern)"),
     ("layer_replication", "replicated layers (layer_replication)"),
@@ -67,11 +80,13 @@ def read_peft(directory: Path, backbone: nn.Module,
         raise CheckpointError(f"{directory / WEIGHTS_NAME} holds no LoRA tensors (lora_A / lora_B).")
     order = {name: i for i, name in enumerate(canonical_parameters(backbone))}
     kept = sorted(backbone_keys.values(), key=order.__getitem__)
-    r, alpha = adapter.get("r", 8), adapter.get("lora_alpha", 8)
+    init = adapter.get("init_lora_weights", True)
     config: dict[str, Any] = {
-        "delta_type": LORA_KIND, "lora_r": r, "lora_dropout": adapter.get("lora_dropout", 0.0),
-        # PEFT's rsLoRA scale is alpha / sqrt(r); deltadist's is lora_alpha / r.
-        "lora_alpha": alpha * math.sqrt(r) if adapter.get("use_rslora") else alpha,
+        "delta_type": LORA_KIND, "lora_r": adapter.get("r", 8), "lora_alpha": adapter.get("lora_alpha", 8),
+        "lora_dropout": adapter.get("lora_dropout", 0.0), "use_rslora": bool(adapter.get("use_rslora")),
+        "use_dora": bool(adapter.get("use_dora")),
+        # The loaded values replace any initialisation; the names both libraries share are kept.
+        "init_lora_weights": init if isinstance(init, bool) or init == "gaussian" else True,
         **_selection(backbone, sites, adapter, embedded, default_roles),
         "unfrozen_modules": _unfrozen(backbone, params, kept),
         "backbone_checkpoint_name": adapter.get("base_model_name_or_path"),
@@ -98,8 +113,9 @@ def _sort_keys(directory: Path, backbone: nn.Module, tensors: dict[str, torch.Te
     for key in tensors:
         match = _LORA_KEY.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
         if match:
-            lora[delta_key(match[1], LORA_KIND, match[2])] = tensors[key]
-            sites.append(match[1])
+            lora[delta_key(match[1], LORA_KIND, _PART[match[2] or match[3]])] = tensors[key]
+            if match[2]:
+                sites.append(match[1])
         elif key.startswith(PREFIX) and not any(p.startswith("lora_") for p in key.split(".")):
             backbone_keys[key] = key[len(PREFIX):]
         else:
@@ -117,7 +133,7 @@ def _sort_keys(directory: Path, backbone: nn.Module, tensors: dict[str, torch.Te
             f"{directory / WEIGHTS_NAME} holds tensors deltadist's LoRA cannot express on "
             f"{type(backbone).__name__}: {', '.join(sorted(odd)[:8])}"
             + (f", ... {len(odd) - 8} more" if len(odd) > 8 else "")
-            + ". LoRA keys must be <module>.lora_A.weight / lora_B.weight (no DoRA magnitudes, "
+            + ". LoRA keys must be <module>.lora_A.weight / lora_B.weight / lora_magnitude_vector (no "
             "lora_B biases or embedding LoRA), other keys must name parameters of this backbone."
         )
     return lora, sites, backbone_keys
@@ -137,6 +153,11 @@ def _read_adapter_config(directory: Path) -> dict[str, Any]:
             "LoRA adapters only (peft_type 'LORA')."
         )
     unsupported = [what for field, what in _UNSUPPORTED if adapter.get(field)]
+    init = adapter.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_CONVERTED_INITS):
+        unsupported.append(f"init_lora_weights={init!r} without conversion to a plain LoRA (the adapter "
+                           "works only on the residual base model PEFT made; save it with PEFT's "
+                           "path_initial_model_for_weight_conversion)")
     if unsupported:
         raise CheckpointError(
             f"{path} uses PEFT LoRA features deltadist's LoRA cannot express: {', '.join(unsupported)}. "

@@ -60,7 +60,7 @@ class _AddParallel(SiteHook):
         x = hidden_input(args, kwargs, self.label)
         if group is not None:  # a mixed batch: one product for the deltas of this site
             return map_hidden(output, lambda y: add_group(site, group, y, x), self)
-        return map_hidden(output, lambda y: add_on_rows(y, delta, x), self)
+        return map_hidden(output, lambda y: add_on_rows(y, delta, x, site), self)
 
 
 class _ApplyAfter(SiteHook):
@@ -158,15 +158,22 @@ class Span(Mechanism):
 PARALLEL, AFTER, BEFORE, SPAN = Parallel(), After(), Before(), Span()
 
 
-def add_on_rows(y: torch.Tensor, delta: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``y + delta(x)``, on the rows ``delta`` serves in a mixed batch (all rows outside one).
+def add_on_rows(y: torch.Tensor, delta: nn.Module, x: torch.Tensor,
+                site: nn.Module | None = None) -> torch.Tensor:
+    """``y + delta(x)``, on the rows ``delta`` serves in a mixed batch (all rows outside one); a
+    delta that reads its site's output (DoRA) is called as ``delta(x, y, site)``.
     Shapes: ``x (batch, ..., d_in)``, ``y (batch, ..., d_out)``."""
     rows = rows_for(delta, x.shape[0], x.device)
     if rows is None or rows.numel() == x.shape[0]:  # every row (rows are distinct): no gathers
-        return y + delta(x)
+        return y + _update(delta, x, y, site)
     if not rows.numel():
         return y
-    return y.index_add(0, rows, delta(x.index_select(0, rows)).to(y.dtype))
+    mine = _update(delta, x.index_select(0, rows), y.index_select(0, rows), site)
+    return y.index_add(0, rows, mine.to(y.dtype))
+
+
+def _update(delta: nn.Module, x: torch.Tensor, y: torch.Tensor, site: nn.Module | None) -> torch.Tensor:
+    return delta(x, y, site) if delta.reads_site_output else delta(x)
 
 
 def add_group(site: nn.Module, group: tuple[str, ...], y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

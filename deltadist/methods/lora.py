@@ -1,9 +1,17 @@
-"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) and its variants as config fields.
 
-``y = W x + (alpha / r) * B A dropout(x)`` with ``A: [r, in]`` (Kaiming-uniform) and ``B: [out, r]``
-(zeros), so a fresh LoRA leaves the model's outputs unchanged. Like OpenDelta, the update is a
+``y = W x + s * B A dropout(x)`` with ``A: [r, in]`` (Kaiming-uniform) and ``B: [out, r]``
+(zeros), so a fresh LoRA leaves the model's outputs unchanged; ``s = alpha / r``, or
+``alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski 2023). Like OpenDelta, the update is a
 parallel branch next to the frozen linear layer, never a replacement of it: the backbone's own
 modules and state-dict keys stay as they were.
+
+``use_dora`` (DoRA, Liu et al. 2024, https://arxiv.org/abs/2402.09353) adds a learned magnitude
+``m: [out]`` per output row: ``y = (m / ||W + s B A||) * (W + s B A) x + b``, the row norms
+treated as constants in backward (the paper's section 4.3, as PEFT does). The branch adds
+``(m / n - 1) * W x + (m / n) * s * B A x`` to the site's output, reusing the site's own ``W x``;
+``n`` is computed from ``W``, ``A`` and ``B`` without forming ``W + s B A`` (see
+:meth:`LoRA.row_norms`).
 """
 
 from __future__ import annotations
@@ -17,12 +25,12 @@ from torch import nn
 from deltadist.addressing.facts import weight_is_transposed
 from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
-from deltadist.core.config import DeltaConfig, check_positive_int, check_range
+from deltadist.core.config import DeltaConfig, check_choice, check_positive_int, check_range
 from deltadist.core.delta_module import DeltaModule
 from deltadist.core.registry import register_method
 from deltadist.core.shapes import linear_features, site_placement
 from deltadist.engines import Engine
-from deltadist.errors import SiteError
+from deltadist.errors import DeltaError, SiteError
 from deltadist.mechanisms.hooks import PARALLEL
 
 
@@ -38,44 +46,118 @@ class LoraConfig(DeltaConfig):
     """Scale numerator: the update is multiplied by ``lora_alpha / lora_r``."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by ``lora_alpha / sqrt(lora_r)`` (PEFT's ``use_rslora``)."""
+    use_dora: bool = False
+    """DoRA: a learned magnitude per output row (PEFT's ``use_dora``)."""
+    init_lora_weights: bool | str = True
+    """``True``: ``A`` Kaiming-uniform, ``B`` zero (the update starts at zero); ``"gaussian"``:
+    ``A ~ N(0, 1/r)``, ``B`` zero; ``False``: both random, as ``nn.Linear`` (the update does not
+    start at zero: for tests). PEFT's ``init_lora_weights``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "lora_r")
         check_range(self, "lora_alpha", 1e-12, math.inf)
         check_range(self, "lora_dropout", 0.0, 1.0)
+        if isinstance(self.init_lora_weights, str):
+            check_choice(self, "init_lora_weights", INITIALIZATIONS)
+
+    @property
+    def scaling(self) -> float:
+        """The factor of ``B A``."""
+        return self.lora_alpha / (math.sqrt(self.lora_r) if self.use_rslora else self.lora_r)
+
+
+INITIALIZATIONS = ("gaussian",)
+"""The named values of ``init_lora_weights`` (besides ``True`` and ``False``)."""
 
 
 class LoRA(DeltaModule):
-    """The low-rank branch for one linear site: ``[..., in] -> [..., out]``."""
+    """The low-rank branch for one linear site: ``[..., in] -> [..., out]``; with ``dora``, also
+    the magnitude ``[out]`` of each output row (PEFT's ``lora_magnitude_vector``)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
+                 init: bool | str = True, dora: bool = False, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if dora else None
         self.dropout = dropout  # functional: no extra module per site (attach speed on big models)
-        self.scaling = alpha / r
+        self.scaling = scaling
+        self.init = init
+        self.merged_norms: torch.Tensor | None = None
+        """DoRA while merged: the row norms the merge divided by (unmerging needs them: the merged
+        weight's own rows all have norm ``m``)."""
         self.initialize()
+
+    @property
+    def reads_site_output(self) -> bool:
+        """DoRA rescales the site's own output ``W x``, so its mechanism hands it over."""
+        return self.magnitude is not None
 
     def reset_parameters(self) -> None:
         # A as nn.Linear initialises its weight, B at zero: the branch starts as an exact no-op.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.lora_A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if self.init is False:  # nn.Linear(r, out)'s own initialisation: a non-zero update
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+        if self.magnitude is not None:
+            # A placeholder: the delta sets the site's row norms (set_magnitude) once its weights are real.
+            nn.init.ones_(self.magnitude)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden: [..., in]`` -> ``[..., out]`` in ``hidden``'s dtype."""
+    def set_magnitude(self, site: nn.Module, engine: Engine) -> None:
+        """DoRA: ``m = ||W + s B A||`` per output row, so the branch starts where plain LoRA does."""
+        full = engine.gather({"w": site.weight, "a": self.lora_A, "b": self.lora_B})
+        norms = self.row_norms(_oriented(site, full["w"]), full["a"], full["b"])
+        engine.scatter(self.magnitude, norms.to(self.magnitude.dtype))
+
+    def row_norms(self, weight: torch.Tensor, a: torch.Tensor | None = None,
+                  b: torch.Tensor | None = None) -> torch.Tensor:
+        """``||W + s B A||`` of each output row, ``weight: [out, in]`` -> ``[out]`` (float32, no
+        gradient), without forming the ``[out, in]`` sum: ``|W_i|^2 + 2 s (W A^T)_i . B_i +
+        s^2 B_i (A A^T) B_i^T``, a ``[out, r]`` and an ``[r, r]`` product."""
+        a = self.lora_A if a is None else a
+        b = self.lora_B if b is None else b
+        with torch.no_grad():
+            w, a, b = weight.float(), a.float(), b.float()
+            s = self.scaling
+            squares = torch.linalg.vector_norm(w, dim=1).square()
+            squares += 2 * s * ((w @ a.t()) * b).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+            return squares.clamp_min(0).sqrt()
+
+    def forward(self, hidden: torch.Tensor, site_output: torch.Tensor | None = None,
+                site: nn.Module | None = None) -> torch.Tensor:
+        """``hidden: [..., in]`` -> the update ``[..., out]`` in ``hidden``'s dtype. DoRA also
+        takes the site's output ``[..., out]`` (bias included) and the site (its weight)."""
         x = hidden.to(self.lora_A.dtype)
-        if self.dropout:
-            x = nn.functional.dropout(x, self.dropout, self.training)
-        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
-        return (update * self.scaling).to(hidden.dtype)
+        dropped = self.dropout and self.training
+        if dropped:
+            x = nn.functional.dropout(x, self.dropout, True)
+        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
+        if self.magnitude is None:
+            return update.to(hidden.dtype)
+        if site_output is None or site is None:
+            raise DeltaError("a DoRA branch needs its site's output and weight; call it through its site.")
+        weight = _oriented(site, site.weight)
+        scale = self.magnitude / self.row_norms(weight).to(self.magnitude.dtype)  # [out]
+        if dropped:  # the site saw x undropped: W on the dropped input, as PEFT does
+            base = nn.functional.linear(x, weight.to(x.dtype))
+        else:
+            bias = getattr(site, "bias", None)
+            base = site_output.to(x.dtype) - (bias.to(x.dtype) if isinstance(bias, torch.Tensor) else 0)
+        return ((scale - 1) * base + scale * update).to(hidden.dtype)
 
     @property
     def groupable(self) -> bool:
         """Whether :meth:`grouped_update` may compute this branch with others (no dropout: each
-        branch would draw its own mask)."""
-        return not self.dropout
+        branch would draw its own mask; not DoRA, which rescales the site's output per branch)."""
+        return not self.dropout and self.magnitude is None
 
     @staticmethod
     def grouped_update(hidden: torch.Tensor, members: list[tuple["LoRA", torch.Tensor]]) -> torch.Tensor:
@@ -113,15 +195,32 @@ class LoRA(DeltaModule):
         return None if isinstance(weight, torch.Tensor) else "the site has no weight to fold B A into"
 
     def fold_into(self, site: nn.Module, engine: Engine, sign: float) -> None:
-        """``W += sign * (alpha / r) * B A`` (transposed for ``Conv1D``, whose weight is ``[in, out]``)."""
-        full = engine.gather({"w": site.weight, "a": self.lora_A, "b": self.lora_B})
-        update = (full["b"].float() @ full["a"].float()) * (self.scaling * sign)
-        if weight_is_transposed(site):
-            update = update.t()
-        engine.scatter(site.weight, (full["w"].float() + update).to(full["w"].dtype))
+        """``W += sign * s * B A`` (transposed for ``Conv1D``, whose weight is ``[in, out]``); DoRA
+        merges to ``(m / n) * (W + s B A)`` and unmerges with the ``n`` it kept."""
+        names = {"w": site.weight, "a": self.lora_A, "b": self.lora_B}
+        full = engine.gather({**names, "m": self.magnitude} if self.magnitude is not None else names)
+        weight = _oriented(site, full["w"]).float()
+        update = (full["b"].float() @ full["a"].float()) * self.scaling
+        if self.magnitude is None:
+            merged = weight + sign * update
+        elif sign > 0:
+            self.merged_norms = self.row_norms(weight, full["a"], full["b"])
+            merged = (full["m"].float() / self.merged_norms)[:, None] * (weight + update)
+        else:
+            if self.merged_norms is None:
+                raise DeltaError("this DoRA branch was not merged here, so its row norms are unknown; "
+                                 "unmerge in the process that merged.")
+            merged = weight * (self.merged_norms / full["m"].float())[:, None] - update
+            self.merged_norms = None
+        engine.scatter(site.weight, _oriented(site, merged).to(full["w"].dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+
+
+def _oriented(site: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The site's weight as ``[out, in]`` (``Conv1D`` keeps ``[in, out]``; its own inverse)."""
+    return weight.t() if weight_is_transposed(site) else weight
 
 
 @register_method
@@ -134,6 +233,7 @@ class LoraModel(DeltaBase):
         backbone_model: the model to modify in place.
         lora_r: rank (default 8). lora_alpha: scale numerator (default 16).
         lora_dropout: dropout on the branch input (default 0).
+        use_rslora, use_dora, init_lora_weights: the variants (see :class:`LoraConfig`).
         modified_modules: linear layers to modify (default: the ``attn.q`` and ``attn.v`` roles).
         exclude_modules, unfrozen_modules, common_structure: see :class:`DeltaConfig`.
 
@@ -163,5 +263,14 @@ class LoraModel(DeltaBase):
             )
         device, dtype = site_placement(site.module, self.config.delta_dtype)
         cfg = self.config
-        return LoRA(*features, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    device=device, dtype=dtype)
+        return LoRA(*features, r=cfg.lora_r, scaling=cfg.scaling, dropout=cfg.lora_dropout,
+                    init=cfg.init_lora_weights, dora=cfg.use_dora, device=device, dtype=dtype)
+
+    def _initialize_from_backbone(self) -> None:
+        """DoRA: each magnitude from its site's (logical, gathered) weight, once it is real."""
+        if not self.config.use_dora:
+            return
+        engine = self.engine
+        for att in self.record.attachments:
+            if isinstance(att.delta, LoRA) and not att.site.weight.is_meta:
+                att.delta.set_magnitude(att.site, engine)

@@ -112,6 +112,7 @@ class TrainingConfig:
     eval_batch_size: int = _key(100, "rows per evaluation batch (global)")
     lr: float = _key(0.002, "peak learning rate of AdamW")
     weight_decay: float = _key(0.0, "AdamW's decoupled weight decay")
+    loraplus_lr_ratio: float = _key(1.0, "LoRA+: lora_B (and 1-D delta parameters) learn at lr times this")
     warmup_steps: int = _key(0, "steps of linear warm-up from 0 to lr")
     scheduler: str = _key("constant", "after warm-up: constant, cosine (to 0) or linear (to 0)")
     max_grad_norm: float | None = _key(None, "clip the gradients' global norm to this; null: no clipping")
@@ -129,7 +130,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
                         "max_steps", "micro_batch_size", "gradient_accumulation_steps", "save_every",
-                        "keep_last", "eval_every", "max_grad_norm")
+                        "keep_last", "eval_every", "max_grad_norm", "loraplus_lr_ratio")
         _check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("training.warmup_steps and training.weight_decay must not be negative.")

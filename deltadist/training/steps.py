@@ -138,8 +138,9 @@ def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, train
     runner = engine.wrap(model)
     # The optimizer takes the parameters right after wrapping, before any forward: FSDP2 leaves
     # the root module's parameters unsharded after a forward, and they would be listed instead.
-    params = list(delta.parameters())
-    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    groups = delta.param_groups(training.lr, training.loraplus_lr_ratio)
+    params = [param for group in groups for param in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(training.scheduler, training.warmup_steps, plan.total_steps))
     runner, stepper = engine.prepare(runner, optimizer)  # DeepSpeed: deepspeed.initialize

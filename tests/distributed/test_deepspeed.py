@@ -230,16 +230,17 @@ def train_ranks(rank: int, world_size: int, workdir: str) -> dict[str, Any]:
         out[variant] = run
     # A LoRA on a site at the model root (the task head) and in every layer merges into the
     # ZeRO-3 partitions too.
-    model, delta = workers.merge_sites_model()
-    engine = initialize(deepspeed, model, delta, "zero3")
-    merges = {"attached": logits(engine, full_inputs)}
-    delta.merge()
-    merges["merged"] = logits(engine, full_inputs)
-    delta.unmerge()
-    merges["unmerged"] = logits(engine, full_inputs)
-    delta.merge_and_unload()
-    merges["unloaded"] = logits(engine, full_inputs)
-    out["root_merge"] = merges
+    for kind in ("lora", "dora"):
+        model, delta = workers.merge_sites_model(dora=kind == "dora")
+        engine = initialize(deepspeed, model, delta, "zero3")
+        merges = {"attached": logits(engine, full_inputs)}
+        delta.merge()
+        merges["merged"] = logits(engine, full_inputs)
+        delta.unmerge()
+        merges["unmerged"] = logits(engine, full_inputs)
+        delta.merge_and_unload()
+        merges["unloaded"] = logits(engine, full_inputs)
+        out[f"root_merge-{kind}"] = merges
     return out
 
 
@@ -555,12 +556,13 @@ def test_merge_under_zero3_gives_the_unmerged_logits(trained) -> None:
         torch.testing.assert_close(run["unmerged_logits"], run["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_merges_under_zero3_land_in_the_partitions_root_sites_included(trained) -> None:
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merges_under_zero3_land_in_the_partitions_root_sites_included(trained, kind) -> None:
     _, ranks = trained
-    model, _ = workers.merge_sites_model()
+    model, _ = workers.merge_sites_model(dora=kind == "dora")
     expected = logits(model, workers.batch()[0])  # one process, LoRA attached
     for rank in ranks:
-        for state, value in rank["root_merge"].items():
+        for state, value in rank[f"root_merge-{kind}"].items():
             torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5,
                                        msg=lambda m, s=state: f"{s}: {m}")
 

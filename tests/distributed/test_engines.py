@@ -136,13 +136,14 @@ def test_activation_checkpointing_under_ddp() -> None:
         assert frozen_inputs["grads"]["score.weight"] is not None
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("engine", workers.ENGINES)
-def test_merges_land_in_the_sharded_weights_root_sites_included(engine: str) -> None:
-    model, _ = workers.merge_sites_model()
+def test_merges_land_in_the_sharded_weights_root_sites_included(engine: str, dora: bool) -> None:
+    model, _ = workers.merge_sites_model(dora=dora)
     inputs, _ = workers.batch()
     with torch.no_grad():
         expected = model(**inputs).logits  # one process, LoRA attached
-    for rank in run_ranks(workers.merge_roundtrip, args=(engine,)):
+    for rank in run_ranks(workers.merge_roundtrip, args=(engine, dora)):
         for state in ("attached", "merged", "unmerged", "unloaded"):
             torch.testing.assert_close(rank[state], expected, rtol=1e-4, atol=1e-5,
                                        msg=lambda m, s=state: f"{engine} {s}: {m}")

@@ -18,7 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tests.tiny import METHODS as DELTAS  # every method's config, by name
+from tests.tiny import METHODS
+
+DELTAS = {**METHODS, "dora": {"delta_type": "lora", "lora_r": 4, "use_dora": True, "use_rslora": True}}
+"""Every method's config by name, and LoRA's variants (DoRA with rsLoRA scaling: its magnitudes
+are gathered at attach and sharded like any delta parameter)."""
+CHILD = {"dora": "lora"}
+"""The child name of a variant's delta modules (else the method's name)."""
 
 FAMILY = "llama"
 MODEL_SEED = 0
@@ -34,7 +40,8 @@ HEAD = "score."
 
 def is_delta_key(key: str, method: str) -> bool:
     """A checkpoint key of ``method``'s delta: its modules, a shared holder, or the task head."""
-    return f".{method}." in key or key.startswith((f"{method}_shared.", HEAD))
+    child = CHILD.get(method, method)
+    return f".{child}." in key or key.startswith((f"{child}_shared.", HEAD))
 
 
 # -- the recipe, shared by ranks and the reference ---------------------------------------------
@@ -317,26 +324,27 @@ MERGE_SITES = ["q_proj", "score"]
 """A site inside every layer and one at the model root (the task head)."""
 
 
-def merge_sites_model(model: nn.Module | None = None) -> tuple[nn.Module, Any]:
-    """The backbone (or ``model``, holding its weights) with a LoRA on :data:`MERGE_SITES`, moved
-    (seeded) away from its no-op start."""
+def merge_sites_model(model: nn.Module | None = None, dora: bool = False) -> tuple[nn.Module, Any]:
+    """The backbone (or ``model``, holding its weights) with a LoRA (``dora``: a DoRA) on
+    :data:`MERGE_SITES`, moved (seeded) away from its no-op start."""
     from deltadist import LoraModel
     from tests.tiny import build_tiny
 
     model = build_tiny(FAMILY, "cls", seed=MODEL_SEED) if model is None else model
     delta = LoraModel(backbone_model=model, lora_r=4, modified_modules=MERGE_SITES,
-                      unfrozen_modules=["deltas"])
+                      unfrozen_modules=["deltas"], use_dora=dora)
     generator = torch.Generator().manual_seed(DELTA_SEED)
     with torch.no_grad():
         for _, param in sorted(delta.delta_parameters().items()):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            moved = torch.randn(param.shape, generator=generator) * 0.2
+            param.copy_(param * (1 + moved) if param.dim() == 1 else moved)  # a magnitude near its norms
     delta.freeze_module()
     return model, delta
 
 
-def merge_roundtrip(rank: int, world_size: int, engine: str) -> dict[str, Any]:
+def merge_roundtrip(rank: int, world_size: int, engine: str, dora: bool = False) -> dict[str, Any]:
     """Attached, merged, unmerged and merged-and-unloaded logits of the wrapped model."""
-    model, delta = merge_sites_model()
+    model, delta = merge_sites_model(dora=dora)
     wrapped = wrap(model, engine)
     inputs, _ = batch()
 

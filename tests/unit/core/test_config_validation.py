@@ -30,6 +30,7 @@ BAD: dict[str, tuple[str, list[Any]]] = {
     "float": ("a number", [True, "1e-3", None, [0.5], {"a": 1}]),
     "bool": ("a bool (true or false)", [1, 0, "yes", None, 1.0]),
     "bool | None": ("a bool (true or false) or None", [1, "no", [True]]),
+    "bool | str": ("a bool (true or false) or a string", [1, None, 1.5, ["gaussian"]]),
     "str": ("a string", [5, None, ["gelu"], True]),
     "str | None": ("a string or None", [5, ["x"], True, 1.5]),
     "list[str] | None": (PATTERNS, [7, 3.5, True, {"query": 1}, b"query", ["query", 3], [None]]),

@@ -89,7 +89,7 @@ def test_deltadist_to_peft_gives_the_same_logits(tmp_path, family, head) -> None
 
 @pytest.mark.parametrize(("family", "head", "extra"), [
     ("bert", "cls", {"task_type": "SEQ_CLS"}),  # PEFT trains and saves the classifier
-    ("llama", "lm", {"use_rslora": True}),      # scale alpha / sqrt(r), mapped to lora_alpha * sqrt(r)
+    ("llama", "lm", {"use_rslora": True}),      # scale alpha / sqrt(r): deltadist's use_rslora
     ("llama", "cls", {"modules_to_save": ["score"], "lora_dropout": 0.05}),
 ])
 def test_peft_to_deltadist_gives_the_same_logits(tmp_path, family, head, extra) -> None:
@@ -251,10 +251,10 @@ def test_a_pickle_only_adapter_is_refused_without_reading_it(tmp_path) -> None:
 
 
 def test_peft_features_deltadist_cannot_express_are_refused(tmp_path) -> None:
-    _peft_adapter("bert", "cls", tmp_path, use_dora=True)
+    _peft_adapter("bert", "cls", tmp_path, lora_bias=True)
     model = build_tiny("bert", "cls")
     before = snapshot(model)
-    with pytest.raises(CheckpointError, match=r"cannot express: DoRA \(use_dora\)"):
+    with pytest.raises(CheckpointError, match=r"cannot express: a bias on lora_B \(lora_bias\)"):
         AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
     assert_same_snapshot(before, snapshot(model))
     with pytest.raises(ConfigError, match="PEFT LoRA adapter, not a 'bitfit' delta"):

@@ -36,12 +36,22 @@ class Tiny(nn.Module):
         return self.head(self.embed(input_ids).mean(dim=1))
 
 
+class HeadAsDelta:
+    """What the steps ask of a delta, for a plain module: its parameters in one group."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def param_groups(self, lr: float, loraplus_lr_ratio: float = 1.0) -> list[dict]:
+        return [{"params": list(self.module.parameters()), "lr": lr}]
+
+
 def _runner(max_grad_norm: float | None = None):
     model = Tiny()
     training = TrainingConfig(batch_size=2, lr=0.1, max_grad_norm=max_grad_norm, warmup_steps=3)
     plan = plan_steps(2, None, None, 1, 4, 1, None)
     engine = EngineSetup(name="plain", device=torch.device("cpu"), wrap=lambda m: m)
-    steps = prepare_steps(engine, model, model.head, training, plan, "sequence_classification",
+    steps = prepare_steps(engine, model, HeadAsDelta(model.head), training, plan, "sequence_classification",
                           torch.float32, Collator("sequence_classification", 0))
     return model, steps
 
