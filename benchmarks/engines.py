@@ -49,7 +49,8 @@ def deepspeed_runner(deepspeed: Any, model: torch.nn.Module, params: list[torch.
               "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
               "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0}
                                                         if stage == 3 else {})}}
-    runner, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-4), config=config)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    runner, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return runner
 
 

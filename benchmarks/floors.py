@@ -46,6 +46,26 @@ class LoraLinear(nn.Module):
         return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
 
 
+class DoraLinear(nn.Module):
+    """DoRA on a linear layer written out: ``(m / ||W + s B A||) (W x + s B A x) + b``, the norms
+    detached (formed from the merged weight, as the paper writes it)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.A = nn.Parameter(torch.randn(r, base.in_features) * 0.01)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.m = nn.Parameter(base.weight.detach().norm(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            norms = (self.base.weight + self.scale * self.B @ self.A).norm(dim=1)
+        factor = self.m / norms
+        plain = F.linear(x, self.base.weight)
+        out = factor * (plain + (x @ self.A.t() @ self.B.t()) * self.scale)
+        return out if self.base.bias is None else out + self.base.bias
+
+
 class BiasLinear(nn.Module):
     """A linear layer with a trainable bias, fused into its product (``addmm``)."""
 
@@ -156,6 +176,8 @@ def with_floor(kind: str, model: nn.Module, sites: list[str], config: dict[str, 
     frozen(model)
     if kind == "lora":
         replace(model, sites, lambda m: LoraLinear(m, config["lora_r"], config.get("lora_alpha", 16)))
+    elif kind == "dora":
+        replace(model, sites, lambda m: DoraLinear(m, config["lora_r"], config.get("lora_alpha", 16)))
     elif kind == "bitfit":
         replace(model, sites, BiasLinear)
     elif kind in ("adapter", "low_rank_adapter", "compacter"):

@@ -75,7 +75,8 @@ def _adapterhub_steps(build: Callable[[], nn.Module]) -> tuple[dict[str, PeerRun
     config = build().config.to_dict()
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size")
-    steps, why_not = {}, {m: "AdapterHub has no such method" for m in METHODS if m not in METHODS_OF["adapters"]}
+    steps: dict[str, PeerRun] = {}
+    why_not = {m: "AdapterHub has no such method" for m in METHODS if m not in METHODS_OF["adapters"]}
     for method in METHODS_OF["adapters"]:
         step = PeerRun(python, {"task": "attach", "method": method, "threads": torch.get_num_threads(),
                                 "config": {key: config[key] for key in keys}})

@@ -31,6 +31,7 @@ from benchmarks.suite import Check, Ratio, Result
 PROMPT_TOKENS = 16
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {"delta_type": "lora", "lora_r": 8, "lora_alpha": 16},
+    "dora": {"delta_type": "lora", "lora_r": 8, "lora_alpha": 16, "use_dora": True},
     "bitfit": {"delta_type": "bitfit"},
     "adapter": {"delta_type": "adapter", "bottleneck_dim": 16},
     "low_rank_adapter": {"delta_type": "low_rank_adapter"},
@@ -61,7 +62,8 @@ SMALL_LLAMA = Shape("Llama h256 x4, batch 8x128", 256, 4, 8, 128)
 QUICK = [SMALL_LLAMA, Shape("BERT h384 x6, batch 16x64", 384, 6, 16, 64, "bert")]
 FULL = [SMALL_LLAMA, Shape("BERT h384 x6, batch 32x64", 384, 6, 32, 64, "bert"),
         Shape("Llama h512 x8, batch 8x256", 512, 8, 8, 256)]
-BERT_METHODS = {**METHODS, "parallel_adapter": {**METHODS["parallel_adapter"], "modified_modules": ["attention"]}}
+BERT_METHODS = {**METHODS,
+                "parallel_adapter": {**METHODS["parallel_adapter"], "modified_modules": ["attention"]}}
 """On BERT the parallel adapter sits beside each attention block."""
 
 
@@ -112,6 +114,7 @@ def peft_run(base: nn.Module, method: str, shape: Shape, batch: dict[str, torch.
     prompt_task = task or "SEQ_CLS"  # PEFT's prompt methods need a task; its head copy is frozen below
     configs = {
         "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task),
+        "dora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task, use_dora=True),
         "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=prompt_task),
         "soft_prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, task_type=prompt_task),
     }
@@ -238,9 +241,9 @@ def _peer_steps(envs: dict[str, Path | str],
             elif method not in METHODS_OF[peer]:
                 why_not[(label, method)] = f"{label} has no such method"
             else:
-                spec = {"peer": peer, "method": method, "family": shape.family, "hidden": shape.hidden, "layers": shape.layers,
-                        "rows": shape.rows, "tokens": shape.tokens, "prompt_tokens": PROMPT_TOKENS,
-                        "threads": torch.get_num_threads()}
+                spec = {"peer": peer, "method": method, "family": shape.family, "hidden": shape.hidden,
+                        "layers": shape.layers, "rows": shape.rows, "tokens": shape.tokens,
+                        "prompt_tokens": PROMPT_TOKENS, "threads": torch.get_num_threads()}
                 step = PeerRun(python, spec)
                 if step.error:
                     why_not[(label, method)] = _short(f"could not run: {step.error}")

@@ -52,7 +52,8 @@ def small_bert(hidden: int, layers: int) -> nn.Module:
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(
         vocab_size=2000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-        intermediate_size=hidden * 4, num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        intermediate_size=hidden * 4, num_labels=4, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
 
 
 SMALL_MODELS = {"llama": small_llama, "bert": small_bert}

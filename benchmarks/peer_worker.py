@@ -1,9 +1,9 @@
 """A peer library's training step in its own virtual environment, stepped by the benchmark.
 
 Run as ``<venv>/bin/python -m benchmarks.peer_worker '<json spec>'`` (by :mod:`benchmarks.peers`).
-It builds the model of the spec (:mod:`benchmarks.models`) with the peer's version of the method, answers ``ready`` (or
-``error: ...``), then for each ``step`` line on stdin runs one training step and answers its
-seconds; ``quit`` ends it. It imports only torch, transformers and the peer (never deltadist).
+It builds the model of the spec (:mod:`benchmarks.models`) with the peer's version of the method,
+answers ``ready`` (or ``error: ...``), then for each ``step`` line on stdin runs one training step
+and answers its seconds; ``quit`` ends it. It imports only torch, transformers and the peer (never deltadist).
 """
 
 from __future__ import annotations

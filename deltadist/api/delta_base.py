@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Iterator, Mapping
 from torch import nn
 
 from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_sites
-from deltadist.api import construction, ownership
+from deltadist.api import construction, optimizer_groups, ownership
 from deltadist.api.freezing import FreezeMixin
 from deltadist.api.interactive_setup import setup_interactively
 from deltadist.api.merging import MergeMixin
@@ -138,7 +138,8 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         self.record.register()
         naming.remember(self.record, self)
         record_logical_shapes(backbone_model, self.engine)
-        self._initialize_from_backbone()
+        if loading_from is None:  # a checkpoint's values replace them (a PiSSA SVD per site is costly)
+            self._initialize_from_backbone()
 
     @classmethod
     def from_config(cls, config: DeltaConfig | Mapping[str, Any], backbone_model: nn.Module,
@@ -347,31 +348,9 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
             yield param
 
     def param_groups(self, lr: float, loraplus_lr_ratio: float = 1.0) -> list[dict[str, Any]]:
-        """Optimizer parameter groups of :meth:`parameters`: one at ``lr``, or with LoRA+ (Hayou et
-        al. 2024, https://arxiv.org/abs/2402.12354; ``loraplus_lr_ratio`` above 1) each ``lora_B``
-        and every 1-D parameter (DoRA magnitudes, kept biases) at ``lr * loraplus_lr_ratio``, as
-        PEFT's ``create_loraplus_optimizer`` groups them.
-        ``torch.optim.AdamW(delta.param_groups(1e-4, 16), weight_decay=0.01)``.
-
-        Raises:
-            ConfigError: a ratio that is not positive, or a ratio other than 1 for a delta that
-                has no ``lora_B``.
-        """
-        if isinstance(loraplus_lr_ratio, bool) or not isinstance(loraplus_lr_ratio, (int, float)) \
-                or not loraplus_lr_ratio > 0:
-            raise ConfigError(f"loraplus_lr_ratio must be a positive number, got {loraplus_lr_ratio!r}.")
-        named = list(self.named_parameters())
-        if loraplus_lr_ratio == 1:
-            return [{"params": [p for _, p in named], "lr": lr}]
-        # 1-D by the logical shape: FSDP1 keeps every local piece flat.
-        fast = [p for name, p in named if name.endswith(".lora_B") or len(self.engine.logical_shape(p)) == 1]
-        if not any(name.endswith(".lora_B") for name, _ in named):
-            raise ConfigError(f"LoRA+ (loraplus_lr_ratio={loraplus_lr_ratio}) sets the learning rate of "
-                              f"LoRA's B matrices, and this {self.delta_type} delta has none; leave the "
-                              "ratio at 1.")
-        fast_ids = {id(p) for p in fast}
-        return [{"params": [p for _, p in named if id(p) not in fast_ids], "lr": lr},
-                {"params": fast, "lr": lr * loraplus_lr_ratio}]
+        """Optimizer parameter groups of :meth:`parameters` (LoRA+ with a ratio above 1): see
+        :func:`deltadist.api.optimizer_groups.param_groups`."""
+        return optimizer_groups.param_groups(self, lr, loraplus_lr_ratio)
 
     def num_parameters(self) -> int:
         """Logical number of values this delta saves."""

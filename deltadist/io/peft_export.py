@@ -6,8 +6,9 @@ adapter directory (``save_finetuned(path, format="peft")``). The format is descr
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +34,10 @@ _AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("clas
                          "QUESTION_ANS": ("qa_outputs",)}
 
 
+Joins = dict[str, tuple[tuple[str, str], int]]
+"""PEFT key -> two deltadist keys written as one, and the dim they are concatenated along."""
+
+
 @dataclass(frozen=True)
 class PeftExport:
     """What ``save_finetuned(format="peft")`` writes, decided before anything is gathered."""
@@ -40,6 +45,10 @@ class PeftExport:
     adapter_config: dict[str, Any]
     keys: dict[str, str]
     """deltadist checkpoint key -> PEFT key."""
+    joins: Joins = field(default_factory=dict)
+    """PEFT key -> the two deltadist keys written as one, concatenated along that dim, the second
+    negated when the dim is 1: a PiSSA / OLoRA branch ``s (B A - B0 A0)`` as the rank-2r LoRA
+    ``[B, -B0] [A; A0]`` (PEFT's own conversion)."""
 
 
 def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
@@ -79,25 +88,42 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
         top for name in kept if (top := _top_wholly_kept(name, wholly_kept)) is not None
         and _can_save([top], modules, wholly_kept, sites)
     ))
-    keys = {delta_key(att.site_name, att.base_name, p): f"{PREFIX}{att.site_name}.{p}.weight"
-            for att in lora for p in ("lora_A", "lora_B")}
-    if delta.config.use_dora:
-        keys.update({delta_key(att.site_name, att.base_name, "magnitude"):
-                     f"{PREFIX}{att.site_name}.{MAGNITUDE_KEY}" for att in lora})
+    keys, joins, paired = _delta_keys(delta, lora)
     for name in kept:  # in a LoRA-wrapped module PEFT's parameter lives under base_layer
         module, _, leaf = name.rpartition(".")
         keys[name] = f"{PREFIX}{module}.base_layer.{leaf}" if module in sites else PREFIX + name
     config = delta.config
     adapter_config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "r": config.lora_r, "lora_alpha": config.lora_alpha,
+        "revision": None, "inference_mode": True, "r": config.lora_r * (2 if paired else 1),
+        # twice the rank at the same scale: alpha / r, or alpha / sqrt(r) under rsLoRA
+        "lora_alpha": config.lora_alpha * ((math.sqrt(2) if config.use_rslora else 2) if paired else 1),
         "lora_dropout": config.lora_dropout, "target_modules": _target_modules(list(sites), modules),
         "modules_to_save": to_save or None, "bias": "none", "use_rslora": config.use_rslora,
         "use_dora": config.use_dora, "fan_in_fan_out": all(weight_is_transposed(m) for m in sites.values()),
-        "init_lora_weights": config.init_lora_weights, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True if paired else config.init_lora_weights, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    return PeftExport(adapter_config, keys)
+    return PeftExport(adapter_config, keys, joins)
+
+
+def _delta_keys(delta: Any, lora: list[Any]) -> tuple[dict[str, str], Joins, bool]:
+    """PEFT's key of each LoRA tensor (deltadist key -> PEFT key), the joined pairs of a PiSSA /
+    OLoRA branch (see :attr:`PeftExport.joins`), and whether there are such pairs."""
+    paired = any(getattr(att.delta, "initial_A", None) is not None for att in lora)
+    keys, joins = {}, {}
+    for att in lora:
+        for part, dim in (("lora_A", 0), ("lora_B", 1)):
+            mine = delta_key(att.site_name, att.base_name, part)
+            theirs = f"{PREFIX}{att.site_name}.{part}.weight"
+            if paired:
+                joins[theirs] = ((mine, delta_key(att.site_name, att.base_name, f"initial_{part[-1]}")), dim)
+            else:
+                keys[mine] = theirs
+        if delta.config.use_dora:
+            magnitude = delta_key(att.site_name, att.base_name, "magnitude")
+            keys[magnitude] = f"{PREFIX}{att.site_name}.{MAGNITUDE_KEY}"
+    return keys, joins, paired
 
 
 def write_peft(directory: str | Path, tensors: Mapping[str, torch.Tensor], export: PeftExport,
@@ -108,14 +134,18 @@ def write_peft(directory: str | Path, tensors: Mapping[str, torch.Tensor], expor
     Raises:
         CheckpointError: the tensors are not this delta's, or a write failed (nothing half-written).
     """
-    missing = sorted(set(export.keys) - set(tensors))
-    unexpected = sorted(set(tensors) - set(export.keys))
+    expected = set(export.keys) | {key for parts, _ in export.joins.values() for key in parts}
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"The tensors to save are not this delta's (missing: {missing[:5]}, unexpected: "
             f"{unexpected[:5]}); nothing was written to {directory}. Pass state_dict=None."
         )
-    peft_tensors = {export.keys[key]: value.contiguous() for key, value in tensors.items()}
+    peft_tensors = {export.keys[key]: value.contiguous() for key, value in tensors.items()
+                    if key in export.keys}
+    for peft_key, ((first, second), dim) in export.joins.items():
+        peft_tensors[peft_key] = torch.cat([tensors[first], tensors[second] * (-1 if dim else 1)], dim)
     embedded = {**config, checkpoint.CHECKSUM_KEY: checkpoint.tensors_sha256(peft_tensors),
                 "peft_adapter_config": export.adapter_config}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(embedded, sort_keys=True)}

@@ -12,11 +12,21 @@ treated as constants in backward (the paper's section 4.3, as PEFT does). The br
 ``(m / n - 1) * W x + (m / n) * s * B A x`` to the site's output, reusing the site's own ``W x``;
 ``n`` is computed from ``W``, ``A`` and ``B`` without forming ``W + s B A`` (see
 :meth:`LoRA.row_norms`).
+
+``init_lora_weights="pissa"`` (Meng et al. 2024, https://arxiv.org/abs/2404.02948) and ``"olora"``
+(Büyükakyüz 2024, https://arxiv.org/abs/2406.01775) start ``A`` and ``B`` from the principal
+singular vectors (an SVD) or a QR factorisation of ``W``. PEFT then subtracts ``s B0 A0`` from the
+base weight in place; deltadist never writes into the backbone, so the branch keeps its initial
+pair frozen (``initial_A``, ``initial_B``, saved with the delta) and computes
+``s (B A - B0 A0) x``: the same function as PEFT's residual model plus its LoRA, and ``detach()``
+still leaves the backbone as it was. Exported to PEFT it becomes the plain LoRA of rank ``2r``
+PEFT's own conversion writes (``[A; A0]``, ``[B, -B0]``), which loads onto the unchanged base model.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +40,7 @@ from deltadist.core.delta_module import DeltaModule
 from deltadist.core.registry import register_method
 from deltadist.core.shapes import linear_features, site_placement
 from deltadist.engines import Engine
-from deltadist.errors import DeltaError, SiteError
+from deltadist.errors import ConfigError, DeltaError, SiteError
 from deltadist.mechanisms.hooks import PARALLEL
 
 
@@ -52,16 +62,21 @@ class LoraConfig(DeltaConfig):
     """DoRA: a learned magnitude per output row (PEFT's ``use_dora``)."""
     init_lora_weights: bool | str = True
     """``True``: ``A`` Kaiming-uniform, ``B`` zero (the update starts at zero); ``"gaussian"``:
-    ``A ~ N(0, 1/r)``, ``B`` zero; ``False``: both random, as ``nn.Linear`` (the update does not
-    start at zero: for tests). PEFT's ``init_lora_weights``."""
+    ``A ~ N(0, 1/r)``, ``B`` zero; ``"pissa"`` (``"pissa_niter_<n>"``: a randomized SVD of ``n``
+    iterations) and ``"olora"``: from ``W``'s principal components / QR factors (see the module
+    docstring); ``False``: both random, as ``nn.Linear`` (the update does not start at zero: for
+    tests). PEFT's ``init_lora_weights``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "lora_r")
         check_range(self, "lora_alpha", 1e-12, math.inf)
         check_range(self, "lora_dropout", 0.0, 1.0)
-        if isinstance(self.init_lora_weights, str):
+        if isinstance(self.init_lora_weights, str) and not PISSA_NITER.fullmatch(self.init_lora_weights):
             check_choice(self, "init_lora_weights", INITIALIZATIONS)
+        if self.use_dora and from_weights(self.init_lora_weights):
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} with use_dora is not supported: "
+                              "choose one of them.")
 
     @property
     def scaling(self) -> float:
@@ -69,8 +84,14 @@ class LoraConfig(DeltaConfig):
         return self.lora_alpha / (math.sqrt(self.lora_r) if self.use_rslora else self.lora_r)
 
 
-INITIALIZATIONS = ("gaussian",)
-"""The named values of ``init_lora_weights`` (besides ``True`` and ``False``)."""
+INITIALIZATIONS = ("gaussian", "pissa", "olora")
+"""The named values of ``init_lora_weights`` (besides ``True``, ``False`` and ``pissa_niter_<n>``)."""
+PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def from_weights(init: bool | str) -> bool:
+    """Whether ``init`` starts ``A`` and ``B`` from the site's weight (PiSSA, OLoRA)."""
+    return isinstance(init, str) and (init in ("pissa", "olora") or PISSA_NITER.fullmatch(init) is not None)
 
 
 class LoRA(DeltaModule):
@@ -84,6 +105,10 @@ class LoRA(DeltaModule):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         self.magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if dora else None
+        # PiSSA / OLoRA: the frozen starting pair, subtracted so that the branch starts at zero.
+        paired = from_weights(init)
+        self.initial_A = nn.Parameter(torch.empty_like(self.lora_A), requires_grad=False) if paired else None
+        self.initial_B = nn.Parameter(torch.empty_like(self.lora_B), requires_grad=False) if paired else None
         self.dropout = dropout  # functional: no extra module per site (attach speed on big models)
         self.scaling = scaling
         self.init = init
@@ -110,6 +135,35 @@ class LoRA(DeltaModule):
         if self.magnitude is not None:
             # A placeholder: the delta sets the site's row norms (set_magnitude) once its weights are real.
             nn.init.ones_(self.magnitude)
+        if self.initial_A is not None:  # placeholders until take_components reads the weight
+            with torch.no_grad():
+                self.initial_A.copy_(self.lora_A)
+                self.initial_B.copy_(self.lora_B)
+
+    def fixed_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.initial_A, self.initial_B) if p is not None]
+
+    def take_components(self, site: nn.Module, engine: Engine) -> None:
+        """PiSSA / OLoRA: ``A``, ``B`` (and their frozen starting copies) from the site's weight,
+        gathered whole for this site only, factorised in float32 as PEFT does (a contiguous copy:
+        LAPACK's last bits may depend on the memory layout)."""
+        weight = _oriented(site, engine.gather({"w": site.weight})["w"]).float().contiguous()  # [out, in]
+        r = engine.logical_shape(self.lora_A)[0]  # a sharded parameter's local piece may be flat
+        if self.init == "olora":
+            q, upper = torch.linalg.qr(weight)
+            a, b = upper[:r], q[:, :r]
+        else:
+            niter = PISSA_NITER.fullmatch(self.init)
+            if niter:
+                u, values, v = torch.svd_lowrank(weight, q=r, niter=int(niter[1]))
+                vh = v.t()
+            else:
+                u, values, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = (values[:r] / self.scaling).sqrt()  # s B A is the principal part itself
+            a, b = root[:, None] * vh[:r], u[:, :r] * root[None]
+        for name, value in (("lora_A", a), ("lora_B", b), ("initial_A", a), ("initial_B", b)):
+            param = getattr(self, name)
+            engine.scatter(param, value.contiguous().to(param.dtype))
 
     def set_magnitude(self, site: nn.Module, engine: Engine) -> None:
         """DoRA: ``m = ||W + s B A||`` per output row, so the branch starts where plain LoRA does."""
@@ -139,7 +193,10 @@ class LoRA(DeltaModule):
         dropped = self.dropout and self.training
         if dropped:
             x = nn.functional.dropout(x, self.dropout, True)
-        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
+        update = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        if self.initial_A is not None:
+            update = update - nn.functional.linear(nn.functional.linear(x, self.initial_A), self.initial_B)
+        update = update * self.scaling
         if self.magnitude is None:
             return update.to(hidden.dtype)
         if site_output is None or site is None:
@@ -156,8 +213,9 @@ class LoRA(DeltaModule):
     @property
     def groupable(self) -> bool:
         """Whether :meth:`grouped_update` may compute this branch with others (no dropout: each
-        branch would draw its own mask; not DoRA, which rescales the site's output per branch)."""
-        return not self.dropout and self.magnitude is None
+        branch would draw its own mask; not DoRA, which rescales the site's output per branch, nor
+        a branch with an initial pair)."""
+        return not self.dropout and self.magnitude is None and self.initial_A is None
 
     @staticmethod
     def grouped_update(hidden: torch.Tensor, members: list[tuple["LoRA", torch.Tensor]]) -> torch.Tensor:
@@ -190,6 +248,14 @@ class LoRA(DeltaModule):
         update = torch.bmm(low, b_rows.transpose(1, 2))                         # [batch, tokens, out]
         return update.reshape(*hidden.shape[:-1], update.shape[-1]).to(hidden.dtype)
 
+    def delta_weight(self, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor | None = None,
+                     b0: torch.Tensor | None = None) -> torch.Tensor:
+        """``s (B A - B0 A0)`` in float32, ``[out, in]`` (the full tensors, gathered)."""
+        product = b.float() @ a.float()
+        if a0 is not None and b0 is not None:
+            product -= b0.float() @ a0.float()
+        return product * self.scaling
+
     def merge_blocker(self, site: nn.Module) -> str | None:
         weight = getattr(site, "weight", None)
         return None if isinstance(weight, torch.Tensor) else "the site has no weight to fold B A into"
@@ -197,10 +263,11 @@ class LoRA(DeltaModule):
     def fold_into(self, site: nn.Module, engine: Engine, sign: float) -> None:
         """``W += sign * s * B A`` (transposed for ``Conv1D``, whose weight is ``[in, out]``); DoRA
         merges to ``(m / n) * (W + s B A)`` and unmerges with the ``n`` it kept."""
-        names = {"w": site.weight, "a": self.lora_A, "b": self.lora_B}
-        full = engine.gather({**names, "m": self.magnitude} if self.magnitude is not None else names)
+        names = {"w": site.weight, "a": self.lora_A, "b": self.lora_B, "m": self.magnitude,
+                 "a0": self.initial_A, "b0": self.initial_B}
+        full = engine.gather({k: v for k, v in names.items() if v is not None})
         weight = _oriented(site, full["w"]).float()
-        update = (full["b"].float() @ full["a"].float()) * self.scaling
+        update = self.delta_weight(full["a"], full["b"], full.get("a0"), full.get("b0"))
         if self.magnitude is None:
             merged = weight + sign * update
         elif sign > 0:
@@ -267,10 +334,16 @@ class LoraModel(DeltaBase):
                     init=cfg.init_lora_weights, dora=cfg.use_dora, device=device, dtype=dtype)
 
     def _initialize_from_backbone(self) -> None:
-        """DoRA: each magnitude from its site's (logical, gathered) weight, once it is real."""
-        if not self.config.use_dora:
+        """Values read from each site's (logical, gathered) weight once it is real, one site at a
+        time: PiSSA / OLoRA factors, DoRA magnitudes."""
+        config = self.config
+        if not (config.use_dora or from_weights(config.init_lora_weights)):
             return
         engine = self.engine
         for att in self.record.attachments:
-            if isinstance(att.delta, LoRA) and not att.site.weight.is_meta:
+            if not isinstance(att.delta, LoRA) or att.site.weight.is_meta:
+                continue
+            if from_weights(config.init_lora_weights):
+                att.delta.take_components(att.site, engine)
+            if config.use_dora:
                 att.delta.set_magnitude(att.site, engine)

@@ -20,10 +20,12 @@ from torch import nn
 
 from tests.tiny import METHODS
 
-DELTAS = {**METHODS, "dora": {"delta_type": "lora", "lora_r": 4, "use_dora": True, "use_rslora": True}}
-"""Every method's config by name, and LoRA's variants (DoRA with rsLoRA scaling: its magnitudes
-are gathered at attach and sharded like any delta parameter)."""
-CHILD = {"dora": "lora"}
+DELTAS = {**METHODS, "dora": {"delta_type": "lora", "lora_r": 4, "use_dora": True, "use_rslora": True},
+          "pissa": {"delta_type": "lora", "lora_r": 4, "init_lora_weights": "pissa"}}
+"""Every method's config by name, and LoRA's variants: DoRA with rsLoRA scaling (magnitudes read
+from the weights at attach, then sharded like any delta parameter) and PiSSA (an SVD of each
+site's weight, gathered one site at a time; its frozen starting pair saved with it)."""
+CHILD = {"dora": "lora", "pissa": "lora"}
 """The child name of a variant's delta modules (else the method's name)."""
 
 FAMILY = "llama"

@@ -235,3 +235,107 @@ def test_the_training_job_steps_lora_b_at_the_loraplus_rate() -> None:
     b_ids = {id(att.delta.lora_B) for att in delta.record.attachments}
     assert b_ids <= {id(p) for p in groups[1]["params"]}
     assert not b_ids & {id(p) for p in groups[0]["params"]}
+
+
+def _from_weights_pair(family: str, init: str):
+    """PEFT's and deltadist's LoRA with ``init`` (PiSSA / OLoRA) on copies of one model, both then
+    moved by the same seeded steps."""
+    base = build_tiny(family, HEADS[family])
+    pristine = copy.deepcopy(base)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=SITES[family], init_lora_weights=init,
+        fan_in_fan_out=family == "gpt2"))
+    mine = LoraModel(base, modified_modules=SITES[family], lora_r=4, lora_alpha=8, init_lora_weights=init,
+                     unfrozen_modules=["deltas"])
+    return pristine, base, mine, theirs
+
+
+def _move_both(mine, theirs) -> None:
+    """The same seeded step on deltadist's A and B and (unless ``None``) PEFT's."""
+    named = dict(theirs.named_parameters()) if theirs is not None else None
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for att in mine.record.attachments:
+            for part in ("lora_A", "lora_B"):
+                step = torch.randn(getattr(att.delta, part).shape, generator=generator) * 0.05
+                getattr(att.delta, part).add_(step)
+                if named is not None:
+                    named[f"base_model.model.{att.site_name}.{part}.default.weight"].add_(step)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_as_peft_without_touching_the_backbone(family, init) -> None:
+    pristine, base, mine, theirs = _from_weights_pair(family, init)
+    named = dict(theirs.named_parameters())
+    pairs = [(getattr(att.delta, part), named[f"base_model.model.{att.site_name}.{part}.default.weight"])
+             for att in mine.record.attachments for part in ("lora_A", "lora_B")]
+    # PEFT 0.21's OLoRA factorises Conv1D's [in, out] weight as stored (it ignores fan_in_fan_out),
+    # so its A and B have the wrong widths on GPT-2; deltadist factorises [out, in] as for nn.Linear.
+    peft_agrees = all(a.shape == b.shape for a, b in pairs)
+    assert peft_agrees or (init, family) == ("olora", "gpt2")
+    for ours, peft_value in pairs if peft_agrees else []:
+        torch.testing.assert_close(ours, peft_value, **TOL)
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        untouched = logits_of(pristine, inputs)
+        torch.testing.assert_close(logits_of(base, inputs), untouched, **TOL)  # starts as the base model
+        _move_both(mine, theirs if peft_agrees else None)
+        tuned = logits_of(base, inputs)
+        if peft_agrees:
+            torch.testing.assert_close(tuned, logits_of(theirs, inputs), **TOL)
+        assert not torch.allclose(tuned, untouched, atol=1e-4)
+    for name, param in pristine.named_parameters():  # PEFT wrote a residual; deltadist wrote nothing
+        assert torch.equal(base.get_parameter(name), param), name
+    mine.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(base, inputs), tuned, **TOL)
+    mine.unmerge()
+    mine.detach()
+    for name, param in pristine.named_parameters():
+        torch.testing.assert_close(base.get_parameter(name), param, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_goes_to_peft_as_its_converted_lora_and_reloads(tmp_path, init) -> None:
+    _, base, mine, theirs = _from_weights_pair("llama", init)
+    _move_both(mine, theirs)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        tuned = logits_of(base, inputs)
+    mine.save_finetuned(tmp_path / "peft", format="peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    loaded = peft.PeftModel.from_pretrained(build_tiny("llama", "lm"), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded, inputs), tuned, **TOL)
+    mine.save_finetuned(tmp_path / "own")
+    fresh = build_tiny("llama", "lm")
+    again = AutoDeltaModel.from_finetuned(tmp_path / "own", backbone_model=fresh)
+    assert again.config.init_lora_weights == init
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(fresh, inputs), tuned, rtol=0, atol=1e-6)
+    assert all(not p.requires_grad for att in again.record.attachments for p in att.delta.fixed_parameters())
+
+
+def test_a_fast_pissa_starts_at_zero_and_a_pissa_dora_is_refused() -> None:
+    model = build_tiny("llama", "lm")
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        before = logits_of(model, inputs)
+    delta = LoraModel(model, lora_r=2, init_lora_weights="pissa_niter_4")
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model, inputs), before, **TOL)
+    assert torch.count_nonzero(delta.record.attachments[0].delta.lora_B) > 0
+    with pytest.raises(ConfigError, match="with use_dora is not supported"):
+        LoraModel(build_tiny("llama", "lm"), init_lora_weights="olora", use_dora=True)
+
+
+def test_a_peft_pissa_adapter_saved_without_conversion_is_refused(tmp_path) -> None:
+    theirs = peft.get_peft_model(build_tiny("llama", "lm"), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    theirs.save_pretrained(str(tmp_path))  # needs PEFT's residual base model to mean anything
+    model = build_tiny("llama", "lm")
+    with pytest.raises(deltadist.CheckpointError, match="init_lora_weights='pissa' without conversion"):
+        AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
+    assert not deltadist.deltas_on(model)
