@@ -58,7 +58,10 @@ class PeerRun:
     returns its seconds (as the worker timed it)."""
 
     def __init__(self, python: Path, spec: dict[str, Any]) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+        # PASSIVE: the worker's OpenMP threads sleep once its step is done instead of spinning for
+        # a while, which would take the cores from the run timed next.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error",
+               "OMP_WAIT_POLICY": "PASSIVE"}
         command = [str(python), "-m", "benchmarks.peer_worker", json.dumps(spec)]
         self.label = f"{spec.get('peer', 'adapters')} {spec.get('task', 'step')} of {spec['method']}"
         self.process = subprocess.Popen(command, cwd=ROOT,

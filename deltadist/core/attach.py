@@ -57,14 +57,21 @@ class Attachment:
     """Attached, but its hooks are off (``delta.disabled()``)."""
 
 
-_ATTACHMENTS: "weakref.WeakKeyDictionary[nn.Module, list[Attachment]]" = weakref.WeakKeyDictionary()
-"""Every module a delta touches (its site, a span's start) -> those attachments."""
+_ATTACHMENTS: "weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[Attachment]]]" = weakref.WeakKeyDictionary()
+"""Every module a delta touches (its site, a span's start) -> those attachments, held weakly: an
+attachment refers to its modules, so a strong reference here would keep a dropped model alive
+forever. Its record holds it while it matters (attached: through the delta module's owner)."""
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, list[RemovableHandle]]" = weakref.WeakKeyDictionary()
 
 
 def attachments_on(site: nn.Module) -> list[Attachment]:
     """The attachments whose delta is a child of ``site`` (attached or not), in insertion order."""
-    return [a for a in _ATTACHMENTS.get(site, []) if a.site is site]
+    return [a for a in _touching(site) if a.site is site]
+
+
+def _touching(module: nn.Module) -> list[Attachment]:
+    """The live attachments that touch ``module``, in insertion order."""
+    return [att for ref in _ATTACHMENTS.get(module, []) if (att := ref()) is not None]
 
 
 def attach(att: Attachment) -> None:
@@ -83,8 +90,8 @@ def attach(att: Attachment) -> None:
     att.attached = True
     for module in touched:
         slots = _ATTACHMENTS.setdefault(module, [])
-        if att not in slots:
-            slots.append(att)
+        if not any(ref() is att for ref in slots):
+            slots.append(weakref.ref(att))
         _rewire(module)
 
 
@@ -112,10 +119,10 @@ def forget(att: Attachment) -> None:
     """Detach and drop the record (used to roll back a failed attach, and to unload)."""
     detach(att)
     for module in att.mechanism.modules(att):
-        slots = _ATTACHMENTS.get(module, [])
-        if att in slots:
-            slots.remove(att)
-        if not slots:
+        slots = [ref for ref in _ATTACHMENTS.get(module, []) if ref() not in (None, att)]
+        if slots:
+            _ATTACHMENTS[module] = slots
+        else:
             _ATTACHMENTS.pop(module, None)
 
 
@@ -139,7 +146,7 @@ def _rewire(module: nn.Module) -> None:
     """Remove every deltadist hook of ``module`` and register the live ones in insertion order."""
     for handle in _HANDLES.pop(module, []):
         handle.remove()
-    live = sorted((a for a in _ATTACHMENTS.get(module, []) if a.attached and not a.suspended),
+    live = sorted((a for a in _touching(module) if a.attached and not a.suspended),
                   key=lambda a: a.order)
     handles = [handle for att in live for handle in att.mechanism.wire(att, module)]
     if handles:

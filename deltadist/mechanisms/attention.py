@@ -19,6 +19,7 @@ the model runs its own. This module is the only one that knows these transformer
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -67,14 +68,17 @@ class PrefixRoute:
         problem = routing_problem(module)
         if problem:
             raise SiteError(problem)
-        self.prefix, self.config = prefix, module.config
+        # The prefix weakly: routes are kept beside the module (as hook handles are), and a strong
+        # reference would keep the module, and the whole model, alive after the model is dropped.
+        self.prefix, self.config = weakref.ref(prefix), module.config
         prefix.call_state.joined, prefix.call_state.order = True, order
         _route(self.config)
 
     def remove(self) -> None:
         """Take the prefix out of its attention's calls (the last one out restores the config)."""
-        if self.prefix.call_state.joined:
-            self.prefix.call_state.joined = False
+        prefix = self.prefix()
+        if prefix is not None and prefix.call_state.joined:
+            prefix.call_state.joined = False
             _unroute(self.config)
 
 
