@@ -163,19 +163,32 @@ class SaveLoadMixin:
 
     def load_finetuned(self, finetuned_delta_path: str | os.PathLike, check_hash: bool = True,
                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                       revision: str | None = None) -> None:
+                       revision: str | None = None, hotswap: bool = False) -> None:
         """Load a saved delta's tensors into this delta (resume), on every rank, under any engine.
+
+        ``hotswap=True`` loads another delta of the same method and sites in place of this one's
+        values, as PEFT's ``hotswap_adapter`` does, so that a ``torch.compile``d model serves it
+        without recompiling (LoRA: a lower rank is padded with zeros up to this delta's, another
+        scale is folded into ``B``; attach with the largest rank you will swap in).
 
         Raises:
             CheckpointError: the file is missing or corrupt, or its tensors do not fit (listed).
             BackboneMismatchError: it was trained on another backbone (``check_hash=False`` skips).
+            ConfigError: ``hotswap`` with a delta that cannot take this one's place (named why).
         """
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
         saved, read_tensors, where = self._reader(directory, self.backbone_model)
         stored = self._config_from_dict(saved)
         if check_hash and stored.backbone_hash:
             check_fingerprint(stored, self.backbone_model)
-        self.load_state_dict(read_tensors(), where=where)
+        tensors = read_tensors()
+        self.load_state_dict(self._hotswapped(stored, tensors) if hotswap else tensors, where=where)
+
+    def _hotswapped(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` of a delta with the config ``stored``, as this delta's parameters hold them
+        (a method that can hot-swap overrides this)."""
+        raise ConfigError(f"hotswap=True swaps LoRA deltas; this is a {self.delta_type!r} delta. Load it "
+                          "with hotswap=False (a compiled model then recompiles if shapes change).")
 
     @classmethod
     def _reader(cls, directory: Path, backbone: nn.Module

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -332,6 +333,35 @@ class LoraModel(DeltaBase):
         cfg = self.config
         return LoRA(*features, r=cfg.lora_r, scaling=cfg.scaling, dropout=cfg.lora_dropout,
                     init=cfg.init_lora_weights, dora=cfg.use_dora, device=device, dtype=dtype)
+
+    def _hotswapped(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Another LoRA's tensors in this one's shapes and scale: ``A`` (and ``initial_A``) padded
+        with zero rows up to this rank, ``B`` (and ``initial_B``) with zero columns and multiplied
+        by the ratio of the scales, so ``s_mine * B' A' == s_theirs * B A`` and the scale a compiled
+        graph was specialised on stays."""
+        stored = cast(LoraConfig, stored)  # the checkpoint's delta_type was checked: a LoRA
+        mine = self.config
+        different = [name for name, a, b in (
+            ("use_dora", stored.use_dora, mine.use_dora),
+            ("a PiSSA / OLoRA starting pair", from_weights(stored.init_lora_weights),
+             from_weights(mine.init_lora_weights))) if a != b]
+        if different:
+            raise ConfigError("hotswap=True needs the same kind of LoRA; these differ: "
+                              f"{', '.join(different)}.")
+        if stored.lora_r > mine.lora_r:
+            raise ConfigError(f"hotswap=True pads ranks up to this delta's lora_r={mine.lora_r}, and the "
+                              f"checkpoint has lora_r={stored.lora_r}; attach with the largest rank to swap "
+                              "in.")
+        extra, ratio = mine.lora_r - stored.lora_r, stored.scaling / mine.scaling
+        swapped = {}
+        for key, value in tensors.items():
+            part = key.rpartition(".")[2]
+            if part in ("lora_A", "initial_A"):
+                value = nn.functional.pad(value, (0, 0, 0, extra))
+            elif part in ("lora_B", "initial_B"):
+                value = nn.functional.pad(value.float() * ratio, (0, extra)).to(value.dtype)
+            swapped[key] = value
+        return swapped
 
     def _initialize_from_backbone(self) -> None:
         """Values read from each site's (logical, gathered) weight once it is real, one site at a
