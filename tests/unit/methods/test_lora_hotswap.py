@@ -33,6 +33,9 @@ def test_a_compiled_model_serves_a_swapped_lora_without_recompiling(tmp_path, va
     model = build_tiny("llama", "lm")
     delta = LoraModel(model, lora_r=8, lora_alpha=16, unfrozen_modules=["deltas"], **variant)
     delta.load_finetuned(tmp_path / "first")
+    # Earlier tests in this process may have used up Dynamo's recompile budget for the model's
+    # forward (it then runs eager and nothing is counted): start from empty caches.
+    torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
     inputs = tiny_inputs("llama")
