@@ -19,9 +19,10 @@ from torch import nn
 from benchmarks.models import SMALL_MODELS, training_batch
 
 
-def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
-    """AdapterHub's ``adapters``: its configs closest to deltadist's for ``method``."""
-    import adapters
+def adapterhub_config(method: str, spec: dict[str, Any]) -> Any:
+    """AdapterHub's config closest to deltadist's for ``method``: sized from the spec for a training
+    step; for an attach on meta (``spec["task"] == "attach"``) as meta_attach configures deltadist
+    (LoRA on q, k, v and both MLP projections, reduction 16) with AdapterHub's own other defaults."""
     from adapters import (
         CompacterConfig,
         DoubleSeqBnConfig,
@@ -31,17 +32,34 @@ def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
         PromptTuningConfig,
     )
 
-    reduction = spec["hidden"] // 16
-    configs: dict[str, Callable[[], Any]] = {
-        "lora": lambda: LoRAConfig(r=8, alpha=16, attn_matrices=["q", "v"]),
-        "adapter": lambda: DoubleSeqBnConfig(reduction_factor=reduction),  # after attention and FFN
-        "compacter": lambda: CompacterConfig(reduction_factor=16, phm_dim=4),
-        "parallel_adapter": lambda: ParBnConfig(reduction_factor=reduction, scaling=2.0),
-        "prefix": lambda: PrefixTuningConfig(prefix_length=spec["prompt_tokens"], flat=True),
-        "soft_prompt": lambda: PromptTuningConfig(prompt_length=spec["prompt_tokens"]),
-    }
+    configs: dict[str, Callable[[], Any]]
+    if spec.get("task") == "attach":
+        configs = {"lora": lambda: LoRAConfig(r=16, alpha=32, attn_matrices=["q", "k", "v"],
+                                              intermediate_lora=True, output_lora=True),
+                   "adapter": lambda: DoubleSeqBnConfig(reduction_factor=16),
+                   "compacter": lambda: CompacterConfig(reduction_factor=16, phm_dim=4),
+                   "parallel_adapter": lambda: ParBnConfig(reduction_factor=16),
+                   "prefix": lambda: PrefixTuningConfig(),  # 30 tokens through a reparameterizing MLP
+                   "soft_prompt": lambda: PromptTuningConfig()}
+    else:
+        reduction = spec["hidden"] // 16
+        configs = {
+            "lora": lambda: LoRAConfig(r=8, alpha=16, attn_matrices=["q", "v"]),
+            "adapter": lambda: DoubleSeqBnConfig(reduction_factor=reduction),  # after attention and FFN
+            "compacter": lambda: CompacterConfig(reduction_factor=16, phm_dim=4),
+            "parallel_adapter": lambda: ParBnConfig(reduction_factor=reduction, scaling=2.0),
+            "prefix": lambda: PrefixTuningConfig(prefix_length=spec["prompt_tokens"], flat=True),
+            "soft_prompt": lambda: PromptTuningConfig(prompt_length=spec["prompt_tokens"]),
+        }
+    return configs[method]()
+
+
+def adapterhub(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
+    """AdapterHub's ``adapters`` on ``model``, the rest of the model frozen."""
+    import adapters
+
     adapters.init(model)
-    model.add_adapter("bench", config=configs[method]())
+    model.add_adapter("bench", config=adapterhub_config(method, spec))
     model.train_adapter("bench")
 
 
@@ -71,33 +89,15 @@ def opendelta(model: nn.Module, method: str, spec: dict[str, Any]) -> None:
 def adapterhub_attach(spec: dict[str, Any]) -> Callable[[], float]:
     """Seconds to attach AdapterHub's ``method`` (created on meta, like the model) to a fresh
     Llama of the spec's shape built on the meta device (the build is not timed; tried once first)."""
-    import adapters
-    from adapters import (
-        CompacterConfig,
-        DoubleSeqBnConfig,
-        LoRAConfig,
-        ParBnConfig,
-        PrefixTuningConfig,
-        PromptTuningConfig,
-    )
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**spec["config"])
-    make = {"lora": lambda: LoRAConfig(r=16, alpha=32, attn_matrices=["q", "k", "v"], intermediate_lora=True,
-                                       output_lora=True),
-            "adapter": lambda: DoubleSeqBnConfig(reduction_factor=16),
-            "compacter": lambda: CompacterConfig(reduction_factor=16, phm_dim=4),
-            "parallel_adapter": lambda: ParBnConfig(reduction_factor=16),
-            "prefix": lambda: PrefixTuningConfig(),  # its defaults: 30 tokens through a reparameterizing MLP
-            "soft_prompt": lambda: PromptTuningConfig()}[spec["method"]]
 
     def attach() -> float:
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
             start = time.perf_counter()
-            adapters.init(model)
-            model.add_adapter("bench", config=make())
-            model.train_adapter("bench")
+            adapterhub(model, spec["method"], spec)
             return time.perf_counter() - start
 
     attach()  # once untimed, so that a failure shows before the first timed attach
