@@ -168,12 +168,18 @@ def add_on_rows(y: torch.Tensor, delta: nn.Module, x: torch.Tensor,
         return y + _update(delta, x, y, site)
     if not rows.numel():
         return y
-    mine = _update(delta, x.index_select(0, rows), y.index_select(0, rows), site)
-    return y.index_add(0, rows, mine.to(y.dtype))
+    return y.index_add(0, rows, _update(delta, x, y, site, rows).to(y.dtype))
 
 
-def _update(delta: nn.Module, x: torch.Tensor, y: torch.Tensor, site: nn.Module | None) -> torch.Tensor:
-    return delta(x, y, site) if delta.reads_site_output else delta(x)
+def _update(delta: nn.Module, x: torch.Tensor, y: torch.Tensor, site: nn.Module | None,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``delta``'s update on ``rows`` of ``x`` (all if ``None``); the same rows of ``y`` are
+    gathered only for a delta that reads them."""
+    if rows is not None:
+        x = x.index_select(0, rows)
+    if not delta.reads_site_output:
+        return delta(x)
+    return delta(x, y if rows is None else y.index_select(0, rows), site)
 
 
 def add_group(site: nn.Module, group: tuple[str, ...], y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
