@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
+from deltadist.core.quantized import dequantize_backbone, is_quantized
 from deltadist.errors import SiteError
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ class MergeMixin:
     merged: bool
     unloaded: bool
     _premerge_fingerprint: Any
+    engine: Any
 
     def merge(self) -> None:
         """Fold the delta into its sites' weights and detach it; the model then runs at the speed
@@ -44,7 +47,7 @@ class MergeMixin:
         self._check_usable("merge()")
         problems = [
             f"  {att.site_name}: {reason}" for att in self.record.attachments
-            if (reason := att.delta.merge_blocker(att.site)) is not None
+            if (reason := self._merge_blocker(att)) is not None
         ]
         if problems:
             raise SiteError(
@@ -67,17 +70,31 @@ class MergeMixin:
         self._premerge_fingerprint = None
         self.attach()
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
         """Merge, then drop every trace of deltadist from the backbone and return it.
 
         The result is the plain model -- no delta children, hooks or state-dict hooks, the
         ``requires_grad`` flags from before ``freeze_module`` -- which ``save_pretrained`` exports
         and ``from_pretrained`` loads back to the same outputs. This delta object is spent.
+
+        Args:
+            dtype: the dtype of the returned model (``None``: as it is). A backbone with 4-bit
+                (NF4) weights is dequantized first, into ``dtype`` (``None``: the dtype they were
+                quantized from), and the update merged into the dequantized weights.
         """
+        dequantize_backbone(self.backbone_model, dtype)
         self.merge()
         self._forget()
         self.unloaded = True
-        return self.backbone_model
+        return self.backbone_model if dtype is None else self.backbone_model.to(dtype)
+
+    def _merge_blocker(self, att: Any) -> str | None:
+        """Why ``att`` cannot be folded into its site, or ``None``."""
+        weight = getattr(att.site, "weight", None)
+        if isinstance(weight, torch.Tensor) and is_quantized(weight, self.engine):
+            return ("its weight is stored in 4 bits, where the update would be rounded away; "
+                    "merge_and_unload(dtype=...) dequantizes the backbone first")
+        return att.delta.merge_blocker(att.site)
 
     def _fold(self, sign: float) -> None:
         engine = self.engine

@@ -137,8 +137,12 @@ class Fingerprint:
 def samples_agree(stored: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """Which samples agree within ``RTOL``/``ATOL``.
 
-    NaN agrees only with NaN (a NaN stays NaN in every dtype) and an infinity only with itself: a
-    finite value that became inf (fp16 overflows above 65504) changed the model's outputs.
+    NaN marks a value the fingerprint cannot know -- a weight stored in 4 bits, whose samples
+    differ from the full-precision checkpoint's by far more than any dtype rounds -- and agrees
+    with anything, so a delta trained on an NF4 backbone loads onto its full-precision checkpoint
+    and back (the tensors that are not quantized, embeddings and norms, still tell checkpoints
+    apart). An infinity agrees only with itself: a finite value that became inf (fp16 overflows
+    above 65504) changed the model's outputs.
 
     Args:
         stored, current: samples of shape ``(n,)``.
@@ -149,7 +153,7 @@ def samples_agree(stored: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     a, b = stored.double(), current.double()
     bound = RTOL * torch.maximum(a.abs(), b.abs()) + ATOL
     within = a.isfinite() & b.isfinite() & ((a - b).abs() <= bound)
-    return within | (a == b) | (a.isnan() & b.isnan())
+    return within | (a == b) | a.isnan() | b.isnan()
 
 
 def parse_samples_text(text: str) -> tuple[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deltadist.engines.runtime import EngineSetup, launch_info
+from deltadist.engines.storage import is_quantized_tensor, plain_values, unknown_samples
 from deltadist.errors import ConfigError, EngineError
 
 # Logical shapes noted before an engine wraps the model, for engines that keep no trace of them on
@@ -172,6 +173,15 @@ class Engine:
             raise error
 
     # -- tensors ------------------------------------------------------------------------------
+    def stored(self, param: torch.Tensor) -> torch.Tensor:
+        """What this rank stores of ``param`` (its local piece, for a sharded parameter)."""
+        return param
+
+    def place(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """A new tensor laid out as ``param`` (sharded alike) holding the full ``value``, for
+        values that cannot be copied into ``param`` in place (a quantized weight)."""
+        return value.to(param.device)
+
     def logical_shape(self, param: torch.Tensor) -> torch.Size:
         """The full (unsharded) shape of ``param``."""
         return param.shape
@@ -184,7 +194,7 @@ class Engine:
         """
         copies = {}
         for name, param in params.items():
-            full = self._full_tensor(param).detach()
+            full = plain_values(self._full_tensor(param).detach())
             copy = full.to("cpu", memory_format=torch.contiguous_format)
             # `.to` copies when the device or layout changes (a GPU parameter: one copy, no more)
             # and returns `full` itself otherwise; a CPU parameter must then be cloned, or the
@@ -208,6 +218,8 @@ class Engine:
         """Values of the logical tensor at ``flat_indices`` (CPU, float64), or ``None`` on meta."""
         if param.device.type == "meta":
             return None
+        if is_quantized_tensor(self.stored(param)):
+            return unknown_samples(flat_indices)
         flat = self._full_tensor(param).detach().reshape(-1)
         return flat[flat_indices.to(flat.device)].to("cpu", torch.float64)
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from deltadist.engines.base import Engine, on_meta
 from deltadist.engines.runtime import EngineSetup
+from deltadist.engines.storage import is_quantized_tensor
 from deltadist.errors import CheckpointError, EngineError
 
 
@@ -136,6 +137,11 @@ class DistributedEngine(Engine):
             raise EngineError("DDP needs real weights: materialise and load before wrapping.")
         model.to(device)
         ids = [device.index] if device.type == "cuda" else None
+        # DDP copies rank 0's parameters to the others through flat buffers; a 4-bit weight
+        # (torchao's NF4 tensor) comes out of that with other values (logits 5e-4 apart,
+        # measured). Frozen and read from the same checkpoint on every rank, it needs no copy.
+        quantized = [name for name, param in model.named_parameters() if is_quantized_tensor(param)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantized)
         return DistributedDataParallel(model, device_ids=ids)
 
     @classmethod

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from deltadist.engines.base import TensorSource
 from deltadist.engines.distributed import DistributedEngine, distributed_ready, sample_from_pieces
+from deltadist.engines.storage import is_quantized_tensor, unknown_samples
 from deltadist.engines.wrapping import repeated_blocks
 from deltadist.errors import EngineError
 
@@ -70,6 +71,27 @@ class FSDP2Engine(DistributedEngine):
     def _full_tensor(self, param: torch.Tensor) -> torch.Tensor:
         return param.full_tensor() if isinstance(param, DTensor) else param
 
+    def stored(self, param: torch.Tensor) -> torch.Tensor:
+        return param.to_local() if isinstance(param, DTensor) else param
+
+    def place(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if not isinstance(param, DTensor):
+            return super().place(param, value)
+        rows = _row_shard(param)
+        local = param.to_local()
+        if rows is None:
+            raise EngineError(f"cannot place a {type(value).__name__} in a parameter sharded as "
+                              f"{param.placements}; only row shards (FSDP2's Shard(0)) hold one.")
+        # This rank's rows split off locally, not distribute_tensor: a quantized tensor has no
+        # collectives of its own, and torchao's NF4 splits (along whole blocks) but does not slice.
+        start, count = rows[0], local.shape[0]
+        if count == 0 or start % count or param.shape[0] % count:
+            raise EngineError(f"a {type(value).__name__} of {param.shape[0]} rows cannot be sharded "
+                              f"in pieces of {count}: choose a world size that divides its rows.")
+        piece = value.split(count, dim=0)[start // count].to(local.device)
+        return DTensor.from_local(piece, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         if not isinstance(param, DTensor):
             return super().scatter(param, value)
@@ -93,6 +115,8 @@ class FSDP2Engine(DistributedEngine):
             return super().sample(param, flat_indices)
         if param.device.type == "meta" or param.to_local().device.type == "meta":
             return None
+        if is_quantized_tensor(param.to_local()):
+            return unknown_samples(flat_indices)
         if all(isinstance(p, Replicate) for p in param.placements):
             return super().sample(param.to_local(), flat_indices)
         rows = _row_shard(param)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deltadist.api.auto import AutoDeltaModel
+from deltadist.core.quantized import quantize_backbone
 from deltadist.core.record import delta_key
 from deltadist.engines import engine_class, wrap_model
 from deltadist.engines.base import on_meta
@@ -46,7 +47,8 @@ class PreparedModel:
 
 def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping[str, Any] | Any,
                   engine: str, weights: str | os.PathLike, *, weights_prefix: str = "",
-                  device: torch.device | str = "cpu", delta_seed: int = 0) -> PreparedModel:
+                  device: torch.device | str = "cpu", delta_seed: int = 0,
+                  quantize: str | None = None) -> PreparedModel:
     """Build a backbone on ``meta``, attach and freeze a delta, shard, and fill in real values.
 
     Args:
@@ -60,6 +62,9 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         device: where parameters live (``cuda:<local rank>`` on GPUs).
         delta_seed: seed of the delta initialisation (the same on every rank and engine, so a
             sharded run starts exactly where a single-process one does).
+        quantize: ``"nf4"`` stores the frozen linear weights in 4 bits (QLoRA,
+            :func:`~deltadist.core.quantized.quantize_backbone`), quantized as they are read: the
+            full-precision model never exists; FSDP2 shards the 4-bit weights.
 
     Raises:
         CheckpointError: the weights are missing a backbone tensor (listed) or do not fit.
@@ -71,6 +76,9 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         backbone = build_backbone()
     delta = AutoDeltaModel.from_config(delta_config, backbone_model=backbone)
     delta.freeze_module()
+    if quantize is not None:  # NF4 placeholders on meta, filled as the checkpoint is read
+        trained = [m for m in backbone.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        quantize_backbone(backbone, quantize, skip=trained)
     initial = _initial_delta_values(delta, delta_seed)
     # Classes are noted before wrapping: fully_shard swaps the class of the modules it shards.
     buffer_owners = {

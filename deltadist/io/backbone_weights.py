@@ -1,7 +1,9 @@
 """Loading a transformers checkpoint into a backbone built on ``meta`` and maybe sharded.
 
 Tensors are memory-mapped and read one at a time; each engine reads only what its rank keeps
-(:meth:`deltadist.engines.Engine.load`). Buffers only a constructor can compute (rotary
+(:meth:`deltadist.engines.Engine.load`). A weight laid out as NF4 on ``meta``
+(:func:`deltadist.core.quantized.quantize_backbone`) is quantized as it is read, so the
+full-precision model never exists in memory. Buffers only a constructor can compute (rotary
 ``inv_freq``) are rebuilt from the owning module's config, and tied weights are tied again.
 """
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from deltadist.addressing.names import canonical_name
 from deltadist.core.attach import delta_parameter_ids
-from deltadist.engines import detect_engine
+from deltadist.core.quantized import is_quantized, to_nf4
+from deltadist.engines import Engine, detect_engine
 from deltadist.engines.base import TensorSource
 from deltadist.errors import CheckpointError, EngineError
 
@@ -83,18 +86,34 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
             targets[canonical_name(name)] = members
     delta_ids = delta_parameter_ids(root)
     engine = detect_engine(backbone)
+    quantized = {canonical_name(n): n for n, p in root.named_parameters() if is_quantized(p, engine)}
+    placed: dict[str, nn.Parameter] = {}  # quantized weights: new tensors, assigned at the end
     filled: set[int] = set()
     for key, source in _iter_checkpoint(weights):
         for target in targets.get(canonical_name(key), []):
-            if id(target) not in filled:
+            if id(target) in filled:
+                continue
+            if (name := quantized.get(canonical_name(key))) is not None:
+                placed[name] = _quantized_parameter(engine, target, source)
+            else:
                 engine.load(target, source)
-                filled.add(id(target))
+            filled.add(id(target))
     missing = sorted(
         n for n, p in root.named_parameters() if id(p) not in filled and id(p) not in delta_ids
     )
+    # One assignment for all (FSDP2 re-reads its sharded parameters after a load_state_dict).
+    root.load_state_dict(placed, strict=False, assign=True)
     if missing:
         raise CheckpointError(f"{weights} has no tensor for these backbone parameters: "
                               f"{', '.join(missing[:20])}. Check weights_prefix.")
+
+
+def _quantized_parameter(engine: Engine, target: torch.Tensor, source: TensorSource) -> nn.Parameter:
+    """``source`` quantized like the placeholder ``target`` and laid out (sharded) as it is: the
+    full-precision tensor exists only while it is quantized, one weight at a time."""
+    like = engine.stored(target)
+    value = to_nf4(source.full().to(like.dtype), like=like)
+    return nn.Parameter(engine.place(target, value), requires_grad=False)
 
 
 def nearest_config(backbone: nn.Module, owner: str) -> Any:

@@ -41,6 +41,7 @@ from deltadist.core.delta_module import DeltaModule
 from deltadist.core.registry import register_method
 from deltadist.core.shapes import linear_features, site_placement
 from deltadist.engines import Engine
+from deltadist.engines.storage import plain_values
 from deltadist.errors import ConfigError, DeltaError, SiteError
 from deltadist.mechanisms.hooks import PARALLEL
 
@@ -202,7 +203,7 @@ class LoRA(DeltaModule):
             return update.to(hidden.dtype)
         if site_output is None or site is None:
             raise DeltaError("a DoRA branch needs its site's output and weight; call it through its site.")
-        weight = _oriented(site, site.weight)
+        weight = _oriented(site, plain_values(site.weight))  # a 4-bit weight: dequantized
         scale = self.magnitude / self.row_norms(weight).to(self.magnitude.dtype)  # [out]
         if dropped:  # the site saw x undropped: W on the dropped input, as PEFT does
             base = nn.functional.linear(x, weight.to(x.dtype))

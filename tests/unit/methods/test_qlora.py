@@ -1,0 +1,112 @@
+"""4-bit (NF4) backbones: quantized as the checkpoint is read, deltas trained on top, saved,
+moved to the full-precision checkpoint and merged into a dequantized model."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from deltadist import AutoDeltaModel, prepare_model  # noqa: E402
+from deltadist.core import quantized  # noqa: E402
+from deltadist.errors import SiteError  # noqa: E402
+from deltadist.io import backbone_weights  # noqa: E402
+from tests.qlora import LORA, QLORA_DELTAS, WIDE, qlora_run, wide_llama  # noqa: E402
+from tests.tiny import tiny_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("wide_llama")
+    wide_llama().save_pretrained(path)
+    return str(path)
+
+
+def _reference(delta_config: dict, values: dict[str, torch.Tensor]):
+    """The full-precision model quantized in place, with a delta holding ``values``."""
+    model = wide_llama()
+    quantized.quantize_backbone(model)
+    delta = AutoDeltaModel.from_config(delta_config, backbone_model=model)
+    delta.load_state_dict(values)
+    return model, delta
+
+
+@pytest.mark.parametrize("method", sorted(QLORA_DELTAS))
+def test_quantized_while_loading_equals_quantizing_the_loaded_model(method: str, weights: str) -> None:
+    run = qlora_run("plain", weights, QLORA_DELTAS[method], steps=2)
+    model, _ = _reference(QLORA_DELTAS[method], run["delta"])
+    inputs = tiny_inputs("llama", batch=4, seq=8, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(run["logits"], model(**inputs).logits, rtol=0, atol=0)
+    # Every projection of the blocks is NF4; embeddings, norms and the head stay full precision.
+    assert len(run["quantized"]) == 2 * 7 and all(".layers." in n for n in run["quantized"])
+    assert run["with_grad"] and all(name.startswith("score.") is False for name in run["quantized"])
+    assert not [n for n in run["with_grad"] if n in run["quantized"]]
+    bits, values = quantized.storage_bits(model.model.layers[0].self_attn.k_proj)
+    # 4-bit codes, an 8-bit scaler per 64 values, a float32 factor per 2 scalers (rows of 128),
+    # one float32 mean: 4.375 bits per value (4.13 for the rows of 4096 of a 7B model).
+    assert bits == values * 4.375 + 32
+
+
+def test_one_full_precision_weight_at_a_time(weights: str, monkeypatch) -> None:
+    alive: list[weakref.ref] = []
+    real = quantized.to_nf4
+
+    def watched(weight: torch.Tensor, like=None):
+        assert all(ref() is None for ref in alive), "an earlier full-precision weight is still alive"
+        if not weight.is_meta:
+            alive.append(weakref.ref(weight))
+        return real(weight, like)
+
+    monkeypatch.setattr(backbone_weights, "to_nf4", watched)
+    qlora_run("plain", weights, LORA, steps=0)
+    assert len(alive) == 14
+
+
+def test_delta_moves_between_the_nf4_backbone_and_its_checkpoint(weights: str, tmp_path) -> None:
+    run_model = prepare_model(wide_llama, LORA, "plain", weights, delta_seed=3, quantize="nf4")
+    with torch.no_grad():
+        for param in run_model.delta.parameters():
+            param.add_(0.01)
+    run_model.delta.save_finetuned(tmp_path / "qlora")
+    full = wide_llama()
+    delta = AutoDeltaModel.from_finetuned(tmp_path / "qlora", backbone_model=full)  # fingerprint agrees
+    for key, value in run_model.delta.state_dict().items():
+        torch.testing.assert_close(delta.state_dict()[key], value, rtol=0, atol=0)
+    other = wide_llama()
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(1.1)
+    with pytest.raises(Exception, match="embed_tokens"):  # not quantized: still tells checkpoints apart
+        AutoDeltaModel.from_finetuned(tmp_path / "qlora", backbone_model=other)
+
+
+def test_merge_refuses_4_bit_weights_and_merge_and_unload_dequantizes(weights: str) -> None:
+    prepared = prepare_model(wide_llama, {**LORA, "init_lora_weights": False}, "plain", weights,
+                             delta_seed=3, quantize="nf4")
+    inputs = tiny_inputs("llama", batch=2, seq=8, seed=1)
+    with torch.no_grad():
+        want = prepared.model(**inputs).logits
+    with pytest.raises(SiteError, match="4 bits.*merge_and_unload"):
+        prepared.delta.merge()
+    assert not prepared.delta.merged
+    model = prepared.delta.merge_and_unload(dtype=torch.float64)
+    assert not [n for n, p in model.named_parameters() if quantized.is_quantized(p)]
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    with torch.no_grad():
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_scheme_and_unblockable_rows_are_named(weights: str) -> None:
+    with pytest.raises(Exception, match="unknown scheme 'int3'"):
+        quantized.quantize_backbone(wide_llama(), "int3")
+    with pytest.raises(Exception, match="multiple of 64"):
+        quantized.to_nf4(torch.zeros(8, 40))
+    from tests.tiny import build_tiny
+
+    assert len(quantized.quantizable_linears(wide_llama())) == 14  # not the task head "score"
+    lm = build_tiny("llama", "lm", **{**WIDE, "vocab_size": 128})
+    assert "lm_head" not in quantized.quantizable_linears(lm)
