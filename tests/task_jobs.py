@@ -58,15 +58,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def save_checkpoint(directory: Path, family: str, tokenizer: Any, head: str = "lm", seed: int = 0) -> Path:
+def save_checkpoint(directory: Path, family: str, tokenizer: Any, head: str = "lm", seed: int = 0,
+                    overrides: dict[str, Any] | None = None) -> Path:
     """A random ``family`` model with ``head`` (``lm``: its language-model head; ``base``: none)
-    and ``tokenizer``, written with ``save_pretrained``."""
+    and ``tokenizer``, written with ``save_pretrained``; ``overrides`` change its config."""
     special = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if tokenizer.bos_token_id is not None:
         special.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if family == "t5":
         special["decoder_start_token_id"] = tokenizer.pad_token_id
-    config = AutoConfig.for_model(family, **FAMILIES[family], **special)
+    config = AutoConfig.for_model(family, **{**FAMILIES[family], **(overrides or {})}, **special)
     torch.manual_seed(seed)
     if head == "base":
         model = AutoModel.from_config(config)
@@ -103,10 +104,11 @@ DELTAS = {
 
 
 def make_job(root: Path, task: str, family: str | None = None, head: str = "lm", train_rows: int = 64,
-             eval_rows: int = 32, **training: Any) -> Job:
+             eval_rows: int = 32, model_config: dict[str, Any] | None = None, **training: Any) -> Job:
     """Checkpoint, rows and config of a small job of ``task`` under ``root``.
 
-    ``training`` overrides keys of the config's ``training`` section.
+    ``model_config`` overrides keys of the checkpoint's config, ``training`` keys of the config's
+    ``training`` section.
     """
     family = family or TASK_FAMILY[task]
     make_rows = label_rows if task == "sequence_classification" else lm_rows
@@ -118,7 +120,7 @@ def make_job(root: Path, task: str, family: str | None = None, head: str = "lm",
         tokenizer = word_tokenizer(corpus, template="$A [EOS]" if family == "t5" else "[BOS] $A")
     root.mkdir(parents=True, exist_ok=True)
     model = save_checkpoint(root / "model", family, tokenizer, head=head if task != "sequence_classification"
-                            else "base")
+                            else "base", overrides=model_config)
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "eval.jsonl", evaluation)
     config = {

@@ -66,6 +66,8 @@ class Engine:
     before its weights load; a replicating engine (DDP) wraps a loaded model."""
     half_precision_problem: ClassVar[str | None] = None
     """Why ``deltadist train`` keeps the backbone in float32 under this engine, or ``None``."""
+    quantized_weights_problem: ClassVar[str | None] = None
+    """Why this engine cannot hold 4-bit (NF4) backbone weights, or ``None``."""
     launcher_script: ClassVar[str] = "torchrun.sh"
     """The script in ``launchers/`` that starts this engine's ranks."""
 

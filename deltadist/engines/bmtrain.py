@@ -64,6 +64,7 @@ class BMTrainEngine(Engine):
     """Engine for models whose parameters are BMTrain ``DistributedParameter`` s."""
 
     name = "bmtrain"
+    quantized_weights_problem = "BMTrain keeps its parameters in its own flat buffers"
     half_precision_problem = "BMTrain's half-precision mode is not wired to deltadist train yet"
     launcher_script = "bmtrain.sh"
 

@@ -35,6 +35,7 @@ class ZeRO3Engine(DistributedEngine):
     """Engine for models whose parameters ZeRO-3 partitions (``zero.Init`` or after initialize)."""
 
     name = "deepspeed"
+    quantized_weights_problem = "ZeRO partitions and casts every parameter as a plain tensor; fsdp2 holds NF4"
     half_precision_problem = "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet"
     launcher_script = "deepspeed.sh"
 

@@ -47,6 +47,7 @@ class FSDP1Engine(DistributedEngine):
     """Engine for models wrapped in FSDP1 with ``use_orig_params=True``."""
 
     name = "fsdp1"
+    quantized_weights_problem = "FSDP1 flattens each unit's parameters into one plain tensor; fsdp2 holds NF4"
     shards_parameters = True
     half_precision_problem = ("FSDP1 flattens each unit's parameters into one tensor of one dtype, and the "
                               "deltas stay fp32; engine fsdp2 keeps them apart")

@@ -23,10 +23,11 @@ from deltadist.core.quantized import quantize_backbone
 from deltadist.core.record import delta_key
 from deltadist.engines import engine_class, wrap_model
 from deltadist.engines.base import on_meta
+from deltadist.errors import EngineError
 from deltadist.io.backbone_weights import (
     check_nothing_on_meta,
     load_weights,
-    nearest_config,
+    meta_buffer_owners,
     recompute_buffers,
     retie,
     tied_parameters,
@@ -71,6 +72,9 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         EngineError: something is still on ``meta`` at the end (named).
     """
     device = torch.device(device)
+    problem = engine_class(engine).quantized_weights_problem
+    if quantize is not None and problem is not None:
+        raise EngineError(f"quantize={quantize!r} does not work with engine {engine!r}: {problem}.")
     sharded = engine_class(engine).shards_parameters  # else the engine wraps a loaded model (DDP)
     with torch.device("meta"):
         backbone = build_backbone()
@@ -81,10 +85,7 @@ def prepare_model(build_backbone: Callable[[], nn.Module], delta_config: Mapping
         quantize_backbone(backbone, quantize, skip=trained)
     initial = _initial_delta_values(delta, delta_seed)
     # Classes are noted before wrapping: fully_shard swaps the class of the modules it shards.
-    buffer_owners = {
-        owner: (type(backbone.get_submodule(owner)), nearest_config(backbone, owner))
-        for owner in {n.rpartition(".")[0] for n, b in backbone.named_buffers() if b.is_meta}
-    }
+    buffer_owners = meta_buffer_owners(backbone)
     tied = tied_parameters(backbone)
     model = wrap_model(backbone, engine, device) if sharded else backbone
     if on_meta(backbone):

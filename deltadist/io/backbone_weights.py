@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -20,7 +20,7 @@ from torch import nn
 
 from deltadist.addressing.names import canonical_name
 from deltadist.core.attach import delta_parameter_ids
-from deltadist.core.quantized import is_quantized, to_nf4
+from deltadist.core.quantized import is_quantized, quantize_backbone, to_nf4
 from deltadist.engines import Engine, detect_engine
 from deltadist.engines.base import TensorSource
 from deltadist.errors import CheckpointError, EngineError
@@ -67,12 +67,22 @@ def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, TensorSo
                 )
 
 
+def checkpoint_keys(weights: str | os.PathLike) -> set[str]:
+    """The canonical names of the tensors a checkpoint directory holds (nothing is read)."""
+    keys: set[str] = set()
+    for path in _checkpoint_files(weights):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys.update(canonical_name(key) for key in handle.keys())
+    return keys
+
+
 def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
-                  tied: list[list[str]] = ()) -> None:
+                  tied: list[list[str]] = (), new_modules: Iterable[str] = ()) -> None:
     """Copy checkpoint tensors into the backbone's own (non-delta) parameters and buffers.
 
     A checkpoint stores tied weights once; ``tied`` (groups of names, noted before wrapping) lets
-    that one tensor fill every member, also where an engine (FSDP1) has untied them.
+    that one tensor fill every member, also where an engine (FSDP1) has untied them. Parameters
+    of ``new_modules`` (names relative to ``prefix``) may be missing from the checkpoint.
     """
     root = backbone.get_submodule(prefix) if prefix else backbone
     targets: dict[str, list[torch.Tensor]] = {}
@@ -98,8 +108,10 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
             else:
                 engine.load(target, source)
             filled.add(id(target))
+    new = tuple(f"{m}." for m in new_modules)
     missing = sorted(
-        n for n, p in root.named_parameters() if id(p) not in filled and id(p) not in delta_ids
+        n for n, p in root.named_parameters()
+        if id(p) not in filled and id(p) not in delta_ids and not n.startswith(new)
     )
     # One assignment for all (FSDP2 re-reads its sharded parameters after a load_state_dict).
     root.load_state_dict(placed, strict=False, assign=True)
@@ -114,6 +126,15 @@ def _quantized_parameter(engine: Engine, target: torch.Tensor, source: TensorSou
     like = engine.stored(target)
     value = to_nf4(source.full().to(like.dtype), like=like)
     return nn.Parameter(engine.place(target, value), requires_grad=False)
+
+
+def meta_buffer_owners(backbone: nn.Module) -> dict[str, tuple[type, Any]]:
+    """Modules owning buffers still on ``meta`` -> (their class, their config), noted before an
+    engine swaps classes (``fully_shard`` does), for :func:`recompute_buffers`."""
+    return {
+        owner: (type(backbone.get_submodule(owner)), nearest_config(backbone, owner))
+        for owner in {n.rpartition(".")[0] for n, b in backbone.named_buffers() if b.is_meta}
+    }
 
 
 def nearest_config(backbone: nn.Module, owner: str) -> Any:
@@ -151,3 +172,48 @@ def check_nothing_on_meta(backbone: nn.Module) -> None:
     left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
     if left:
         raise EngineError(f"Still on the meta device after setup: {', '.join(left[:20])}.")
+
+
+def load_quantized(build: Callable[[], nn.Module], weights: str | os.PathLike, scheme: str,
+                   prefix: str | None = None, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """A model built by ``build`` with its linear weights in 4 bits, read from a checkpoint one
+    tensor at a time: the full-precision model never exists (``from_pretrained`` followed by
+    :func:`~deltadist.core.quantized.quantize_backbone` would hold all of it first).
+
+    Args:
+        build: makes the model (called under ``torch.device("meta")``).
+        weights: a transformers checkpoint directory; its keys are relative to ``prefix``
+            (``None``: the model's ``base_model_prefix`` if the checkpoint is of the bare model, as
+            transformers reads a base checkpoint into a model with a head, else the root).
+        scheme: ``"nf4"``.
+        seed: seeds the modules the checkpoint does not hold (a new task head), initialised by
+            their layers' ``reset_parameters`` and kept in full precision.
+
+    Returns:
+        The model on the CPU and the names of the modules the checkpoint did not hold.
+    """
+    with torch.device("meta"):
+        model = build()
+    stored = checkpoint_keys(weights)
+    if prefix is None:
+        base = getattr(model, "base_model_prefix", "")
+        bare = base and not any(key.startswith(f"{base}.") for key in stored)
+        prefix = base if bare and hasattr(model, base) else ""
+    start = f"{prefix}." if prefix else ""
+    new = sorted({name.rpartition(".")[0] for name, _ in model.named_parameters()
+                  if not name.startswith(start) or canonical_name(name[len(start):]) not in stored})
+    quantize_backbone(model, scheme, skip=[model.get_submodule(name) for name in new])
+    owners, tied = meta_buffer_owners(model), tied_parameters(model)
+    model.to_empty(device="cpu")
+    retie(model, tied)
+    recompute_buffers(model, owners, torch.device("cpu"))
+    load_weights(model, weights, prefix, tied,
+                 new_modules=[name[len(start):] for name in new if name.startswith(start)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in (model.get_submodule(name) for name in new):
+            for layer in module.modules():
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+    check_nothing_on_meta(model)
+    return model, new

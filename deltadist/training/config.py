@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from deltadist.api.auto import AutoDeltaConfig
+from deltadist.core.quantized import SCHEMES
 from deltadist.engines import ENGINES
 from deltadist.errors import ConfigError
 from deltadist.training.text_data import TASKS
@@ -60,10 +61,14 @@ class ModelConfig:
     max_length: int = _key(64, "tokens per example (longer ones are cut at the end); the packing block size")
     dropout: float | None = _key(None, "the backbone's hidden and attention dropout (BERT-style config "
                                  "keys); null keeps the checkpoint's")
+    quantize: str | None = _key(None, "nf4: the frozen linear weights in 4 bits (QLoRA; pip install "
+                                "'deltadist[quantize]'), read one at a time; engines plain, ddp, fsdp2")
 
     def __post_init__(self) -> None:
         _check_positive(self, "model", "max_length")
         _check_choice(self.dtype, DTYPES, "model.dtype")
+        if self.quantize is not None:
+            _check_choice(self.quantize, SCHEMES, "model.quantize")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1) or null, got {self.dropout!r}.")
 

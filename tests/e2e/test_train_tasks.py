@@ -278,6 +278,32 @@ def test_a_half_precision_backbone_trains_fp32_deltas(dtype: str, tmp_path: Path
     assert {t.dtype for t in delta_tensors(job.root / "run" / "delta").values()} == {torch.float32}
 
 
+WIDE = {"hidden_size": 128, "intermediate_size": 256}
+"""Rows of 128 values: NF4 blocks of 64 fit (the usual tiny width, 32, stays in full precision)."""
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+def test_an_nf4_backbone_trains_the_delta_and_a_new_head(task: str, tmp_path: Path) -> None:
+    """A Llama read into 4 bits from its base checkpoint; as a classifier, a new score head."""
+    pytest.importorskip("torchao")
+    from deltadist.core.quantized import is_quantized
+
+    job = make_job(tmp_path, task, family="llama", model_config=WIDE, lr=0.02)
+    cfg = load_config(job.config, ["model.quantize=nf4"])
+    labels = ["bad", "good"] if task == "sequence_classification" else None
+    loaded = load_model(cfg.model, task, labels, 0, torch.float32)
+    quantized = [n for n, p in loaded.model.named_parameters() if is_quantized(p)]
+    assert len(quantized) == 2 * 7, quantized  # every projection of the 2 blocks, not the heads
+    assert loaded.new_modules == (["score"] if labels else [])
+    assert run_cli(job.config, "--set", "model.quantize=nf4") == 0
+    result = metrics(job)
+    if task == "causal_lm":
+        assert result["eval_loss"] < result["eval_loss_before"] - 0.05, result
+    else:  # the new head is initialised, kept in full precision and trained with the delta
+        assert result["accuracy_after"] > result["accuracy_before"] + 0.2, result
+        assert any(k.startswith("score.") for k in delta_tensors(job.root / "run" / "delta"))
+
+
 def test_packing_and_length_sorting_train(tmp_path: Path) -> None:
     job = make_job(tmp_path, "causal_lm", train_rows=128)
     assert run_cli(job.config, "--set", "data.packing=true", "--set", "data.sort_by_length=true") == 0
@@ -387,6 +413,10 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
         return job.config, ["--set", "training.micro_batch_size=3"]
     if case == "half_precision_fsdp1":  # a world of one: the engine starts without a launcher
         return job.config, ["--set", "engine=fsdp1", "--set", "model.dtype=bf16"]
+    if case == "nf4_fsdp1":
+        return job.config, ["--set", "engine=fsdp1", "--set", "model.quantize=nf4"]
+    if case == "unknown_quantization":
+        return job.config, ["--set", "model.quantize=int3"]
     raise AssertionError(case)
 
 
@@ -401,6 +431,8 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     ("seq2seq_on_a_decoder", "task: seq2seq needs an encoder-decoder .* is a llama model"),
     ("bad_split", "not micro_batch_size x gradient_accumulation_steps"),
     ("half_precision_fsdp1", "model.dtype: bf16 does not work with engine fsdp1 .* set model.dtype: fp32"),
+    ("nf4_fsdp1", "model.quantize: nf4 does not work with engine fsdp1 .*flattens.* engine: fsdp2"),
+    ("unknown_quantization", "model.quantize.*int3.*nf4"),
 ])
 def test_bad_input_is_one_line_before_training(case: str, message: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
