@@ -23,19 +23,24 @@ import torch.multiprocessing as mp
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (Linux ``/proc``)."""
+def rss_bytes(anonymous: bool = False) -> int:
+    """Resident memory of this process (Linux ``/proc``); ``anonymous``: only the memory no file
+    backs (allocations, not the pages of a memory-mapped checkpoint)."""
+    if anonymous:
+        with open("/proc/self/status") as handle:
+            kib = next(line.split()[1] for line in handle if line.startswith("RssAnon:"))
+        return int(kib) * 1024
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * PAGE
 
 
-def peak_extra_rss(fn: Callable[[], Any]) -> int:
+def peak_extra_rss(fn: Callable[[], Any], anonymous: bool = False) -> int:
     """Peak resident bytes above the starting ones while ``fn`` runs (sampled at ~1 kHz)."""
-    start, peak, done = rss_bytes(), [0], threading.Event()
+    start, peak, done = rss_bytes(anonymous), [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
+            peak[0] = max(peak[0], rss_bytes(anonymous))
             time.sleep(0.001)
 
     thread = threading.Thread(target=sample)
@@ -45,7 +50,7 @@ def peak_extra_rss(fn: Callable[[], Any]) -> int:
     finally:
         done.set()
         thread.join()
-    return max(peak[0], rss_bytes()) - start
+    return max(peak[0], rss_bytes(anonymous)) - start
 
 
 def _free_port() -> int:
