@@ -196,7 +196,7 @@ class Engine:
         """
         copies = {}
         for name, param in params.items():
-            full = plain_values(self._full_tensor(param).detach())
+            full = plain_values(self._full_tensor(param)).detach()  # before detach: it drops a subclass
             copy = full.to("cpu", memory_format=torch.contiguous_format)
             # `.to` copies when the device or layout changes (a GPU parameter: one copy, no more)
             # and returns `full` itself otherwise; a CPU parameter must then be cloned, or the

@@ -44,9 +44,8 @@ def plain_values(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torc
     if bnb is not None and isinstance(tensor, bnb.Params4bit):
         functional = importlib.import_module("bitsandbytes.functional")
         plain = functional.dequantize_4bit(tensor.data, tensor.quant_state)
-    else:
-        plain = tensor.get_original_weight()
-    return plain.to(dtype or tensor.dtype)
+        return plain.to(dtype or tensor.quant_state.dtype)  # its own dtype is the packing's, uint8
+    return tensor.get_original_weight().to(dtype or tensor.dtype)
 
 
 def unknown_samples(flat_indices: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,43 @@ def test_unknown_scheme_and_unblockable_rows_are_named(weights: str) -> None:
     assert len(quantized.quantizable_linears(wide_llama())) == 14  # not the task head "score"
     lm = build_tiny("llama", "lm", **{**WIDE, "vocab_size": 128})
     assert "lm_head" not in quantized.quantizable_linears(lm)
+
+
+def _bnb_model(weights: str):
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32)
+    # dtype named: transformers 4.57 loads the layers it does not quantize in fp16 by default.
+    return AutoModelForSequenceClassification.from_pretrained(weights, quantization_config=config,
+                                                              device_map="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_bitsandbytes_4_bit_layers_equal_peft_on_them(dora: bool, weights: str) -> None:
+    """transformers' load_in_4bit (bitsandbytes' Linear4bit, weights packed [n/2, 1]) on a CPU:
+    deltas attach by the layers' features, and DoRA reads the dequantized weight."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    ours, theirs = _bnb_model(weights), _bnb_model(weights)
+    config = {**LORA, "init_lora_weights": False, "use_dora": dora}
+    delta = AutoDeltaModel.from_config(config, backbone_model=ours)
+    delta.freeze_module()
+    peft = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=16, target_modules=LORA["modified_modules"],
+                                             use_dora=dora))
+    names = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
+             "magnitude": "lora_magnitude_vector.default.weight"}
+    values = {f"base_model.model.{key.split('.lora.')[0]}.{names[key.rsplit('.', 1)[1]]}": value
+              for key, value in delta.state_dict().items() if ".lora." in key}
+    assert not peft.load_state_dict(values, strict=False).unexpected_keys
+    inputs = tiny_inputs("llama", batch=2, seq=8, seed=1)
+    got = ours(**inputs).logits
+    torch.testing.assert_close(got, peft(**inputs).logits, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    trained = {name.rsplit(".", 1)[1] for name, p in ours.named_parameters() if p.grad is not None}
+    assert trained >= {"lora_A", "lora_B"}
+    with pytest.raises(SiteError, match="4 bits"):
+        delta.merge()
+    with pytest.raises(Exception, match="bitsandbytes 4-bit weight.*full-precision checkpoint"):
+        delta.merge_and_unload()
