@@ -6,8 +6,9 @@ of deltadist talks to an :class:`Engine`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -194,6 +195,12 @@ class Engine:
                 copy = copy.clone()
             copies[name] = copy
         return copies
+
+    @contextlib.contextmanager
+    def whole(self, param: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``param`` whole on every rank for the duration of the block, inside a forward (a
+        parameter offset reads it when the engine has not fetched it yet); read it, never keep it."""
+        yield param
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Copy the full tensor ``value`` into ``param``, whatever its sharding. Every rank calls it."""

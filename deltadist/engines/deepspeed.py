@@ -15,7 +15,8 @@ partitioned model is seen.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,18 @@ class ZeRO3Engine(DistributedEngine):
         partitioned = [p for p in params.values() if is_partitioned(p)]
         with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
             return {name: p.detach().to("cpu").clone().contiguous() for name, p in params.items()}
+
+    @contextlib.contextmanager
+    def whole(self, param: torch.Tensor) -> Iterator[torch.Tensor]:
+        """A partitioned parameter gathered for the block (DeepSpeed's pre-forward hook of the
+        module may not have run yet: hooks registered before ``deepspeed.initialize`` run first)."""
+        if not is_partitioned(param) or param.numel() == param.ds_numel:
+            yield param
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield param
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         if not is_partitioned(param):
