@@ -72,7 +72,7 @@ def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
         on_site = attachments_on(module)
         for att in on_site:
             served, index = owned.get(id(att), unserved)
-            _check_routable(att, served)
+            _check_routable(att, served, len(rows))
             routes[id(att)] = (att.delta, index, None)
         group = _groupable([a for a in on_site if id(a) in owned])
         if len(group) > 1:
@@ -122,7 +122,14 @@ def _check_listed(delta: Any, row: int, backbone: Any) -> None:
                          "before the block.")
 
 
-def _check_routable(att: "Attachment", owner: list[int]) -> None:
+def _check_routable(att: "Attachment", owner: list[int], count: int) -> None:
+    if att.mechanism.name == "parameter_offset" and att.attached and not att.suspended:
+        if owner and len(owner) != count:  # one weight for the whole call: every row or none
+            raise DeltaError(
+                f"mixed_batch cannot route {att.base_name!r} at {att.site_name!r} by rows: it changes "
+                f"the parameter itself for the whole call (fused experts), so it serves every row of "
+                f"a batch or none, not rows {owner} of {count}. Run those rows in a batch of their own.")
+        return
     if att.mechanism.name not in ROUTABLE_MECHANISMS and att.attached and not att.suspended:
         raise DeltaError(
             f"mixed_batch cannot route {att.base_name!r} by rows yet (it rewrites the sequence, "

@@ -96,11 +96,16 @@ class ExpertLoRA(DeltaModule):
 def parameter_targets(site: Site) -> list[Site]:
     """A selected module that is not a linear layer but holds fused expert weights (3-D
     parameters of its own) stands for them: LoRA on ``mlp.experts`` is LoRA on its
-    ``gate_up_proj`` and ``down_proj``; any other site stands for itself."""
+    ``gate_up_proj`` and ``down_proj``; a leaf module holding one 2-D ``weight`` and called like a
+    linear layer by its own forward (transformers 5's routers, ``mlp.gate``) for that weight; any
+    other site stands for itself."""
     module = site.module
-    if site.parameter is not None or is_linear_module(module):
+    if site.parameter is not None or is_linear_module(module) or isinstance(module, nn.Embedding):
         return [site]
-    fused = [n for n, p in module._parameters.items() if isinstance(p, torch.Tensor) and p.dim() == 3]
+    own = {n: p for n, p in module._parameters.items() if isinstance(p, torch.Tensor)}
+    fused = [n for n, p in own.items() if p.dim() == 3]
+    if not fused and list(own) == ["weight"] and own["weight"].dim() == 2 and not module._modules:
+        fused = ["weight"]
     return [Site(f"{site.name}.{n}", module, parameter=n) for n in fused] or [site]
 
 
