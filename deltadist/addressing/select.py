@@ -83,9 +83,7 @@ def select_sites(
     unmatched: list[Pattern] = []
     for pattern in patterns:
         if pattern.text == ALL_LINEAR:
-            fused = [n for n, (module, leaf) in held.items()
-                     if is_fused_experts(modules[module]._parameters[leaf])]
-            hits = _all_linear(backbone, modules) + fused
+            hits = _all_linear(backbone, modules, held)
         else:
             test = pattern.matches_within if within else pattern.matches
             hits = [n for n, names in candidates.items() if any(test(c) for c in names)]
@@ -103,7 +101,13 @@ def select_sites(
             f"exclude_modules={list(exclude_modules or [])} removes every module the patterns "
             "select, so there is nothing to modify. Narrow exclude_modules."
         )
-    order = {n: (i, "") for i, n in enumerate(modules)}  # a parameter site right after its module
+    return _in_model_order(selected, modules, held)
+
+
+def _in_model_order(selected: dict[str, Site], modules: dict[str, nn.Module],
+                    held: dict[str, tuple[str, str]]) -> list[Site]:
+    """``selected`` in module order, a parameter site right after its module."""
+    order = {n: (i, "") for i, n in enumerate(modules)}
     order.update({n: (order[module][0], leaf) for n, (module, leaf) in held.items()})
     return sorted(selected.values(), key=lambda s: order[s.name])
 
@@ -145,9 +149,11 @@ def without_skipped(modules: dict[str, nn.Module], skip: frozenset[int]) -> dict
     }
 
 
-def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module],
+                held: dict[str, tuple[str, str]]) -> list[str]:
     """Every linear layer but the output head: the ``lm_head.proj`` and task-head roles, and the
-    module transformers reports as the output embeddings (as PEFT's ``"all-linear"``)."""
+    module transformers reports as the output embeddings (as PEFT's ``"all-linear"``); and the
+    fused expert parameters among the parameter sites ``held`` (which PEFT's does not cover)."""
     heads = [n for n, commons in common_name_index(backbone).items()
              if "lm_head.proj" in commons or TASK_HEAD in commons]
     output = getattr(backbone, "get_output_embeddings", None)
@@ -156,7 +162,7 @@ def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module]) -> list[str]
         n for n, m in modules.items()
         if n and is_linear_module(m) and m is not output
         and not any(n == h or n.startswith(h + ".") for h in heads)
-    ]
+    ] + [n for n, (module, leaf) in held.items() if is_fused_experts(modules[module]._parameters[leaf])]
 
 
 def select_kept_parameters(backbone: nn.Module, patterns: Sequence[str],

@@ -322,7 +322,7 @@ class LoraModel(DeltaBase):
     config: LoraConfig
 
     def _targets(self, site: Site) -> list[Site]:
-        return parameter_targets(site)  # fused experts: their 3-D parameters
+        return parameter_targets(site, self.engine)  # fused experts: their 3-D parameters
 
     def _mechanism_for(self, target: Site) -> Mechanism:
         return OFFSET if target.parameter is not None else super()._mechanism_for(target)

@@ -25,7 +25,7 @@ from torch import nn
 from deltadist.addressing.linear import is_linear_module
 from deltadist.addressing.select import Site
 from deltadist.core.delta_module import DeltaModule
-from deltadist.core.shapes import site_placement
+from deltadist.core.shapes import linear_features, site_placement
 from deltadist.engines import Engine
 from deltadist.errors import SiteError
 
@@ -93,18 +93,20 @@ class ExpertLoRA(DeltaModule):
                 f"scaling={self.scaling:g}")
 
 
-def parameter_targets(site: Site) -> list[Site]:
+def parameter_targets(site: Site, engine: Engine) -> list[Site]:
     """A selected module that is not a linear layer but holds fused expert weights (3-D
     parameters of its own) stands for them: LoRA on ``mlp.experts`` is LoRA on its
     ``gate_up_proj`` and ``down_proj``; a leaf module holding one 2-D ``weight`` and called like a
-    linear layer by its own forward (transformers 5's routers, ``mlp.gate``) for that weight; any
-    other site stands for itself."""
+    linear layer inside its own forward but not linear-like itself (transformers 5's routers,
+    ``mlp.gate``, return logits, weights and indices) for that weight; any other site stands for
+    itself (a linear-like module keeps ordinary LoRA)."""
     module = site.module
     if site.parameter is not None or is_linear_module(module) or isinstance(module, nn.Embedding):
         return [site]
     own = {n: p for n, p in module._parameters.items() if isinstance(p, torch.Tensor)}
     fused = [n for n, p in own.items() if p.dim() == 3]
-    if not fused and list(own) == ["weight"] and own["weight"].dim() == 2 and not module._modules:
+    if (not fused and list(own) == ["weight"] and own["weight"].dim() == 2 and not module._modules
+            and linear_features(module, engine) is None):
         fused = ["weight"]
     return [Site(f"{site.name}.{n}", module, parameter=n) for n in fused] or [site]
 
