@@ -199,20 +199,25 @@ def test_mixed_batch_serves_all_rows_or_none_and_refuses_some() -> None:
             pass
 
 
-def test_expert_modules_get_lora_per_linear_and_route_rows() -> None:
-    """transformers 4.5x layout (expert modules); on 5.x the shared expert's linears stand in."""
+def test_expert_modules_get_lora_per_linear_and_mixed_rows() -> None:
+    """Expert modules (transformers 4.5x) get ordinary LoRA per linear layer, but an expert is
+    called on the tokens its router picked, flattened, not on batch rows: a mixed batch refuses
+    serving some rows there (it used to route token i like row i // m: silently wrong). The
+    shared expert (5.x) sees every token in row order and routes rows."""
     family = "qwen2_moe"
+    pattern = "ff.shared_expert.w2" if FUSED else "ff.experts.$.w2".replace("$", "1")
     model = build_tiny(family, "lm")
-    pattern = "ff.experts.$.w2".replace("$", "1") if not FUSED else "ff.shared_expert.w2"
-    one = LoraModel(model, modified_modules=[pattern], common_structure=True, lora_r=2,
-                    init_lora_weights=False)
+    one, two = (LoraModel(model, modified_modules=[pattern], common_structure=True, lora_r=2,
+                          init_lora_weights=False) for _ in range(2))
     assert one.record.site_names and all(n.endswith("down_proj") for n in one.record.site_names)
-    two = LoraModel(model, modified_modules=[pattern], common_structure=True, lora_r=2,
-                    init_lora_weights=False)
     inputs = tiny_inputs(family, batch=2)
+    if not FUSED:
+        with pytest.raises(DeltaError, match="tokens its router picked"):
+            with deltadist.mixed_batch([one, two]):
+                pass
+        return
     alone = []
-    for delta in (one, two):
-        other = two if delta is one else one
+    for delta, other in ((one, two), (two, one)):
         with other.disabled():
             alone.append(logits_of(model, inputs))
     with deltadist.mixed_batch([one, two]):
