@@ -197,10 +197,11 @@ class Engine:
         return copies
 
     @contextlib.contextmanager
-    def whole(self, param: torch.Tensor) -> Iterator[torch.Tensor]:
-        """``param`` whole on every rank for the duration of the block, inside a forward (a
-        parameter offset reads it when the engine has not fetched it yet); read it, never keep it."""
-        yield param
+    def whole(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """``params`` whole on every rank for the duration of the block, inside a forward (a
+        parameter offset reads its site's parameter and its delta's when the engine has not
+        fetched them yet); read them, never keep them."""
+        yield
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Copy the full tensor ``value`` into ``param``, whatever its sharding. Every rank calls it."""

@@ -16,7 +16,7 @@ partitioned model is seen.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,16 +82,19 @@ class ZeRO3Engine(DistributedEngine):
             return {name: p.detach().to("cpu").clone().contiguous() for name, p in params.items()}
 
     @contextlib.contextmanager
-    def whole(self, param: torch.Tensor) -> Iterator[torch.Tensor]:
-        """A partitioned parameter gathered for the block (DeepSpeed's pre-forward hook of the
-        module may not have run yet: hooks registered before ``deepspeed.initialize`` run first)."""
-        if not is_partitioned(param) or param.numel() == param.ds_numel:
-            yield param
+    def whole(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """The partitioned ones of ``params`` gathered for the block. DeepSpeed's pre-forward hook
+        of the module may not have run yet (hooks registered before ``deepspeed.initialize`` run
+        first), or none runs: the module is called by itself inside a ZeRO leaf module (by
+        default the sparse-MoE blocks of Mixtral and Qwen-MoE), whose hook fetches the whole block."""
+        missing = [p for p in params if is_partitioned(p) and p.numel() != p.ds_numel]
+        if not missing:
+            yield
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            yield param
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+            yield
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         if not is_partitioned(param):

@@ -13,8 +13,9 @@ parameter add up (each pre-hook adds to what is there).
 
 The hooks find the delta as the site's child and its parameter name on it (``parameter_name``),
 as every mechanism. When the site's parameter is not whole when the pre-hook runs (ZeRO-3's own
-pre-forward hook, registered at ``deepspeed.initialize`` after ours, has not fetched it yet), the
-engine gathers it for the sum (:meth:`~deltadist.engines.base.Engine.whole`).
+pre-forward hook, registered at ``deepspeed.initialize`` after ours, has not fetched it yet; or the
+site is called by itself inside a ZeRO leaf module, whose hook would have fetched it), the engine
+gathers it and the delta's parameters for the sum (:meth:`~deltadist.engines.base.Engine.whole`).
 
 The offset is one weight for the whole call: in a :func:`~deltadist.mixed_batch` block a delta of
 this kind may serve every row or none, not some (it is refused, naming the rows).
@@ -73,8 +74,8 @@ class _Shadow(SiteHook):
         if tuple(param.shape) == delta.weight_shape:
             site.__dict__[name] = delta(param)
             return
-        with detect_engine(site).whole(param) as whole:  # sharded and not fetched yet
-            site.__dict__[name] = delta(whole)
+        with detect_engine(site).whole([param, *delta.parameters()]):  # partitioned, not fetched yet
+            site.__dict__[name] = delta(param)
 
 
 class _Unshadow(SiteHook):
