@@ -109,12 +109,18 @@ def reference(family: str) -> dict[str, Any]:
 
 
 # -- rank functions -----------------------------------------------------------------------------
-def _full(param: torch.Tensor) -> torch.Tensor:
-    return param.full_tensor() if hasattr(param, "full_tensor") else param.detach().clone()
+def _full(wrapped: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    """``param`` whole: a DTensor's full tensor (FSDP2); under FSDP1 inside ``summon_full_params``."""
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor()
+    if type(wrapped).__name__ == "FullyShardedDataParallel":
+        with type(wrapped).summon_full_params(wrapped):
+            return param.detach().clone()
+    return param.detach().clone()
 
 
 def torch_engine(rank: int, world_size: int, engine: str, family: str, workdir: str) -> dict[str, Any]:
-    """DDP / FSDP2: train on this rank's half, save; then merge the trained delta into the
+    """DDP / FSDP2 / FSDP1: train on this rank's half, save; then merge the trained delta into the
     (sharded) backbone and unmerge, merge and unload; the logits after each, on the whole batch."""
     from deltadist.engines import detect_engine
 
@@ -123,7 +129,8 @@ def torch_engine(rank: int, world_size: int, engine: str, family: str, workdir: 
     experts = model.model.layers[0].mlp.experts
     out: dict[str, Any] = {"engine": detect_engine(model).name, "sharded": [
         type(p).__name__ == "DTensor" and p.to_local().shape != p.shape
-        for p in (experts.gate_up_proj, experts.lora.lora_A, experts.lora.lora_B)]}
+        for p in (experts.gate_up_proj, experts.lora.lora_A, experts.lora.lora_B)],
+        "local_numel": [p.numel() for p in (experts.gate_up_proj, experts.down_proj)]}
     out["losses"] = train(wrapped, delta, batch(family, rank, world_size))
     out["path"] = delta.save_finetuned(os.path.join(workdir, f"{engine}-{family}"))
     out["state"] = delta.state_dict()
@@ -131,7 +138,7 @@ def torch_engine(rank: int, world_size: int, engine: str, family: str, workdir: 
     out["logits"] = logits(wrapped, inputs)
     delta.merge()
     out["merged"] = logits(wrapped, inputs)
-    out["merged_gate_up_0"] = _full(experts.gate_up_proj)
+    out["merged_gate_up_0"] = _full(wrapped, experts.gate_up_proj)
     delta.unmerge()
     out["unmerged"] = logits(wrapped, inputs)
     delta.merge_and_unload()

@@ -1,9 +1,12 @@
 """LoRA on mixture-of-experts fused expert parameters (plus attention's q_proj) on 2 gloo ranks:
 DDP, FSDP2 (the experts' 3-D parameters and their LoRA pairs sharded as DTensors, unsharded by the
 decoder layer's ``fully_shard`` before the experts module's own pre-hook puts ``W + s B A`` in
-place) and DeepSpeed ZeRO-3 (every parameter partitioned: the offset's pre-hook runs before
-DeepSpeed's fetch and gathers the expert weight itself, ``Engine.whole``). Each trains 3 SGD steps
-on its half of a fixed batch and must save what one process saves on the whole batch; merging
+place), FSDP1 (``use_orig_params``, one unit per decoder layer: the expert weights are views of
+each rank's piece of the flat parameter outside the forward, whole inside) and DeepSpeed ZeRO-3
+(every parameter partitioned; with and without DeepSpeed's default ZeRO leaf sparse-MoE blocks: in
+a model forward the expert weight is whole when the offset reads it, and the experts module called
+by itself has the offset gather it and its LoRA pair, ``Engine.whole``). Each trains 3 SGD
+steps on its half of a fixed batch and must save what one process saves on the whole batch; merging
 under the engine must land in the sharded weights (the merged expert weight, gathered, is
 ``W + s B A`` of the trained pair) and give the attached logits; unmerge and merge-and-unload too.
 
@@ -32,7 +35,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5, reason="transformers 4.5x builds experts as modules")]
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-LAUNCHES = [("ddp", "mixtral"), ("fsdp2", "mixtral"), ("fsdp2", "qwen3_moe"),
+LAUNCHES = [("ddp", "mixtral"), ("fsdp2", "mixtral"), ("fsdp2", "qwen3_moe"), ("fsdp1", "mixtral"),
             pytest.param(("zero3", "mixtral"), marks=pytest.mark.slow),
             pytest.param(("zero3:noleaf", "mixtral"), marks=pytest.mark.slow)]
 """``zero3``: DeepSpeed's default, the sparse-MoE block a ZeRO leaf module (fetched whole before the
@@ -79,6 +82,8 @@ def test_training_on_two_ranks_saves_what_one_process_saves(launched, references
     assert all(rank["engine"] == ("deepspeed" if engine.startswith("zero3") else engine) for rank in ranks)
     if engine == "fsdp2":  # the expert weight and its LoRA pair are sharded DTensors
         assert all(rank["sharded"] == [True, True, True] for rank in ranks)
+    if engine == "fsdp1":  # each rank holds a piece of the expert weights (views of its flat shard)
+        assert [sum(rank["local_numel"][i] for rank in ranks) for i in (0, 1)] == [4 * 64 * 64, 4 * 64 * 32]
     if engine.startswith("zero3"):
         assert all(rank["partitioned"] for rank in ranks), "the expert weight was not partitioned"
         for rank in ranks:
