@@ -155,6 +155,17 @@ def _record_fetched(experts: nn.Module, seen: list[bool]) -> None:
     experts.register_forward_pre_hook(record)
 
 
+def _train_through_experts(experts: nn.Module) -> str:
+    """The experts module called by itself with gradients, and a backward: ``"ok"``, or the error."""
+    from deltadist import DeltaError
+
+    try:
+        experts(*experts_inputs()).pow(2).sum().backward()
+    except DeltaError as error:
+        return str(error)
+    return "ok" if experts.lora.lora_A.grad is not None else "no gradient"
+
+
 def zero3(rank: int, world_size: int, family: str, workdir: str, leaf: bool) -> dict[str, Any]:
     """DeepSpeed ZeRO-3 (every parameter partitioned, persistence threshold 0): train on this
     rank's half, save; merge / unmerge / merge-and-unload into the partitions. ``leaf``:
@@ -196,6 +207,7 @@ def zero3(rank: int, world_size: int, family: str, workdir: str, leaf: bool) -> 
         calls = len(seen)
         out["experts_call"] = experts(*experts_inputs()).detach().clone()
         out["experts_call_fetched"], out["fetched_at_offset"] = seen[calls:], seen[:calls]
+    out["experts_grad_call"] = _train_through_experts(experts)
     whole = batch(family)
     out["logits"] = logits(engine, whole)
     delta.merge()
