@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.skipif(
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 LAUNCHES = [("ddp", "mixtral"), ("fsdp2", "mixtral"), ("fsdp2", "qwen3_moe"), ("fsdp1", "mixtral"),
             pytest.param(("zero3", "mixtral"), marks=pytest.mark.slow),
+            pytest.param(("zero3", "qwen3_moe"), marks=pytest.mark.slow),
             pytest.param(("zero3:noleaf", "mixtral"), marks=pytest.mark.slow)]
 """``zero3``: DeepSpeed's default, the sparse-MoE block a ZeRO leaf module (fetched whole before the
 offset's pre-hook); ``zero3:noleaf``: ``leaf_module.classes: []``, DeepSpeed's hooks on the experts
