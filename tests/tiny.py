@@ -89,10 +89,21 @@ _FAMILIES: dict[str, _Family] = {
         **_BERT_LIKE, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_channels": CHANNELS,
     }, {"cls": AutoModelForImageClassification}, vision=True),
 }
+_MOE_LIKE = {**_LLAMA_LIKE, "hidden_size": 64, "intermediate_size": 32, "num_experts_per_tok": 2}
+_MOE: dict[str, _Family] = {
+    "mixtral": _Family({**_MOE_LIKE, "num_local_experts": 4}, _DECODER_HEADS),
+    "qwen2_moe": _Family({**_MOE_LIKE, "num_experts": 4, "moe_intermediate_size": 32,
+                          "shared_expert_intermediate_size": 32}, _DECODER_HEADS),
+    "qwen3_moe": _Family({**_MOE_LIKE, "num_experts": 4, "moe_intermediate_size": 32}, _DECODER_HEADS),
+}
 # fmt: on
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
-"""Every family ``build_tiny`` knows: ``("bert", "roberta", ..., "vit")``."""
+"""Every dense family ``build_tiny`` knows: ``("bert", "roberta", ..., "vit")``."""
+MOE_FAMILIES: tuple[str, ...] = tuple(_MOE)
+"""The mixture-of-experts families ``build_tiny`` knows too (hidden 64, 4 experts, top 2), kept
+out of :data:`FAMILIES`: the tests of every method on every family do not run on them."""
+_FAMILIES.update(_MOE)
 NUM_LABELS = 3
 
 METHODS: dict[str, dict] = {
@@ -151,7 +162,7 @@ def build_tiny(
         ValueError: unknown family, or a head transformers has no class for (ViT ``"lm"``).
     """
     if family not in _FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + MOE_FAMILIES}")
     spec = _FAMILIES[family]
     if not has_head(family, head):
         raise ValueError(f"family {family!r} has no {head!r} head")

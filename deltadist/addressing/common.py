@@ -8,6 +8,8 @@ most module names.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from torch import nn
 
 from deltadist.addressing.names import canonical_modules
@@ -41,14 +43,15 @@ def _within(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
-def common_name_index(root: nn.Module, guess: bool = True,
-                      role: str | None = None) -> dict[str, tuple[str, ...]]:
+def common_name_index(root: nn.Module, guess: bool = True, role: str | None = None,
+                      extra: Iterable[str] = ()) -> dict[str, tuple[str, ...]]:
     """Canonical module name -> common names, for every module that plays a role.
 
     Args:
         root: the model.
         guess: for a model without a known ``config``, use the best-matching map anyway.
         role: only modules playing this role (a common-name template without ``$``).
+        extra: more names to look up, not modules (parameter sites: ``mlp.experts.down_proj``).
 
     Returns:
         An empty dict when no family is recognised.
@@ -56,7 +59,7 @@ def common_name_index(root: nn.Module, guess: bool = True,
     modules = canonical_modules(root)
     index: dict[str, tuple[str, ...]] = {}
     for prefix, smap in _scopes(modules, guess):
-        for name in modules:
+        for name in [*modules, *extra]:
             if _within(name, prefix):
                 relative = name[len(prefix) + 1:] if prefix else name
                 commons = smap.common_names(relative, role)

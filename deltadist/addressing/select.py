@@ -8,7 +8,7 @@ from typing import Sequence
 from torch import nn
 
 from deltadist.addressing.common import common_name_index
-from deltadist.addressing.linear import is_linear_module
+from deltadist.addressing.linear import is_fused_experts, is_linear_module, parameter_sites
 from deltadist.addressing.names import Pattern, canonical_modules, canonical_parameters, parse_patterns
 from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD
 from deltadist.errors import AddressingError, closest
@@ -29,6 +29,9 @@ class Site:
     start_name: str | None = None
     """For a span: the canonical name of the module whose input the delta reads."""
     start: nn.Module | None = None
+    parameter: str | None = None
+    """For a parameter site (``name`` is ``<module>.<parameter>``, ``module`` the module holding
+    it): the parameter's name in ``module`` (fused experts, a router's weight)."""
 
 
 def _names_for_matching(
@@ -47,6 +50,7 @@ def select_sites(
     common_structure: bool = False,
     skip: frozenset[int] = frozenset(),
     within: bool = False,
+    parameters: bool = False,
 ) -> list[Site]:
     """Resolve patterns to sites, in module order.
 
@@ -59,23 +63,27 @@ def select_sites(
         skip: ``id()`` of modules that may never be sites (deltas already attached).
         within: also select everything inside a selected module (``"attn"`` then selects
             ``attn.q``, ``attn.proj``... too), for methods that broadcast into sub-modules.
+        parameters: also select parameter sites (:func:`parameter_sites`: fused experts, routers),
+            for methods that change a parameter rather than a call (LoRA); ``"all-linear"`` then
+            covers the fused experts too.
 
     Raises:
         AddressingError: a pattern matches nothing (the closest names are listed), or defaults were
             asked for on a model no structure map knows.
     """
     modules = without_skipped(canonical_modules(backbone), skip)
+    held = parameter_sites(modules) if parameters else {}
     use_defaults = modified_modules is None
     by_role = use_defaults or common_structure
-    index = _structure_index(backbone, use_defaults) if by_role else {}
+    index = _structure_index(backbone, use_defaults, held) if by_role else {}
     patterns = parse_patterns(default_roles if use_defaults else modified_modules)
     excludes = parse_patterns(exclude_modules)
-    candidates = _names_for_matching(modules, by_role, index)
+    candidates = _names_for_matching({**modules, **dict.fromkeys(held)}, by_role, index)
     selected: dict[str, Site] = {}
     unmatched: list[Pattern] = []
     for pattern in patterns:
         if pattern.text == ALL_LINEAR:
-            hits = _all_linear(backbone, modules)
+            hits = _all_linear(backbone, modules, held)
         else:
             test = pattern.matches_within if within else pattern.matches
             hits = [n for n, names in candidates.items() if any(test(c) for c in names)]
@@ -83,7 +91,7 @@ def select_sites(
             unmatched.append(pattern)
         for name in hits:
             if not any(e.matches_within(c) for e in excludes for c in candidates[name] + (name,)):
-                selected.setdefault(name, Site(name, modules[name]))
+                selected.setdefault(name, _site(name, modules, held))
     if unmatched and (not use_defaults or not selected):
         kind = "common-structure names" if by_role else "module names"
         pool = [c for names in candidates.values() for c in names]
@@ -93,18 +101,34 @@ def select_sites(
             f"exclude_modules={list(exclude_modules or [])} removes every module the patterns "
             "select, so there is nothing to modify. Narrow exclude_modules."
         )
-    order = {n: i for i, n in enumerate(modules)}
+    return _in_model_order(selected, modules, held)
+
+
+def _in_model_order(selected: dict[str, Site], modules: dict[str, nn.Module],
+                    held: dict[str, tuple[str, str]]) -> list[Site]:
+    """``selected`` in module order, a parameter site right after its module."""
+    order = {n: (i, "") for i, n in enumerate(modules)}
+    order.update({n: (order[module][0], leaf) for n, (module, leaf) in held.items()})
     return sorted(selected.values(), key=lambda s: order[s.name])
 
 
-def _structure_index(backbone: nn.Module, use_defaults: bool) -> dict[str, tuple[str, ...]]:
+def _site(name: str, modules: dict[str, nn.Module], held: dict[str, tuple[str, str]]) -> Site:
+    """The site called ``name``: a module, or a parameter ``held`` by one."""
+    if name in held:
+        module, leaf = held[name]
+        return Site(name, modules[module], parameter=leaf)
+    return Site(name, modules[name])
+
+
+def _structure_index(backbone: nn.Module, use_defaults: bool,
+                     held: dict[str, tuple[str, str]]) -> dict[str, tuple[str, ...]]:
     """The common names of ``backbone``'s modules, which role patterns (the method's defaults, or
     ``common_structure`` names) are matched against.
 
     Raises:
         AddressingError: no structure map knows the backbone, so no pattern could match.
     """
-    index = common_name_index(backbone)
+    index = common_name_index(backbone, extra=held)
     if not index:
         known = ", ".join(sorted(t for s in STRUCTURE_MAPS for t in s.model_types))
         raise AddressingError(
@@ -125,9 +149,11 @@ def without_skipped(modules: dict[str, nn.Module], skip: frozenset[int]) -> dict
     }
 
 
-def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module],
+                held: dict[str, tuple[str, str]]) -> list[str]:
     """Every linear layer but the output head: the ``lm_head.proj`` and task-head roles, and the
-    module transformers reports as the output embeddings (as PEFT's ``"all-linear"``)."""
+    module transformers reports as the output embeddings (as PEFT's ``"all-linear"``); and the
+    fused expert parameters among the parameter sites ``held`` (which PEFT's does not cover)."""
     heads = [n for n, commons in common_name_index(backbone).items()
              if "lm_head.proj" in commons or TASK_HEAD in commons]
     output = getattr(backbone, "get_output_embeddings", None)
@@ -136,7 +162,7 @@ def _all_linear(backbone: nn.Module, modules: dict[str, nn.Module]) -> list[str]
         n for n, m in modules.items()
         if n and is_linear_module(m) and m is not output
         and not any(n == h or n.startswith(h + ".") for h in heads)
-    ]
+    ] + [n for n, (module, leaf) in held.items() if is_fused_experts(modules[module]._parameters[leaf])]
 
 
 def select_kept_parameters(backbone: nn.Module, patterns: Sequence[str],

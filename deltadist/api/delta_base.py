@@ -79,6 +79,9 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
     default_modified_modules: ClassVar[tuple[str, ...]]
     mechanism: ClassVar[Mechanism]
     broadcast: ClassVar[bool] = False
+    parameter_sites: ClassVar[bool] = False
+    """Whether the method can modify parameter sites (``mlp.experts.gate_up_proj``: see
+    :func:`deltadist.addressing.select.select_sites`), which patterns may then name (LoRA)."""
     """Whether a selected module also selects everything inside it (BitFit's ``"attn"``)."""
     child_name: ClassVar[str]
     """Name of the delta's child module on each site (``"lora"``; ``"lora_1"`` if taken)."""
@@ -211,6 +214,7 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         return select_sites(
             self.backbone_model, config.modified_modules, self.default_modified_modules,
             config.exclude_modules, config.common_structure, skip=attached, within=self.broadcast,
+            parameters=self.parameter_sites,
         )
 
     # -- construction --------------------------------------------------------------------------

@@ -6,8 +6,9 @@ of deltadist talks to an :class:`Engine`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -206,6 +207,13 @@ class Engine:
                 copy = copy.clone()
             copies[name] = copy
         return copies
+
+    @contextlib.contextmanager
+    def whole(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """``params`` whole on every rank for the duration of the block, inside a forward (a
+        parameter offset reads its site's parameter and its delta's when the engine has not
+        fetched them yet); read them, never keep them."""
+        yield
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Copy the full tensor ``value`` into ``param``, whatever its sharding. Every rank calls it."""

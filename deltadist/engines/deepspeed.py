@@ -15,7 +15,8 @@ partitioned model is seen.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,36 @@ class ZeRO3Engine(DistributedEngine):
         partitioned = [p for p in params.values() if is_partitioned(p)]
         with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
             return {name: p.detach().to("cpu").clone().contiguous() for name, p in params.items()}
+
+    @contextlib.contextmanager
+    def whole(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """The partitioned ones of ``params`` gathered for the block. DeepSpeed's pre-forward hook
+        of the module may not have run yet (hooks registered before ``deepspeed.initialize`` run
+        first), or none runs: the module is called by itself inside a ZeRO leaf module (by
+        default the sparse-MoE blocks of Mixtral and Qwen-MoE), whose hook fetches the whole block.
+        With gradients, a trainable one inside a leaf is refused: gathered here, it would be
+        partitioned again before the backward reads it, and no hook inside a leaf fetches it then.
+
+        Raises:
+            EngineError: a trainable parameter inside a ZeRO leaf module, not fetched, under grad.
+        """
+        missing = [p for p in params if is_partitioned(p) and p.numel() != p.ds_numel]
+        if not missing:
+            yield
+            return
+        # Inside a leaf no DeepSpeed hook fetches a trainable one again for the backward.
+        if torch.is_grad_enabled() and any(
+                p.requires_grad and getattr(p, "ds_z3_leaf_module", None) is not None for p in missing):
+            raise EngineError(
+                "ZeRO-3 has not fetched a delta's parameters for this call (a module called by itself "
+                "inside a ZeRO leaf module, which DeepSpeed fetches whole only at the leaf's forward), "
+                "and parameters gathered here would be partitioned again before the backward reads them. "
+                "Call the module through its block, under torch.no_grad(), or leave its block out of "
+                "zero_optimization.leaf_module.classes.")
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+            yield
 
     def scatter(self, param: torch.Tensor, value: torch.Tensor) -> None:
         if not is_partitioned(param):

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from deltadist.addressing.facts import weight_is_transposed
-from deltadist.addressing.names import canonical_modules, dot_prefixes, dot_suffixes
+from deltadist.addressing.names import canonical_modules, canonical_parameters, dot_prefixes, dot_suffixes
 from deltadist.addressing.select import without_skipped
 from deltadist.core import attach as mechanisms
 from deltadist.core.record import delta_key
@@ -49,6 +49,35 @@ class PeftExport:
     """PEFT key -> the two deltadist keys written as one, concatenated along that dim, the second
     negated when the dim is 1: a PiSSA / OLoRA branch ``s (B A - B0 A0)`` as the rank-2r LoRA
     ``[B, -B0] [A; A0]`` (PEFT's own conversion)."""
+    stacked: dict[str, str] = field(default_factory=dict)
+    """deltadist key of a 3-D expert LoRA tensor -> ``"A"`` or ``"B"``: written in PEFT's
+    ``ParamWrapper`` layout (:func:`to_peft_layout`)."""
+
+
+def to_peft_layout(value: torch.Tensor, part: str) -> torch.Tensor:
+    """An expert LoRA tensor as PEFT's ``ParamWrapper`` stores it: ``A [E, r, in] -> [E * r, in]``
+    (expert-major), ``B [E, out, r] -> [out, r * E]`` (expert-minor: column ``k * E + e``)."""
+    if part == "A":
+        return value.reshape(-1, value.shape[-1])
+    return value.permute(1, 2, 0).reshape(value.shape[1], -1)
+
+
+def from_peft_layout(value: torch.Tensor, part: str, experts: int) -> torch.Tensor:
+    """The inverse of :func:`to_peft_layout` for ``experts`` experts."""
+    if part == "A":
+        return value.reshape(experts, -1, value.shape[-1])
+    return value.reshape(value.shape[0], -1, experts).permute(2, 0, 1)
+
+
+def parameter_keys(held: Sequence[tuple[str, str]], order: Sequence[str]) -> dict[str, str]:
+    """PEFT's key prefix of each targeted parameter ``(module, parameter)``: PEFT nests one
+    ``ParamWrapper`` per parameter of a module, the first in ``order`` (the module's own parameter
+    order) innermost, so each sits under one ``base_layer.`` per targeted parameter after it."""
+    keys = {}
+    for module, leaf in held:
+        later = [p for m, p in held if m == module and order.index(p) > order.index(leaf)]
+        keys[f"{module}.{leaf}"] = f"{PREFIX}{module}." + "base_layer." * len(later)
+    return keys
 
 
 def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
@@ -65,6 +94,8 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
             "merge_and_unload().save_pretrained(path) where the method can merge."
         )
     lora = [att for att in delta.record.attachments if not att.mechanism.copies_backbone]
+    held = [att for att in lora if getattr(att.delta, "parameter_name", None) is not None]
+    lora = [att for att in lora if att not in held]
     sites = {att.site_name: att.site for att in lora}  # trained copies are modules_to_save below
     problems = [
         "the model root itself (PEFT puts LoRA on submodules only)" if not name else
@@ -89,6 +120,7 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
         and _can_save([top], modules, wholly_kept, sites)
     ))
     keys, joins, paired = _delta_keys(delta, lora)
+    stacked = _parameter_keys(held, keys)
     for name in kept:  # in a LoRA-wrapped module PEFT's parameter lives under base_layer
         module, _, leaf = name.rpartition(".")
         keys[name] = f"{PREFIX}{module}.base_layer.{leaf}" if module in sites else PREFIX + name
@@ -100,11 +132,43 @@ def plan_export(delta: Any, base_model_name_or_path: str | None) -> PeftExport:
         "lora_alpha": config.lora_alpha * ((math.sqrt(2) if config.use_rslora else 2) if paired else 1),
         "lora_dropout": config.lora_dropout, "target_modules": _target_modules(list(sites), modules),
         "modules_to_save": to_save or None, "bias": "none", "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora, "fan_in_fan_out": all(weight_is_transposed(m) for m in sites.values()),
+        "use_dora": config.use_dora,
+        "fan_in_fan_out": bool(sites) and all(weight_is_transposed(m) for m in sites.values()),
+        "target_parameters": _target_parameters([att.site_name for att in held], backbone) or None,
         "init_lora_weights": True if paired else config.init_lora_weights, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    return PeftExport(adapter_config, keys, joins)
+    return PeftExport(adapter_config, keys, joins, stacked)
+
+
+def _parameter_keys(held: list[Any], keys: dict[str, str]) -> dict[str, str]:
+    """Add PEFT's key of each parameter-site LoRA tensor to ``keys``; return the 3-D ones' parts."""
+    by_site = {att.site_name: att for att in held}
+    pairs = [(att.site_name.rpartition(".")[0], att.delta.parameter_name) for att in held]
+    stacked = {}
+    for site_name, prefix in parameter_keys(pairs, _order_of(held)).items():
+        att = by_site[site_name]
+        for part in ("lora_A", "lora_B"):
+            mine = delta_key(att.site_name, att.base_name, part)
+            keys[mine] = f"{prefix}{part}.weight"
+            if att.delta.lora_A.dim() == 3:
+                stacked[mine] = part[-1]
+    return stacked
+
+
+def _order_of(held: list[Any]) -> list[str]:
+    """Every parameter name of the sites' modules, in their modules' own order."""
+    return list(dict.fromkeys(n for att in held for n in att.site._parameters))
+
+
+def _target_parameters(names: list[str], backbone: nn.Module) -> list[str]:
+    """PEFT ``target_parameters`` selecting exactly the parameters ``names``: the shortest
+    dot-suffix each that no other parameter ends with (PEFT matches no regex here)."""
+    if not names:
+        return []
+    params = {n: None for n in canonical_parameters(backbone)}
+    chosen = _target_modules(names, params)
+    return chosen if isinstance(chosen, list) else sorted(names)
 
 
 def _delta_keys(delta: Any, lora: list[Any]) -> tuple[dict[str, str], Joins, bool]:
@@ -142,8 +206,9 @@ def write_peft(directory: str | Path, tensors: Mapping[str, torch.Tensor], expor
             f"The tensors to save are not this delta's (missing: {missing[:5]}, unexpected: "
             f"{unexpected[:5]}); nothing was written to {directory}. Pass state_dict=None."
         )
-    peft_tensors = {export.keys[key]: value.contiguous() for key, value in tensors.items()
-                    if key in export.keys}
+    peft_tensors = {export.keys[key]: (to_peft_layout(value, export.stacked[key]) if key in export.stacked
+                                       else value).contiguous()
+                    for key, value in tensors.items() if key in export.keys}
     for peft_key, ((first, second), dim) in export.joins.items():
         peft_tensors[peft_key] = torch.cat([tensors[first], tensors[second] * (-1 if dim else 1)], dim)
     embedded = {**config, checkpoint.CHECKSUM_KEY: checkpoint.tensors_sha256(peft_tensors),

@@ -31,6 +31,7 @@ from deltadist.io.peft import (
     PREFIX,
     WEIGHTS_NAME,
 )
+from deltadist.io.peft_export import from_peft_layout, parameter_keys
 
 _LORA_KEY = re.compile(r"(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))")
 """A LoRA tensor's key after :data:`PREFIX`: ``<site>.lora_A.weight``, ``<site>.lora_B.weight`` or
@@ -48,7 +49,6 @@ _UNSUPPORTED = (
     ("rank_pattern", "per-module ranks (rank_pattern)"),
     ("alpha_pattern", "per-module alphas (alpha_pattern)"),
     ("layer_replication", "replicated layers (layer_replication)"),
-    ("target_parameters", "LoRA on bare parameters (target_parameters)"),
     ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
     ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"), ("use_qalora", "QA-LoRA"),
     ("arrow_config", "Arrow routing (arrow_config)"), ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
@@ -75,7 +75,9 @@ def read_peft(directory: Path, backbone: nn.Module,
     _warn_if_config_changed(directory, adapter, embedded)
     delta_ids = mechanisms.delta_parameter_ids(backbone)
     params = {n for n, p in canonical_parameters(backbone).items() if id(p) not in delta_ids}
+    held, held_sites = _parameter_tensors(adapter, backbone, tensors, params)
     lora, sites, backbone_keys = _sort_keys(directory, backbone, tensors, params)
+    lora, sites = {**lora, **held}, sites + held_sites
     if not lora:
         raise CheckpointError(f"{directory / WEIGHTS_NAME} holds no LoRA tensors (lora_A / lora_B).")
     order = {name: i for i, name in enumerate(canonical_parameters(backbone))}
@@ -96,6 +98,33 @@ def read_peft(directory: Path, backbone: nn.Module,
             config[field] = embedded[field]
     tensors = {**lora, **{backbone_keys[k]: tensors[k] for k in backbone_keys}}
     return config, tensors
+
+
+def _parameter_tensors(adapter: dict[str, Any], backbone: nn.Module, tensors: dict[str, torch.Tensor],
+                       params: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The LoRA tensors of PEFT's ``target_parameters`` (taken out of ``tensors``) by deltadist key,
+    in deltadist's layout, and their parameter sites (``<module>.<parameter>``). PEFT selects a
+    parameter whose name equals a target or ends with ``"." + target``."""
+    targets = adapter.get("target_parameters") or []
+    values = canonical_parameters(backbone)
+    found = [n for n in values if n in params and any(n == t or n.endswith("." + t) for t in targets)]
+    if not found:
+        return {}, []
+    pairs = [tuple(n.rsplit(".", 1)) for n in found]
+    order = list(dict.fromkeys(leaf for name in found
+                               for leaf in backbone.get_submodule(name.rpartition(".")[0])._parameters))
+    held: dict[str, torch.Tensor] = {}
+    for site, prefix in parameter_keys(pairs, order).items():
+        shape = values[site].shape
+        for part in ("lora_A", "lora_B"):
+            value = tensors.pop(f"{prefix}{part}.weight", None)
+            if value is None:
+                raise CheckpointError(f"The adapter targets the parameter {site} but holds no "
+                                      f"{prefix}{part}.weight.")
+            if len(shape) == 3:
+                value = from_peft_layout(value, part[-1], shape[0])
+            held[delta_key(site, LORA_KIND, part)] = value
+    return held, found
 
 
 def _sort_keys(directory: Path, backbone: nn.Module, tensors: dict[str, torch.Tensor], params: set[str]
@@ -225,7 +254,8 @@ def _selection(backbone: nn.Module, sites: list[str], adapter: dict[str, Any], e
     wanted = set(sites)
     for modified, exclude, common in candidates:
         try:
-            chosen = select_sites(backbone, modified, default_roles, exclude, common, skip=skip)
+            chosen = select_sites(backbone, modified, default_roles, exclude, common, skip=skip,
+                                  parameters=True)
         except DeltaError:
             continue
         if {s.name for s in chosen} == wanted:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from deltadist.addressing.common import common_name_index
 from deltadist.core.attach import attachments_on
 from deltadist.core.record import records_on
 from deltadist.errors import DeltaError
@@ -68,11 +69,15 @@ def mixed_batch(rows: Sequence[Any]) -> Iterator[None]:
     # Every attachment on the model, not only those of deltas someone still holds: a delta object
     # that was dropped keeps its hooks, and it must serve no row either.
     routes: dict[int, tuple[nn.Module, torch.Tensor, tuple[str, ...] | None]] = {}
+    routed: set[str] | None = None  # sites that see the tokens a router sent them, not rows
     for module in backbone.modules():
         on_site = attachments_on(module)
         for att in on_site:
             served, index = owned.get(id(att), unserved)
-            _check_routable(att, served)
+            _check_routable(att, served, len(rows))
+            if served and len(served) != len(rows):
+                routed = _token_routed(backbone) if routed is None else routed
+                _check_rows_reach(att, served, len(rows), routed)
             routes[id(att)] = (att.delta, index, None)
         group = _groupable([a for a in on_site if id(a) in owned])
         if len(group) > 1:
@@ -122,7 +127,30 @@ def _check_listed(delta: Any, row: int, backbone: Any) -> None:
                          "before the block.")
 
 
-def _check_routable(att: "Attachment", owner: list[int]) -> None:
+def _token_routed(backbone: nn.Module) -> set[str]:
+    """Canonical names of the modules inside experts (``ff.experts.$.w1``...: transformers 4.5x
+    expert modules), which a router calls on the tokens it sent them, flattened: their rows are
+    tokens of any batch row, so a delta there cannot be routed by batch rows."""
+    return {name for name, commons in common_name_index(backbone).items()
+            if any(".ff.experts." in c for c in commons)}
+
+
+def _check_rows_reach(att: "Attachment", owner: list[int], count: int, routed: set[str]) -> None:
+    if att.site_name in routed and att.attached and not att.suspended:
+        raise DeltaError(
+            f"mixed_batch cannot route {att.base_name!r} at {att.site_name!r} by rows: an expert is "
+            f"called on the tokens its router picked, not on batch rows, so it serves every row of a "
+            f"batch or none, not rows {owner} of {count}. Run those rows in a batch of their own.")
+
+
+def _check_routable(att: "Attachment", owner: list[int], count: int) -> None:
+    if att.mechanism.name == "parameter_offset" and att.attached and not att.suspended:
+        if owner and len(owner) != count:  # one weight for the whole call: every row or none
+            raise DeltaError(
+                f"mixed_batch cannot route {att.base_name!r} at {att.site_name!r} by rows: it changes "
+                f"the parameter itself for the whole call (fused experts), so it serves every row of "
+                f"a batch or none, not rows {owner} of {count}. Run those rows in a batch of their own.")
+        return
     if att.mechanism.name not in ROUTABLE_MECHANISMS and att.attached and not att.suspended:
         raise DeltaError(
             f"mixed_batch cannot route {att.base_name!r} by rows yet (it rewrites the sequence, "

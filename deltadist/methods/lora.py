@@ -38,12 +38,15 @@ from deltadist.addressing.select import Site
 from deltadist.api.delta_base import DeltaBase
 from deltadist.core.config import DeltaConfig, check_choice, check_positive_int, check_range
 from deltadist.core.delta_module import DeltaModule
+from deltadist.core.mechanism import Mechanism
 from deltadist.core.registry import register_method
 from deltadist.core.shapes import linear_features, site_placement
 from deltadist.engines import Engine
 from deltadist.engines.storage import plain_values
 from deltadist.errors import ConfigError, DeltaError, SiteError
 from deltadist.mechanisms.hooks import PARALLEL
+from deltadist.mechanisms.offsets import OFFSET
+from deltadist.methods.lora_experts import build_expert_lora, parameter_targets
 
 
 @dataclass(kw_only=True)
@@ -315,10 +318,19 @@ class LoraModel(DeltaBase):
     config_class = LoraConfig
     default_modified_modules = ("attn.q", "attn.v")
     mechanism = PARALLEL
+    parameter_sites = True
     child_name = "lora"
     config: LoraConfig
 
+    def _targets(self, site: Site) -> list[Site]:
+        return parameter_targets(site, self.engine)  # fused experts: their 3-D parameters
+
+    def _mechanism_for(self, target: Site) -> Mechanism:
+        return OFFSET if target.parameter is not None else super()._mechanism_for(target)
+
     def _build_delta(self, site: Site) -> DeltaModule:
+        if site.parameter is not None:  # fused experts, a router's weight: see lora_experts
+            return build_expert_lora(site, self.config, self.engine)
         features = linear_features(site.module, self.engine)
         if features is None:
             linear_children = [

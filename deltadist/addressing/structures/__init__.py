@@ -15,11 +15,13 @@ from .bert import BERT
 from .distilbert import DISTILBERT
 from .gpt2 import GPT2
 from .llama import LLAMA
+from .moe import MIXTRAL, QWEN_MOE
 from .roberta import ROBERTA
 from .t5 import T5
 from .vit import VIT
 
-STRUCTURE_MAPS: list[StructureMap] = [BERT, ROBERTA, DISTILBERT, T5, GPT2, BART, LLAMA, VIT]
+STRUCTURE_MAPS: list[StructureMap] = [BERT, ROBERTA, DISTILBERT, T5, GPT2, BART, LLAMA, MIXTRAL, QWEN_MOE,
+                                      VIT]
 """Every structure map; each ``config.model_type`` appears in exactly one of them. When a model's
 family is guessed from its module names, the first of the best-matching maps wins."""
 

@@ -13,7 +13,7 @@ import transformers
 
 from deltadist.addressing.common import modules_with_role
 from deltadist.addressing.structures import STRUCTURE_MAPS, TASK_HEAD, VISION_SEQUENCE, StructureMap
-from tests.tiny import FAMILIES, build_tiny, has_head, logits_of, tiny_inputs
+from tests.tiny import FAMILIES, MOE_FAMILIES, build_tiny, has_head, logits_of, tiny_inputs
 
 NUM_LAYERS = 2
 ENCODER_DECODER = {"t5", "bart"}
@@ -21,7 +21,11 @@ DECODER_ONLY = {"gpt2", "llama", "qwen2", "mistral"}
 LINEAR_ROLES = ("attn.q", "attn.v", "attn.proj", "ff.w1", "ff.w2")
 ATTN_ROLES = ("", ".q", ".k", ".v", ".proj", ".layer_norm")
 FF_ROLES = ("ff", "ff.w1", "ff.w2", "ff.w3", "ff.layer_norm")
-BLOCK_ROLES = {f"{a}{part}" for a in ("attn", "crossattn") for part in ATTN_ROLES} | set(FF_ROLES)
+MOE_ROLES = ("ff.router", "ff.experts", "ff.experts.w13", "ff.experts.w2", "ff.experts.$.w1",
+             "ff.experts.$.w3", "ff.experts.$.w2", "ff.shared_expert", "ff.shared_expert.w1",
+             "ff.shared_expert.w3", "ff.shared_expert.w2", "ff.shared_expert_gate")
+BLOCK_ROLES = ({f"{a}{part}" for a in ("attn", "crossattn") for part in ATTN_ROLES}
+               | set(FF_ROLES) | set(MOE_ROLES))
 COMMON_TEMPLATES = {"embeddings", "lm_head.proj", TASK_HEAD, VISION_SEQUENCE} | {
     f"{side}.block.$.{role}" for side in ("encoder", "decoder") for role in BLOCK_ROLES
 }
@@ -96,6 +100,9 @@ def test_common_names_use_the_common_vocabulary(structure: StructureMap) -> None
         commons = (common,) if isinstance(common, str) else common
         assert set(commons) <= COMMON_TEMPLATES, real
         assert real.count("$") == next(iter(commons)).count("$"), real
+    for real, common in structure.legacy_roles.items():
+        commons = (common,) if isinstance(common, str) else common
+        assert set(commons) <= COMMON_TEMPLATES, real
 
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -103,12 +110,44 @@ TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 @pytest.mark.parametrize("structure", STRUCTURE_MAPS, ids=lambda s: s.family)
 def test_no_dead_templates(structure: StructureMap) -> None:
-    names = {n for t in structure.model_types for m in _all_tiny(t) for n, _ in m.named_modules()}
+    # Modules and parameters (fused experts are parameter sites: ``mlp.experts.gate_up_proj``).
+    names = {n for t in structure.model_types for m in _all_tiny(t)
+             for n in [*(n for n, _ in m.named_modules()), *(n for n, _ in m.named_parameters())]}
     # `roles` are written against transformers 5 paths; `legacy_roles` against 4.5x ones.
     templates = structure.roles if TRANSFORMERS_5 else structure.legacy_roles
     for real, common in templates.items():
         single = StructureMap(structure.family, structure.model_types, {real: common})
         assert any(single.common_names(n) for n in names), f"{real} matches no module"
+
+
+MOE_LAYOUT = {
+    # family: the 4.5x sparse block holding the expert modules
+    "mixtral": "block_sparse_moe",
+    "qwen2_moe": "mlp",
+    "qwen3_moe": "mlp",
+}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_roles_resolve_in_this_transformers(family: str) -> None:
+    """Fused experts (5.x) are parameter sites ``ff.experts.w13`` / ``w2``; expert modules (4.5x)
+    give ``ff.experts.$.w1`` / ``w3`` / ``w2`` per expert; both have ``ff.router`` per layer."""
+    model = _tiny(family, "lm")
+    structure = map_for(family)
+    names = [*(n for n, _ in model.named_modules()), *(n for n, _ in model.named_parameters())]
+    found = {c: n for n in names for c in structure.common_names(n)}
+    for i in range(NUM_LAYERS):
+        assert f"decoder.block.{i}.ff.router" in found
+        assert f"decoder.block.{i}.attn.q" in found
+        if TRANSFORMERS_5:
+            assert found[f"decoder.block.{i}.ff.experts.w13"] == f"model.layers.{i}.mlp.experts.gate_up_proj"
+            assert found[f"decoder.block.{i}.ff.experts.w2"] == f"model.layers.{i}.mlp.experts.down_proj"
+        else:
+            block = MOE_LAYOUT[family]
+            for e in range(4):
+                assert found[f"decoder.block.{i}.ff.experts.{e}.w2"].startswith(
+                    f"model.layers.{i}.{block}.experts.{e}.")
+        assert (f"decoder.block.{i}.ff.shared_expert.w1" in found) == (family == "qwen2_moe")
 
 
 def test_llama_qwen2_mistral_share_module_paths() -> None:
