@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WIDE = {"hidden_size": 128, "intermediate_size": 256, "tie_word_embeddings": False}
-"""Config overrides of the tiny Llama: ``in_features`` multiples of NF4's block of 64."""
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "tie_word_embeddings": False}
+"""Config overrides of the tiny Llama: NF4's blocks of 64 values in 256 scaler blocks fit every
+projection, also each rank's half of its rows."""
 LORA = {"delta_type": "lora", "lora_r": 4, "modified_modules": ["q_proj", "v_proj", "down_proj"],
         "init_lora_weights": "gaussian"}
 QLORA_DELTAS = {"lora": LORA, "dora": {**LORA, "use_dora": True},

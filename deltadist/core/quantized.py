@@ -9,9 +9,9 @@ deltas attach by their ``in_features`` / ``out_features``.
 
 NF4 (4-bit NormalFloat) stores one 4-bit code per value, an 8-bit scaler per block of
 :data:`BLOCK_SIZE` values and one float32 factor per block of scalers ("double quantization"):
-about 4.13 bits per parameter. Block sizes are chosen per weight so that any split of its rows
-(FSDP2 shards rows) falls on block boundaries: ``in_features`` must be a multiple of
-:data:`BLOCK_SIZE`, other linear layers stay in full precision.
+4.127 bits per parameter. ``in_features`` must be a multiple of :data:`BLOCK_SIZE` (other linear
+layers stay in full precision); FSDP2 shards rows, so each rank's rows must hold whole blocks of
+scalers (:func:`nf4_layout`).
 
 torchao and bitsandbytes are optional: nothing here imports them until a weight is quantized, and
 a tensor is only recognised as quantized if its library is already loaded (it must be, for the
@@ -60,11 +60,15 @@ def is_quantized(tensor: torch.Tensor, engine: Engine | None = None) -> bool:
 
 def nf4_layout(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
     """``(block_size, scaler_block_size)`` for a ``[out, in]`` weight, or ``None`` if its rows do
-    not split into whole blocks (``in`` not a multiple of :data:`BLOCK_SIZE`)."""
+    not split into whole blocks (``in`` not a multiple of :data:`BLOCK_SIZE`).
+
+    QLoRA's (and torchao's default) 256 scalers per factor wherever the weight has a multiple of
+    256 blocks (16,384 values: every layer of a real model), which torchao's ``deepcopy`` of an
+    NF4 tensor assumes; a smaller power of two for smaller weights.
+    """
     if len(shape) != 2 or shape[1] % BLOCK_SIZE:
         return None
-    # Scaler blocks within one row: a split between any two rows stays on block boundaries.
-    return BLOCK_SIZE, math.gcd(SCALER_BLOCK_SIZE, shape[1] // BLOCK_SIZE)
+    return BLOCK_SIZE, math.gcd(SCALER_BLOCK_SIZE, shape[0] * shape[1] // BLOCK_SIZE)
 
 
 def to_nf4(weight: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:

@@ -85,9 +85,12 @@ class FSDP2Engine(DistributedEngine):
         # This rank's rows split off locally, not distribute_tensor: a quantized tensor has no
         # collectives of its own, and torchao's NF4 splits (along whole blocks) but does not slice.
         start, count = rows[0], local.shape[0]
-        if count == 0 or start % count or param.shape[0] % count:
-            raise EngineError(f"a {type(value).__name__} of {param.shape[0]} rows cannot be sharded "
-                              f"in pieces of {count}: choose a world size that divides its rows.")
+        # A quantized tensor splits along whole blocks (NF4: scaler_block_size blocks of block_size).
+        block = getattr(value, "block_size", 1) * getattr(value, "scaler_block_size", 1)
+        if count == 0 or start % count or param.shape[0] % count or count * param.shape[1:].numel() % block:
+            raise EngineError(f"a {type(value).__name__} of {param.shape[0]} rows cannot be sharded in "
+                              f"pieces of {count} rows ({block} values per block): choose a world size "
+                              "that splits it into whole blocks.")
         piece = value.split(count, dim=0)[start // count].to(local.device)
         return DTensor.from_local(piece, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())

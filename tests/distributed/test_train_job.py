@@ -76,7 +76,7 @@ def test_two_ranks_train_and_resume_the_single_process_delta(engine: str, single
 def test_two_ranks_train_the_single_process_delta_on_an_nf4_backbone(engine: str, tmp_path: Path) -> None:
     """``model.quantize: nf4``: FSDP2 shards the 4-bit weights, DDP replicates them."""
     pytest.importorskip("torchao")
-    job = make_job(tmp_path / "job", "causal_lm", model_config={"hidden_size": 128, "intermediate_size": 256},
+    job = make_job(tmp_path / "job", "causal_lm", model_config={"hidden_size": 256, "intermediate_size": 512},
                    **{**JOB, "save_every": None})
     single = ["model.quantize=nf4", f"output_dir={tmp_path / 'single'}"]
     assert main(["train", "--config", str(job.config), *[a for o in single for a in ("--set", o)]]) == 0
@@ -85,5 +85,7 @@ def test_two_ranks_train_the_single_process_delta_on_an_nf4_backbone(engine: str
     expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4)
+    # Sharded sums run in another order; Adam's normalised steps carry that rounding to a few
+    # entries (one of 2,048 moved by 2e-5 in a run): a wrong delta is off by far more.
     for name, tensor in delta(tmp_path / "single").items():
-        torch.testing.assert_close(delta(tmp_path / "ranks")[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(delta(tmp_path / "ranks")[name], tensor, rtol=1e-3, atol=1e-4)

@@ -278,8 +278,8 @@ def test_a_half_precision_backbone_trains_fp32_deltas(dtype: str, tmp_path: Path
     assert {t.dtype for t in delta_tensors(job.root / "run" / "delta").values()} == {torch.float32}
 
 
-WIDE = {"hidden_size": 128, "intermediate_size": 256}
-"""Rows of 128 values: NF4 blocks of 64 fit (the usual tiny width, 32, stays in full precision)."""
+WIDE = {"hidden_size": 256, "intermediate_size": 512}
+"""Rows of 256 values: NF4 blocks of 64 fit (the usual tiny width, 32, stays in full precision)."""
 
 
 @pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])

@@ -12,6 +12,7 @@ pytest.importorskip("torchao")
 
 from deltadist import AutoDeltaModel, prepare_model  # noqa: E402
 from deltadist.core import quantized  # noqa: E402
+from deltadist.engines.storage import plain_values  # noqa: E402
 from deltadist.errors import SiteError  # noqa: E402
 from deltadist.io import backbone_weights  # noqa: E402
 from tests.qlora import LORA, QLORA_DELTAS, WIDE, qlora_run, wide_llama  # noqa: E402
@@ -46,9 +47,8 @@ def test_quantized_while_loading_equals_quantizing_the_loaded_model(method: str,
     assert run["with_grad"] and all(name.startswith("score.") is False for name in run["quantized"])
     assert not [n for n in run["with_grad"] if n in run["quantized"]]
     bits, values = quantized.storage_bits(model.model.layers[0].self_attn.k_proj)
-    # 4-bit codes, an 8-bit scaler per 64 values, a float32 factor per 2 scalers (rows of 128),
-    # one float32 mean: 4.375 bits per value (4.13 for the rows of 4096 of a 7B model).
-    assert bits == values * 4.375 + 32
+    # 4-bit codes, an 8-bit scaler per 64 values, a float32 factor per 256 scalers, one float32 mean.
+    assert bits == values * (4 + 8 / 64 + 32 / (64 * 256)) + 32
 
 
 def test_one_full_precision_weight_at_a_time(weights: str, monkeypatch) -> None:
@@ -150,3 +150,57 @@ def test_bitsandbytes_4_bit_layers_equal_peft_on_them(dora: bool, weights: str) 
         delta.merge()
     with pytest.raises(Exception, match="bitsandbytes 4-bit weight.*full-precision checkpoint"):
         delta.merge_and_unload()
+
+
+@pytest.fixture(scope="module")
+def nf4_lm():
+    """A causal Llama with NF4 projections, LoRA on them, and its twin holding the dequantized
+    weights as plain parameters (what the NF4 model computes, in ordinary tensors)."""
+    from tests.tiny import build_tiny
+
+    model = build_tiny("llama", "lm", **{**WIDE, "vocab_size": 128})
+    quantized.quantize_backbone(model)
+    twin = build_tiny("llama", "lm", **{**WIDE, "vocab_size": 128})
+    twin.load_state_dict({k: plain_values(v) for k, v in model.state_dict().items()})
+    deltas = []
+    for backbone in (model, twin):
+        torch.manual_seed(5)
+        deltas.append(AutoDeltaModel.from_config({**LORA, "init_lora_weights": False}, backbone_model=backbone))
+        deltas[-1].freeze_module()
+    return model, twin
+
+
+def test_nf4_generate_checkpointing_and_deepcopy(nf4_lm) -> None:
+    import copy
+
+    model, twin = nf4_lm
+    prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(model.generate(prompt, **settings), twin.generate(prompt, **settings))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=prompt, labels=prompt).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+    copied = copy.deepcopy(model)
+    assert quantized.is_quantized(copied.model.layers[1].mlp.up_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(prompt).logits, model(prompt).logits, rtol=0, atol=0)
+
+
+def test_nf4_model_compiles_to_the_eager_outputs(nf4_lm) -> None:
+    model, _ = nf4_lm
+    torch._dynamo.reset()
+    prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = model(prompt).logits
+        compiled = torch.compile(model, backend="aot_eager")(prompt).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
