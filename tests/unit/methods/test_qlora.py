@@ -162,11 +162,10 @@ def nf4_lm():
     quantized.quantize_backbone(model)
     twin = build_tiny("llama", "lm", **{**WIDE, "vocab_size": 128})
     twin.load_state_dict({k: plain_values(v) for k, v in model.state_dict().items()})
-    deltas = []
     for backbone in (model, twin):
         torch.manual_seed(5)
-        deltas.append(AutoDeltaModel.from_config({**LORA, "init_lora_weights": False}, backbone_model=backbone))
-        deltas[-1].freeze_module()
+        delta = AutoDeltaModel.from_config({**LORA, "init_lora_weights": False}, backbone_model=backbone)
+        delta.freeze_module()
     return model, twin
 
 
