@@ -12,6 +12,7 @@ from deltadist.core.config import DeltaConfig
 from deltadist.core.delta_module import DeltaModule
 from deltadist.core.export_guard import full_state_dict
 from deltadist.core.naming import deltas_on
+from deltadist.core.quantized import quantize_backbone
 from deltadist.core.registry import register_method
 from deltadist.engines import Engine, register_engine, wrap_model
 from deltadist.errors import (
@@ -45,7 +46,7 @@ __all__ = [
     "ExportError", "LoraConfig", "LoraModel", "LowRankAdapterConfig", "LowRankAdapterModel",
     "ParallelAdapterConfig", "ParallelAdapterModel", "PrefixConfig", "PrefixModel", "SiteError",
     "SoftPromptConfig", "SoftPromptModel", "Visualization",
-    "deltas_on", "full_state_dict", "prepare_model", "wrap_model",
+    "deltas_on", "full_state_dict", "prepare_model", "quantize_backbone", "wrap_model",
     "mixed_batch",
     # Extension points: a method, an engine, a model family (docs/architecture.md).
     "DeltaModule", "Engine", "StructureMap", "register_engine", "register_method", "register_structure_map",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Sequence
@@ -46,12 +47,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     its traceback.
     """
     args = build_parser().parse_args(argv)
+    quiet_optional_kernels()
     if args.command == "pick":
         return pick.run(args)
     try:
         return _train(args)
     except ImportError as err:
         return fail_missing_extra(args.command, err, "train")
+
+
+class _OptionalKernelNoise(logging.Filter):
+    """Drops torchao's import-time warnings (which transformers triggers when torchao is installed):
+    its GPU kernel libraries failing to load on a machine without them, and torch deprecating the
+    pytree registration of torchao's enums. Neither concerns a run; both would bury its one-line errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load") or "is an Enum subclass" in message)
+
+
+def quiet_optional_kernels() -> None:
+    """Install :class:`_OptionalKernelNoise` on the loggers that print it (once)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OptionalKernelNoise) for f in logger.filters):
+            logger.addFilter(_OptionalKernelNoise())
 
 
 def _train(args: argparse.Namespace) -> int:

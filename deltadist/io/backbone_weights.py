@@ -113,8 +113,8 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
         n for n, p in root.named_parameters()
         if id(p) not in filled and id(p) not in delta_ids and not n.startswith(new)
     )
-    # One assignment for all (FSDP2 re-reads its sharded parameters after a load_state_dict).
-    root.load_state_dict(placed, strict=False, assign=True)
+    if placed:  # one assignment for all (FSDP2 re-reads its sharded parameters after a load_state_dict);
+        root.load_state_dict(placed, strict=False, assign=True)  # never else: FSDP1's hooks would run
     if missing:
         raise CheckpointError(f"{weights} has no tensor for these backbone parameters: "
                               f"{', '.join(missing[:20])}. Check weights_prefix.")
