@@ -12,10 +12,11 @@ from __future__ import annotations
 from torch import nn
 
 from deltadist.addressing.common import modules_with_role
-from deltadist.addressing.names import canonical_name
+from deltadist.addressing.names import canonical_name, canonical_parameters
 from deltadist.addressing.select import DELTAS_KEYWORD, Site, select_kept_parameters
 from deltadist.addressing.structures import TASK_HEAD
 from deltadist.core import attach as mechanisms
+from deltadist.core.quantized import is_quantized
 from deltadist.core.record import DeltaRecord, kept_by_other_deltas
 from deltadist.engines import Engine
 from deltadist.errors import ConfigError, DeltaError, EngineError, SiteError
@@ -54,15 +55,30 @@ def resolve_unfrozen(backbone: nn.Module, unfrozen: list[str] | None, *, loading
 
     Raises:
         AddressingError: a pattern keeps no backbone parameter.
-        ConfigError: a parameter trained in place is another delta's already.
+        ConfigError: a parameter trained in place is another delta's already, or is stored in 4 bits.
     """
     if unfrozen is None:
         unfrozen = default_unfrozen(backbone)
     kept = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
+    refuse_training_quantized(backbone, kept)
     units = copy_units(backbone, kept, [*sites, *modified_sites(backbone)])
     in_place = tuple(n for n in kept if not any(n.startswith(unit + ".") for unit in units))
     check_single_owner(backbone, in_place, this, loading)
     return list(unfrozen), kept, units
+
+
+def refuse_training_quantized(backbone: nn.Module, kept: tuple[str, ...]) -> None:
+    """A kept backbone parameter (a task head, trained in place or as the delta's copy) cannot be
+    stored in 4 bits: its values are codes, not numbers an optimizer can step."""
+    params = canonical_parameters(backbone) if kept else {}
+    quantized = [name for name in kept if name in params and is_quantized(params[name])]
+    if quantized:
+        raise ConfigError(
+            f"{', '.join(quantized[:5])}: stored in 4 bits, so the delta cannot train them (the task "
+            "head is kept by default). Load those modules in full precision (bitsandbytes: "
+            "BitsAndBytesConfig(llm_int8_skip_modules=[...]); quantize='nf4' leaves task heads out), "
+            "or leave them out of unfrozen_modules (e.g. ['deltas'])."
+        )
 
 
 def modified_sites(backbone: nn.Module, copied: bool = False) -> list[str]:

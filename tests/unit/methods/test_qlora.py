@@ -112,35 +112,47 @@ def test_unknown_scheme_and_unblockable_rows_are_named(weights: str) -> None:
     assert "lm_head" not in quantized.quantizable_linears(lm)
 
 
-def _bnb_model(weights: str):
+BNB_FAMILIES = {"llama": (WIDE, LORA["modified_modules"]),
+                "bert": ({"hidden_size": 256, "intermediate_size": 512}, ["query", "value", "output.dense"]),
+                "gpt2": ({"n_embd": 256}, ["c_attn", "c_fc"])}
+"""Families bitsandbytes' 4-bit layers are tested on: config overrides, LoRA's sites."""
+
+
+def _bnb_model(weights: str, skip: tuple[str, ...] = ("classifier", "score")):
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_compute_dtype=torch.float32)
+                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=list(skip))
     # dtype named: transformers 4.57 loads the layers it does not quantize in fp16 by default.
     return AutoModelForSequenceClassification.from_pretrained(weights, quantization_config=config,
                                                               device_map="cpu", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("family", sorted(BNB_FAMILIES))
 @pytest.mark.parametrize("dora", [False, True])
-def test_bitsandbytes_4_bit_layers_equal_peft_on_them(dora: bool, weights: str) -> None:
+def test_bitsandbytes_4_bit_layers_equal_peft_on_them(dora: bool, family: str, tmp_path) -> None:
     """transformers' load_in_4bit (bitsandbytes' Linear4bit, weights packed [n/2, 1]) on a CPU:
     deltas attach by the layers' features, and DoRA reads the dequantized weight."""
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
-    ours, theirs = _bnb_model(weights), _bnb_model(weights)
-    config = {**LORA, "init_lora_weights": False, "use_dora": dora}
+    from tests.tiny import build_tiny
+
+    overrides, sites = BNB_FAMILIES[family]
+    build_tiny(family, "cls", **overrides).save_pretrained(tmp_path)
+    ours, theirs = _bnb_model(str(tmp_path)), _bnb_model(str(tmp_path))
+    config = {**LORA, "modified_modules": sites, "init_lora_weights": False, "use_dora": dora}
     delta = AutoDeltaModel.from_config(config, backbone_model=ours)
     delta.freeze_module()
-    peft = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=16, target_modules=LORA["modified_modules"],
-                                             use_dora=dora))
+    peft = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=16, target_modules=sites, use_dora=dora))
     names = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
              "magnitude": "lora_magnitude_vector.default.weight"}
     values = {f"base_model.model.{key.split('.lora.')[0]}.{names[key.rsplit('.', 1)[1]]}": value
               for key, value in delta.state_dict().items() if ".lora." in key}
     assert not peft.load_state_dict(values, strict=False).unexpected_keys
-    inputs = tiny_inputs("llama", batch=2, seq=8, seed=1)
+    lora_sites = {type(a.site).__name__ for a in delta.record.attachments if not a.mechanism.copies_backbone}
+    assert lora_sites == {"Linear4bit"}
+    inputs = tiny_inputs(family, batch=2, seq=8, seed=1)
     got = ours(**inputs).logits
     torch.testing.assert_close(got, peft(**inputs).logits, rtol=1e-5, atol=1e-5)
     got.sum().backward()
@@ -150,6 +162,22 @@ def test_bitsandbytes_4_bit_layers_equal_peft_on_them(dora: bool, weights: str) 
         delta.merge()
     with pytest.raises(Exception, match="bitsandbytes 4-bit weight.*full-precision checkpoint"):
         delta.merge_and_unload()
+
+
+def test_a_4_bit_task_head_is_not_trained(tmp_path) -> None:
+    """bitsandbytes quantizes BERT's classifier unless told not to: the delta's default copy of
+    the task head would train packed codes (bitsandbytes' forward failed on the copy)."""
+    pytest.importorskip("bitsandbytes")
+    from deltadist.errors import ConfigError
+    from tests.tiny import build_tiny
+
+    build_tiny("bert", "cls", **BNB_FAMILIES["bert"][0]).save_pretrained(tmp_path)
+    model = _bnb_model(str(tmp_path), skip=())
+    with pytest.raises(ConfigError, match="classifier.weight: stored in 4 bits.*llm_int8_skip_modules"):
+        AutoDeltaModel.from_config({**LORA, "modified_modules": ["query"]}, backbone_model=model)
+    assert not [n for n, _ in model.named_modules() if n.endswith(".lora")]  # nothing attached
+    AutoDeltaModel.from_config({**LORA, "modified_modules": ["query"], "unfrozen_modules": ["deltas"]},
+                               backbone_model=model)
 
 
 @pytest.fixture(scope="module")
