@@ -1,0 +1,147 @@
+"""The next thing a PEFT / transformers user does with LoRA's variants (DoRA, PiSSA, LoRA+), each
+against a reference: a half-precision backbone (PEFT's same variant on the same model), activation
+checkpointing (the gradients without it), ``generate`` (PEFT's tokens, and the merged model's) and
+``DeltaTrainer`` (the loss falls, the saved delta reloads to the trained outputs). Hot swap under
+DDP and FSDP2 is in ``tests/distributed/test_lora_variants_engines.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltadist import AutoDeltaModel, LoraModel
+from tests.methods.test_checkpointing import _gradients
+from tests.methods.test_generate import _generate, _prompts
+from tests.tiny import build_tiny, logits_of, tiny_inputs
+from tests.unit.methods.test_lora_variants import _from_weights_pair, _move_both, _pair
+
+peft = pytest.importorskip("peft")
+HALF_TOL = {torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}, torch.float16: {"rtol": 1e-3, "atol": 2e-3}}
+"""Within a few roundings of the half dtype; the variants move these logits by 0.2 to 0.5."""
+VARIANTS = {"dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"}}
+
+
+def _variant_pair(variant: str, family: str = "llama", dtype: torch.dtype = torch.float32):
+    """(backbone with deltadist's variant, deltadist's delta, PEFT's model) holding the same values,
+    off the no-op start: DoRA's random A and B copied from PEFT's, PiSSA's pairs moved alike."""
+    if variant == "dora":
+        base, mine, theirs = _pair(family, dtype, use_dora=True)
+    else:
+        _, base, mine, theirs = _from_weights_pair(family, "pissa", dtype)
+        _move_both(mine, theirs)
+    return base, mine, theirs.eval()
+
+
+# -- half precision ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_half_backbone_gives_peft_logits_and_trains_fp32_variant_parameters(variant, dtype) -> None:
+    base, mine, theirs = _variant_pair(variant, dtype=dtype)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        got, expected = logits_of(base, inputs), logits_of(theirs, inputs)
+        untouched = logits_of(build_tiny("llama", "lm").to(dtype), inputs)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected, **HALF_TOL[dtype])
+    assert (got.float() - untouched.float()).abs().max() > 0.1, "the variant changes nothing"
+    # The rule of half-precision backbones (tests/methods/test_half_precision.py): fp32 deltas,
+    # the frozen PiSSA starting pair included.
+    held = [p for att in mine.record.attachments for p in att.delta.parameters()]
+    assert {p.dtype for p in held} == {torch.float32}
+    before = {key: p.detach().clone() for key, p in mine.named_parameters()}
+    optimizer = torch.optim.AdamW(mine.param_groups(1e-2, loraplus_lr_ratio=4))
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = logits_of(base, inputs).float().pow(2).mean()
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+    for key, param in mine.named_parameters():  # PiSSA's starting pair is saved, frozen
+        assert param.dtype == torch.float32 and torch.isfinite(param).all(), key
+        assert param.requires_grad != key.rpartition(".")[2].startswith("initial_"), key
+        assert torch.equal(param, before[key]) != param.requires_grad, f"{key} trained or did not"
+    with torch.no_grad():
+        assert torch.isfinite(logits_of(base, inputs)).all()
+
+
+# -- activation checkpointing --------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_non_reentrant_checkpointing_gives_the_variants_their_gradients(family, variant) -> None:
+    config = {"delta_type": "lora", "lora_r": 4, **VARIANTS[variant]}
+    expected = _gradients(family, config, reentrant=None)
+    got = _gradients(family, config, reentrant=False)
+    assert got.keys() == expected.keys()
+    assert any(key.endswith(".magnitude") for key in got) == (variant == "dora")
+    for key, grad in expected.items():
+        if key.rpartition(".")[2].startswith("initial_"):  # PiSSA's frozen starting pair
+            assert grad is None and got[key] is None, key
+            continue
+        assert grad is not None and got[key] is not None, key
+        assert grad.abs().sum() > 0, key
+        torch.testing.assert_close(got[key], grad, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# -- generate ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_generation_gives_peft_tokens_and_the_merged_model_the_same(variant) -> None:
+    base, mine, theirs = _variant_pair(variant)
+    batch, mask, alone = _prompts()
+    plain = build_tiny("llama", "lm")
+    expected = _generate(theirs, batch, mask)
+    got = _generate(base, batch, mask)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, _generate(plain, batch, mask)), "the variant changes no token"
+    assert torch.equal(_generate(base, alone, torch.ones_like(alone))[0], got[0])  # padding aside
+    mine.merge()
+    assert torch.equal(_generate(base, batch, mask), got)
+    mine.unmerge()
+    assert torch.equal(_generate(base, batch, mask), got)
+
+
+# -- DeltaTrainer ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("loraplus", [False, True], ids=["dora", "dora-loraplus"])
+def test_delta_trainer_trains_a_dora_and_its_checkpoint_reloads(tmp_path, loraplus) -> None:
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it
+    from tests.unit.integrations.test_trainer import dataset, eval_logits, make_trainer
+
+    model = build_tiny("llama", "cls", seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        delta = LoraModel(backbone_model=model, lora_r=4, use_dora=True, use_rslora=True)
+    delta.freeze_module()
+    start = {key: p.detach().clone() for key, p in delta.named_parameters()}
+    extra = {}
+    if loraplus:  # the Trainer takes an optimizer built on delta.param_groups (its scheduler scales each)
+        extra["optimizers"] = (torch.optim.AdamW(delta.param_groups(0.05, loraplus_lr_ratio=4)), None)
+    trainer = make_trainer(tmp_path / "run", model, delta, **extra)
+
+    def loss() -> float:
+        model.eval()
+        rows = dataset()
+        with torch.no_grad():
+            out = model(input_ids=torch.stack([r["input_ids"] for r in rows]),
+                        attention_mask=torch.stack([r["attention_mask"] for r in rows]),
+                        labels=torch.stack([r["labels"] for r in rows]))
+        return out.loss.item()
+
+    before = loss()
+    trainer.train()
+    assert loss() < before
+    if loraplus:
+        groups = trainer.optimizer.param_groups  # Trainer's scheduler scaled both, kept the ratio
+        assert [g["initial_lr"] for g in groups] == [0.05, 0.2]
+        b_ids = {id(p) for key, p in delta.named_parameters() if key.endswith(".lora_B")}
+        assert b_ids
+        assert b_ids <= {id(p) for p in groups[1]["params"]}
+    for key, param in delta.named_parameters():
+        assert not torch.equal(param, start[key]), f"{key} did not train"
+    trained = eval_logits(model)
+    trainer.save_model(str(tmp_path / "final"))
+    fresh = build_tiny("llama", "cls", seed=0)
+    again = AutoDeltaModel.from_finetuned(tmp_path / "final", backbone_model=fresh)
+    assert again.config.use_dora and again.config.use_rslora
+    torch.testing.assert_close(eval_logits(fresh), trained, rtol=0, atol=1e-6)
+    checkpoint = AutoDeltaModel.from_finetuned(tmp_path / "run" / "checkpoint-4",
+                                               backbone_model=build_tiny("llama", "cls", seed=0))
+    torch.testing.assert_close(eval_logits(checkpoint.backbone_model), trained, rtol=0, atol=1e-6)
