@@ -1,0 +1,44 @@
+"""LoRA's variants hot-swapped (``load_finetuned(path, hotswap=True)``) into a model wrapped by DDP
+and FSDP2 on 2 gloo ranks give what a fresh attach of the swapped-in delta gives in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import variant_workers
+from tests.distributed.harness import run_ranks
+from tests.unit.methods.test_lora_hotswap import _trained
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """Per variant, a rank-8 and a rank-4 rsLoRA of other scales, saved, and the logits of each."""
+    workdir = tmp_path_factory.mktemp("hotswap")
+    logits = {}
+    for name, variant in variant_workers.VARIANTS.items():
+        logits[name] = {
+            "first": _trained(workdir, f"{name}-first", 0, **variant_workers.ATTACHED, **variant),
+            "second": _trained(workdir, f"{name}-second", 1, lora_r=4, lora_alpha=32, use_rslora=True,
+                               **variant)}
+    return str(workdir), logits
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_hot_swap_in_a_wrapped_model_gives_a_fresh_attach_of_the_swapped_in_delta(saved, engine) -> None:
+    workdir, expected = saved
+    ranks = run_ranks(variant_workers.hotswap_ranks, args=(engine, workdir), timeout=400)
+    for rank, result in enumerate(ranks):
+        for name, want in expected.items():
+            got = result[name]
+            assert "error" not in got, f"{engine} rank {rank} {name}: {got.get('error')}"
+            for tag, reference in (("first", want["first"]), ("second", want["second"]),
+                                   ("back", want["first"])):
+                torch.testing.assert_close(got["logits"][tag], reference, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, t=tag, n=name: f"{engine} rank {rank} {n} {t}: {m}")
+            assert not torch.allclose(want["first"], want["second"], atol=1e-3)
+            # every rank holds the same whole delta after the swaps
+            for key, value in ranks[0][name]["state"].items():
+                assert torch.equal(got["state"][key], value), key

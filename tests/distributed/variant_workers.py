@@ -1,0 +1,45 @@
+"""Rank functions for ``test_lora_variants_engines.py``: LoRA's variants hot-swapped in a wrapped model.
+
+Importable by spawned children (``tests.distributed.variant_workers``); the wrapping is
+``workers.wrap``'s, the saved deltas and their logits come from ``test_lora_hotswap._trained``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"}}
+"""The kinds of LoRA a hot swap keeps (plain, DoRA, PiSSA with its frozen starting pair)."""
+ATTACHED = {"lora_r": 8, "lora_alpha": 16}
+"""The attached delta's rank and scale: the checkpoints swapped in have rank 8 or 4."""
+
+
+def hotswap_ranks(rank: int, world_size: int, engine: str, workdir: str) -> dict[str, Any]:
+    """Per variant: the logits of the wrapped model after loading ``<variant>-first`` into its
+    attached LoRA, then hot-swapping ``<variant>-second`` and ``<variant>-first`` in, or the error."""
+    from deltadist import LoraModel
+    from tests.distributed.workers import wrap
+    from tests.tiny import build_tiny, logits_of, tiny_inputs
+
+    out: dict[str, Any] = {}
+    for name, variant in VARIANTS.items():
+        model = build_tiny("llama", "lm")
+        delta = LoraModel(model, unfrozen_modules=["deltas"], **ATTACHED, **variant)
+        delta.freeze_module()
+        wrapped = wrap(model, engine)
+        inputs = tiny_inputs("llama")
+        logits: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                delta.load_finetuned(f"{workdir}/{name}-first")
+                logits["first"] = logits_of(wrapped, inputs).clone()
+                delta.load_finetuned(f"{workdir}/{name}-second", hotswap=True)
+                logits["second"] = logits_of(wrapped, inputs).clone()
+                delta.load_finetuned(f"{workdir}/{name}-first", hotswap=True)
+                logits["back"] = logits_of(wrapped, inputs).clone()
+            out[name] = {"logits": logits, "state": {k: v.clone() for k, v in delta.state_dict().items()}}
+        except Exception as error:  # reported, so the test names the variant and engine
+            out[name] = {"error": f"{type(error).__name__}: {error}"}
+    return out
