@@ -1,5 +1,6 @@
 """LoRA's variants hot-swapped (``load_finetuned(path, hotswap=True)``) into a model wrapped by DDP
-and FSDP2 on 2 gloo ranks give what a fresh attach of the swapped-in delta gives in one process."""
+, FSDP2, FSDP1 and DeepSpeed ZeRO-3 on 2 gloo ranks give what a fresh attach of the swapped-in delta
+gives in one process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from tests.distributed import variant_workers
 from tests.distributed.harness import run_ranks
+from tests.distributed.test_deepspeed import deepspeed_ops  # noqa: F401 (a fixture)
 from tests.unit.methods.test_lora_hotswap import _trained
 
 pytestmark = pytest.mark.distributed
@@ -26,8 +28,11 @@ def saved(tmp_path_factory) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     return str(workdir), logits
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_a_hot_swap_in_a_wrapped_model_gives_a_fresh_attach_of_the_swapped_in_delta(saved, engine) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1", "zero3"])
+def test_a_hot_swap_in_a_wrapped_model_gives_a_fresh_attach_of_the_swapped_in_delta(
+        saved, engine, request) -> None:
+    if engine.startswith("zero"):
+        request.getfixturevalue("deepspeed_ops")  # skips without deepspeed
     workdir, expected = saved
     ranks = run_ranks(variant_workers.hotswap_ranks, args=(engine, workdir), timeout=400)
     for rank, result in enumerate(ranks):

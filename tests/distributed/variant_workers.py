@@ -1,7 +1,8 @@
 """Rank functions for ``test_lora_variants_engines.py``: LoRA's variants hot-swapped in a wrapped model.
 
 Importable by spawned children (``tests.distributed.variant_workers``); the wrapping is
-``workers.wrap``'s, the saved deltas and their logits come from ``test_lora_hotswap._trained``.
+``workers.wrap``'s (DDP, FSDP2, FSDP1) or ``test_deepspeed``'s ``deepspeed.initialize`` (``zero2``,
+``zero3``), the saved deltas and their logits come from ``test_lora_hotswap._trained``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ def hotswap_ranks(rank: int, world_size: int, engine: str, workdir: str) -> dict
     """Per variant: the logits of the wrapped model after loading ``<variant>-first`` into its
     attached LoRA, then hot-swapping ``<variant>-second`` and ``<variant>-first`` in, or the error."""
     from deltadist import LoraModel
-    from tests.distributed.workers import wrap
     from tests.tiny import build_tiny, logits_of, tiny_inputs
 
     out: dict[str, Any] = {}
@@ -28,7 +28,7 @@ def hotswap_ranks(rank: int, world_size: int, engine: str, workdir: str) -> dict
         model = build_tiny("llama", "lm")
         delta = LoraModel(model, unfrozen_modules=["deltas"], **ATTACHED, **variant)
         delta.freeze_module()
-        wrapped = wrap(model, engine)
+        wrapped = _wrapped(model, delta, engine)
         inputs = tiny_inputs("llama")
         logits: dict[str, torch.Tensor] = {}
         try:
@@ -43,3 +43,17 @@ def hotswap_ranks(rank: int, world_size: int, engine: str, workdir: str) -> dict
         except Exception as error:  # reported, so the test names the variant and engine
             out[name] = {"error": f"{type(error).__name__}: {error}"}
     return out
+
+
+def _wrapped(model: torch.nn.Module, delta: Any, engine: str) -> torch.nn.Module:
+    """What the serving loop calls: the engine's usual wrapping of ``model`` (delta attached)."""
+    if engine.startswith("zero"):
+        from tests.distributed import test_deepspeed
+
+        deepspeed = test_deepspeed._deepspeed()
+        wrapped = test_deepspeed.initialize(deepspeed, model, delta, engine)
+        wrapped.eval()  # DeepSpeedEngine.eval() returns None
+        return wrapped
+    from tests.distributed.workers import wrap
+
+    return wrap(model, engine)
