@@ -105,7 +105,9 @@ class SaveLoadMixin:
         Raises:
             CheckpointError: keys missing, unexpected or of the wrong shape (all listed); nothing
                 is copied in that case.
+            DeltaError: this delta is merged (``unmerge()`` first) or was unloaded.
         """
+        self._check_usable("load_state_dict()")
         expected = dict(self.named_parameters())
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -175,7 +177,9 @@ class SaveLoadMixin:
             CheckpointError: the file is missing or corrupt, or its tensors do not fit (listed).
             BackboneMismatchError: it was trained on another backbone (``check_hash=False`` skips).
             ConfigError: ``hotswap`` with a delta that cannot take this one's place (named why).
+            DeltaError: this delta is merged (``unmerge()`` first) or was unloaded.
         """
+        self._check_usable("load_finetuned()")  # else the old values stay in the merged weights
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
         saved, read_tensors, where = self._reader(directory, self.backbone_model)
         stored = self._config_from_dict(saved)

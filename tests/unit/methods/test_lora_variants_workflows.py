@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltadist import AutoDeltaModel, LoraModel
+from deltadist import AutoDeltaModel, DeltaError, LoraModel
 from tests.methods.test_checkpointing import _gradients
 from tests.methods.test_generate import _generate, _prompts
 from tests.tiny import build_tiny, logits_of, tiny_inputs
+from tests.unit.methods.test_lora_hotswap import _trained
 from tests.unit.methods.test_lora_variants import _from_weights_pair, _move_both, _pair
 
 peft = pytest.importorskip("peft")
@@ -145,3 +146,30 @@ def test_delta_trainer_trains_a_dora_and_its_checkpoint_reloads(tmp_path, lorapl
     checkpoint = AutoDeltaModel.from_finetuned(tmp_path / "run" / "checkpoint-4",
                                                backbone_model=build_tiny("llama", "cls", seed=0))
     torch.testing.assert_close(eval_logits(checkpoint.backbone_model), trained, rtol=0, atol=1e-6)
+
+
+# -- loading into a merged delta -------------------------------------------------------------------
+@pytest.mark.parametrize("hotswap", [False, True], ids=["load", "hotswap"])
+def test_loading_into_a_merged_delta_is_refused_and_works_once_unmerged(tmp_path, hotswap) -> None:
+    """The old values stay folded into the weights while merged: loading new ones then gave the old
+    delta plus the new one (or, checked, a BackboneMismatchError blaming the backbone)."""
+    first = _trained(tmp_path, "first", 0, lora_r=8, lora_alpha=16, use_dora=True)
+    other = {"lora_r": 4, "lora_alpha": 32} if hotswap else {"lora_r": 8, "lora_alpha": 16}
+    second = _trained(tmp_path, "second", 1, use_dora=True, **other)
+    model = build_tiny("llama", "lm")
+    delta = LoraModel(model, lora_r=8, lora_alpha=16, use_dora=True)
+    delta.load_finetuned(tmp_path / "first")
+    delta.merge()
+    before = delta.state_dict()
+    for check_hash in (True, False):
+        with pytest.raises(DeltaError, match="merged into the weights; call unmerge"):
+            delta.load_finetuned(tmp_path / "second", hotswap=hotswap, check_hash=check_hash)
+    with pytest.raises(DeltaError, match="merged into the weights; call unmerge"):
+        delta.load_state_dict(before)
+    assert all(torch.equal(v, before[k]) for k, v in delta.state_dict().items())
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model, inputs), first, rtol=1e-5, atol=1e-5)
+        delta.unmerge()
+        delta.load_finetuned(tmp_path / "second", hotswap=hotswap)
+        torch.testing.assert_close(logits_of(model, inputs), second, rtol=1e-5, atol=1e-5)
