@@ -186,11 +186,14 @@ class SaveLoadMixin:
         if check_hash and stored.backbone_hash:
             check_fingerprint(stored, self.backbone_model)
         tensors = read_tensors()
-        self.load_state_dict(self._hotswapped(stored, tensors) if hotswap else tensors, where=where)
+        self.load_state_dict(self._loadable(stored, tensors, hotswap), where=where)
 
-    def _hotswapped(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _loadable(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor],
+                  hotswap: bool) -> dict[str, torch.Tensor]:
         """``tensors`` of a delta with the config ``stored``, as this delta's parameters hold them
-        (a method that can hot-swap overrides this)."""
+        (a method that can hot-swap, or refuses a checkpoint of another function, overrides this)."""
+        if not hotswap:
+            return tensors
         raise ConfigError(f"hotswap=True swaps LoRA deltas; this is a {self.delta_type!r} delta. Load it "
                           "with hotswap=False (a compiled model then recompiles if shapes change).")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltadist import AutoDeltaModel, DeltaError, LoraModel
+from deltadist import AutoDeltaModel, ConfigError, DeltaError, LoraModel
 from tests.methods.test_checkpointing import _gradients
 from tests.methods.test_generate import _generate, _prompts
 from tests.tiny import build_tiny, logits_of, tiny_inputs
@@ -173,3 +173,19 @@ def test_loading_into_a_merged_delta_is_refused_and_works_once_unmerged(tmp_path
         delta.unmerge()
         delta.load_finetuned(tmp_path / "second", hotswap=hotswap)
         torch.testing.assert_close(logits_of(model, inputs), second, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("other", [{"lora_alpha": 32}, {"use_rslora": True}], ids=["alpha", "rslora"])
+def test_loading_a_lora_of_another_scale_is_refused_and_hot_swapped_instead(tmp_path, other) -> None:
+    """Its tensors fit, so they used to load silently and the delta computed ``s_mine / s_theirs``
+    times the saved update."""
+    saved = _trained(tmp_path, "other", 1, lora_r=8, use_dora=True, **other)
+    model = build_tiny("llama", "lm")
+    delta = LoraModel(model, lora_r=8, lora_alpha=16, use_dora=True)
+    before = delta.state_dict()
+    with pytest.raises(ConfigError, match=r"scales B A by .*, this one by 2 .*hotswap=True"):
+        delta.load_finetuned(tmp_path / "other")
+    assert all(torch.equal(v, before[k]) for k, v in delta.state_dict().items())
+    delta.load_finetuned(tmp_path / "other", hotswap=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model, tiny_inputs("llama")), saved, rtol=1e-5, atol=1e-5)
