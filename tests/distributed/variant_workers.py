@@ -57,3 +57,43 @@ def _wrapped(model: torch.nn.Module, delta: Any, engine: str) -> torch.nn.Module
     from tests.distributed.workers import wrap
 
     return wrap(model, engine)
+
+
+def half_steps(rank: int | None, world_size: int, engine: str | None) -> dict[str, Any]:
+    """Per variant (DoRA, PiSSA): a bf16 backbone with its fp32 delta (seeded, moved off its no-op
+    start), wrapped by ``engine`` (``None``: one process on the whole batch), two SGD steps on this
+    rank's share of ``workers.batch()``; the delta's state and how far the steps moved it, or the
+    error."""
+    import torch.nn.functional as F
+
+    from deltadist import LoraModel, wrap_model
+    from tests.distributed.workers import DELTA_SEED, FAMILY, MODEL_SEED, batch
+    from tests.tiny import build_tiny
+
+    out: dict[str, Any] = {}
+    for name in ("dora", "pissa"):
+        model = build_tiny(FAMILY, "cls", seed=MODEL_SEED).to(torch.bfloat16)
+        variant = {"init_lora_weights": False, **VARIANTS[name]}  # DoRA: A and B random (seeded)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(DELTA_SEED)
+            delta = LoraModel(backbone_model=model, lora_r=4, unfrozen_modules=["deltas"], **variant)
+        generator = torch.Generator().manual_seed(DELTA_SEED)
+        with torch.no_grad():
+            for _, param in sorted(delta.delta_parameters().items()):
+                if param.requires_grad:
+                    param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+        delta.freeze_module()
+        start = {k: v.clone() for k, v in delta.state_dict().items()}
+        try:
+            wrapped = model if engine is None else wrap_model(model, engine, torch.device("cpu"))
+            optimizer = torch.optim.SGD(delta.parameters(), lr=0.05)
+            inputs, labels = batch(rank, world_size) if engine is not None else batch()
+            for _ in range(2):
+                optimizer.zero_grad()
+                F.cross_entropy(wrapped(**inputs).logits.float(), labels).backward()
+                optimizer.step()
+            out[name] = {"state": {k: v.clone() for k, v in delta.state_dict().items()},
+                         "moved": {k: v - start[k] for k, v in delta.state_dict().items()}}
+        except Exception as error:  # reported, so the test names the variant and engine
+            out[name] = {"error": f"{type(error).__name__}: {error}"}
+    return out
