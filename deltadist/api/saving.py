@@ -105,7 +105,9 @@ class SaveLoadMixin:
         Raises:
             CheckpointError: keys missing, unexpected or of the wrong shape (all listed); nothing
                 is copied in that case.
+            DeltaError: this delta is merged (``unmerge()`` first) or was unloaded.
         """
+        self._check_usable("load_state_dict()")
         expected = dict(self.named_parameters())
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -175,18 +177,23 @@ class SaveLoadMixin:
             CheckpointError: the file is missing or corrupt, or its tensors do not fit (listed).
             BackboneMismatchError: it was trained on another backbone (``check_hash=False`` skips).
             ConfigError: ``hotswap`` with a delta that cannot take this one's place (named why).
+            DeltaError: this delta is merged (``unmerge()`` first) or was unloaded.
         """
+        self._check_usable("load_finetuned()")  # else the old values stay in the merged weights
         directory = checkpoint.resolve_checkpoint(finetuned_delta_path, cache_dir, local_files_only, revision)
         saved, read_tensors, where = self._reader(directory, self.backbone_model)
         stored = self._config_from_dict(saved)
         if check_hash and stored.backbone_hash:
             check_fingerprint(stored, self.backbone_model)
         tensors = read_tensors()
-        self.load_state_dict(self._hotswapped(stored, tensors) if hotswap else tensors, where=where)
+        self.load_state_dict(self._loadable(stored, tensors, hotswap), where=where)
 
-    def _hotswapped(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _loadable(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor],
+                  hotswap: bool) -> dict[str, torch.Tensor]:
         """``tensors`` of a delta with the config ``stored``, as this delta's parameters hold them
-        (a method that can hot-swap overrides this)."""
+        (a method that can hot-swap, or refuses a checkpoint of another function, overrides this)."""
+        if not hotswap:
+            return tensors
         raise ConfigError(f"hotswap=True swaps LoRA deltas; this is a {self.delta_type!r} delta. Load it "
                           "with hotswap=False (a compiled model then recompiles if shapes change).")
 

@@ -347,13 +347,21 @@ class LoraModel(DeltaBase):
         return LoRA(*features, r=cfg.lora_r, scaling=cfg.scaling, dropout=cfg.lora_dropout,
                     init=cfg.init_lora_weights, dora=cfg.use_dora, device=device, dtype=dtype)
 
-    def _hotswapped(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Another LoRA's tensors in this one's shapes and scale: ``A`` (and ``initial_A``) padded
+    def _loadable(self, stored: DeltaConfig, tensors: dict[str, torch.Tensor],
+                  hotswap: bool) -> dict[str, torch.Tensor]:
+        """The tensors as loaded (another scale is refused: it would compute another function), or
+        hot-swapped: another LoRA's in this one's shapes and scale, ``A`` (and ``initial_A``) padded
         with zero rows up to this rank, ``B`` (and ``initial_B``) with zero columns and multiplied
         by the ratio of the scales, so ``s_mine * B' A' == s_theirs * B A`` and the scale a compiled
         graph was specialised on stays."""
         stored = cast(LoraConfig, stored)  # the checkpoint's delta_type was checked: a LoRA
         mine = self.config
+        if not hotswap:
+            if not math.isclose(stored.scaling, mine.scaling, rel_tol=1e-6):
+                raise ConfigError(f"The checkpoint's LoRA scales B A by {stored.scaling:g}, this one by "
+                                  f"{mine.scaling:g} (lora_alpha, lora_r, use_rslora): attach with its "
+                                  "values, or load it with hotswap=True (the scale folded into B).")
+            return tensors
         different = [name for name, a, b in (
             ("use_dora", stored.use_dora, mine.use_dora),
             ("a PiSSA / OLoRA starting pair", from_weights(stored.init_lora_weights),

@@ -13,11 +13,13 @@ from tests.tiny import METHODS, build_tiny, logits_of, skip_unsupported, tiny_in
 CASES = [(family, method) for family in ("bert", "llama") for method in METHODS]
 
 
-def _gradients(family: str, method: str, reentrant: bool | None) -> dict[str, torch.Tensor | None]:
+def _gradients(family: str, method: str | dict, reentrant: bool | None) -> dict[str, torch.Tensor | None]:
+    """The gradients of every delta parameter of ``method`` (a name in METHODS, or a config)."""
     model = build_tiny(family, "cls")
+    config = METHODS[method] if isinstance(method, str) else method
     with torch.random.fork_rng(devices=[]):  # the same initial delta in both runs
         torch.manual_seed(4)
-        delta = AutoDeltaModel.from_config(METHODS[method], backbone_model=model)
+        delta = AutoDeltaModel.from_config(config, backbone_model=model)
         with torch.no_grad():  # off the no-op start, so every parameter has a gradient
             for param in delta.delta_parameters().values():
                 param.add_(torch.randn(param.shape) * 0.1)

@@ -38,7 +38,8 @@ def build() -> tuple[torch.nn.Module, LoraModel]:
     return model, delta
 
 
-def make_trainer(output_dir: Path, model: torch.nn.Module, delta: LoraModel):
+def make_trainer(output_dir: Path, model: torch.nn.Module, delta: LoraModel, **kwargs):
+    """A ``DeltaTrainer`` of the fixed recipe; ``kwargs`` go to it (e.g. ``optimizers=``)."""
     from transformers import TrainingArguments
 
     from deltadist.trainer import DeltaTrainer
@@ -48,7 +49,7 @@ def make_trainer(output_dir: Path, model: torch.nn.Module, delta: LoraModel):
         max_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS, learning_rate=0.05,
         logging_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
-    return DeltaTrainer(model=model, args=args, train_dataset=dataset(), delta=delta)
+    return DeltaTrainer(model=model, args=args, train_dataset=dataset(), delta=delta, **kwargs)
 
 
 def eval_logits(model: torch.nn.Module) -> torch.Tensor:

@@ -26,10 +26,10 @@ SITES = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "v
 HEADS = {"llama": "lm", "gpt2": "lm", "bert": "cls"}
 
 
-def _pair(family: str, **variant):
+def _pair(family: str, dtype: torch.dtype = torch.float32, **variant):
     """A PEFT LoRA with random A and B (``init_lora_weights=False``) and deltadist's LoRA of the
-    same shape and variant on a copy of the same model, holding PEFT's tensors."""
-    base = build_tiny(family, HEADS[family])
+    same shape and variant on a copy of the same model (in ``dtype``), holding PEFT's tensors."""
+    base = build_tiny(family, HEADS[family]).to(dtype)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=SITES[family], init_lora_weights=False,
         fan_in_fan_out=family == "gpt2", **variant))
@@ -237,10 +237,10 @@ def test_the_training_job_steps_lora_b_at_the_loraplus_rate() -> None:
     assert not b_ids & {id(p) for p in groups[0]["params"]}
 
 
-def _from_weights_pair(family: str, init: str):
-    """PEFT's and deltadist's LoRA with ``init`` (PiSSA / OLoRA) on copies of one model, both then
-    moved by the same seeded steps."""
-    base = build_tiny(family, HEADS[family])
+def _from_weights_pair(family: str, init: str, dtype: torch.dtype = torch.float32):
+    """PEFT's and deltadist's LoRA with ``init`` (PiSSA / OLoRA) on copies of one model (in
+    ``dtype``), both then moved by the same seeded steps."""
+    base = build_tiny(family, HEADS[family]).to(dtype)
     pristine = copy.deepcopy(base)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=SITES[family], init_lora_weights=init,
