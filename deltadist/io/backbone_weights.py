@@ -105,6 +105,11 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
                 continue
             if (name := quantized.get(canonical_name(key))) is not None:
                 placed[name] = _quantized_parameter(engine, target, source)
+                if not engine.shards_parameters:  # in place at once: nothing holds its placeholder then
+                    owner, _, attr = name.rpartition(".")
+                    setattr(root.get_submodule(owner), attr, placed[name])
+                    targets[canonical_name(key)] = [placed.pop(name)]
+                    target = targets[canonical_name(key)][0]
             else:
                 engine.load(target, source)
             filled.add(id(target))
@@ -113,7 +118,7 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
         n for n, p in root.named_parameters()
         if id(p) not in filled and id(p) not in delta_ids and not n.startswith(new)
     )
-    if placed:  # one assignment for all (FSDP2 re-reads its sharded parameters after a load_state_dict);
+    if placed:  # sharded: one assignment for all (FSDP2 re-reads its parameters after a load_state_dict);
         root.load_state_dict(placed, strict=False, assign=True)  # never else: FSDP1's hooks would run
     if missing:
         raise CheckpointError(f"{weights} has no tensor for these backbone parameters: "
