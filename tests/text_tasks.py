@@ -49,6 +49,31 @@ def word_tokenizer(corpus: Iterable[str], template: str = "[BOS] $A") -> PreTrai
                                    bos_token="[BOS]", eos_token="[EOS]")
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+"""The ChatML template (Qwen's, without its default system prompt), as tokenizers ship it."""
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+"""Llama 3's template (without its date and tool preamble)."""
+CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def chat_tokenizer(corpus: Iterable[str], template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A :func:`word_tokenizer` (no special tokens added to texts: a chat template writes them) over
+    ``corpus`` and the role names, with ChatML's and Llama 3's markers as special tokens (ids after
+    the words) and ``template`` as its chat template (``None``: none)."""
+    tokenizer = word_tokenizer(["system user assistant", *corpus], template="$A")
+    tokenizer.add_tokens(list(CHAT_SPECIALS), special_tokens=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def bert_style_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
     """Like :func:`word_tokenizer`, but wrapping texts in ``[CLS] ... [SEP]`` and with no BOS or EOS."""
     backend = _word_level(corpus, ("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS] $A [SEP]")
