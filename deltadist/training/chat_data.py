@@ -43,17 +43,17 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant",
 Conversation = list[dict[str, str]]
 
 
-def chat_field(dataset: datasets.Dataset, configured: str | None, path: str | os.PathLike,
-               key: str) -> str | None:
-    """The column of ``dataset`` that holds conversations: ``configured`` (an error if missing), else
-    the first of :data:`CHAT_FIELDS` present; ``None`` if the rows are not chat rows."""
+def chat_fields(dataset: datasets.Dataset, configured: str | None, path: str | os.PathLike,
+                key: str) -> tuple[str, ...]:
+    """The columns of ``dataset`` that hold conversations: ``(configured,)`` (an error if missing), else
+    those of :data:`CHAT_FIELDS` present (a file may mix both spellings); ``()``: not chat rows."""
     if configured is not None:
         if configured not in dataset.column_names:
             raise ConfigError(f"{_where(key, path)} has no '{configured}' column (it has: "
                               f"{', '.join(dataset.column_names)}); set data.messages_field to the "
                               "column that holds the conversations, or null to find it.")
-        return configured
-    return next((name for name in CHAT_FIELDS if name in dataset.column_names), None)
+        return (configured,)
+    return tuple(name for name in CHAT_FIELDS if name in dataset.column_names)
 
 
 def read_template(configured: str | None) -> str | None:
@@ -69,15 +69,21 @@ def read_template(configured: str | None) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
-def chat_rows(dataset: datasets.Dataset, field: str, path: str | os.PathLike, key: str) -> list[Conversation]:
-    """Each row's turns as ``[{"role", "content"}, ...]`` in the roles a template expects, every row
-    checked: a list of turns, known roles, string contents, at least one assistant turn."""
+def chat_rows(dataset: datasets.Dataset, fields: tuple[str, ...], path: str | os.PathLike,
+              key: str) -> list[Conversation]:
+    """Each row's turns (from the one of ``fields`` it has) as ``[{"role", "content"}, ...]`` in the
+    roles a template expects, every row checked: a list of turns, known roles, string contents, at
+    least one assistant turn."""
     rows = []
-    for index, turns in enumerate(dataset[field][:]):
+    for index, values in enumerate(zip(*(dataset[field][:] for field in fields))):
         where = _where(key, path, index + 1)
-        if turns is None:
-            raise ConfigError(f"{where}: no '{field}' field (it has: {_fields_of(dataset, index)}); "
-                              f"in a file of chat rows every row needs its '{field}'.")
+        given = [(field, turns) for field, turns in zip(fields, values) if turns is not None]
+        if len(given) != 1:
+            names = " or ".join(f"'{field}'" for field in fields)
+            raise ConfigError(f"{where}: {'no' if not given else 'more than one'} {names} field (it has: "
+                              f"{_fields_of(dataset, index)}); in a file of chat rows every row needs "
+                              "exactly one list of turns.")
+        field, turns = given[0]
         if not isinstance(turns, list) or not turns:
             raise ConfigError(f"{where}: '{field}' must be a non-empty list of turns "
                               '({"role": ..., "content": ...}), got ' f"{turns!r}.")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltadist.errors import ConfigError
-from deltadist.training.chat_data import chat_field, chat_rows, read_template, tokenize_chat
+from deltadist.training.chat_data import chat_fields, chat_rows, read_template, tokenize_chat
 from deltadist.training.config import TrainConfig
 from deltadist.training.data_files import load_split
 from deltadist.training.text_data import TokenizedExample, check_rows, label_names, pack, tokenize_split
@@ -55,12 +55,12 @@ def load_rows(cfg: TrainConfig) -> Rows:
 
 def _check(rows: Rows, dataset: Any, path: Any, key: str, cfg: TrainConfig) -> None:
     """Check one split's rows: chat rows (kept in ``rows.chat``) or the task's fields."""
-    found = None if cfg.data.builtin else chat_field(dataset, cfg.data.messages_field, path, key)
-    if found is None:
+    found = () if cfg.data.builtin else chat_fields(dataset, cfg.data.messages_field, path, key)
+    if not found:
         check_rows(dataset, cfg.task, rows.labels, path, key)
         return
     if cfg.task != "causal_lm":
-        raise ConfigError(f"{key}: {path} holds chat rows ('{found}' column), which task causal_lm "
+        raise ConfigError(f"{key}: {path} holds chat rows ('{found[0]}' column), which task causal_lm "
                           f"trains; set task: causal_lm, or give {cfg.task} rows.")
     rows.chat[key] = chat_rows(dataset, found, path, key)
 

@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from deltadist.errors import ConfigError
-from deltadist.training.chat_data import chat_field, chat_rows, read_template, tokenize_chat
+from deltadist.training.chat_data import chat_fields, chat_rows, read_template, tokenize_chat
 from deltadist.training.config import from_dict
 from deltadist.training.data_files import load_split
 from deltadist.training.job_data import load_rows, tokenize
@@ -41,9 +41,9 @@ def _examples(rows: list[dict[str, Any]], tmp_path: Path, tokenizer: Any = None,
     path = str(tmp_path / "chat.jsonl")
     write_jsonl(path, rows)
     dataset = load_split(path, "data.train")
-    field = chat_field(dataset, None, path, "data.train")
-    assert field is not None
-    conversations = chat_rows(dataset, field, path, "data.train")
+    fields = chat_fields(dataset, None, path, "data.train")
+    assert fields
+    conversations = chat_rows(dataset, fields, path, "data.train")
     return tokenize_chat(conversations, tokenizer or chat_tokenizer(WORDS), template, max_length, path,
                          "data.train")
 
@@ -117,6 +117,17 @@ def test_rows_without_an_answer_or_turns_are_errors(tmp_path: Path) -> None:
     assert "row 1 has no assistant turn" in _error(lambda: _examples([{"messages": [ASK]}], tmp_path))
     rows = [{"messages": [ASK, ANSWER]}, {"text": "hi"}]
     assert "row 2: no 'messages' field (it has: text)" in _error(lambda: _examples(rows, tmp_path))
+    sharegpt = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hi"}]
+    rows = [{"conversations": sharegpt}, {"messages": [ASK, ANSWER], "conversations": sharegpt}]
+    message = _error(lambda: _examples(rows, tmp_path))
+    assert "row 2: more than one 'messages' or 'conversations' field" in message
+
+
+def test_a_file_may_mix_both_spellings(tmp_path: Path) -> None:
+    tokenizer = chat_tokenizer(WORDS)
+    sharegpt = [{"from": "human", "value": "what is two plus two"}, {"from": "gpt", "value": "four"}]
+    mixed = _examples([{"messages": [ASK, ANSWER]}, {"conversations": sharegpt}], tmp_path, tokenizer)
+    assert mixed[0] == mixed[1] and _marked(mixed[1], tokenizer)[-2:] == ["+four", "+<|im_end|>"]
 
 
 def test_a_template_that_cannot_render_the_row_names_it(tmp_path: Path) -> None:
