@@ -122,17 +122,19 @@ def tokenize_chat(rows: list[Conversation], tokenizer: PreTrainedTokenizerBase, 
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"{key}: chat rows need a fast tokenizer (for the character offsets of its "
                           "tokens); use a checkpoint with a tokenizer.json.")
+    rendered = [_render(turns, tokenizer, template, _where(key, path, row))
+                for row, turns in enumerate(rows, 1)]
+    # One batched call (as at inference, no special tokens added: the template writes them).
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                        return_offsets_mapping=True, return_attention_mask=False, verbose=False)
     examples, lost = [], 0
-    for index, turns in enumerate(rows):
-        where = _where(key, path, index + 1)
-        text, spans = _render(turns, tokenizer, template, where)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids = encoded["input_ids"]
+    for row, (ids, offsets, (_, spans)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"],
+                                                          rendered), 1):
         labels = [token if end > start and any(a <= start < b for a, b in spans) else IGNORE_INDEX
-                  for token, (start, end) in zip(ids, encoded["offset_mapping"])]
+                  for token, (start, end) in zip(ids, offsets)]
         if all(label == IGNORE_INDEX for label in labels):
-            raise ConfigError(f"{where}: the chat template renders the assistant turns as no tokens; "
-                              "check data.chat_template.")
+            raise ConfigError(f"{_where(key, path, row)}: the chat template renders the assistant turns "
+                              "as no tokens; check data.chat_template.")
         lost += all(label == IGNORE_INDEX for label in labels[:max_length])
         examples.append(TokenizedExample(tuple(ids[:max_length]), tuple(labels[:max_length])))
     if lost == len(rows):
