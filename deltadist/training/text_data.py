@@ -2,7 +2,8 @@
 
 Rows are ``{"prompt", "completion"}`` or ``{"text"}`` for ``causal_lm`` and ``seq2seq``,
 ``{"text", "label"}`` for ``sequence_classification`` (read from files by
-:mod:`deltadist.training.data_files`). Every problem with the data is a one-line
+:mod:`deltadist.training.data_files`); ``causal_lm``'s chat rows are
+:mod:`deltadist.training.chat_data`'s. Every problem with the data is a one-line
 :class:`ConfigError` naming the config key, the file, the row (1-based data rows: the line number
 of a JSON Lines file without blank lines; a CSV header is not a row) and the fix, raised before
 any tokenizing.
