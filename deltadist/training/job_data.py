@@ -50,19 +50,26 @@ def load_rows(cfg: TrainConfig) -> Rows:
     _check(rows, rows.train, rows.train_path, "data.train", cfg)
     if rows.eval is not None:
         _check(rows, rows.eval, rows.eval_path, "data.eval", cfg)
+    if not rows.chat and (cfg.data.chat_template is not None or cfg.data.messages_field is not None):
+        raise ConfigError(f"data.{'chat_template' if cfg.data.chat_template else 'messages_field'} applies "
+                          "to chat rows (messages or conversations), but the data has none; set it to null "
+                          "or give chat rows.")
     return rows
 
 
 def _check(rows: Rows, dataset: Any, path: Any, key: str, cfg: TrainConfig) -> None:
-    """Check one split's rows: chat rows (kept in ``rows.chat``) or the task's fields."""
+    """Check one split's rows: chat rows (kept in ``rows.chat``; causal_lm) or the task's fields."""
     found = () if cfg.data.builtin else chat_fields(dataset, cfg.data.messages_field, path, key)
-    if not found:
-        check_rows(dataset, cfg.task, rows.labels, path, key)
+    if cfg.task == "causal_lm" and found:
+        rows.chat[key] = chat_rows(dataset, found, path, key)
         return
-    if cfg.task != "causal_lm":
+    try:
+        check_rows(dataset, cfg.task, rows.labels, path, key)
+    except ConfigError as error:
+        if not found:
+            raise
         raise ConfigError(f"{key}: {path} holds chat rows ('{found[0]}' column), which task causal_lm "
-                          f"trains; set task: causal_lm, or give {cfg.task} rows.")
-    rows.chat[key] = chat_rows(dataset, found, path, key)
+                          f"trains; set task: causal_lm, or give {cfg.task} rows.") from error
 
 
 def _read_rows(cfg: TrainConfig) -> Rows:

@@ -182,3 +182,15 @@ def test_a_template_that_drops_the_answers_is_an_error(tmp_path: Path) -> None:
               "{% endfor %}")
     message = _error(lambda: _examples([{"messages": [ASK, ANSWER]}], tmp_path, template=silent))
     assert "row 1: the chat template renders the assistant turns as no tokens" in message
+
+
+def test_chat_settings_without_chat_rows_are_errors(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "hi", "completion": "hi"}])
+    raw = {"task": "causal_lm", "data": {"train": str(tmp_path / "train.jsonl"), "chat_template": CHATML}}
+    assert "data.chat_template applies to chat rows" in _error(lambda: load_rows(from_dict(raw)))
+
+
+def test_other_tasks_ignore_a_messages_column_beside_their_fields(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "hi", "label": "a", "messages": [ASK, ANSWER]}])
+    raw = {"task": "sequence_classification", "data": {"train": str(tmp_path / "train.jsonl")}}
+    assert load_rows(from_dict(raw)).labels == ["a"]
