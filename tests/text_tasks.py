@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -70,6 +70,22 @@ def chat_tokenizer(corpus: Iterable[str], template: str | None = CHATML) -> PreT
     the words) and ``template`` as its chat template (``None``: none)."""
     tokenizer = word_tokenizer(["system user assistant", *corpus], template="$A")
     tokenizer.add_tokens(list(CHAT_SPECIALS), special_tokens=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def byte_level_chat_tokenizer(corpus: Iterable[str], template: str = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's and Qwen's kind: spaces and newlines are parts of tokens, a
+    word may be several tokens) trained on ``corpus`` and the role names, with the chat markers as
+    special tokens and ``template`` as its chat template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", *CHAT_SPECIALS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["system user assistant", *corpus], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
     tokenizer.chat_template = template
     return tokenizer
 

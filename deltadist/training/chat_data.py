@@ -10,14 +10,15 @@ How the assistant tokens are found: for each assistant turn ``k`` the template r
 conversation before it with the generation prompt (``<|im_start|>assistant\\n``) and the
 conversation up to and including it; the characters between the two are the turn's (its content
 and the template's end-of-turn text, e.g. ``<|im_end|>``), and both renderings must be prefixes of
-the whole conversation's. The whole conversation is then tokenized once (as at inference, no
-special tokens added: the template writes them) and a token is trained iff it starts inside an
-assistant turn's characters. This works for any template that renders a turn independently of the
-turns after it -- ChatML, Llama 3, Mistral, Gemma, Phi -- whereas transformers'
-``return_assistant_tokens_mask`` needs ``{% generation %}`` markers that few shipped templates
-have. A template that rewrites earlier turns as the conversation grows (e.g. one that drops the
-reasoning of earlier assistant turns) fails the prefix check, and that is an error naming the row,
-not a silently wrong mask.
+the whole conversation's. Whitespace that ends the turn's characters is the template's separator
+(ChatML's newline after ``<|im_end|>``), not the model's to say, and is left out. The whole
+conversation is then tokenized once (as at inference, no special tokens added: the template writes
+them) and a token is trained iff it starts inside an assistant turn's characters. This works for
+any template that renders a turn independently of the turns after it -- ChatML, Llama 3, Mistral,
+Gemma, Phi -- whereas transformers' ``return_assistant_tokens_mask`` needs ``{% generation %}``
+markers that few shipped templates have. A template that rewrites earlier turns as the
+conversation grows (e.g. one that drops the reasoning of earlier assistant turns) fails the prefix
+check, and that is an error naming the row, not a silently wrong mask.
 """
 
 from __future__ import annotations
@@ -171,5 +172,5 @@ def _render(turns: Conversation, tokenizer: PreTrainedTokenizerBase, template: s
                               "this assistant turn differently from the start of the whole, so its "
                               "tokens cannot be told apart; use a template that renders each turn "
                               "independently of later ones (data.chat_template).")
-        spans.append((len(start), len(end)))
+        spans.append((len(start), len(end.rstrip())))  # the newline after <|im_end|>: not the turn's
     return text, spans

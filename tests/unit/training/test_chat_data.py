@@ -16,7 +16,7 @@ from deltadist.training.config import from_dict
 from deltadist.training.data_files import load_split
 from deltadist.training.job_data import load_rows, tokenize
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
-from tests.text_tasks import CHATML, LLAMA3, chat_tokenizer, write_jsonl
+from tests.text_tasks import CHATML, LLAMA3, byte_level_chat_tokenizer, chat_tokenizer, write_jsonl
 
 WORDS = ["be brief", "what is two plus two", "four", "and three", "six", "hi"]
 SYSTEM = {"role": "system", "content": "be brief"}
@@ -65,6 +65,20 @@ def test_chatml_trains_the_assistant_content_and_its_end_token_only(tmp_path: Pa
         "<|im_start|>", "user", "what", "is", "two", "plus", "two", "<|im_end|>",
         "<|im_start|>", "assistant", "+four", "+<|im_end|>",
     ]
+
+
+def test_a_byte_level_tokenizer_trains_the_answers_and_im_end_not_the_newline(tmp_path: Path) -> None:
+    # Byte-level BPE (GPT-2, Qwen): words split into pieces, ChatML's newlines are tokens ("Ċ").
+    tokenizer = byte_level_chat_tokenizer(WORDS)
+    turns = [SYSTEM, ASK, ANSWER, {"role": "user", "content": "and three"},
+             {"role": "assistant", "content": "six"}]
+    [example] = _examples([{"messages": turns}], tmp_path, tokenizer)
+    marked = _marked(example, tokenizer)
+    assert marked.count("Ċ") == 10 and marked.count("<|im_start|>") == 5
+    assert tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX]) \
+        == "four<|im_end|>six<|im_end|>"
+    ends = [i for i, token in enumerate(marked) if token == "+<|im_end|>"]
+    assert len(ends) == 2 and all(marked[i + 1] == "Ċ" for i in ends)  # the newline after: untrained
 
 
 def test_two_assistant_turns_are_both_trained(tmp_path: Path) -> None:
