@@ -16,7 +16,15 @@ from deltadist.training.config import from_dict
 from deltadist.training.data_files import load_split
 from deltadist.training.job_data import load_rows, tokenize
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
-from tests.text_tasks import CHATML, LLAMA3, byte_level_chat_tokenizer, chat_tokenizer, write_jsonl
+from tests.text_tasks import (
+    CHAT_SPECIALS,
+    CHATML,
+    LLAMA3,
+    byte_level_chat_tokenizer,
+    chat_tokenizer,
+    word_tokenizer,
+    write_jsonl,
+)
 
 WORDS = ["be brief", "what is two plus two", "four", "and three", "six", "hi"]
 SYSTEM = {"role": "system", "content": "be brief"}
@@ -208,3 +216,22 @@ def test_other_tasks_ignore_a_messages_column_beside_their_fields(tmp_path: Path
     write_jsonl(tmp_path / "train.jsonl", [{"text": "hi", "label": "a", "messages": [ASK, ANSWER]}])
     raw = {"task": "sequence_classification", "data": {"train": str(tmp_path / "train.jsonl")}}
     assert load_rows(from_dict(raw)).labels == ["a"]
+
+
+def test_a_tokenizer_that_adds_bos_gets_one_bos_from_a_template_that_writes_it(tmp_path: Path) -> None:
+    tokenizer = word_tokenizer(["system user assistant", *WORDS])  # "[BOS] $A", like Llama's
+    tokenizer.add_tokens(list(CHAT_SPECIALS), special_tokens=True)
+    [example] = _examples([{"messages": [ASK, ANSWER]}], tmp_path, tokenizer, template=LLAMA3)
+    assert _marked(example, tokenizer)[:2] == ["[BOS]", "<|start_header_id|>"]
+    assert example.input_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_packing_keeps_chat_labels_with_their_tokens(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [ASK, ANSWER]}] * 3)
+    raw = {"task": "causal_lm", "model": {"max_length": 16},
+           "data": {"train": str(tmp_path / "train.jsonl"), "packing": True}}
+    tokenizer = chat_tokenizer(WORDS)
+    blocks = tokenize(load_rows(from_dict(raw)), from_dict(raw), tokenizer).train
+    whole = _examples([{"messages": [ASK, ANSWER]}], tmp_path, tokenizer)[0]
+    assert len(whole.input_ids) == 12 and [len(b.input_ids) for b in blocks] == [16, 16, 4]
+    assert sum((b.labels for b in blocks), ()) == whole.labels * 3
