@@ -164,8 +164,9 @@ def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
         other = {"prompt": "completion", "completion": "prompt"}
         what = (f"no '{other[present[0]]}' column (nor 'text')" if present
                 else "no prompt/completion or text columns")
+        chat = " (or chat rows: messages or conversations)" if task == "causal_lm" else ""
         raise ConfigError(f"{_where(key, path)} has {what} (it has: {', '.join(dataset.column_names)}); "
-                          f"{needs}")
+                          f"{needs.removesuffix('.')}{chat}.")
     n = dataset.num_rows
     prompts, completions, texts = (dataset[f][:] if f in present else [None] * n for f in TEXT_FIELDS)
     rows: list[tuple[str | None, str]] = []
