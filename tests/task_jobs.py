@@ -18,7 +18,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from tests.text_tasks import bert_style_tokenizer, word_tokenizer, write_jsonl
+from tests.text_tasks import bert_style_tokenizer, chat_tokenizer, word_tokenizer, write_jsonl
 
 WORDS = [f"w{i}" for i in range(16)]
 ARROW = "->"
@@ -32,6 +32,22 @@ def lm_rows(count: int, seed: int) -> list[dict[str, str]]:
         words = rng.sample(WORDS, 3)
         rows.append({"prompt": " ".join(words) + f" {ARROW}", "completion": " ".join(reversed(words))})
     return rows
+
+
+def chat_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """:func:`lm_rows` as chat rows: ``{"messages": [user prompt, assistant completion]}``, every
+    third with a system turn first and every fourth in ShareGPT's spelling (``conversations``)."""
+    chats: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        turns = [("user", row["prompt"]), ("assistant", row["completion"])]
+        if index % 3 == 0:
+            turns.insert(0, ("system", "reverse"))
+        if index % 4 == 0:
+            sharegpt = {"system": "system", "user": "human", "assistant": "gpt"}
+            chats.append({"conversations": [{"from": sharegpt[r], "value": c} for r, c in turns]})
+        else:
+            chats.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+    return chats
 
 
 def label_rows(count: int, seed: int) -> list[dict[str, str]]:
@@ -104,17 +120,22 @@ DELTAS = {
 
 
 def make_job(root: Path, task: str, family: str | None = None, head: str = "lm", train_rows: int = 64,
-             eval_rows: int = 32, model_config: dict[str, Any] | None = None, **training: Any) -> Job:
+             eval_rows: int = 32, model_config: dict[str, Any] | None = None, chat: bool = False,
+             **training: Any) -> Job:
     """Checkpoint, rows and config of a small job of ``task`` under ``root``.
 
     ``model_config`` overrides keys of the checkpoint's config, ``training`` keys of the config's
-    ``training`` section.
+    ``training`` section. ``chat`` (causal_lm): the rows as :func:`chat_rows`, the tokenizer a
+    :func:`~tests.text_tasks.chat_tokenizer` with the ChatML template.
     """
     family = family or TASK_FAMILY[task]
     make_rows = label_rows if task == "sequence_classification" else lm_rows
     train, evaluation = make_rows(train_rows, seed=1), make_rows(eval_rows, seed=2)
     corpus = [" ".join(str(v) for v in row.values()) for row in train + evaluation]
-    if family == "bert":
+    if chat:
+        tokenizer = chat_tokenizer(["reverse", *corpus])
+        train, evaluation = chat_rows(train), chat_rows(evaluation)
+    elif family == "bert":
         tokenizer = bert_style_tokenizer(corpus)
     else:
         tokenizer = word_tokenizer(corpus, template="$A [EOS]" if family == "t5" else "[BOS] $A")

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -47,6 +47,47 @@ def word_tokenizer(corpus: Iterable[str], template: str = "[BOS] $A") -> PreTrai
     backend = _word_level(corpus, ("[PAD]", "[UNK]", "[BOS]", "[EOS]"), template)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
                                    bos_token="[BOS]", eos_token="[EOS]")
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+"""The ChatML template (Qwen's, without its default system prompt), as tokenizers ship it."""
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+"""Llama 3's template (without its date and tool preamble)."""
+CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def chat_tokenizer(corpus: Iterable[str], template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A :func:`word_tokenizer` (no special tokens added to texts: a chat template writes them) over
+    ``corpus`` and the role names, with ChatML's and Llama 3's markers as special tokens (ids after
+    the words) and ``template`` as its chat template (``None``: none)."""
+    tokenizer = word_tokenizer(["system user assistant", *corpus], template="$A")
+    tokenizer.add_tokens(list(CHAT_SPECIALS), special_tokens=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def byte_level_chat_tokenizer(corpus: Iterable[str], template: str = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's and Qwen's kind: spaces and newlines are parts of tokens, a
+    word may be several tokens) trained on ``corpus`` and the role names, with the chat markers as
+    special tokens and ``template`` as its chat template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", *CHAT_SPECIALS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["system user assistant", *corpus], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = template
+    return tokenizer
 
 
 def bert_style_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:

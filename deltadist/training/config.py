@@ -83,6 +83,9 @@ class DataConfig:
                             "has its own test split)")
     labels: list[str] | None = _key(None, "sequence_classification: the class names in order; null: "
                                     "the sorted distinct labels of the training rows")
+    chat_template: str | None = _key(None, "causal_lm chat rows (messages or conversations): the Jinja "
+                                     "chat template, or a file holding one; null: the tokenizer's")
+    messages_field: str | None = _key(None, "chat rows' column of turns; null: messages, else conversations")
     packing: bool = _key(False, "causal_lm: concatenate examples into blocks of model.max_length tokens")
     sort_by_length: bool = _key(False, "batch examples of similar length together (less padding)")
     train_size: int = _key(1000, f"{BUILTIN_DATA} only: training sentences")

@@ -3,9 +3,11 @@ class names, and their tokenized examples -- all checked before any training sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from deltadist.errors import ConfigError
+from deltadist.training.chat_data import chat_fields, chat_rows, read_template, tokenize_chat
 from deltadist.training.config import TrainConfig
 from deltadist.training.data_files import load_split
 from deltadist.training.text_data import TokenizedExample, check_rows, label_names, pack, tokenize_split
@@ -21,6 +23,10 @@ class Rows:
     eval_path: str | None
     labels: list[str] | None
     """Class names (``sequence_classification`` only)."""
+    chat: dict[str, Any] = field(default_factory=dict)
+    """Per split key (``data.train``): its conversations, for chat rows (see :mod:`chat_data`)."""
+    chat_template: str | None = None
+    """``data.chat_template``'s Jinja text; ``None``: the tokenizer's."""
 
 
 @dataclass
@@ -40,10 +46,30 @@ def load_rows(cfg: TrainConfig) -> Rows:
         ConfigError: a file is missing, unreadable, empty, or its rows lack the task's fields.
     """
     rows = _read_rows(cfg)
-    check_rows(rows.train, cfg.task, rows.labels, rows.train_path, "data.train")
+    rows.chat_template = read_template(cfg.data.chat_template)
+    _check(rows, rows.train, rows.train_path, "data.train", cfg)
     if rows.eval is not None:
-        check_rows(rows.eval, cfg.task, rows.labels, rows.eval_path, "data.eval")
+        _check(rows, rows.eval, rows.eval_path, "data.eval", cfg)
+    if not rows.chat and (cfg.data.chat_template is not None or cfg.data.messages_field is not None):
+        raise ConfigError(f"data.{'chat_template' if cfg.data.chat_template else 'messages_field'} applies "
+                          "to chat rows (messages or conversations), but the data has none; set it to null "
+                          "or give chat rows.")
     return rows
+
+
+def _check(rows: Rows, dataset: Any, path: Any, key: str, cfg: TrainConfig) -> None:
+    """Check one split's rows: chat rows (kept in ``rows.chat``; causal_lm) or the task's fields."""
+    found = () if cfg.data.builtin else chat_fields(dataset, cfg.data.messages_field, path, key)
+    if cfg.task == "causal_lm" and found:
+        rows.chat[key] = chat_rows(dataset, found, path, key)
+        return
+    try:
+        check_rows(dataset, cfg.task, rows.labels, path, key)
+    except ConfigError as error:
+        if not found:
+            raise
+        raise ConfigError(f"{key}: {path} holds chat rows ('{found[0]}' column), which task causal_lm "
+                          f"trains; set task: causal_lm, or give {cfg.task} rows.") from error
 
 
 def _read_rows(cfg: TrainConfig) -> Rows:
@@ -73,12 +99,14 @@ def _read_rows(cfg: TrainConfig) -> Rows:
 def tokenize(rows: Rows, cfg: TrainConfig, tokenizer: Any) -> JobData:
     """Tokenize both splits for ``cfg.task`` (packing the training rows when asked)."""
     max_length = cfg.model.max_length
-    train = tokenize_split(rows.train, cfg.task, tokenizer, max_length, rows.labels, rows.train_path,
-                           "data.train")
+
+    def split(dataset: Any, path: Any, key: str) -> list[TokenizedExample]:
+        if key in rows.chat:
+            return tokenize_chat(rows.chat[key], tokenizer, rows.chat_template, max_length, path, key)
+        return tokenize_split(dataset, cfg.task, tokenizer, max_length, rows.labels, path, key)
+
+    train = split(rows.train, rows.train_path, "data.train")
     if cfg.data.packing:
         train = pack(train, max_length)
-    evaluation = None
-    if rows.eval is not None:
-        evaluation = tokenize_split(rows.eval, cfg.task, tokenizer, max_length, rows.labels,
-                                    rows.eval_path, "data.eval")
+    evaluation = None if rows.eval is None else split(rows.eval, rows.eval_path, "data.eval")
     return JobData(train, evaluation, rows.labels)

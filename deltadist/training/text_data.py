@@ -2,7 +2,8 @@
 
 Rows are ``{"prompt", "completion"}`` or ``{"text"}`` for ``causal_lm`` and ``seq2seq``,
 ``{"text", "label"}`` for ``sequence_classification`` (read from files by
-:mod:`deltadist.training.data_files`). Every problem with the data is a one-line
+:mod:`deltadist.training.data_files`); ``causal_lm``'s chat rows are
+:mod:`deltadist.training.chat_data`'s. Every problem with the data is a one-line
 :class:`ConfigError` naming the config key, the file, the row (1-based data rows: the line number
 of a JSON Lines file without blank lines; a CSV header is not a row) and the fix, raised before
 any tokenizing.
@@ -163,8 +164,9 @@ def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
         other = {"prompt": "completion", "completion": "prompt"}
         what = (f"no '{other[present[0]]}' column (nor 'text')" if present
                 else "no prompt/completion or text columns")
+        chat = " (or chat rows: messages or conversations)" if task == "causal_lm" else ""
         raise ConfigError(f"{_where(key, path)} has {what} (it has: {', '.join(dataset.column_names)}); "
-                          f"{needs}")
+                          f"{needs.removesuffix('.')}{chat}.")
     n = dataset.num_rows
     prompts, completions, texts = (dataset[f][:] if f in present else [None] * n for f in TEXT_FIELDS)
     rows: list[tuple[str | None, str]] = []

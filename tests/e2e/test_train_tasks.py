@@ -20,7 +20,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from deltadist import AutoDeltaModel
 from deltadist.cli.main import main
@@ -313,6 +318,17 @@ def test_packing_and_length_sorting_train(tmp_path: Path) -> None:
     assert result["steps"] == 15
 
 
+def test_chat_rows_train_on_the_assistant_turns(tmp_path: Path) -> None:
+    job = make_job(tmp_path, "causal_lm", chat=True)
+    cfg = load_config(job.config)
+    data = tokenize(load_rows(cfg), cfg, AutoTokenizer.from_pretrained(job.model))  # the saved template
+    # Each answer is three words and ChatML's <|im_end|>; the system and user turns add no loss.
+    assert [sum(label != -100 for label in e.labels) for e in data.train] == [4] * 64
+    assert run_cli(job.config) == 0
+    result = metrics(job)
+    assert result["eval_loss"] < result["eval_loss_before"] - 0.05, result
+
+
 def test_a_decoder_classifier_trains_its_new_score_head(tmp_path: Path) -> None:
     job = make_job(tmp_path, "sequence_classification", family="llama")
     assert run_cli(job.config) == 0
@@ -400,6 +416,11 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     if case == "seq2seq_on_a_decoder":
         job = make_job(tmp_path, "seq2seq", family="llama")
         return job.config, []
+    if case == "chat_row_with_a_bad_role":
+        job = make_job(tmp_path, "causal_lm", chat=True)
+        write_jsonl(job.train, [{"messages": [{"role": "user", "content": "w1 ->"},
+                                              {"role": "bot", "content": "w1"}]}])
+        return job.config, []
     job = make_job(tmp_path, "causal_lm")
     if case == "missing_file":
         return job.config, ["--set", f"data.train={tmp_path / 'nope.jsonl'}"]
@@ -423,6 +444,7 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
 @pytest.mark.parametrize(("case", "message"), [
     ("missing_file", "data.train: .*nope.jsonl does not exist"),
     ("rows_without_fields", "row 2: .*completion"),
+    ("chat_row_with_a_bad_role", "data.train: .*train.jsonl row 1 turn 2: role 'bot' is not one of"),
     ("empty", "data.train: .*train.jsonl"),
     ("classifier_on_a_model_without_one", "task: sequence_classification needs a sequence-classification "
                                           "head, but .* is a codegen model"),

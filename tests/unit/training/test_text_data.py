@@ -301,10 +301,10 @@ def test_seq2seq_text_rows_need_a_nonempty_empty_source(tmp_path: Path) -> None:
     ([{"text": ""}], "row 1: 'text' is empty; give it text or remove the row."),
     ([{"question": "what", "answer": "four"}],
      "has no prompt/completion or text columns (it has: question, answer); causal_lm rows need prompt "
-     "and completion, or text."),
+     "and completion, or text (or chat rows: messages or conversations)."),
     ([{"prompt": "what", "answer": "four"}],
      "has no 'completion' column (nor 'text') (it has: prompt, answer); causal_lm rows need prompt and "
-     "completion, or text."),
+     "completion, or text (or chat rows: messages or conversations)."),
 ])
 def test_bad_rows_are_one_line_errors_before_any_tokenizing(tmp_path: Path, rows: list[dict[str, Any]],
                                                            expected: str) -> None:
