@@ -191,8 +191,8 @@ def load_quantized(build: Callable[[], nn.Module], weights: str | os.PathLike, s
             (``None``: the model's ``base_model_prefix`` if the checkpoint is of the bare model, as
             transformers reads a base checkpoint into a model with a head, else the root).
         scheme: ``"nf4"``.
-        seed: seeds the modules the checkpoint does not hold (a new task head), initialised by
-            their layers' ``reset_parameters`` and kept in full precision.
+        seed: seeds the global generator, then the modules the checkpoint does not hold (a new
+            task head) are initialised by their layers' ``reset_parameters``, in full precision.
 
     Returns:
         The model on the CPU and the names of the modules the checkpoint did not hold.
@@ -214,11 +214,13 @@ def load_quantized(build: Callable[[], nn.Module], weights: str | os.PathLike, s
     recompute_buffers(model, owners, torch.device("cpu"))
     load_weights(model, weights, prefix, tied,
                  new_modules=[name[len(start):] for name in new if name.startswith(start)])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in (model.get_submodule(name) for name in new):
-            for layer in module.modules():
-                if hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
+    # The global generator is seeded, not forked: the run's later draws (dropout) then follow from
+    # `seed` as after torch.manual_seed(seed) and from_pretrained (forked, they followed whatever
+    # state the process had: a job's runs differed).
+    torch.manual_seed(seed)
+    for module in (model.get_submodule(name) for name in new):
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
     check_nothing_on_meta(model)
     return model, new

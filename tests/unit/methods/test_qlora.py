@@ -231,3 +231,18 @@ def test_nf4_model_compiles_to_the_eager_outputs(nf4_lm) -> None:
         eager = model(prompt).logits
         compiled = torch.compile(model, backend="aot_eager")(prompt).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_into_nf4_seeds_the_run_as_from_pretrained_does(weights: str) -> None:
+    """The job's later random draws (dropout) follow from its seed, whatever came before: with
+    the generator forked instead, two runs of one NF4 job trained different deltas."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = wide_llama().config
+    draws = []
+    for before in (1, 7):
+        torch.rand(before)
+        backbone_weights.load_quantized(lambda: AutoModelForSequenceClassification.from_config(config),
+                                        weights, "nf4", seed=0)
+        draws.append(torch.rand(4))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
