@@ -1,4 +1,5 @@
-"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]``
+"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]
+[--dry-run [--world-size N]]``
 (delta-tune a model) and ``deltadist pick MODEL_PATH --method M`` (pick modules in the browser)."""
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set training.epochs=1 (repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in output_dir (training.save_every)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, print it resolved with the step plan, the delta's sites and "
+                            "shapes, the trainable parameters and the data's tokens, and exit: no weight "
+                            "is loaded (the model is built on meta), nothing is written")
+    train.add_argument("--world-size", type=_positive, metavar="N",
+                       help="--dry-run: plan for N ranks of the config's engine (default: $WORLD_SIZE, "
+                            "else 1); no process group is started")
     pick.add_parser(commands)
     return parser
 
@@ -46,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``deltadist train: error: <problem>; <fix>``. Any other exception is a bug and propagates with
     its traceback.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.world_size is not None and not args.dry_run:
+        parser.error("--world-size plans a --dry-run; a run takes its world from its launcher")
     quiet_optional_kernels()
     if args.command == "pick":
         return pick.run(args)
@@ -87,6 +98,8 @@ def _train(args: argparse.Namespace) -> int:
     except OSError as err:
         return _fail(args.command, f"cannot read the config: {_os_problem(err)}; "
                                    "check the --config path (and any include: in it).")
+    if args.dry_run:
+        return _dry_run(args, cfg)
     try:
         result = train(cfg, resume=args.resume)
     except DeltaError as err:
@@ -97,6 +110,35 @@ def _train(args: argparse.Namespace) -> int:
     if result.metrics is not None:  # only the main rank of a distributed run reports
         print_summary(result.metrics, str(result.metrics_path))
     return 0
+
+
+def _dry_run(args: argparse.Namespace, cfg: object) -> int:
+    """``deltadist train --dry-run``: describe the run ``cfg`` would make; exit 0, or 2 on bad input."""
+    from deltadist.training.dry_run import dry_run
+    from deltadist.training.report import print_dry_run
+
+    world = args.world_size
+    if world is None:
+        text = os.environ.get("WORLD_SIZE", "1")
+        if not text.isdigit() or int(text) < 1:
+            return _fail(args.command, f"WORLD_SIZE={text!r} is not a number of ranks; unset it or "
+                                       "pass --world-size N.")
+        world = int(text)
+    try:
+        print_dry_run(dry_run(cfg, world, resume=args.resume))
+    except DeltaError as err:
+        return _fail(args.command, str(err))
+    except OSError as err:
+        return _fail(args.command, f"{_os_problem(err)}; check the paths in the config "
+                                   "(model.name_or_path, output_dir, deepspeed_config).")
+    return 0
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number of ranks: {text!r}")
+    return int(text)
 
 
 EXTRAS = {

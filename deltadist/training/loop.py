@@ -82,7 +82,7 @@ class _Job:
             raise ConfigError(f"training.skip_nonfinite_steps does not work with engine {engine.name}: it "
                               "takes the optimizer step inside its backward, before the loss is known; "
                               "set training.skip_nonfinite_steps: false.")
-        self.dtype = _job_dtype(cfg, engine)
+        self.dtype = job_dtype(cfg, engine.name, engine.device)
         self.resume_from = checkpoint_to_resume(cfg, engine, resume)
         check_writable(cfg.output_dir)
         rows = load_rows(cfg)  # every row checked: before the weights load
@@ -218,21 +218,21 @@ class _Job:
         return evaluate(self.steps, self.data.eval, self.cfg.training.eval_batch_size, desc)
 
 
-def _job_dtype(cfg: TrainConfig, engine: EngineSetup) -> torch.dtype:
-    """The backbone's dtype for ``model.dtype`` on this engine's device (float32 where the engine
-    cannot train a half-precision backbone here: ``auto`` gives float32 there).
+def job_dtype(cfg: TrainConfig, engine: str, device: torch.device) -> torch.dtype:
+    """The backbone's dtype for ``model.dtype`` on ``device`` under ``engine`` (float32 where the
+    engine cannot train a half-precision backbone here: ``auto`` gives float32 there).
 
     Raises:
         ConfigError: the engine cannot train this dtype, or cannot hold ``model.quantize``'s weights.
     """
-    quantized_problem = engine_class(engine.name).quantized_weights_problem
+    quantized_problem = engine_class(engine).quantized_weights_problem
     if cfg.model.quantize is not None and quantized_problem is not None:
-        raise ConfigError(f"model.quantize: {cfg.model.quantize} does not work with engine {engine.name} "
+        raise ConfigError(f"model.quantize: {cfg.model.quantize} does not work with engine {engine} "
                           f"({quantized_problem}); set model.quantize: null or engine: fsdp2.")
-    problem = engine_class(engine.name).half_precision_problem
+    problem = engine_class(engine).half_precision_problem
     if problem is not None:
         if cfg.model.dtype not in ("auto", "fp32"):
-            raise ConfigError(f"model.dtype: {cfg.model.dtype} does not work with engine {engine.name} "
+            raise ConfigError(f"model.dtype: {cfg.model.dtype} does not work with engine {engine} "
                               f"({problem}); set model.dtype: fp32 (or auto).")
         return torch.float32
-    return resolve_dtype(cfg.model.dtype, engine.device)
+    return resolve_dtype(cfg.model.dtype, device)
