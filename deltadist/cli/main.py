@@ -91,13 +91,14 @@ def _train(args: argparse.Namespace) -> int:
     from deltadist.training.loop import train
     from deltadist.training.report import print_summary
 
+    ranked = not args.dry_run  # a dry run is one process, whatever WORLD_SIZE says
     try:
         cfg = load_config(args.config, args.overrides)
     except DeltaError as err:
-        return _fail(args.command, str(err))
+        return _fail(args.command, str(err), ranked)
     except OSError as err:
         return _fail(args.command, f"cannot read the config: {_os_problem(err)}; "
-                                   "check the --config path (and any include: in it).")
+                                   "check the --config path (and any include: in it).", ranked)
     if args.dry_run:
         return _dry_run(args, cfg)
     try:
@@ -122,15 +123,15 @@ def _dry_run(args: argparse.Namespace, cfg: object) -> int:
         text = os.environ.get("WORLD_SIZE", "1")
         if not text.isdigit() or int(text) < 1:
             return _fail(args.command, f"WORLD_SIZE={text!r} is not a number of ranks; unset it or "
-                                       "pass --world-size N.")
+                                       "pass --world-size N.", ranked=False)
         world = int(text)
     try:
         print_dry_run(dry_run(cfg, world, resume=args.resume))
     except DeltaError as err:
-        return _fail(args.command, str(err))
+        return _fail(args.command, str(err), ranked=False)
     except OSError as err:
         return _fail(args.command, f"{_os_problem(err)}; check the paths in the config "
-                                   "(model.name_or_path, output_dir, deepspeed_config).")
+                                   "(model.name_or_path, output_dir, deepspeed_config).", ranked=False)
     return 0
 
 
@@ -168,9 +169,10 @@ def fail_missing_extra(command: str, err: ImportError, extra: str) -> int:
     raise err
 
 
-def _fail(command: str, message: str) -> int:
-    """Print ``message`` as one ``deltadist COMMAND: error:`` line on stderr; return exit status 2."""
-    print(f"deltadist {command}{_rank_tag()}: error: {_one_line(message)}", file=sys.stderr)
+def _fail(command: str, message: str, ranked: bool = True) -> int:
+    """Print ``message`` as one ``deltadist COMMAND: error:`` line on stderr (naming this process's
+    rank if ``ranked``); return exit status 2."""
+    print(f"deltadist {command}{_rank_tag() if ranked else ''}: error: {_one_line(message)}", file=sys.stderr)
     return 2
 
 

@@ -194,7 +194,7 @@ def plan_model(cfg: Any, task: str, labels: list[str] | None, dtype: torch.dtype
         path, tokenizer, config = _task_config(cfg, task, labels)
         with _task_fits(cfg, task, config), torch.device("meta"):
             model = TASK_MODELS[task][0].from_config(config, dtype=dtype)
-        new = modules_not_in_checkpoint(model, checkpoint_keys(path))
+        _, new = modules_not_in_checkpoint(model, checkpoint_keys(path))
         missing = sorted(f"{m}.{n}" for m in new for n, _ in model.get_submodule(m).named_parameters())
         loaded = _checked(model, tokenizer, missing, cfg, task)
     if cfg.gradient_checkpointing:

