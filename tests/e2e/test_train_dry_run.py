@@ -194,3 +194,17 @@ def test_bad_input_is_the_real_runs_one_line_error(overrides: list[str], tmp_pat
     assert dry_status == real_status == 2
     assert len(dry_err.strip().splitlines()) == 1, dry_err  # the real run's progress bars come before
     assert dry_err.strip() == real_err.strip().splitlines()[-1], (dry_err, real_err)
+
+
+def test_a_head_the_checkpoint_lacks_is_counted_as_the_run_trains_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``unfrozen_modules: [deltas]`` on a base checkpoint: the new classifier trains anyway."""
+    job = make_job(tmp_path, "sequence_classification", max_steps=1)
+    argv = ["train", "--config", str(job.config), "--set", "delta.unfrozen_modules=[deltas]"]
+    monkeypatch.setenv("COLUMNS", "200")
+    status, out, err = _cli([*argv, "--dry-run"])
+    assert status == 0, err
+    assert _cli(argv)[0] == 0
+    real = json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"]
+    assert f"trainable params │ {real:,} of " in out
+    assert any("classifier.weight" in line for line in out.splitlines())
