@@ -54,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``deltadist train: error: <problem>; <fix>``. Any other exception is a bug and propagates with
     its traceback.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "train" and args.world_size is not None and not args.dry_run:
-        parser.error("--world-size plans a --dry-run; a run takes its world from its launcher")
+        return _fail(args.command, "--world-size plans a --dry-run; a run takes its world from its "
+                                   "launcher (launchers/torchrun.sh --nproc N).", ranked=False)
     quiet_optional_kernels()
     if args.command == "pick":
         return pick.run(args)

@@ -208,3 +208,16 @@ def test_a_head_the_checkpoint_lacks_is_counted_as_the_run_trains_it(tmp_path: P
     real = json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"]
     assert f"trainable params │ {real:,} of " in out
     assert any("classifier.weight" in line for line in out.splitlines())
+
+
+def test_help_documents_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[--dry-run] [--world-size N]" in out
+    assert "--dry-run check the config, print it resolved with the step plan" in out
+    assert "--world-size N --dry-run: plan for N ranks of the config's engine (default: $WORLD_SIZE" in out
+    status, _, err = _cli(["train", "--world-size", "2"])
+    assert status == 2 and err.startswith("deltadist train: error: --world-size plans a --dry-run")
+    with pytest.raises(SystemExit):
+        main(["train", "--dry-run", "--world-size", "0"])
