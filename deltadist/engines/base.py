@@ -71,6 +71,12 @@ class Engine:
     """Why this engine cannot hold 4-bit (NF4) backbone weights, or ``None``."""
     launcher_script: ClassVar[str] = "torchrun.sh"
     """The script in ``launchers/`` that starts this engine's ranks."""
+    accumulates: ClassVar[bool] = True
+    """Whether ``deltadist train`` may run several micro-batches per step (its setup's
+    :attr:`~deltadist.engines.runtime.EngineSetup.accumulates`), known before the engine starts."""
+    steps_in_backward: ClassVar[bool] = False
+    """Whether the optimizer steps inside the backward (its setup's
+    :attr:`~deltadist.engines.runtime.EngineSetup.steps_in_backward`), known before the engine starts."""
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> "EngineSetup":

@@ -39,6 +39,7 @@ class ZeRO3Engine(DistributedEngine):
     quantized_weights_problem = "ZeRO partitions and casts every parameter as a plain tensor; fsdp2 holds NF4"
     half_precision_problem = "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet"
     launcher_script = "deepspeed.sh"
+    steps_in_backward = True
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,

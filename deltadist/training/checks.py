@@ -29,6 +29,24 @@ def check_writable(output_dir: str | os.PathLike) -> None:
                           "an output_dir this user can create and write.") from err
 
 
+def check_engine_limits(engine: str, accumulates: bool, steps_in_backward: bool, skip_nonfinite: bool,
+                        accumulation: int | None = None) -> None:
+    """The job's settings the engine cannot run: skipping non-finite steps where the optimizer steps
+    inside the backward; several micro-batches a step where it takes one (``accumulation``: the
+    plan's, once known).
+
+    Raises:
+        ConfigError: naming the setting and what to set.
+    """
+    if skip_nonfinite and steps_in_backward:
+        raise ConfigError(f"training.skip_nonfinite_steps does not work with engine {engine}: it "
+                          "takes the optimizer step inside its backward, before the loss is known; "
+                          "set training.skip_nonfinite_steps: false.")
+    if accumulation is not None and accumulation > 1 and not accumulates:
+        raise ConfigError(f"engine: {engine} takes one forward per step here; set "
+                          "training.gradient_accumulation_steps: 1 and micro_batch_size: null.")
+
+
 def warn_if_warmup_outlasts(warmup_steps: int, total_steps: int) -> None:
     """Warn when the linear warm-up does not end within the run: the learning rate then never
     reaches ``training.lr`` (its last step has ``total / (warmup + 1)`` of it)."""

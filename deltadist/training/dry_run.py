@@ -16,11 +16,12 @@ import torch
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.ownership import default_unfrozen
 from deltadist.core.quantized import quantizable_linears
-from deltadist.engines import ENGINES
+from deltadist.engines import ENGINES, engine_class
 from deltadist.engines.batch_split import split_batch
 from deltadist.errors import ConfigError
 from deltadist.training.batching import StepPlan, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume
+from deltadist.training.checks import check_engine_limits, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
 from deltadist.training.job_data import load_rows, tokenize
 from deltadist.training.loop import job_dtype
@@ -66,8 +67,7 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
     ``world_size`` ranks of ``cfg.engine``, from the model on ``meta``.
 
     Raises:
-        ConfigError: what a real run would refuse before its first step (the checks that need a
-            started engine aside: BMTrain's single forward per step, DeepSpeed's skipped steps).
+        ConfigError: what a real run would refuse before its first step.
     """
     t = cfg.training
     dtype = _check(cfg, world_size, resume)
@@ -76,6 +76,10 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
     data = tokenize(rows, cfg, loaded.tokenizer)
     plan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size,
                       len(data.train), t.epochs, t.max_steps)
+    engine = engine_class(cfg.engine)
+    check_engine_limits(cfg.engine, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
+                        plan.accumulation)
+    warn_if_warmup_outlasts(t.warmup_steps, plan.total_steps)
     model = loaded.model
     quantized = [] if cfg.model.quantize is None else list(
         quantizable_linears(model, skip=[model.get_submodule(m) for m in loaded.new_modules]))
@@ -101,6 +105,8 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> torch.dtype:
                           f"{world_size} ranks; choose a distributed engine (--set engine=ddp, fsdp2 or "
                           "fsdp1), or --world-size 1.")
     split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
+    engine = engine_class(cfg.engine)
+    check_engine_limits(cfg.engine, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps)
     dtype = job_dtype(cfg, cfg.engine, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if not resume:  # a resumed run's checkpoint is checked when it starts
         checkpoint_to_resume(cfg, None, resume=False)

@@ -30,7 +30,7 @@ from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import Collator, StepPlan, batches_after, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
-from deltadist.training.checks import check_writable, warn_if_warmup_outlasts
+from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.job_data import JobData, load_rows, tokenize
@@ -78,10 +78,7 @@ class _Job:
         t = cfg.training
         # The cheap checks first: nothing is loaded for a batch that does not split over the ranks.
         split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, engine.world_size)
-        if t.skip_nonfinite_steps and engine.steps_in_backward:
-            raise ConfigError(f"training.skip_nonfinite_steps does not work with engine {engine.name}: it "
-                              "takes the optimizer step inside its backward, before the loss is known; "
-                              "set training.skip_nonfinite_steps: false.")
+        check_engine_limits(engine.name, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps)
         self.dtype = job_dtype(cfg, engine.name, engine.device)
         self.resume_from = checkpoint_to_resume(cfg, engine, resume)
         check_writable(cfg.output_dir)
@@ -90,9 +87,8 @@ class _Job:
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
                                          engine.world_size, len(self.data.train), t.epochs, t.max_steps)
-        if self.plan.accumulation > 1 and not engine.accumulates:
-            raise ConfigError(f"engine: {engine.name} takes one forward per step here; set "
-                              "training.gradient_accumulation_steps: 1 and micro_batch_size: null.")
+        check_engine_limits(engine.name, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
+                            self.plan.accumulation)
         if engine.is_main:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model = loaded.model

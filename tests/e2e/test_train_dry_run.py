@@ -221,3 +221,32 @@ def test_help_documents_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 2 and err.startswith("deltadist train: error: --world-size plans a --dry-run")
     with pytest.raises(SystemExit):
         main(["train", "--dry-run", "--world-size", "0"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["--set", "engine=deepspeed", "--set", "training.skip_nonfinite_steps=true"],
+     "training.skip_nonfinite_steps does not work with engine deepspeed"),
+    (["--set", "engine=bmtrain", "--set", "training.micro_batch_size=2"],
+     "engine: bmtrain takes one forward per step here"),
+])
+def test_the_engines_limits_are_checked_without_starting_it(overrides: list[str], message: str,
+                                                            tmp_path: Path) -> None:
+    job = make_job(tmp_path, "causal_lm")
+    status, _, err = _cli(["train", "--config", str(job.config), "--dry-run", *overrides])
+    assert status == 2 and err.startswith(f"deltadist train: error: {message}"), err
+
+
+def test_the_engine_classes_limits_are_their_setups() -> None:
+    """What the dry run reads off an engine class is what its started setup says (DeepSpeed's,
+    which starts on a CPU; BMTrain's needs CUDA)."""
+    import torch
+
+    from deltadist.engines import engine_class
+    from deltadist.engines.deepspeed_runtime import launch_deepspeed
+    from deltadist.engines.runtime import EngineSetup
+
+    setup = launch_deepspeed(EngineSetup("deepspeed", torch.device("cpu"), wrap=lambda m: m), None, 8,
+                             None, None, None)
+    engine = engine_class("deepspeed")
+    assert (setup.steps_in_backward, setup.accumulates) == (engine.steps_in_backward, engine.accumulates)
+    assert not engine_class("bmtrain").accumulates and engine_class("plain").accumulates
