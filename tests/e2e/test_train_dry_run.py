@@ -54,7 +54,7 @@ def _header_only(weights: Path) -> bytes:
     return whole
 
 
-@pytest.fixture(scope="module", params=["causal_lm", "sequence_classification", "builtin"])
+@pytest.fixture(scope="module", params=["causal_lm", "seq2seq", "sequence_classification", "builtin"])
 def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp(request.param)
     if request.param == "builtin":
@@ -250,3 +250,20 @@ def test_the_engine_classes_limits_are_their_setups() -> None:
     engine = engine_class("deepspeed")
     assert (setup.steps_in_backward, setup.accumulates) == (engine.steps_in_backward, engine.accumulates)
     assert not engine_class("bmtrain").accumulates and engine_class("plain").accumulates
+
+
+def test_packing_reports_the_blocks_and_their_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job(tmp_path, "causal_lm")
+    monkeypatch.setenv("COLUMNS", "200")
+    status, out, err = _cli(["train", "--config", str(job.config), "--dry-run", "--set", "data.packing=true"])
+    assert status == 0, err
+    cfg = load_config(job.config, ["data.packing=true"])
+    rows = load_rows(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    blocks = tokenize(rows, cfg, tokenizer).train
+    assert len(blocks) < len(rows.train)
+    assert f"train data       │ {len(rows.train):,} rows, {len(blocks):,} packed examples, " \
+           f"{sum(len(b.input_ids) for b in blocks):,} tokens" in out
+    steps = -(-len(blocks) // 8)
+    assert f"{3 * steps} steps ({steps} an epoch, 3 epochs)" in out
