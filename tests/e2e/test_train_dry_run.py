@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoTokenizer
 
 from deltadist.cli.main import main
+from deltadist.core.quantized import is_quantized
 from deltadist.training import loop
 from deltadist.training.config import TrainConfig, load_config, to_dict
 from deltadist.training.dry_run import dry_run
 from deltadist.training.job_data import load_rows, tokenize
-from deltadist.training.model import resolve_model_path
+from deltadist.training.model import load_model, resolve_model_path
 from tests.task_jobs import make_job
 
 BUILTIN = ["--set", "data.train_size=48", "--set", "data.test_size=16", "--set", "training.batch_size=16"]
@@ -174,6 +176,11 @@ def test_quantize_lists_the_weights_that_would_be_nf4(tmp_path: Path,
     line = next(line for line in out.splitlines() if "nf4 weights" in line)
     # Every projection of the two layers (in: 64 or 128, multiples of NF4's block); not lm_head.
     assert "14 linear layers: model.layers.0.self_attn.q_proj" in line and "lm_head" not in line
+    cfg = load_config(job.config, ["model.quantize=nf4"])
+    real = load_model(cfg.model, cfg.task, None, 0, torch.float32).model  # as the job loads it
+    quantized = [name for name, module in real.named_modules()
+                 if isinstance(module, torch.nn.Linear) and is_quantized(module.weight)]
+    assert len(quantized) == 14 and dry_run(cfg).quantized == quantized
 
 
 @pytest.mark.parametrize("overrides", [
