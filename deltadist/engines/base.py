@@ -100,6 +100,16 @@ class Engine:
         return EngineSetup(name=cls.name, device=device, wrap=lambda model: cls.wrap(model, device))
 
     @classmethod
+    def check_options(cls, world_size: int, **options: Any) -> None:
+        """Refuse the job's settings (``options``, as :meth:`launch` takes them) that this engine
+        cannot run on ``world_size`` ranks, starting nothing (``deltadist train --dry-run``); what
+        :meth:`launch` checks of them, it checks here too. One process: nothing to check.
+
+        Raises:
+            ConfigError: naming the setting and what to set.
+        """
+
+    @classmethod
     def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
         """Wrap ``model`` (deltas attached, frozen) for this engine; return what to call and train.
         One process: the model itself, moved to ``device`` unless it is still on ``meta``."""

@@ -54,6 +54,17 @@ class ZeRO3Engine(DistributedEngine):
                                 max_grad_norm)
 
     @classmethod
+    def check_options(cls, world_size: int, *, deepspeed_config: str | None = None, batch_size: int = 32,
+                      micro_batch_size: int | None = None, accumulation: int | None = None,
+                      max_grad_norm: float | None = None, **_: Any) -> None:
+        """The DeepSpeed JSON resolved for the job as :meth:`launch` resolves it (deepspeed is not
+        imported)."""
+        from deltadist.engines.deepspeed_runtime import resolve_deepspeed_config
+
+        resolve_deepspeed_config(deepspeed_config, batch_size, world_size, max_grad_norm, micro_batch_size,
+                                 accumulation)
+
+    @classmethod
     def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:
         """Onto the device only: ``deepspeed.initialize`` wraps and partitions it in ``prepare``."""
         return model.to(device)

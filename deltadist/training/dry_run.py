@@ -24,7 +24,7 @@ from deltadist.training.checkpointing import checkpoint_to_resume
 from deltadist.training.checks import check_engine_limits, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
 from deltadist.training.job_data import load_rows, tokenize
-from deltadist.training.loop import job_dtype
+from deltadist.training.loop import engine_options, job_dtype
 from deltadist.training.model import plan_model
 from deltadist.training.text_data import TokenizedExample
 
@@ -104,8 +104,9 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> torch.dtype:
         raise ConfigError(f"engine: {cfg.engine} runs in one process, but the dry run is for a world of "
                           f"{world_size} ranks; choose a distributed engine (--set engine=ddp, fsdp2 or "
                           "fsdp1), or --world-size 1.")
-    split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
     engine = engine_class(cfg.engine)
+    engine.check_options(world_size, **engine_options(cfg))
+    split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
     check_engine_limits(cfg.engine, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps)
     dtype = job_dtype(cfg, cfg.engine, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if not resume:  # a resumed run's checkpoint is checked when it starts

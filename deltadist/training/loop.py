@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,14 +61,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     said on stderr, when there is none); the run then ends as the uninterrupted one would.
     """
     job_start = time.perf_counter()
-    t = cfg.training
-    engine = setup_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, batch_size=t.batch_size,
-                          micro_batch_size=t.micro_batch_size, accumulation=t.gradient_accumulation_steps,
-                          max_grad_norm=t.max_grad_norm)
+    engine = setup_engine(cfg.engine, **engine_options(cfg))
     try:
         return _Job(cfg, engine, resume).run(job_start)
     finally:
         engine.close()
+
+
+def engine_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The job's settings an engine's :meth:`~deltadist.engines.Engine.launch` takes."""
+    t = cfg.training
+    return {"deepspeed_config": cfg.deepspeed_config, "batch_size": t.batch_size,
+            "micro_batch_size": t.micro_batch_size, "accumulation": t.gradient_accumulation_steps,
+            "max_grad_norm": t.max_grad_norm}
 
 
 class _Job:

@@ -274,3 +274,23 @@ def test_packing_reports_the_blocks_and_their_tokens(tmp_path: Path, monkeypatch
            f"{sum(len(b.input_ids) for b in blocks):,} tokens" in out
     steps = -(-len(blocks) // 8)
     assert f"{3 * steps} steps ({steps} an epoch, 3 epochs)" in out
+
+
+@pytest.mark.parametrize(("ds_config", "message"), [
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+    ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3},
+     "train_micro_batch_size_per_gpu is 3, but training.batch_size=8 on 2 ranks needs 2"),
+])
+def test_a_deepspeed_config_is_resolved_as_the_launch_resolves_it(ds_config: dict, message: str,
+                                                                 tmp_path: Path) -> None:
+    job = make_job(tmp_path, "causal_lm")
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    argv = ["train", "--config", str(job.config), "--dry-run", "--world-size", "2",
+            "--set", "engine=deepspeed", "--set", f"deepspeed_config={tmp_path / 'ds.json'}",
+            "--set", "training.micro_batch_size=2"]
+    status, _, err = _cli(argv)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    ds_config.pop("optimizer", None)
+    ds_config["train_micro_batch_size_per_gpu"] = "auto"
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    assert _cli(argv)[0] == 0
