@@ -18,6 +18,7 @@ from deltadist.api.ownership import default_unfrozen
 from deltadist.core.quantized import quantizable_linears
 from deltadist.engines import ENGINES, engine_class
 from deltadist.engines.batch_split import split_batch
+from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import StepPlan, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume
@@ -60,6 +61,8 @@ class DryRun:
     tokens: tuple[int, int | None]
     """Training and evaluation tokens after tokenizing (and packing)."""
     plan: StepPlan
+    resumed_from: int | None = None
+    """The step of the checkpoint ``--resume`` would continue from (``None``: step 0)."""
 
 
 def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryRun:
@@ -70,7 +73,7 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
         ConfigError: what a real run would refuse before its first step.
     """
     t = cfg.training
-    dtype = _check(cfg, world_size, resume)
+    dtype, resumed = _check(cfg, world_size, resume)
     rows = load_rows(cfg)
     loaded = plan_model(cfg.model, cfg.task, rows.labels, dtype)
     data = tokenize(rows, cfg, loaded.tokenizer)
@@ -94,11 +97,12 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
         trainable_params=sum(p.numel() for p in delta.parameters()),
         total_params=sum(p.numel() for p in model.parameters()), quantized=quantized,
         rows=(len(rows.train), None if rows.eval is None else len(rows.eval)), examples=len(data.train),
-        tokens=(_tokens(data.train), _tokens(data.eval)), plan=plan)
+        tokens=(_tokens(data.train), _tokens(data.eval)), plan=plan, resumed_from=resumed)
 
 
-def _check(cfg: TrainConfig, world_size: int, resume: bool) -> torch.dtype:
-    """The checks a run makes before it reads the data; the backbone's dtype."""
+def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype, int | None]:
+    """The checks a run makes before it reads the data; the backbone's dtype and the step of the
+    checkpoint ``resume`` continues from (``None``: a fresh start)."""
     t = cfg.training
     if world_size > 1 and cfg.engine == next(iter(ENGINES)):  # the first engine runs in one process
         raise ConfigError(f"engine: {cfg.engine} runs in one process, but the dry run is for a world of "
@@ -108,10 +112,12 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> torch.dtype:
     engine.check_options(world_size, **engine_options(cfg))
     split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size)
     check_engine_limits(cfg.engine, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps)
-    dtype = job_dtype(cfg, cfg.engine, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if not resume:  # a resumed run's checkpoint is checked when it starts
-        checkpoint_to_resume(cfg, None, resume=False)
-    return dtype
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = job_dtype(cfg, cfg.engine, device)
+    # Rank 0's view of output_dir (with --resume: the checkpoint it would continue, its files checked)
+    rank0 = EngineSetup(name=cfg.engine, device=device, wrap=lambda model: model, world_size=world_size)
+    point = checkpoint_to_resume(cfg, rank0, resume)
+    return dtype, None if point is None else point.step
 
 
 def _tokens(examples: list[TokenizedExample] | None) -> int | None:

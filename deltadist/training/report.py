@@ -83,8 +83,9 @@ def _plan_table(run: DryRun) -> Table:
                   f"(gradient accumulation {plan.accumulation})")
     length = f"max_steps {t.max_steps}" if t.max_steps is not None else \
         f"{t.epochs} epoch{'s' * (t.epochs > 1)}"
+    resumed = f"; resuming after step {run.resumed_from:,}" if run.resumed_from is not None else ""
     table.add_row("steps", f"{plan.total_steps:,} steps ({plan.steps_per_epoch:,} an epoch, {length}); "
-                  f"warm-up {t.warmup_steps}, then {t.scheduler}; lr {t.lr:g}")
+                  f"warm-up {t.warmup_steps}, then {t.scheduler}; lr {t.lr:g}{resumed}")
     train_rows, eval_rows = run.rows
     train_tokens, eval_tokens = run.tokens
     packed = f", {run.examples:,} packed examples" if run.examples != train_rows else ""

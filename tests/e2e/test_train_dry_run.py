@@ -294,3 +294,19 @@ def test_a_deepspeed_config_is_resolved_as_the_launch_resolves_it(ds_config: dic
     ds_config["train_micro_batch_size_per_gpu"] = "auto"
     (tmp_path / "ds.json").write_text(json.dumps(ds_config))
     assert _cli(argv)[0] == 0
+
+
+def test_resume_is_checked_as_the_run_checks_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job(tmp_path, "causal_lm", max_steps=8, save_every=4)
+    assert _cli(["train", "--config", str(job.config)])[0] == 0
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+    monkeypatch.setenv("COLUMNS", "200")
+    status, out, err = _cli(["train", "--config", str(job.config), "--dry-run", "--resume"])
+    assert status == 0 and "8 steps (8 an epoch, max_steps 8); warm-up 0, then constant; lr 0.01; " \
+                           "resuming after step 8" in out, err
+    for extra in ([], ["--resume", "--set", "training.lr=0.5"]):  # checkpoints there; another job's
+        argv = ["train", "--config", str(job.config), *extra]
+        dry_status, _, dry_err = _cli([*argv, "--dry-run"])
+        real_status, _, real_err = _cli(argv)
+        assert dry_status == real_status == 2 and dry_err.strip() == real_err.strip().splitlines()[-1]
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
