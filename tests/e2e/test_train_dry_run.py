@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from deltadist.cli.main import main
@@ -310,3 +311,21 @@ def test_resume_is_checked_as_the_run_checks_it(tmp_path: Path, monkeypatch: pyt
         real_status, _, real_err = _cli(argv)
         assert dry_status == real_status == 2 and dry_err.strip() == real_err.strip().splitlines()[-1]
     assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_a_pytorch_bin_checkpoint_is_planned_from_its_keys(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pytorch_model.bin``: its keys are read memory-mapped onto meta; a base BERT's new classifier
+    is still found (and counted, with ``unfrozen_modules: [deltas]``)."""
+    job = make_job(tmp_path, "sequence_classification", max_steps=1)
+    weights = job.model / "model.safetensors"
+    torch.save(load_file(weights), job.model / "pytorch_model.bin")
+    weights.unlink()
+    monkeypatch.setenv("COLUMNS", "200")
+    argv = ["train", "--config", str(job.config), "--set", "delta.unfrozen_modules=[deltas]"]
+    status, out, err = _cli([*argv, "--dry-run"])
+    assert status == 0, err
+    assert any("classifier.weight" in line for line in out.splitlines())
+    assert _cli(argv)[0] == 0
+    real = json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"]
+    assert f"trainable params │ {real:,} of " in out
