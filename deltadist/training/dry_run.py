@@ -37,6 +37,9 @@ class Site:
     name: str
     parameters: dict[str, tuple[int, ...]]
     """Parameter name (``<kind>.<param>``) -> shape."""
+    shared: bool = False
+    """Not a module of the backbone: parameters the delta's sites share (a compacter's PHM rule,
+    a prefix's reparametrisation), under the first part of their keys."""
 
 
 @dataclass
@@ -125,12 +128,15 @@ def _tokens(examples: list[TokenizedExample] | None) -> int | None:
 
 
 def _sites(names: list[str], parameters: dict[str, torch.nn.Parameter]) -> list[Site]:
-    """The sites in model order, each with its delta parameters (keys ``<site>.<kind>.<param>``)."""
+    """The sites in model order, each with its delta parameters (keys ``<site>.<kind>.<param>``),
+    then the shared parameters (keys ``<name>.<param>`` under no site)."""
     sites = [Site(name, {}) for name in names]
+    shared: dict[str, Site] = {}
     for key, param in parameters.items():
         owners = [s for s in sites if key.startswith(s.name + ".")]
         site = max(owners, key=lambda s: len(s.name)) if owners else None
         if site is None:
-            sites.append(site := Site(key.rpartition(".")[0], {}))
+            group = key.partition(".")[0]
+            site = shared.setdefault(group, Site(group, {}, shared=True))
         site.parameters[key[len(site.name) + 1:]] = tuple(param.shape)
-    return sites
+    return sites + list(shared.values())

@@ -56,14 +56,16 @@ def print_dry_run(run: DryRun, console: Console | None = None) -> None:
     console.out("# deltadist train --dry-run: the resolved config\n"
                 + yaml.safe_dump(to_dict(run.cfg), sort_keys=False, allow_unicode=True), highlight=False)
     console.print(_plan_table(run))
-    sites = Table(title=f"{len(run.sites)} sites of the delta ({run.cfg.delta.get('delta_type')})",
+    count = sum(not site.shared for site in run.sites)
+    sites = Table(title=f"{count} site{'s' * (count != 1)} of the delta ({run.cfg.delta.get('delta_type')})",
                   title_style="bold")
     sites.add_column("site", style="cyan", overflow="fold")
     sites.add_column("parameter", overflow="fold")
     sites.add_column("shape", no_wrap=True)
     for site in run.sites:
         for index, (name, shape) in enumerate(site.parameters.items()):
-            sites.add_row(Text(site.name if index == 0 else ""), Text(name), _shape(shape))
+            label = f"{site.name} (shared)" if site.shared else site.name
+            sites.add_row(Text(label if index == 0 else ""), Text(name), _shape(shape))
     for key, shape in run.kept.items():
         sites.add_row(Text(key), Text("(the backbone's, trained)"), _shape(shape))
     console.print(sites)

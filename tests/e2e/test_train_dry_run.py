@@ -329,3 +329,25 @@ def test_a_pytorch_bin_checkpoint_is_planned_from_its_keys(tmp_path: Path,
     assert _cli(argv)[0] == 0
     real = json.loads((tmp_path / "run" / "metrics.json").read_text())["trainable_params"]
     assert f"trainable params │ {real:,} of " in out
+
+
+@pytest.mark.parametrize("delta", [
+    {"delta_type": "compacter", "modified_modules": ["output.dense"], "reduction_factor": 4},
+    {"delta_type": "prefix", "prefix_token_num": 3},
+    {"delta_type": "bitfit"},
+])
+def test_each_methods_parameters_are_the_real_attachs(delta: dict, tmp_path: Path) -> None:
+    """Shared parameters (a compacter's PHM rule, a prefix's reparametrisation) too."""
+    job = make_job(tmp_path, "sequence_classification", max_steps=1)
+    argv = ["train", "--config", str(job.config), "--set", f"delta={json.dumps(delta)}"]
+    results: list[loop.TrainResult] = []
+    train = loop.train
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "train", lambda cfg, resume=False: results.append(train(cfg, resume))
+                      or results[-1])
+        assert _cli(argv)[0] == 0
+    real = {key: tuple(p.shape) for key, p in results[0].delta.delta_parameters().items()}
+    planned = dry_run(load_config(job.config, [f"delta={json.dumps(delta)}"]))
+    assert {f"{s.name}.{k}": v for s in planned.sites for k, v in s.parameters.items()} == real
+    assert [s.name for s in planned.sites if not s.shared] == results[0].delta.sites
+    assert planned.trainable_params == results[0].metrics.trainable_params
