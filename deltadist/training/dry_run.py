@@ -22,7 +22,7 @@ from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import StepPlan, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume
-from deltadist.training.checks import check_engine_limits, warn_if_warmup_outlasts
+from deltadist.training.checks import check_could_write, check_engine_limits, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
 from deltadist.training.job_data import load_rows, tokenize
 from deltadist.training.loop import engine_options, job_dtype
@@ -120,6 +120,7 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype
     # Rank 0's view of output_dir (with --resume: the checkpoint it would continue, its files checked)
     rank0 = EngineSetup(name=cfg.engine, device=device, wrap=lambda model: model, world_size=world_size)
     point = checkpoint_to_resume(cfg, rank0, resume)
+    check_could_write(cfg.output_dir)
     return dtype, None if point is None else point.step
 
 

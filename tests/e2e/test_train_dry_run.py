@@ -192,10 +192,13 @@ def test_quantize_lists_the_weights_that_would_be_nf4(tmp_path: Path,
     ["--set", "model.name_or_path=/no/such/model"],
     ["--set", "task=seq2seq"],
     ["--set", "training.max_steps=-1"],
+    ["--set", "output_dir={tmp}/a_file"],  # an output_dir that is a file, or under one
+    ["--set", "output_dir={tmp}/a_file/run"],
 ])
 def test_bad_input_is_the_real_runs_one_line_error(overrides: list[str], tmp_path: Path) -> None:
     job = make_job(tmp_path, "causal_lm", max_steps=1)
-    argv = ["train", "--config", str(job.config), *overrides]
+    (tmp_path / "a_file").write_text("")
+    argv = ["train", "--config", str(job.config), *(arg.format(tmp=tmp_path) for arg in overrides)]
     dry_status, _, dry_err = _cli([*argv, "--dry-run"])
     assert not (tmp_path / "run").exists()
     real_status, _, real_err = _cli(argv)
