@@ -1,4 +1,5 @@
-"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]``
+"""``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]
+[--dry-run [--world-size N]]``
 (delta-tune a model) and ``deltadist pick MODEL_PATH --method M`` (pick modules in the browser)."""
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set training.epochs=1 (repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint in output_dir (training.save_every)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, print it resolved with the step plan, the delta's sites and "
+                            "shapes, the trainable parameters and the data's tokens, and exit: no weight "
+                            "is loaded (the model is built on meta), nothing is written")
+    train.add_argument("--world-size", type=_positive, metavar="N",
+                       help="--dry-run: plan for N ranks of the config's engine (default: $WORLD_SIZE, "
+                            "else 1); no process group is started")
     pick.add_parser(commands)
     return parser
 
@@ -47,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     its traceback.
     """
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.world_size is not None and not args.dry_run:
+        return _fail(args.command, "--world-size plans a --dry-run; a run takes its world from its "
+                                   "launcher (launchers/torchrun.sh --nproc N).", ranked=False)
     quiet_optional_kernels()
     if args.command == "pick":
         return pick.run(args)
@@ -80,13 +91,16 @@ def _train(args: argparse.Namespace) -> int:
     from deltadist.training.loop import train
     from deltadist.training.report import print_summary
 
+    ranked = not args.dry_run  # a dry run is one process, whatever WORLD_SIZE says
     try:
         cfg = load_config(args.config, args.overrides)
     except DeltaError as err:
-        return _fail(args.command, str(err))
+        return _fail(args.command, str(err), ranked)
     except OSError as err:
         return _fail(args.command, f"cannot read the config: {_os_problem(err)}; "
-                                   "check the --config path (and any include: in it).")
+                                   "check the --config path (and any include: in it).", ranked)
+    if args.dry_run:
+        return _dry_run(args, cfg)
     try:
         result = train(cfg, resume=args.resume)
     except DeltaError as err:
@@ -97,6 +111,35 @@ def _train(args: argparse.Namespace) -> int:
     if result.metrics is not None:  # only the main rank of a distributed run reports
         print_summary(result.metrics, str(result.metrics_path))
     return 0
+
+
+def _dry_run(args: argparse.Namespace, cfg: object) -> int:
+    """``deltadist train --dry-run``: describe the run ``cfg`` would make; exit 0, or 2 on bad input."""
+    from deltadist.training.dry_run import dry_run
+    from deltadist.training.report import print_dry_run
+
+    world = args.world_size
+    if world is None:
+        text = os.environ.get("WORLD_SIZE", "1")
+        if not text.isdigit() or int(text) < 1:
+            return _fail(args.command, f"WORLD_SIZE={text!r} is not a number of ranks; unset it or "
+                                       "pass --world-size N.", ranked=False)
+        world = int(text)
+    try:
+        print_dry_run(dry_run(cfg, world, resume=args.resume))
+    except DeltaError as err:
+        return _fail(args.command, str(err), ranked=False)
+    except OSError as err:
+        return _fail(args.command, f"{_os_problem(err)}; check the paths in the config "
+                                   "(model.name_or_path, output_dir, deepspeed_config).", ranked=False)
+    return 0
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number of ranks: {text!r}")
+    return int(text)
 
 
 EXTRAS = {
@@ -126,9 +169,10 @@ def fail_missing_extra(command: str, err: ImportError, extra: str) -> int:
     raise err
 
 
-def _fail(command: str, message: str) -> int:
-    """Print ``message`` as one ``deltadist COMMAND: error:`` line on stderr; return exit status 2."""
-    print(f"deltadist {command}{_rank_tag()}: error: {_one_line(message)}", file=sys.stderr)
+def _fail(command: str, message: str, ranked: bool = True) -> int:
+    """Print ``message`` as one ``deltadist COMMAND: error:`` line on stderr (naming this process's
+    rank if ``ranked``); return exit status 2."""
+    print(f"deltadist {command}{_rank_tag() if ranked else ''}: error: {_one_line(message)}", file=sys.stderr)
     return 2
 
 

@@ -71,6 +71,12 @@ class Engine:
     """Why this engine cannot hold 4-bit (NF4) backbone weights, or ``None``."""
     launcher_script: ClassVar[str] = "torchrun.sh"
     """The script in ``launchers/`` that starts this engine's ranks."""
+    accumulates: ClassVar[bool] = True
+    """Whether ``deltadist train`` may run several micro-batches per step (its setup's
+    :attr:`~deltadist.engines.runtime.EngineSetup.accumulates`), known before the engine starts."""
+    steps_in_backward: ClassVar[bool] = False
+    """Whether the optimizer steps inside the backward (its setup's
+    :attr:`~deltadist.engines.runtime.EngineSetup.steps_in_backward`), known before the engine starts."""
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> "EngineSetup":
@@ -92,6 +98,16 @@ class Engine:
             )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return EngineSetup(name=cls.name, device=device, wrap=lambda model: cls.wrap(model, device))
+
+    @classmethod
+    def check_options(cls, world_size: int, **options: Any) -> None:
+        """Refuse the job's settings (``options``, as :meth:`launch` takes them) that this engine
+        cannot run on ``world_size`` ranks, starting nothing (``deltadist train --dry-run``); what
+        :meth:`launch` checks of them, it checks here too. One process: nothing to check.
+
+        Raises:
+            ConfigError: naming the setting and what to set.
+        """
 
     @classmethod
     def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:

@@ -67,6 +67,7 @@ class BMTrainEngine(Engine):
     quantized_weights_problem = "BMTrain keeps its parameters in its own flat buffers"
     half_precision_problem = "BMTrain's half-precision mode is not wired to deltadist train yet"
     launcher_script = "bmtrain.sh"
+    accumulates = False
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> EngineSetup:

@@ -39,6 +39,7 @@ class ZeRO3Engine(DistributedEngine):
     quantized_weights_problem = "ZeRO partitions and casts every parameter as a plain tensor; fsdp2 holds NF4"
     half_precision_problem = "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet"
     launcher_script = "deepspeed.sh"
+    steps_in_backward = True
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,
@@ -51,6 +52,17 @@ class ZeRO3Engine(DistributedEngine):
         base = super().launch(environ)
         return launch_deepspeed(base, deepspeed_config, batch_size, micro_batch_size, accumulation,
                                 max_grad_norm)
+
+    @classmethod
+    def check_options(cls, world_size: int, *, deepspeed_config: str | None = None, batch_size: int = 32,
+                      micro_batch_size: int | None = None, accumulation: int | None = None,
+                      max_grad_norm: float | None = None, **_: Any) -> None:
+        """The DeepSpeed JSON resolved for the job as :meth:`launch` resolves it (deepspeed is not
+        imported)."""
+        from deltadist.engines.deepspeed_runtime import resolve_deepspeed_config
+
+        resolve_deepspeed_config(deepspeed_config, batch_size, world_size, max_grad_norm, micro_batch_size,
+                                 accumulation)
 
     @classmethod
     def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:

@@ -68,12 +68,58 @@ def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, TensorSo
 
 
 def checkpoint_keys(weights: str | os.PathLike) -> set[str]:
-    """The canonical names of the tensors a checkpoint directory holds (nothing is read)."""
+    """The canonical names of the tensors a checkpoint directory holds: read from each file's
+    header (its first bytes), not a byte of any tensor."""
     keys: set[str] = set()
     for path in _checkpoint_files(weights):
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            keys.update(canonical_name(key) for key in handle.keys())
+        keys.update(canonical_name(key) for key in _header_keys(path))
     return keys
+
+
+def stored_keys(weights: str | os.PathLike) -> set[str]:
+    """:func:`checkpoint_keys`, or for a checkpoint saved without safetensors (``pytorch_model.bin``,
+    maybe sharded by its index) the keys of its pickles, memory-mapped onto ``meta``: no tensor is read.
+
+    Raises:
+        CheckpointError: the directory holds neither.
+    """
+    directory = Path(weights)
+    index, single = directory / "pytorch_model.bin.index.json", directory / "pytorch_model.bin"
+    if any(directory.glob("model*.safetensors*")) or not (index.is_file() or single.is_file()):
+        return checkpoint_keys(weights)
+    files = sorted({directory / n for n in json.loads(index.read_text())["weight_map"].values()}) \
+        if index.is_file() else [single]
+    return {canonical_name(key) for path in files
+            for key in torch.load(path, mmap=True, weights_only=True, map_location="meta")}
+
+
+def _header_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (an 8-byte little-endian length, then JSON)."""
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not a safetensors file (its header cannot be read: {err}); save "
+                              "the backbone with save_pretrained(..., safe_serialization=True).") from err
+    return [key for key in header if key != "__metadata__"]
+
+
+def modules_not_in_checkpoint(model: nn.Module, stored: set[str], prefix: str | None = None
+                              ) -> tuple[str, list[str]]:
+    """``(prefix, modules)``: where the checkpoint's keys (``stored``, canonical) sit in ``model``,
+    and the sorted modules with a parameter the checkpoint does not hold (a new task head).
+
+    ``prefix=None``: the model's ``base_model_prefix`` if the checkpoint is of the bare model, as
+    transformers reads a base checkpoint into a model with a head, else the root.
+    """
+    if prefix is None:
+        base = getattr(model, "base_model_prefix", "")
+        bare = base and not any(key.startswith(f"{base}.") for key in stored)
+        prefix = base if bare and hasattr(model, base) else ""
+    start = f"{prefix}." if prefix else ""
+    return prefix, sorted({name.rpartition(".")[0] for name, _ in model.named_parameters()
+                           if not name.startswith(start) or canonical_name(name[len(start):]) not in stored})
 
 
 def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
@@ -199,14 +245,8 @@ def load_quantized(build: Callable[[], nn.Module], weights: str | os.PathLike, s
     """
     with torch.device("meta"):
         model = build()
-    stored = checkpoint_keys(weights)
-    if prefix is None:
-        base = getattr(model, "base_model_prefix", "")
-        bare = base and not any(key.startswith(f"{base}.") for key in stored)
-        prefix = base if bare and hasattr(model, base) else ""
+    prefix, new = modules_not_in_checkpoint(model, checkpoint_keys(weights), prefix)
     start = f"{prefix}." if prefix else ""
-    new = sorted({name.rpartition(".")[0] for name, _ in model.named_parameters()
-                  if not name.startswith(start) or canonical_name(name[len(start):]) not in stored})
     quantize_backbone(model, scheme, skip=[model.get_submodule(name) for name in new])
     owners, tied = meta_buffer_owners(model), tied_parameters(model)
     model.to_empty(device="cpu")

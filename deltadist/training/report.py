@@ -1,11 +1,14 @@
-"""The job's final summary, printed with rich."""
+"""The job's final summary, and the dry run's description of a job, printed with rich."""
 
 from __future__ import annotations
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from deltadist.training.config import to_dict
+from deltadist.training.dry_run import DryRun
 from deltadist.training.metrics import Metrics
 
 
@@ -44,3 +47,60 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
     table.add_row("delta", Text(f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})"))
     table.add_row("metrics", Text(metrics_path))
     (console or Console()).print(table)
+
+
+def print_dry_run(run: DryRun, console: Console | None = None) -> None:
+    """The resolved config as YAML, then the plan (engine, batches, steps, data, parameters) and the
+    delta's sites with the shapes of its parameters."""
+    console = console or Console()
+    console.out("# deltadist train --dry-run: the resolved config\n"
+                + yaml.safe_dump(to_dict(run.cfg), sort_keys=False, allow_unicode=True), highlight=False)
+    console.print(_plan_table(run))
+    count = sum(not site.shared for site in run.sites)
+    sites = Table(title=f"{count} site{'s' * (count != 1)} of the delta ({run.cfg.delta.get('delta_type')})",
+                  title_style="bold")
+    sites.add_column("site", style="cyan", overflow="fold")
+    sites.add_column("parameter", overflow="fold")
+    sites.add_column("shape", no_wrap=True)
+    for site in run.sites:
+        for index, (name, shape) in enumerate(site.parameters.items()):
+            label = f"{site.name} (shared)" if site.shared else site.name
+            sites.add_row(Text(label if index == 0 else ""), Text(name), _shape(shape))
+    for key, shape in run.kept.items():
+        sites.add_row(Text(key), Text("(the backbone's, trained)"), _shape(shape))
+    console.print(sites)
+
+
+def _plan_table(run: DryRun) -> Table:
+    """Engine, batches, steps, data, parameters, output directory."""
+    t, plan, ranks = run.cfg.training, run.plan, run.world_size
+    table = Table(title=f"deltadist train --dry-run ({run.cfg.task})", show_header=False, title_style="bold")
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    dtype = str(run.dtype).removeprefix("torch.")
+    table.add_row("engine", f"{run.engine} on {ranks} rank{'s' * (ranks > 1)}; backbone {dtype}")
+    per_rank = plan.micro_batch_size * plan.accumulation
+    table.add_row("batch", f"{plan.batch_size} rows a step: {per_rank} a rank = {plan.accumulation} "
+                  f"micro-batch{'es' * (plan.accumulation > 1)} of {plan.micro_batch_size} "
+                  f"(gradient accumulation {plan.accumulation})")
+    length = f"max_steps {t.max_steps}" if t.max_steps is not None else \
+        f"{t.epochs} epoch{'s' * (t.epochs > 1)}"
+    resumed = f"; resuming after step {run.resumed_from:,}" if run.resumed_from is not None else ""
+    table.add_row("steps", f"{plan.total_steps:,} steps ({plan.steps_per_epoch:,} an epoch, {length}); "
+                  f"warm-up {t.warmup_steps}, then {t.scheduler}; lr {t.lr:g}{resumed}")
+    train_rows, eval_rows = run.rows
+    train_tokens, eval_tokens = run.tokens
+    packed = f", {run.examples:,} packed examples" if run.examples != train_rows else ""
+    table.add_row("train data", f"{train_rows:,} rows{packed}, {train_tokens:,} tokens")
+    table.add_row("eval data", "none" if eval_rows is None else f"{eval_rows:,} rows, {eval_tokens:,} tokens")
+    ratio = run.trainable_params / max(run.total_params, 1)
+    table.add_row("trainable params", f"{run.trainable_params:,} of {run.total_params:,} ({ratio:.3%})")
+    if run.cfg.model.quantize is not None:
+        table.add_row(f"{run.cfg.model.quantize} weights", Text(f"{len(run.quantized)} linear layers: "
+                                                                 + ", ".join(run.quantized)))
+    table.add_row("output_dir", Text(f"{run.cfg.output_dir} (nothing written)"))
+    return table
+
+
+def _shape(shape: tuple[int, ...]) -> Text:
+    return Text("[" + ", ".join(str(n) for n in shape) + "]")
