@@ -143,28 +143,31 @@ def load_weights(backbone: nn.Module, weights: str | os.PathLike, prefix: str,
     delta_ids = delta_parameter_ids(root)
     engine = detect_engine(backbone)
     quantized = {canonical_name(n): n for n, p in root.named_parameters() if is_quantized(p, engine)}
-    placed: dict[str, nn.Parameter] = {}  # quantized weights: new tensors, assigned at the end
+    placed: dict[str, nn.Parameter] = {}  # sharded quantized weights, assigned together at the end
     filled: set[int] = set()
     for key, source in _iter_checkpoint(weights):
         for target in targets.get(canonical_name(key), []):
             if id(target) in filled:
                 continue
-            if (name := quantized.get(canonical_name(key))) is not None:
-                placed[name] = _quantized_parameter(engine, target, source)
-                if not engine.shards_parameters:  # in place at once: nothing holds its placeholder then
-                    owner, _, attr = name.rpartition(".")
-                    setattr(root.get_submodule(owner), attr, placed[name])
-                    targets[canonical_name(key)] = [placed.pop(name)]
-                    target = targets[canonical_name(key)][0]
-            else:
+            if (name := quantized.get(canonical_name(key))) is None:
                 engine.load(target, source)
-            filled.add(id(target))
+                filled.add(id(target))
+                continue
+            param = _quantized_parameter(engine, target, source)
+            if engine.shards_parameters:  # the placeholder stays in the model until then
+                placed[name] = param
+                filled.add(id(target))
+            else:  # in place at once, so nothing holds the placeholder any longer (never tied)
+                owner, _, attr = name.rpartition(".")
+                setattr(root.get_submodule(owner), attr, param)
+                targets[canonical_name(key)] = [param]
+                filled.add(id(param))
     new = tuple(f"{m}." for m in new_modules)
     missing = sorted(
         n for n, p in root.named_parameters()
         if id(p) not in filled and id(p) not in delta_ids and not n.startswith(new)
     )
-    if placed:  # sharded: one assignment for all (FSDP2 re-reads its parameters after a load_state_dict);
+    if placed:  # one assignment for all (FSDP2 re-reads its parameters after a load_state_dict);
         root.load_state_dict(placed, strict=False, assign=True)  # never else: FSDP1's hooks would run
     if missing:
         raise CheckpointError(f"{weights} has no tensor for these backbone parameters: "

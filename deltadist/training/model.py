@@ -88,9 +88,7 @@ def build_model(name_or_path: str, num_labels: int, seed: int, dropout: float | 
     Raises:
         ConfigError: ``dropout`` is given but the backbone's config has no such keys.
     """
-    path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    config = _with_dropout(AutoConfig.from_pretrained(path), dropout)
+    path, tokenizer, config = _checkpoint_parts(name_or_path, dropout)
     if not show_progress:
         hf_logging.disable_progress_bar()
     if quantize is not None:  # the head draws from `seed` as below: the same values
@@ -189,9 +187,7 @@ def plan_model(cfg: Any, task: str, labels: list[str] | None, dtype: torch.dtype
         ConfigError: as :func:`load_model`.
     """
     if cfg.name_or_path in BUILTIN_MODELS and task == "sequence_classification":
-        path = resolve_model_path(cfg.name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = _with_dropout(AutoConfig.from_pretrained(path), cfg.dropout)
+        _, tokenizer, config = _checkpoint_parts(cfg.name_or_path, cfg.dropout)
         with torch.device("meta"):
             model = TextClassifier(AutoModel.from_config(config, dtype=dtype), len(labels or ()))
         loaded = LoadedModel(model, tokenizer, ["classifier"])
@@ -200,8 +196,7 @@ def plan_model(cfg: Any, task: str, labels: list[str] | None, dtype: torch.dtype
         with _task_fits(cfg, task, config), torch.device("meta"):
             model = TASK_MODELS[task][0].from_config(config, dtype=dtype)
         _, new = modules_not_in_checkpoint(model, stored_keys(path))
-        missing = sorted(f"{m}.{n}" for m in new for n, _ in model.get_submodule(m).named_parameters())
-        loaded = _checked(model, tokenizer, missing, cfg, task)
+        loaded = _checked(model, tokenizer, _parameters_of(model, new), cfg, task)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(loaded.model, cfg.name_or_path)
     return loaded
@@ -209,10 +204,8 @@ def plan_model(cfg: Any, task: str, labels: list[str] | None, dtype: torch.dtype
 
 def _task_config(cfg: Any, task: str, labels: list[str] | None) -> tuple[str, PreTrainedTokenizerBase, Any]:
     """The checkpoint's path, its tokenizer and its transformers config set up for ``task``."""
-    path = resolve_model_path(cfg.name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = _with_dropout(AutoConfig.from_pretrained(path), cfg.dropout)
+        path, tokenizer, config = _checkpoint_parts(cfg.name_or_path, cfg.dropout)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: {cfg.name_or_path}: cannot load a transformers config and "
                           f"tokenizer from it ({_first_line(err)}); give a directory written by "
@@ -274,7 +267,18 @@ def _from_pretrained(auto_class: Any, path: str, config: Any, dtype: torch.dtype
         return model, sorted(info["missing_keys"])
     model, new = load_quantized(lambda: auto_class.from_config(config, dtype=dtype), path, quantize,
                                 seed=seed)
-    return model, sorted(f"{m}.{n}" for m in new for n, _ in model.get_submodule(m).named_parameters())
+    return model, _parameters_of(model, new)
+
+
+def _parameters_of(model: nn.Module, modules: list[str]) -> list[str]:
+    """The sorted full names of the parameters of ``modules`` (the ones a checkpoint lacks)."""
+    return sorted(f"{m}.{n}" for m in modules for n, _ in model.get_submodule(m).named_parameters())
+
+
+def _checkpoint_parts(name_or_path: str, dropout: float | None) -> tuple[str, PreTrainedTokenizerBase, Any]:
+    """The checkpoint's directory, its tokenizer and its config with ``model.dropout`` applied."""
+    path = resolve_model_path(name_or_path)
+    return path, AutoTokenizer.from_pretrained(path), _with_dropout(AutoConfig.from_pretrained(path), dropout)
 
 
 def _enable_checkpointing(model: nn.Module, name: str) -> None:
