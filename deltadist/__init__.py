@@ -25,6 +25,7 @@ from deltadist.errors import (
     ExportError,
     SiteError,
 )
+from deltadist.integrations.opendelta import import_opendelta
 from deltadist.integrations.prepare import prepare_model
 from deltadist.interactive.visualize import Visualization
 from deltadist.mechanisms.mixed_batch import mixed_batch
@@ -46,7 +47,7 @@ __all__ = [
     "ExportError", "LoraConfig", "LoraModel", "LowRankAdapterConfig", "LowRankAdapterModel",
     "ParallelAdapterConfig", "ParallelAdapterModel", "PrefixConfig", "PrefixModel", "SiteError",
     "SoftPromptConfig", "SoftPromptModel", "Visualization",
-    "deltas_on", "full_state_dict", "prepare_model", "quantize_backbone", "wrap_model",
+    "deltas_on", "full_state_dict", "import_opendelta", "prepare_model", "quantize_backbone", "wrap_model",
     "mixed_batch",
     # Extension points: a method, an engine, a model family (docs/architecture.md).
     "DeltaModule", "Engine", "StructureMap", "register_engine", "register_method", "register_structure_map",

@@ -1,6 +1,6 @@
 """``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]
-[--dry-run [--world-size N]]``
-(delta-tune a model) and ``deltadist pick MODEL_PATH --method M`` (pick modules in the browser)."""
+[--dry-run [--world-size N]]`` (delta-tune a model), ``deltadist pick MODEL_PATH --method M`` (pick
+modules in the browser), ``deltadist import`` / ``export`` (deltas from OpenDelta or PEFT, to PEFT)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import os
 import sys
 from typing import Sequence
 
-from deltadist.cli import pick
+from deltadist.cli import convert, pick
 from deltadist.errors import DeltaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``train`` and ``pick``)."""
+    """The argument parser (subcommands ``train``, ``pick``, ``import`` and ``export``)."""
     parser = argparse.ArgumentParser(prog="deltadist", description="Delta tuning with OpenDelta's API.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from deltadist.training.config import keys_help
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--dry-run: plan for N ranks of the config's engine (default: $WORLD_SIZE, "
                             "else 1); no process group is started")
     pick.add_parser(commands)
+    convert.add_parsers(commands)
     return parser
 
 
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_optional_kernels()
     if args.command == "pick":
         return pick.run(args)
+    if args.command in ("import", "export"):
+        return convert.run(args)
     try:
         return _train(args)
     except ImportError as err:

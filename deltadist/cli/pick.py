@@ -13,10 +13,9 @@ import contextlib
 import sys
 from typing import Any
 
-import torch
 import yaml
-from torch import nn
 
+from deltadist.cli.models import meta_model
 from deltadist.errors import DeltaError
 from deltadist.interactive.picker import DEFAULT_PORT, DEFAULT_TIMEOUT_S
 from deltadist.interactive.server import LOCALHOST
@@ -69,16 +68,3 @@ def run(args: argparse.Namespace) -> int:
     section = {"delta": {"delta_type": delta.delta_type, "modified_modules": delta.config.modified_modules}}
     sys.stdout.write(yaml.safe_dump(section, sort_keys=False, default_flow_style=None, width=10_000))
     return 0
-
-
-def meta_model(path: str) -> nn.Module:
-    """The checkpoint's model (its ``architectures`` class, else ``AutoModel``), built on ``meta``."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    with torch.device("meta"):
-        if model_class is not None:
-            return model_class(config)
-        return transformers.AutoModel.from_config(config)

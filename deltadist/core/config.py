@@ -43,6 +43,9 @@ DELTA_DTYPES = ("auto", "site", "float32", "float16", "bfloat16", "float64")
 PROVENANCE_KEYS = frozenset(
     {"format_version", "library_versions", "save_id", "checkpoint_keys", "weights_sha256"}
 )
+OPENDELTA_BACKENDS = ("hf", "bmt")
+"""OpenDelta's ``backend`` switch (transformers or BMTrain modules): accepted and not stored, since
+deltadist detects the engine from the model itself."""
 
 
 @dataclass(kw_only=True)
@@ -147,6 +150,11 @@ class DeltaConfig:
             )
         for key in PROVENANCE_KEYS:
             merged.pop(key, None)
+        backend = merged.pop("backend", "hf")
+        if backend not in OPENDELTA_BACKENDS:
+            choices = ", ".join(map(repr, OPENDELTA_BACKENDS))
+            raise ConfigError(f"backend must be one of {choices} (OpenDelta's switch), got {shown(backend)}; "
+                              "deltadist detects the engine from the model, so the key can be left out.")
         valid = cls.field_names()
         unknown = [k for k in merged if k not in valid]
         if unknown:

@@ -55,6 +55,8 @@ _UNCHANGED_MEANS = {
     "adapter_config.json": "the new adapter_model.safetensors is complete but the config beside it is old",
 }
 _PEFT_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+OPENDELTA_WEIGHTS = "pytorch_model.bin"
+"""The weights file of a checkpoint OpenDelta wrote (see :mod:`deltadist.integrations.opendelta`)."""
 """A PEFT adapter's files (see :mod:`deltadist.io.peft`), accepted where a checkpoint is."""
 
 
@@ -326,6 +328,11 @@ def _weights_file(directory: Path) -> Path:
         if _PEFT_NAMES[0] in present:
             hint += (" It is a PEFT adapter: AutoDeltaModel.from_finetuned(path, backbone_model=...) "
                      "loads it as a LoRA delta.")
+        if OPENDELTA_WEIGHTS in present:
+            hint += (f" Its {OPENDELTA_WEIGHTS} looks like a checkpoint OpenDelta wrote (a pickle, which "
+                     "deltadist does not load directly): convert it once with `deltadist import --from "
+                     "opendelta "
+                     f"{directory} OUT --model BACKBONE` (or deltadist.import_opendelta) and load OUT.")
         raise CheckpointError(
             f"No delta checkpoint in {directory}: {weights} is missing (the directory holds: "
             f"{', '.join(present) or 'nothing'}). Pass the directory that save_finetuned() wrote.{hint}"

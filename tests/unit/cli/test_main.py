@@ -7,8 +7,7 @@ import pytest
 from transformers.utils import logging as hf_logging
 
 from deltadist.cli.main import main
-from deltadist.errors import (AddressingError, BackboneMismatchError, CheckpointError, EngineError,
-                              SiteError)
+from deltadist.errors import AddressingError, BackboneMismatchError, CheckpointError, EngineError, SiteError
 from deltadist.training import loop
 
 PREFIX = "deltadist train: error: "

@@ -1,0 +1,94 @@
+"""``deltadist import`` and ``deltadist export``: a delta from another library's format into
+deltadist's, and a deltadist delta into PEFT's.
+
+``deltadist import --from opendelta SOURCE OUT --model MODEL`` converts a checkpoint OpenDelta wrote
+(``config.json`` + ``pytorch_model.bin``, read without running code; see
+:mod:`deltadist.integrations.opendelta`); ``--from peft`` reads a PEFT LoRA adapter. ``deltadist
+export --delta DELTA --format peft --out DIR --model MODEL`` writes PEFT's adapter files. Each
+loads the backbone checkpoint (the class its ``config.json`` names) to attach the delta to and
+check every key against; the written delta carries the backbone's fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from deltadist.errors import DeltaError
+
+SOURCES = ("opendelta", "peft")
+FORMATS = ("peft", "deltadist")
+
+
+def add_parsers(commands: Any) -> None:
+    """Add the ``import`` and ``export`` subcommands to ``commands`` (an ``add_subparsers()`` result)."""
+    importing = commands.add_parser(
+        "import", help="convert a delta OpenDelta or PEFT wrote into deltadist's format",
+        description="Convert a delta checkpoint from another library into deltadist's format (safetensors "
+                    "with the backbone's fingerprint). OpenDelta's pickled weights are read with "
+                    "torch.load(weights_only=True): no code runs.")
+    importing.add_argument("--from", dest="source_format", choices=SOURCES, required=True,
+                           help="the library that wrote SOURCE")
+    importing.add_argument("source", metavar="SOURCE", help="the checkpoint directory it wrote")
+    importing.add_argument("out", metavar="OUT", help="the directory to write the deltadist delta to")
+    importing.add_argument("--model", required=True, metavar="MODEL",
+                           help="the backbone's transformers checkpoint directory (every key is checked "
+                                "against it)")
+    exporting = commands.add_parser(
+        "export", help="write a deltadist delta in PEFT's format",
+        description="Write a saved deltadist delta as PEFT's LoRA adapter (adapter_config.json + "
+                    "adapter_model.safetensors), which peft.PeftModel.from_pretrained loads.")
+    exporting.add_argument("--delta", required=True, metavar="DELTA",
+                           help="the delta directory (e.g. a run's output_dir/delta)")
+    exporting.add_argument("--format", choices=FORMATS, default="peft",
+                           help="the format to write (default peft)")
+    exporting.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
+    exporting.add_argument("--model", required=True, metavar="MODEL",
+                           help="the backbone's transformers checkpoint directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``deltadist import`` / ``export``: 0 when written, 2 on bad input (one ``error:`` line)."""
+    from deltadist.cli.main import _fail, _os_problem, fail_missing_extra
+
+    try:
+        written, summary = _import(args) if args.command == "import" else _export(args)
+    except DeltaError as err:
+        return _fail(args.command, str(err))
+    except OSError as err:
+        return _fail(args.command, f"{_os_problem(err)}; check the paths (--model must be a transformers "
+                                   "checkpoint directory).")
+    except ImportError as err:
+        return fail_missing_extra(args.command, err, "transformers")
+    print(f"{written}: {summary}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> tuple[str, str]:
+    from deltadist.api.auto import AutoDeltaModel
+    from deltadist.cli.models import load_model
+    from deltadist.integrations.opendelta import import_opendelta
+
+    backbone = load_model(args.model)
+    if args.source_format == "opendelta":
+        delta = import_opendelta(args.source, backbone)
+    else:
+        delta = AutoDeltaModel.from_finetuned(args.source, backbone_model=backbone)
+    written = delta.save_finetuned(args.out, backbone_checkpoint_name=str(Path(args.model)))
+    return written, f"{_described(delta)}, converted from {args.source_format}'s {args.source}"
+
+
+def _export(args: argparse.Namespace) -> tuple[str, str]:
+    from deltadist.api.auto import AutoDeltaModel
+    from deltadist.cli.models import load_model
+
+    delta = AutoDeltaModel.from_finetuned(args.delta, backbone_model=load_model(args.model))
+    written = delta.save_finetuned(args.out, format=args.format,
+                                   backbone_checkpoint_name=str(Path(args.model)))
+    return written, f"{_described(delta)} in {args.format}'s format"
+
+
+def _described(delta: Any) -> str:
+    count = sum(p.numel() for p in delta.parameters())
+    return f"a {delta.delta_type} delta on {len(delta.sites)} sites, {count:,} parameters"

@@ -1,0 +1,1 @@
+"""Helpers under OpenDelta's module paths (``opendelta.utils.inspect``), for scripts that migrate."""
