@@ -1,6 +1,7 @@
 """``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]
 [--dry-run [--world-size N]]`` (delta-tune a model), ``deltadist pick MODEL_PATH --method M`` (pick
-modules in the browser), ``deltadist import`` / ``export`` (deltas from OpenDelta or PEFT, to PEFT)."""
+modules in the browser), ``deltadist import`` / ``export`` (deltas from OpenDelta or PEFT, to PEFT),
+``deltadist inspect MODEL`` (modules and a delta's sites, on meta)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import os
 import sys
 from typing import Sequence
 
-from deltadist.cli import convert, pick
+from deltadist.cli import convert, inspect_model, pick
 from deltadist.errors import DeltaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``train``, ``pick``, ``import`` and ``export``)."""
+    """The argument parser (subcommands ``train``, ``pick``, ``import``, ``export``, ``inspect``)."""
     parser = argparse.ArgumentParser(prog="deltadist", description="Delta tuning with OpenDelta's API.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from deltadist.training.config import keys_help
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "else 1); no process group is started")
     pick.add_parser(commands)
     convert.add_parsers(commands)
+    inspect_model.add_parser(commands)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return pick.run(args)
     if args.command in ("import", "export"):
         return convert.run(args)
+    if args.command == "inspect":
+        return inspect_model.run(args)
     try:
         return _train(args)
     except ImportError as err:
