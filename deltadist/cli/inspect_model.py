@@ -32,7 +32,8 @@ def add_parser(commands: Any) -> None:
                              "section)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the delta config, e.g. --set lora_r=16 (repeatable)")
-    parser.add_argument("--params", action="store_true", help="list every parameter with its shape in the tree")
+    parser.add_argument("--params", action="store_true",
+                        help="list every parameter with its shape in the tree")
 
 
 def run(args: argparse.Namespace) -> int:
