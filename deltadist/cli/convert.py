@@ -1,12 +1,15 @@
-"""``deltadist import`` and ``deltadist export``: a delta from another library's format into
-deltadist's, and a deltadist delta into PEFT's.
+"""``deltadist import``, ``export`` and ``merge``: a delta from another library's format into
+deltadist's, a deltadist delta into PEFT's, and a delta merged into its backbone's checkpoint.
 
 ``deltadist import --from opendelta SOURCE OUT --model MODEL`` converts a checkpoint OpenDelta wrote
 (``config.json`` + ``pytorch_model.bin``, read without running code; see
 :mod:`deltadist.integrations.opendelta`); ``--from peft`` reads a PEFT LoRA adapter. ``deltadist
 export --delta DELTA --format peft --out DIR --model MODEL`` writes PEFT's adapter files. Each
 loads the backbone checkpoint (the class its ``config.json`` names) to attach the delta to and
-check every key against; the written delta carries the backbone's fingerprint.
+check every key against; the written delta carries the backbone's fingerprint. ``deltadist merge
+--model MODEL --delta DELTA --out DIR [--dtype bf16]`` writes MODEL with the delta folded into its
+weights, one site at a time (:mod:`deltadist.integrations.merge_checkpoint`): a plain transformers
+checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from deltadist.errors import DeltaError
 
 SOURCES = ("opendelta", "peft")
 FORMATS = ("peft", "deltadist")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def add_parsers(commands: Any) -> None:
@@ -46,6 +50,19 @@ def add_parsers(commands: Any) -> None:
     exporting.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
     exporting.add_argument("--model", required=True, metavar="MODEL",
                            help="the backbone's transformers checkpoint directory")
+    merging = commands.add_parser(
+        "merge", help="write a checkpoint with a delta merged into its weights (plain transformers)",
+        description="Fold a saved delta into its backbone's weights and write a transformers checkpoint "
+                    "(config.json, sharded safetensors, the tokenizer) that from_pretrained loads without "
+                    "deltadist. The backbone is read one site at a time: it never has to fit in memory.")
+    merging.add_argument("--model", required=True, metavar="MODEL",
+                         help="the backbone's checkpoint directory")
+    merging.add_argument("--delta", required=True, metavar="DELTA", help="the delta directory")
+    merging.add_argument("--out", required=True, metavar="DIR",
+                         help="the new checkpoint's directory (new or empty)")
+    merging.add_argument("--dtype", choices=DTYPES, help="the written weights' dtype (default: as stored)")
+    merging.add_argument("--max-shard-size", type=int, default=2048, metavar="MB",
+                         help="largest output shard in MiB (default 2048)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from deltadist.cli.main import _fail, _os_problem, fail_missing_extra
 
     try:
-        written, summary = _import(args) if args.command == "import" else _export(args)
+        written, summary = {"import": _import, "export": _export, "merge": _merge}[args.command](args)
     except DeltaError as err:
         return _fail(args.command, str(err))
     except OSError as err:
@@ -87,6 +104,19 @@ def _export(args: argparse.Namespace) -> tuple[str, str]:
     written = delta.save_finetuned(args.out, format=args.format,
                                    backbone_checkpoint_name=str(Path(args.model)))
     return written, f"{_described(delta)} in {args.format}'s format"
+
+
+def _merge(args: argparse.Namespace) -> tuple[str, str]:
+    import torch
+
+    from deltadist.cli.models import meta_model
+    from deltadist.integrations.merge_checkpoint import merge_checkpoint
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    report = merge_checkpoint(meta_model(args.model), args.model, args.delta, args.out, dtype,
+                              max_shard_bytes=args.max_shard_size * 1024 ** 2)
+    return str(report.directory), (f"{args.model} with the delta merged into {report.sites} sites: "
+                                   f"{report.tensors:,} tensors in {report.shards} shard(s)")
 
 
 def _described(delta: Any) -> str:

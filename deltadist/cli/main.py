@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_optional_kernels()
     if args.command == "pick":
         return pick.run(args)
-    if args.command in ("import", "export"):
+    if args.command in ("import", "export", "merge"):
         return convert.run(args)
     if args.command == "inspect":
         return inspect_model.run(args)

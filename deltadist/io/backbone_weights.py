@@ -43,7 +43,7 @@ def retie(model: nn.Module, groups: list[list[str]]) -> None:
             setattr(model.get_submodule(owner), attr, shared)
 
 
-def _checkpoint_files(weights: str | os.PathLike) -> list[Path]:
+def checkpoint_files(weights: str | os.PathLike) -> list[Path]:
     directory = Path(weights)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -58,7 +58,7 @@ def _checkpoint_files(weights: str | os.PathLike) -> list[Path]:
 
 def _iter_checkpoint(weights: str | os.PathLike) -> Iterator[tuple[str, TensorSource]]:
     """Every tensor of the checkpoint, memory-mapped: read whole or only some rows."""
-    for path in _checkpoint_files(weights):
+    for path in checkpoint_files(weights):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 yield key, TensorSource(
@@ -71,8 +71,8 @@ def checkpoint_keys(weights: str | os.PathLike) -> set[str]:
     """The canonical names of the tensors a checkpoint directory holds: read from each file's
     header (its first bytes), not a byte of any tensor."""
     keys: set[str] = set()
-    for path in _checkpoint_files(weights):
-        keys.update(canonical_name(key) for key in _header_keys(path))
+    for path in checkpoint_files(weights):
+        keys.update(canonical_name(key) for key in header_keys(path))
     return keys
 
 
@@ -93,7 +93,7 @@ def stored_keys(weights: str | os.PathLike) -> set[str]:
             for key in torch.load(path, mmap=True, weights_only=True, map_location="meta")}
 
 
-def _header_keys(path: Path) -> list[str]:
+def header_keys(path: Path) -> list[str]:
     """The tensor names in a safetensors file's header (an 8-byte little-endian length, then JSON)."""
     try:
         with path.open("rb") as handle:
