@@ -73,7 +73,8 @@ def test_a_kept_task_head_and_a_dtype(tmp_path: Path) -> None:
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=3)).save_pretrained(tmp_path / "model")
     model = BertForSequenceClassification.from_pretrained(tmp_path / "model").eval()
-    expected = _trained(model, {"delta_type": "lora", "modified_modules": ["query", "value"]}, tmp_path / "delta")
+    lora = {"delta_type": "lora", "modified_modules": ["query", "value"]}
+    expected = _trained(model, lora, tmp_path / "delta")
     status, _, err = _cli(["merge", "--model", str(tmp_path / "model"), "--delta", str(tmp_path / "delta"),
                            "--out", str(tmp_path / "merged"), "--dtype", "bf16"])
     assert status == 0, err
