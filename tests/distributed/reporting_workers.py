@@ -1,4 +1,4 @@
-"""Rank-side function for ``test_train_reporting.py``: ``deltadist train`` on a rank of a gloo world,
+"""Rank-side function for ``test_reporting_ranks.py``: ``deltadist train`` on a rank of a gloo world,
 dying (as if killed: no cleanup runs) during a given step."""
 
 from __future__ import annotations

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 
 from deltadist.cli.main import main
+from deltadist.training.reporters import missing_packages
 from tests.e2e.test_train_tasks import killing_script
 from tests.reporting import jsonl_scalars, mlflow_runs, tensorboard_scalars, wandb_runs
 from tests.task_jobs import Job, make_job
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("wandb")
-pytest.importorskip("sqlalchemy")
-pytest.importorskip("mlflow")
-
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["tensorboard", "wandb", "mlflow"]
+MISSING = [package for name in BACKENDS for package in missing_packages(name)]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs {MISSING}: pip install 'deltadist[track]'")
 JOB = {"max_steps": 8, "save_every": 3, "eval_every": 4, "report_to": ["jsonl", *BACKENDS]}
 """8 steps; checkpoints after 3 and 6; an evaluation before, after 4 and at the end."""
 

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from deltadist.training.reporters import missing_packages
 from tests.distributed.harness import run_ranks
 from tests.distributed.reporting_workers import train_dying_in_step
 from tests.distributed.train_workers import train_on_rank
 from tests.reporting import jsonl_scalars, mlflow_runs, tensorboard_scalars, wandb_runs
 from tests.task_jobs import make_job
 
-pytestmark = pytest.mark.distributed
-for _package in ("tensorboard", "wandb", "sqlalchemy", "mlflow"):
-    pytest.importorskip(_package)
+MISSING = [package for name in ("tensorboard", "wandb", "mlflow") for package in missing_packages(name)]
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(bool(MISSING), reason=f"needs {MISSING}: pip install 'deltadist[track]'")]
 
 JOB = {"max_steps": 8, "batch_size": 8, "save_every": 3, "eval_every": 4,
        "report_to": ["tensorboard", "wandb", "mlflow"]}
