@@ -102,10 +102,12 @@ def _rank_tag(engine: EngineSetup) -> str:
 
 
 def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step: int, tokens: int,
-                    before: Evaluation | None, log_rows: int) -> None:
+                    before: Evaluation | None, log_rows: int,
+                    report_runs: dict[str, str] | None = None) -> None:
     """Every rank: the delta (gathered) and this rank's state into the partial directory; then
     the main rank commits it, with the number of ``metrics.jsonl`` rows written so far
-    (``log_rows``: a resumed run keeps those and no more)."""
+    (``log_rows``: a resumed run keeps those and no more) and the ``training.report_to`` backends'
+    run ids (``report_runs``: a resumed run continues those runs)."""
     engine, output_dir = steps.engine, cfg.output_dir
     if engine.is_main:
         run_state.begin(output_dir, step)
@@ -123,6 +125,7 @@ def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step:
             "format_version": run_state.FORMAT_VERSION, "step": step, "tokens": tokens,
             "engine": engine.name, "world_size": engine.world_size, "config": to_dict(cfg),
             "eval_before": asdict(before) if before else None, "log_rows": log_rows,
+            "report_runs": report_runs or {},
         }, cfg.training.keep_last)
     engine.barrier()
 

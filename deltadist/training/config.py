@@ -24,6 +24,7 @@ from deltadist.core.quantized import SCHEMES
 from deltadist.engines import ENGINES
 from deltadist.errors import ConfigError
 from deltadist.training.config_files import apply_override, read_config_file
+from deltadist.training.reporters import REPORT_TO, missing_packages
 from deltadist.training.text_data import TASKS
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
@@ -133,6 +134,10 @@ class TrainingConfig:
                                       "is skipped (gradients zeroed; no optimizer or scheduler step; a "
                                       f"warning names it) instead of stopping the job; "
                                       f"{MAX_NONFINITE_SKIPS} such steps in a row still stop it")
+    report_to: list[str] = _key(["jsonl"], "where the metrics.jsonl rows also go: any of tensorboard, "
+                                "wandb (offline without WANDB_API_KEY), mlflow (MLFLOW_TRACKING_URI, else "
+                                "output_dir/mlflow.db); pip install 'deltadist[track]'; jsonl is always "
+                                "written")
 
     def __post_init__(self) -> None:
         _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
@@ -141,6 +146,12 @@ class TrainingConfig:
         _check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("training.warmup_steps and training.weight_decay must not be negative.")
+        for name in self.report_to:
+            _check_choice(name, REPORT_TO, "training.report_to")
+            if missing := missing_packages(name):
+                raise ConfigError(f"training.report_to: {name} needs {', '.join(missing)}, not installed "
+                                  f"here: pip install 'deltadist[track]', or remove {name} from "
+                                  "training.report_to.")
 
 
 def _check_positive(section: Any, prefix: str, *names: str) -> None:

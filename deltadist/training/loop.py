@@ -32,11 +32,19 @@ from deltadist.errors import ConfigError
 from deltadist.training.batching import Collator, StepPlan, batches_after, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
-from deltadist.training.config import TrainConfig
+from deltadist.training.config import TrainConfig, to_dict
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.job_data import JobData, load_rows, tokenize
-from deltadist.training.metrics import LOG_NAME, METRICS_NAME, Metrics, MetricsLog
+from deltadist.training.metrics import (
+    LOG_NAME,
+    METRICS_NAME,
+    Metrics,
+    MetricsLog,
+    peak_memory_bytes,
+    run_info,
+)
 from deltadist.training.model import LoadedModel, load_model, resolve_dtype
+from deltadist.training.reporters import Reporters
 from deltadist.training.steps import NonFiniteSteps, prepare_steps
 
 DELTA_DIRNAME = "delta"
@@ -134,7 +142,26 @@ class _Job:
                                    self.collate)
 
         output_dir = Path(cfg.output_dir)
-        log = MetricsLog(output_dir / LOG_NAME, engine.is_main)
+        info = run_info(to_dict(cfg))
+        reporters, point = None, self.resume_from
+        if engine.is_main:  # a resumed job continues the checkpoint's runs
+            reporters = Reporters(t.report_to, output_dir, info, point.saved.get("report_runs") if point
+                                  else None, point.step if point else None, hold=bool(t.save_every))
+        finished = False
+        try:
+            result = self._logged(job_start, MetricsLog(output_dir / LOG_NAME, engine.is_main, reporters),
+                                  trainable, total_params, info)
+            finished = True
+            return result
+        finally:
+            if reporters is not None:
+                reporters.close(finished)
+
+    def _logged(self, job_start: float, log: MetricsLog, trainable: int, total_params: int,
+                info: dict[str, Any]) -> TrainResult:
+        """:meth:`run` from the first evaluation on, writing ``log``."""
+        cfg, engine = self.cfg, self.engine
+        output_dir = Path(cfg.output_dir)
         step, tokens, before = self._start(log)
         train_start = time.perf_counter()
         tokens_at_start = tokens
@@ -161,7 +188,7 @@ class _Job:
             delta_bytes=sum(f.stat().st_size for f in delta_dir.iterdir() if f.is_file()),
             delta_path=str(delta_dir), trainable_params=trainable, total_params=total_params,
             device=str(engine.device), engine=engine.name, world_size=engine.world_size,
-            resumed_from=self.resume_from.step if self.resume_from else None,
+            resumed_from=self.resume_from.step if self.resume_from else None, run_info=info,
         )
         metrics_path = output_dir / METRICS_NAME
         metrics_path.write_text(json.dumps(asdict(metrics), indent=2) + "\n")
@@ -206,13 +233,18 @@ class _Job:
                                "loss": None if skipped else outcome.loss,
                                "lr": self.steps.scheduler.get_last_lr()[0], "tokens": tokens,
                                "tokens_per_s": round(tokens_since / max(elapsed, 1e-9), 1),
+                               "grad_norm": None if skipped else outcome.grad_norm,
+                               "peak_memory_bytes": peak_memory_bytes(self.engine.device),
                                **({"skipped": True} if skipped else {})})
                     since, tokens_since = time.perf_counter(), 0
                 evaluating = t.eval_every and step % t.eval_every == 0 and step < self.plan.total_steps
                 if evaluating and self.data.eval is not None:
                     log.write({"step": step, **self._evaluate(f"eval (step {step})").log_row()})
                 if t.save_every and step % t.save_every == 0:
-                    save_checkpoint(self.cfg, self.steps, self.delta, step, tokens, before, log.rows)
+                    save_checkpoint(self.cfg, self.steps, self.delta, step, tokens, before, log.rows,
+                                    log.reporters.runs if log.reporters else None)
+                    if log.reporters:  # the rows up to here are kept on resume: report them
+                        log.reporters.checkpointed()
         return step, tokens
 
     def _evaluate(self, desc: str) -> Evaluation:

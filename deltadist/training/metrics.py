@@ -1,13 +1,20 @@
 """What ``deltadist train`` reports: the run's summary (``metrics.json``) and its log
-(``metrics.jsonl``, one row per logged step or evaluation)."""
+(``metrics.jsonl``, one row per logged step or evaluation), also handed to the backends of
+``training.report_to`` (:mod:`~deltadist.training.reporters`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from deltadist.io.provenance import git_commit, library_versions
+from deltadist.training.reporters import Reporters
 
 METRICS_NAME = "metrics.json"
 LOG_NAME = "metrics.jsonl"
@@ -42,13 +49,35 @@ class Metrics:
     world_size: int = 1
     resumed_from: int | None = None
     """The checkpoint step this run resumed from."""
+    run_info: dict[str, Any] | None = None
+    """What :func:`run_info` says (what every ``training.report_to`` backend got too)."""
+
+
+def run_info(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved ``config``, the library versions and the git commit of the working directory
+    (``None`` outside a git repository)."""
+    return {"config": config, "versions": library_versions(), "git_commit": git_commit()}
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The most memory this process has held: on a GPU the most torch allocated on ``device``, else
+    the peak resident set size (``None`` where the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB, macOS bytes
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended and flushed (main rank only)."""
+    """``metrics.jsonl``: one JSON object per line, appended and flushed (main rank only); each row
+    also goes to ``reporters``."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, reporters: Reporters | None = None) -> None:
+        self.path, self.enabled, self.reporters = path, enabled, reporters
         self.rows = 0
         """Rows in the file (this run's, after :meth:`truncate_after`): what a checkpoint records."""
         if enabled:
@@ -79,6 +108,8 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         self.rows += 1
+        if self.reporters is not None:
+            self.reporters.write(row)
 
 
 def _step_of(line: str) -> float:

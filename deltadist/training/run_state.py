@@ -241,6 +241,7 @@ def read_run_state(directory: Path) -> dict[str, Any]:
 RESUMABLE_DIFFERENCES = frozenset({
     "output_dir", "training.save_every", "training.keep_last", "training.eval_every",
     "training.log_every", "training.eval_batch_size", "data.eval", "training.skip_nonfinite_steps",
+    "training.report_to",
 })
 """Config keys a resumed run may change: they do not alter the trajectory of training (skipping
 non-finite steps changes only what a run that would stop does instead)."""
