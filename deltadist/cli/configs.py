@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = _copy(name, examples, Path(args.out))
     except FileExistsError as err:
+        if Path(err.filename) != Path(args.out):
+            return _fail("configs", f"{err.filename} exists and is not the example {name} includes; remove "
+                                    "it or pick another folder for --out.", ranked=False)
         return _fail("configs", f"{err.filename} exists; remove it or pick another --out.", ranked=False)
     except OSError as err:
         return _fail("configs", f"cannot write {err.filename}: {err.strerror}; pick another --out.",
