@@ -170,3 +170,14 @@ def test_launch_unknown_launcher_is_one_line(capsys: pytest.CaptureFixture[str])
     line = capsys.readouterr().err.splitlines()[-1]  # after argparse's usage line
     assert line.startswith("deltadist launch: error: argument LAUNCHER: invalid choice: 'mpirun'"), line
     assert all(name in line for name in ("bmtrain", "deepspeed", "slurm", "torchrun"))
+
+
+def test_train_help_points_at_the_installed_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("Start a distributed engine on N ranks with deltadist launch torchrun --nproc N --engine "
+            "ddp|fsdp2|fsdp1 [--config PATH] [--set ...], deltadist launch deepspeed or deltadist launch "
+            "bmtrain") in out
+    assert "Example configs to start from: deltadist configs." in out
+    assert "launchers/" not in out and "configs/" not in out  # no path into a checkout
