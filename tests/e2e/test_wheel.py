@@ -92,7 +92,7 @@ def test_the_wheel_installed_with_train_runs_the_job_and_the_launchers(tmp_path:
     _run(["deltadist", "configs", "minilm_lora_ddp", "--out", "job.yaml"], work, env)
     assert (work / "job.yaml").read_text() == (REPO / "configs" / "minilm_lora_ddp.yaml").read_text()
     plan = _run(["deltadist", "train", "--config", "job.yaml", "--dry-run", "--world-size", "2"], work, env)
-    assert "ddp" in plan  # the copied job, with the include copied beside it, resolves
+    assert "ddp on 2 ranks" in plan  # the copied job, with the include copied beside it, resolves
     command = _run(["deltadist", "launch", "torchrun", "--nproc", "2", "--dry-run", "--config", "job.yaml",
                     "--set", "training.epochs=1"], work, env)
     assert command.endswith("torchrun --standalone --nproc-per-node 2 -m deltadist.cli train "
