@@ -1,7 +1,9 @@
 """``deltadist`` command line: ``deltadist train [--config PATH] [--set KEY=VALUE ...] [--resume]
-[--dry-run [--world-size N]]`` (delta-tune a model), ``deltadist pick MODEL_PATH --method M`` (pick
-modules in the browser), ``deltadist import`` / ``export`` (deltas from OpenDelta or PEFT, to PEFT),
-``deltadist inspect MODEL`` (modules and a delta's sites, on meta)."""
+[--dry-run [--world-size N]]`` (delta-tune a model), ``deltadist launch LAUNCHER [ARGS...]`` (the
+same on several ranks or nodes), ``deltadist configs [NAME] [--out PATH]`` (the example configs),
+``deltadist pick MODEL_PATH --method M`` (pick modules in the browser), ``deltadist import`` /
+``export`` (deltas from OpenDelta or PEFT, to PEFT), ``deltadist inspect MODEL`` (modules and a
+delta's sites, on meta)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import os
 import sys
 from typing import Sequence
 
-from deltadist.cli import convert, inspect_model, pick
+from deltadist.cli import configs, convert, inspect_model, launch, pick
 from deltadist.errors import DeltaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``train``, ``pick``, ``import``, ``export``, ``inspect``)."""
+    """The argument parser (subcommands ``train``, ``launch``, ``configs``, ``pick``, ``import``,
+    ``export``, ``inspect``)."""
     parser = argparse.ArgumentParser(prog="deltadist", description="Delta tuning with OpenDelta's API.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from deltadist.training.config import keys_help
@@ -30,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config keys (YAML; --set KEY=VALUE overrides one):\n" + keys_help() + "\n\n" + _launch_help(),
     )
     train.add_argument("--config", metavar="PATH",
-                       help="YAML config (default: the built-in configs/minilm_lora.yaml)")
+                       help="YAML config (default: the built-in minilm_lora.yaml; `deltadist configs` "
+                            "lists the examples, `deltadist configs NAME --out PATH` copies one)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set training.epochs=1 (repeatable)")
     train.add_argument("--resume", action="store_true",
@@ -42,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--world-size", type=_positive, metavar="N",
                        help="--dry-run: plan for N ranks of the config's engine (default: $WORLD_SIZE, "
                             "else 1); no process group is started")
+    launch.add_parser(commands)
+    configs.add_parser(commands)
     pick.add_parser(commands)
     convert.add_parsers(commands)
     inspect_model.add_parser(commands)
@@ -60,8 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and args.world_size is not None and not args.dry_run:
         return _fail(args.command, "--world-size plans a --dry-run; a run takes its world from its "
-                                   "launcher (launchers/torchrun.sh --nproc N).", ranked=False)
+                                   "launcher (deltadist launch torchrun --nproc N).", ranked=False)
     quiet_optional_kernels()
+    if args.command == "launch":
+        return launch.run(args)
+    if args.command == "configs":
+        return configs.run(args)
     if args.command == "pick":
         return pick.run(args)
     if args.command in ("import", "export", "merge"):
@@ -218,6 +228,8 @@ def _launch_help() -> str:
     for name, engine in list(ENGINES.items())[1:]:  # the first, plain, runs in one process
         by_script.setdefault(engine.launcher_script, []).append(name)
     torchrun = by_script.pop("torchrun.sh")
-    others = [f"launchers/{script}" for script in by_script]
-    return (f"Start a distributed engine on N ranks with launchers/torchrun.sh --nproc N --engine "
-            f"{'|'.join(torchrun)} [--config PATH] [--set ...], {' or '.join(others)}.")
+    others = [f"deltadist launch {script.partition('.')[0]}" for script in by_script]
+    return (f"Start a distributed engine on N ranks with deltadist launch torchrun --nproc N --engine "
+            f"{'|'.join(torchrun)} [--config PATH] [--set ...], {' or '.join(others)} (each one's options: "
+            "deltadist launch NAME --help; several nodes: deltadist launch slurm). Example configs to "
+            "start from: deltadist configs.")

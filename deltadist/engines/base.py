@@ -93,7 +93,7 @@ class Engine:
             raise ConfigError(
                 f"engine: {cls.name} runs in one process, but this is rank {info.rank} of a world of "
                 f"{info.world_size} (started by {info.launcher.title}). Choose a distributed engine "
-                "(--set engine=ddp, fsdp2 or fsdp1; launchers/torchrun.sh --engine ...), or run it as "
+                "(--set engine=ddp, fsdp2 or fsdp1; deltadist launch torchrun --engine ...), or run it as "
                 "one process."
             )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -101,5 +101,6 @@ def _init_group(name: str, info: LaunchInfo | None, meeting: tuple[str, int] | N
         dist.init_process_group(backend, device_id=device if cuda else None)
     else:
         print(f"deltadist: engine {name} started without a launcher: running as a world of "
-              f"1. Use launchers/{launcher_script} --nproc N for N ranks.", file=sys.stderr)
+              f"1. Use deltadist launch {launcher_script.partition('.')[0]} --nproc N for N ranks.",
+              file=sys.stderr)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

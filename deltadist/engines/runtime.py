@@ -79,7 +79,7 @@ LAUNCH_SOURCES: tuple[LaunchSource, ...] = (
         "slurm", "SLURM's srun", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS", ("SLURM_LOCALID",),
         'e.g. in the sbatch script, before srun: export MASTER_ADDR=$(scontrol show hostnames '
         '"$SLURM_JOB_NODELIST" | head -n 1) MASTER_PORT=29500; or start the job with '
-        "launchers/slurm.sbatch"),
+        "deltadist launch slurm"),
 )
 """In order of precedence: torchrun started inside an sbatch or MPI job also sees their variables
 (and MPI started by srun sees SLURM's), and the innermost launcher is the one that placed the rank."""
@@ -205,7 +205,7 @@ def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo | None:
         rank, world_size, local_rank = (int(env[name]) for name in names)
     except (KeyError, ValueError) as err:
         if source.name == "torchrun":
-            fix = ("Start the job with launchers/torchrun.sh (or torchrun), or unset WORLD_SIZE for a "
+            fix = ("Start the job with deltadist launch torchrun (or torchrun), or unset WORLD_SIZE for a "
                    "single process.")
         else:
             fix = f"Unset {source.marker} for a single process."

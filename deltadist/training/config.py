@@ -198,9 +198,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     engine: str = _key("plain", f"{_ENGINE_NAMES[0]} (one process), {', '.join(_ENGINE_NAMES[1:-1])} or "
-                       f"{_ENGINE_NAMES[-1]} (start several ranks with the launchers in launchers/)")
-    deepspeed_config: str | None = _key(None, "engine deepspeed: a DeepSpeed JSON (e.g. "
-                                        "configs/deepspeed/zero3.json); null: ZeRO-3 defaults")
+                       f"{_ENGINE_NAMES[-1]} (start several ranks with deltadist launch)")
+    deepspeed_config: str | None = _key(None, "engine deepspeed: a DeepSpeed JSON (e.g. from deltadist "
+                                        "configs deepspeed/zero3 --out zero3.json); null: ZeRO-3 defaults")
     output_dir: str = _key("runs/minilm_lora", "where the delta, checkpoints/ and metrics go")
 
     def __post_init__(self) -> None:

@@ -42,5 +42,5 @@ def test_readme_is_short_and_opens_with_the_two_commands() -> None:
     assert len(readme.splitlines()) <= 250
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     assert blocks[0].strip() == (
-        'pip install torch==2.13.0 && pip install torch==2.13.0 -e ".[dev]" && deltadist train')
-    assert blocks[1].strip() == "python -m pytest -n 2"
+        'pip install torch==2.13.0 && pip install torch==2.13.0 -e ".[train]" && deltadist train')
+    assert blocks[1].strip() == 'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -n 2'

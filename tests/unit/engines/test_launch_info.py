@@ -104,7 +104,7 @@ def test_inconsistent_variables_are_named(env: dict[str, str], message: str) -> 
     (SRUN, "MASTER_ADDR and MASTER_PORT are not set",
      r'export MASTER_ADDR=\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| head -n 1\) '
      r"MASTER_PORT=29500"),
-    ({**SRUN, "MASTER_ADDR": "gpu07"}, "MASTER_PORT is not set", "launchers/slurm.sbatch"),
+    ({**SRUN, "MASTER_ADDR": "gpu07"}, "MASTER_PORT is not set", "deltadist launch slurm"),
     ({**OPENMPI, "MASTER_PORT": "29500"}, "MASTER_ADDR is not set",
      r"mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=29500"),
     ({**MPICH, "MASTER_ADDR": ""}, "MASTER_ADDR and MASTER_PORT are not set",
