@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -74,47 +73,12 @@ def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: 
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; give a new directory for the merged checkpoint.")
     delta, saved = _attach_on_meta(model, Path(delta_dir))
-    files = checkpoint_files(model_dir)
-    where = {key: path for path in files for key in header_keys(path)}
-    prefix, _ = modules_not_in_checkpoint(model, {canonical_name(k) for k in where})
-    stored = {canonical_name(key): key for key in where}
-    start = f"{prefix}." if prefix else ""
-
-    def source_key(name: str) -> str | None:  # the checkpoint's key of a model name, or None
-        return stored.get(canonical_name(name[len(start):])) if name.startswith(start) else None
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
-
+    source = _Source(model, model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    writer = _ShardWriter(tmp, max_shard_bytes)
-    handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in files}
     try:
-        def read(key: str) -> torch.Tensor:
-            return handles[where[key]].get_tensor(key)
-
-        written: set[str] = set()
-        for att in delta.record.attachments:
-            for name, tensor in _merged_site(att, delta.engine, read, source_key):
-                writer.add(name, cast(tensor))
-                written.add(name)
-        kept = {name: saved[name] for name in _kept_in_place(delta)}
-        missing = []
-        for name, _ in model.named_parameters():
-            if name in written or _inside_delta(model, name):
-                continue
-            key = source_key(name)
-            if name in kept or key is not None:
-                writer.add(name, cast(kept[name] if name in kept else read(key)))
-            else:
-                missing.append(name)
-        if missing:
-            raise CheckpointError(f"{model_dir} has no tensor for {', '.join(missing[:10])}, and the delta "
-                                  "does not carry them: merge onto the checkpoint the delta was trained on.")
-        for name, _ in model.named_buffers():  # persistent buffers the checkpoint holds
-            if (key := source_key(name)) is not None and not _inside_delta(model, name):
-                writer.add(name, read(key))
+        writer = _ShardWriter(tmp, max_shard_bytes, dtype)
+        _write_tensors(model, delta, saved, source, writer, str(model_dir))
         shards = writer.finish()
         _write_config(model, Path(model_dir), tmp, dtype)
         if out.exists():
@@ -123,6 +87,53 @@ def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return MergeReport(out, len(delta.record.attachments), writer.count, shards)
+
+
+class _Source:
+    """The checkpoint's tensors, memory-mapped, by the model's parameter names (a checkpoint of the
+    bare model read into one with a head: the names under ``base_model_prefix``)."""
+
+    def __init__(self, model: nn.Module, model_dir: str | os.PathLike) -> None:
+        files = checkpoint_files(model_dir)
+        self.where = {key: path for path in files for key in header_keys(path)}
+        self.prefix, _ = modules_not_in_checkpoint(model, {canonical_name(k) for k in self.where})
+        self.stored = {canonical_name(key): key for key in self.where}
+        self.handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in files}
+
+    def key_of(self, name: str) -> str | None:
+        """The checkpoint's key of the model's parameter or buffer ``name`` (``None``: not stored)."""
+        start = f"{self.prefix}." if self.prefix else ""
+        return self.stored.get(canonical_name(name[len(start):])) if name.startswith(start) else None
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.handles[self.where[key]].get_tensor(key)
+
+
+def _write_tensors(model: nn.Module, delta: DeltaBase, saved: dict[str, torch.Tensor], source: _Source,
+                   writer: "_ShardWriter", model_dir: str) -> None:
+    """Every site merged, then every other parameter (the delta's value for one it trained in place)
+    and stored buffer copied through."""
+    written: set[str] = set()
+    for att in delta.record.attachments:
+        for name, tensor in _merged_site(att, delta.engine, source):
+            writer.add(name, tensor)
+            written.add(name)
+    kept = {name: saved[name] for name in _kept_in_place(delta)}
+    missing = []
+    for name, _ in model.named_parameters():
+        if name in written or _inside_delta(model, name):
+            continue
+        key = source.key_of(name)
+        if name in kept or key is not None:
+            writer.add(name, kept[name] if name in kept else source.read(key))
+        else:
+            missing.append(name)
+    if missing:
+        raise CheckpointError(f"{model_dir} has no tensor for {', '.join(missing[:10])}, and the delta "
+                              "does not carry them: merge onto the checkpoint the delta was trained on.")
+    for name, _ in model.named_buffers():  # persistent buffers the checkpoint holds
+        if (key := source.key_of(name)) is not None and not _inside_delta(model, name):
+            writer.add(name, source.read(key))
 
 
 def _attach_on_meta(model: nn.Module, delta_dir: Path) -> tuple[DeltaBase, dict[str, torch.Tensor]]:
@@ -149,16 +160,16 @@ def _attach_on_meta(model: nn.Module, delta_dir: Path) -> tuple[DeltaBase, dict[
     return delta, saved
 
 
-def _merged_site(att: Attachment, engine: Engine, read: Callable[[str], torch.Tensor],
-                 source_key: Callable[[str], str | None]) -> list[tuple[str, torch.Tensor]]:
+def _merged_site(att: Attachment, engine: Engine, source: _Source) -> list[tuple[str, torch.Tensor]]:
     """Read ``att``'s site weights, fold the delta in (in float32), and return them under the model's
     names in their stored dtype; the site goes back to ``meta`` after."""
     site, prefix = att.site, f"{att.site_name}." if att.site_name else ""
     own = [(n, p) for n, p in site.named_parameters() if not _inside_delta(site, n)]
     stored_dtypes = {}
     for name, param in own:
-        key = source_key(prefix + name)
-        value = read(key) if key is not None else torch.zeros(param.shape)  # a new head: its copy fills it
+        key = source.key_of(prefix + name)
+        # A module the checkpoint lacks (a new head): the delta's copy fills it.
+        value = source.read(key) if key is not None else torch.zeros(param.shape)
         stored_dtypes[name] = value.dtype
         _set(site, name, nn.Parameter(value.float(), requires_grad=False))
     att.delta.fold_into(site, engine, +1.0)
@@ -191,13 +202,16 @@ def _set(module: nn.Module, name: str, param: nn.Parameter) -> None:
 class _ShardWriter:
     """Safetensors shards of at most ``limit`` bytes, and their index (transformers' layout)."""
 
-    def __init__(self, directory: Path, limit: int) -> None:
-        self.directory, self.limit = directory, limit
+    def __init__(self, directory: Path, limit: int, dtype: torch.dtype | None) -> None:
+        self.directory, self.limit, self.dtype = directory, limit, dtype
         self.buffer: dict[str, torch.Tensor] = {}
         self.size = self.count = 0
         self.files: list[list[str]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` (floating point: in the writer's dtype, if it has one)."""
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
         nbytes = tensor.numel() * tensor.element_size()
         if self.buffer and self.size + nbytes > self.limit:
             self._flush()
