@@ -102,10 +102,11 @@ def _rank_tag(engine: EngineSetup) -> str:
 
 
 def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step: int, tokens: int,
-                    before: Evaluation | None, log_rows: int) -> None:
+                    before: Evaluation | None, log_rows: int, best: dict[str, Any] | None = None) -> None:
     """Every rank: the delta (gathered) and this rank's state into the partial directory; then
     the main rank commits it, with the number of ``metrics.jsonl`` rows written so far
-    (``log_rows``: a resumed run keeps those and no more)."""
+    (``log_rows``: a resumed run keeps those and no more) and the best evaluation's tracking
+    (``best``: :meth:`~deltadist.training.best.BestTracker.state`)."""
     engine, output_dir = steps.engine, cfg.output_dir
     if engine.is_main:
         run_state.begin(output_dir, step)
@@ -122,7 +123,7 @@ def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step:
         run_state.commit(partial, {
             "format_version": run_state.FORMAT_VERSION, "step": step, "tokens": tokens,
             "engine": engine.name, "world_size": engine.world_size, "config": to_dict(cfg),
-            "eval_before": asdict(before) if before else None, "log_rows": log_rows,
+            "eval_before": asdict(before) if before else None, "log_rows": log_rows, "best": best,
         }, cfg.training.keep_last)
     engine.barrier()
 

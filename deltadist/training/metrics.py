@@ -42,6 +42,16 @@ class Metrics:
     world_size: int = 1
     resumed_from: int | None = None
     """The checkpoint step this run resumed from."""
+    eval_metrics: dict[str, float] | None = None
+    """Every metric of the final evaluation by name: loss, perplexity (LM tasks); accuracy,
+    macro_f1 (classification); training.eval_generation's."""
+    confusion_matrix: list[list[int]] | None = None
+    """sequence_classification: rows of the final evaluation, ``[true class][predicted class]``."""
+    class_names: list[str] | None = None
+    best: dict[str, Any] | None = None
+    """With eval_every: ``metric``, its best ``value``, that ``step``, and the ``path`` of its delta."""
+    stopped_early: bool = False
+    """Whether training.patience stopped the job before its last step."""
 
 
 class MetricsLog:
