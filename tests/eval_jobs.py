@@ -66,10 +66,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def generation_job(root: Path, chat: bool = False, **training: Any) -> Job:
+def generation_job(root: Path, chat: bool = False, eval_rows: int = 16, **training: Any) -> Job:
     """:func:`~tests.task_jobs.make_job` (causal_lm, llama) with half its evaluation rows' completions
     replaced by the checkpoint's own greedy continuation."""
-    job = make_job(root, "causal_lm", eval_rows=16, chat=chat,
+    job = make_job(root, "causal_lm", eval_rows=eval_rows, chat=chat,
                    **{"eval_generation": "exact_match", "eval_max_new_tokens": NEW_TOKENS, **training})
     model = AutoModelForCausalLM.from_pretrained(job.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(job.model)
