@@ -9,6 +9,7 @@ from rich.text import Text
 
 from deltadist.training.config import to_dict
 from deltadist.training.dry_run import DryRun
+from deltadist.training.eval_metrics import LOWER_IS_BETTER
 from deltadist.training.metrics import Metrics
 
 
@@ -34,12 +35,12 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
         table.add_row("eval loss", f"{before}[bold green]{metrics.eval_loss:.4f}[/]")
     for name, value in (metrics.eval_metrics or {}).items():
         if name not in ("loss", "accuracy"):
-            shown = f"{value:.4f}" if name == "perplexity" else f"{value:.1%}"
-            table.add_row(f"eval {name.replace('_', ' ')}", shown)
+            table.add_row(f"eval {name.replace('_', ' ')}", _metric_text(name, value))
     if metrics.best is not None:
         best = metrics.best
-        table.add_row(f"best {best['metric'].replace('_', ' ')}", Text(f"{best['value']:.4f} at step "
-                                                                       f"{best['step']:,} ({best['path']})"))
+        table.add_row(f"best {best['metric'].replace('_', ' ')}",
+                      Text(f"{_metric_text(best['metric'], best['value'])} at step {best['step']:,} "
+                           f"({best['path']})"))
     resumed = f" (resumed after step {metrics.resumed_from})" if metrics.resumed_from is not None else ""
     stopped = " (stopped early: training.patience)" if metrics.stopped_early else ""
     table.add_row("steps", f"{metrics.steps:,} steps, {metrics.tokens:,} tokens, "
@@ -61,11 +62,16 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
         console.print(_confusion_table(metrics.confusion_matrix, metrics.class_names))
 
 
+def _metric_text(name: str, value: float) -> str:
+    """A loss or perplexity as a number, any other metric (a fraction of rows) as a percentage."""
+    return f"{value:.4f}" if name in LOWER_IS_BETTER else f"{value:.1%}"
+
+
 def _confusion_table(confusion: list[list[int]], names: list[str] | None) -> Table:
     """The final evaluation's rows by true class (table rows) and predicted class (columns)."""
     names = names or [str(index) for index in range(len(confusion))]
-    table = Table(title="confusion matrix (rows: true class, columns: predicted)", title_style="bold")
-    table.add_column("true class", style="bold cyan")
+    table = Table(title="eval confusion matrix", title_style="bold")
+    table.add_column("true / predicted", style="bold cyan")
     for name in names:
         table.add_column(Text(name), justify="right")
     for name, row in zip(names, confusion):

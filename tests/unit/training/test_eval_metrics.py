@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 
 from deltadist.errors import ConfigError
 from deltadist.training.best import BestTracker
@@ -15,6 +16,8 @@ from deltadist.training.config import from_dict
 from deltadist.training.eval_metrics import accuracy, confusion_counts, improved, macro_f1, perplexity
 from deltadist.training.evaluation import Evaluation
 from deltadist.training.generation_eval import matches, split_reference
+from deltadist.training.metrics import Metrics
+from deltadist.training.report import print_summary
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
 
 
@@ -140,3 +143,21 @@ def test_the_generation_metric_can_be_the_best_metric() -> None:
     cfg = from_dict({**LM, "training": {"eval_every": 2, "eval_generation": "contains",
                                         "best_metric": "contains", "patience": 3}})
     assert (cfg.training.best_metric, cfg.training.patience) == ("contains", 3)
+
+
+def test_the_summary_shows_the_new_metrics_the_best_and_the_confusion_table() -> None:
+    metrics = Metrics(
+        task="sequence_classification", steps=8, tokens=100, train_seconds=1.0, total_seconds=2.0,
+        tokens_per_second=100.0, eval_loss_before=0.7, eval_loss=0.4, accuracy_before=0.5,
+        accuracy_after=0.75, delta_bytes=2048, delta_path="run/delta", trainable_params=10,
+        total_params=100, device="cpu", eval_metrics={"loss": 0.4, "accuracy": 0.75, "macro_f1": 0.7333},
+        confusion_matrix=[[5, 3], [1, 7]], class_names=["bad", "good"],
+        best={"metric": "macro_f1", "value": 0.8, "step": 4, "path": "run/best"}, stopped_early=True)
+    console = Console(record=True, width=140)
+    print_summary(metrics, "run/metrics.json", console)
+    text = console.export_text()
+    assert "eval macro f1    │ 73.3%" in text and "best macro f1    │ 80.0% at step 4 (run/best)" in text
+    assert "stopped early" in text
+    rows = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│ bad") or
+            line.startswith("│ good")]
+    assert [[cell.strip() for cell in row] for row in rows[-2:]] == [["bad", "5", "3"], ["good", "1", "7"]]
