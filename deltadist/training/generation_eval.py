@@ -96,12 +96,16 @@ def generation_score(steps: StepRunner, model: nn.Module, examples: Sequence[Tok
     batches = list(global_batches(examples, range(len(examples)), batch_size))
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not engine.is_main):
         share = batch[rank_share(len(batch), engine.rank, engine.world_size)]
-        pairs = [split_reference(e) for e in (share or batch[:1])]
+        rows = share or batch[:1]
+        pairs = [split_reference(e) for e in rows]
+        # A row whose completion model.max_length cut off entirely still generates (from all its
+        # tokens: the ranks' forwards stay in step) and counts as a miss.
+        prompts = [prompt if reference else list(e.input_ids) for e, (prompt, reference) in zip(rows, pairs)]
         with steps.autocast():
-            continuations = generate_batch(model, [p for p, _ in pairs], tokenizer.pad_token_id,
-                                           max_new_tokens, stops, synced)
+            continuations = generate_batch(model, prompts, tokenizer.pad_token_id, max_new_tokens, stops,
+                                           synced)
         if share:
-            met += sum(matches(_text(c, tokenizer, stops), _text(r, tokenizer, stops), metric)
+            met += sum(bool(r) and matches(_text(c, tokenizer, stops), _text(r, tokenizer, stops), metric)
                        for c, (_, r) in zip(continuations, pairs))
     total = engine.sum_over_ranks(torch.tensor(float(met), device=engine.device))
     return {metric: float(total) / len(examples)}

@@ -19,8 +19,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from deltadist import AutoDeltaModel
 from deltadist.cli.main import main
 from deltadist.training import run_state
+from deltadist.training.config import load_config
 from deltadist.training.eval_metrics import accuracy, macro_f1
-from tests.eval_jobs import generation_job, read_rows, recomputed_exact_match
+from deltadist.training.generation_eval import split_reference
+from deltadist.training.job_data import load_rows, tokenize
+from tests.eval_jobs import completion, generation_job, prompt_ids, read_rows, recomputed_exact_match
 from tests.task_jobs import Job, make_job
 
 STOPPING_JOB = {"batch_size": 8, "eval_every": 4, "save_every": 2, "best_metric": "macro_f1", "patience": 1}
@@ -142,3 +145,10 @@ def test_chat_rows_generate_from_the_turns_before_the_last_answer(tmp_path: Path
     job = generation_job(tmp_path, chat=True, max_steps=1, lr=1e-4)
     metrics = run(job)
     assert metrics["eval_metrics"]["exact_match"] == recomputed_exact_match(job, job.root / "run" / "delta")
+    cfg = load_config(job.config)
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    examples = tokenize(load_rows(cfg), cfg, tokenizer).eval
+    for example, row in zip(examples, read_rows(job.eval)):
+        prompt, reference = split_reference(example)
+        assert prompt == prompt_ids(row, tokenizer)  # ends with the generation prompt
+        assert tokenizer.decode(reference, skip_special_tokens=True).strip() == completion(row)
