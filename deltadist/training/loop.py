@@ -145,8 +145,8 @@ class _Job:
         step, tokens = self._train(step, tokens, before, log)
         train_seconds = time.perf_counter() - train_start
 
-        after = None
-        if self.data.eval is not None and self.best.stopped:
+        after, stopped_early = None, self.best.stopped  # (the final evaluation cannot stop the job)
+        if self.data.eval is not None and stopped_early:
             # The evaluation of this step stopped the job and is logged; after a resume from this
             # step's checkpoint it is computed again (the same delta) but not logged twice.
             after = self.last_eval or self._evaluate("eval (after)")
@@ -172,7 +172,7 @@ class _Job:
             eval_metrics=after.metrics() if after else None,
             confusion_matrix=after.confusion if after else None,
             class_names=self.data.labels if after and after.confusion else None,
-            best=self._best_summary(output_dir), stopped_early=self.best.stopped,
+            best=self._best_summary(output_dir), stopped_early=stopped_early,
             delta_bytes=sum(f.stat().st_size for f in delta_dir.iterdir() if f.is_file()),
             delta_path=str(delta_dir), trainable_params=trainable, total_params=total_params,
             device=str(engine.device), engine=engine.name, world_size=engine.world_size,

@@ -118,7 +118,7 @@ def test_a_run_resumed_after_a_kill_keeps_the_best_step_and_stops_at_the_same_st
 @pytest.fixture(scope="module")
 def generating(tmp_path_factory: pytest.TempPathFactory) -> tuple[Job, dict]:
     job = generation_job(tmp_path_factory.mktemp("generating"), max_steps=2, lr=1e-4, eval_every=1,
-                         save_every=1, best_metric="exact_match")
+                         save_every=1, best_metric="exact_match", patience=1)
     return job, run(job)
 
 
@@ -131,6 +131,8 @@ def test_a_language_models_perplexity_is_exp_of_its_eval_loss(generating: tuple[
 
 def test_exact_match_is_what_generate_gives_with_the_saved_delta(generating: tuple[Job, dict]) -> None:
     job, metrics = generating
+    # patience 1 runs out at the final evaluation (no better exact match at step 2): not early.
+    assert (metrics["steps"], metrics["stopped_early"]) == (2, False)
     expected = recomputed_exact_match(job, job.root / "run" / "delta")
     assert expected >= 0.25 and metrics["eval_metrics"]["exact_match"] == expected
     best = metrics["best"]
