@@ -77,6 +77,11 @@ class Engine:
     steps_in_backward: ClassVar[bool] = False
     """Whether the optimizer steps inside the backward (its setup's
     :attr:`~deltadist.engines.runtime.EngineSetup.steps_in_backward`), known before the engine starts."""
+    forwards_together: ClassVar[bool] = False
+    """Whether a forward gathers sharded parameters from every rank: ranks must then run equally
+    many forwards (text generation passes ``synced_gpus=True``)."""
+    generation_problem: ClassVar[str | None] = None
+    """Why ``deltadist train`` cannot generate text under this engine (``training.eval_generation``)."""
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> "EngineSetup":

@@ -68,6 +68,8 @@ class BMTrainEngine(Engine):
     half_precision_problem = "BMTrain's half-precision mode is not wired to deltadist train yet"
     launcher_script = "bmtrain.sh"
     accumulates = False
+    forwards_together = True
+    generation_problem = "generating under BMTrain is not wired to deltadist train yet"
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, **options: Any) -> EngineSetup:

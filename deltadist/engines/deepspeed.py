@@ -40,6 +40,7 @@ class ZeRO3Engine(DistributedEngine):
     half_precision_problem = "DeepSpeed's own bf16/fp16 modes are not wired to deltadist train yet"
     launcher_script = "deepspeed.sh"
     steps_in_backward = True
+    forwards_together = True
 
     @classmethod
     def launch(cls, environ: Mapping[str, str] | None = None, *, deepspeed_config: str | None = None,

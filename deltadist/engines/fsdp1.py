@@ -49,6 +49,8 @@ class FSDP1Engine(DistributedEngine):
     name = "fsdp1"
     quantized_weights_problem = "FSDP1 flattens each unit's parameters into one plain tensor; fsdp2 holds NF4"
     shards_parameters = True
+    forwards_together = True
+    generation_problem = "the root unit's parameters are gathered only when the wrapper is called"
     half_precision_problem = ("FSDP1 flattens each unit's parameters into one tensor of one dtype, and the "
                               "deltas stay fp32; engine fsdp2 keeps them apart")
 

@@ -30,6 +30,7 @@ class FSDP2Engine(DistributedEngine):
 
     name = "fsdp2"
     shards_parameters = True
+    forwards_together = True
 
     @classmethod
     def wrap(cls, model: nn.Module, device: torch.device) -> nn.Module:

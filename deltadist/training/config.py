@@ -24,6 +24,7 @@ from deltadist.core.quantized import SCHEMES
 from deltadist.engines import ENGINES
 from deltadist.errors import ConfigError
 from deltadist.training.config_files import apply_override, read_config_file
+from deltadist.training.eval_metrics import GENERATION_METRICS, task_metrics
 from deltadist.training.reporters import REPORT_TO, missing_packages
 from deltadist.training.text_data import TASKS
 
@@ -129,6 +130,15 @@ class TrainingConfig:
                                   "final delta")
     keep_last: int | None = _key(None, "keep only the newest N checkpoints; null: keep all")
     eval_every: int | None = _key(None, "evaluate every N steps (and at the end); null: at the end")
+    best_metric: str = _key("loss", "with eval_every: keep the delta of the best evaluation by this metric "
+                            "in output_dir/best/: loss, perplexity (LM tasks), accuracy, macro_f1 "
+                            "(classification) or eval_generation's; loss and perplexity: lower is better")
+    patience: int | None = _key(None, "with eval_every: stop after this many evaluations in a row that do "
+                                "not beat the best best_metric; null: never stop early")
+    eval_generation: str | None = _key(None, "causal_lm: also generate greedily from each eval row's prompt "
+                                       "and score exact_match (after stripping whitespace) or contains "
+                                       "against its completion; null: no generation")
+    eval_max_new_tokens: int = _key(32, "eval_generation: tokens generated per row at most")
     log_every: int = _key(1, "write a metrics.jsonl line every N steps")
     skip_nonfinite_steps: bool = _key(False, "a step whose loss or gradient norm is not finite (nan, inf) "
                                       "is skipped (gradients zeroed; no optimizer or scheduler step; a "
@@ -142,8 +152,14 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
                         "max_steps", "micro_batch_size", "gradient_accumulation_steps", "save_every",
-                        "keep_last", "eval_every", "max_grad_norm", "loraplus_lr_ratio")
+                        "keep_last", "eval_every", "max_grad_norm", "loraplus_lr_ratio", "patience",
+                        "eval_max_new_tokens")
         _check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
+        if self.eval_generation is not None:
+            _check_choice(self.eval_generation, GENERATION_METRICS, "training.eval_generation")
+        if self.patience is not None and self.eval_every is None:
+            raise ConfigError("training.patience counts evaluations, which training.eval_every sets; set "
+                              "training.eval_every, or training.patience: null.")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("training.warmup_steps and training.weight_decay must not be negative.")
         for name in self.report_to:
@@ -215,11 +231,33 @@ class TrainConfig:
         if self.data.packing and self.task != "causal_lm":
             raise ConfigError(f"data.packing applies to task causal_lm only (task is {self.task}); "
                               "set data.packing: false.")
+        self._check_evaluation()
         _check_finite(self.delta, "delta")
         try:
             AutoDeltaConfig.from_dict(self.delta)
         except ConfigError as err:
             raise ConfigError(f"delta: {err}") from err
+
+    def _check_evaluation(self) -> None:
+        """The evaluation keys fit the task, the data and the engine."""
+        t = self.training
+        if t.eval_generation is not None and self.task != "causal_lm":
+            raise ConfigError("training.eval_generation applies to task causal_lm only (task is "
+                              f"{self.task}); set training.eval_generation: null.")
+        problem = ENGINES[self.engine].generation_problem
+        if t.eval_generation is not None and problem is not None:
+            raise ConfigError(f"training.eval_generation does not work with engine {self.engine} "
+                              f"({problem}); use engine fsdp2, ddp or plain, or set "
+                              "training.eval_generation: null.")
+        metrics = task_metrics(self.task, t.eval_generation)
+        if t.best_metric not in metrics:
+            generating = f" with eval_generation {t.eval_generation}" if t.eval_generation else ""
+            raise ConfigError(f"training.best_metric: {t.best_metric!r} is not a metric of task {self.task}"
+                              f"{generating}; choose one of {', '.join(metrics)}.")
+        if self.data.eval is None and not self.data.builtin and (t.patience or t.eval_generation):
+            key = "patience" if t.patience else "eval_generation"
+            raise ConfigError(f"training.{key} needs evaluation rows; set data.eval, or training.{key}: "
+                              "null.")
 
 
 def keys_help() -> str:

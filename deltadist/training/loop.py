@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ from deltadist.engines.batch_split import split_batch
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import Collator, StepPlan, batches_after, plan_steps
+from deltadist.training.best import BEST_DIRNAME, BestTracker
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig, to_dict
 from deltadist.training.evaluation import Evaluation, evaluate
+from deltadist.training.generation_eval import check_generation_rows, generation_score
 from deltadist.training.job_data import JobData, load_rows, tokenize
 from deltadist.training.metrics import (
     LOG_NAME,
@@ -97,6 +99,8 @@ class _Job:
         self.resume_from = checkpoint_to_resume(cfg, engine, resume)
         check_writable(cfg.output_dir)
         rows = load_rows(cfg)  # every row checked: before the weights load
+        if t.eval_generation is not None:
+            check_generation_rows(rows.eval, "data.eval" in rows.chat, rows.eval_path)
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
@@ -105,7 +109,7 @@ class _Job:
                             self.plan.accumulation)
         if engine.is_main:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
-        self.model = loaded.model
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.delta = self._attach(loaded)
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
                                 getattr(self.model.config, "decoder_start_token_id", None)
@@ -168,9 +172,16 @@ class _Job:
         step, tokens = self._train(step, tokens, before, log)
         train_seconds = time.perf_counter() - train_start
 
-        after = self._evaluate("eval (after)") if self.data.eval is not None else None
-        if after is not None:
-            log.write({"step": step, **after.log_row()})
+        after, stopped_early = None, self.best.stopped  # (the final evaluation cannot stop the job)
+        if self.data.eval is not None and stopped_early:
+            # The evaluation of this step stopped the job and is logged; after a resume from this
+            # step's checkpoint it is computed again (the same delta) but not logged twice.
+            after = self.last_eval or self._evaluate("eval (after)")
+        elif self.data.eval is not None:
+            after = self._evaluate("eval (after)")
+            if cfg.training.eval_every:
+                self._observe(step, after)
+            log.write({"step": step, **after.log_row(), **self._best_fields()})
         if engine.is_main:  # a run killed while saving its delta left a temporary file there
             for stale in (output_dir / DELTA_DIRNAME).glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -185,6 +196,10 @@ class _Job:
             eval_loss_before=before.loss if before else None, eval_loss=after.loss if after else None,
             accuracy_before=before.accuracy if before else None,
             accuracy_after=after.accuracy if after else None,
+            eval_metrics=after.metrics() if after else None,
+            confusion_matrix=after.confusion if after else None,
+            class_names=self.data.labels if after and after.confusion else None,
+            best=self._best_summary(output_dir), stopped_early=stopped_early,
             delta_bytes=sum(f.stat().st_size for f in delta_dir.iterdir() if f.is_file()),
             delta_path=str(delta_dir), trainable_params=trainable, total_params=total_params,
             device=str(engine.device), engine=engine.name, world_size=engine.world_size,
@@ -197,6 +212,10 @@ class _Job:
     def _start(self, log: MetricsLog) -> tuple[int, int, Evaluation | None]:
         """Steps done, tokens trained on and the evaluation before training: from the checkpoint
         resumed from, or none yet (evaluating first)."""
+        t = self.cfg.training
+        saved = self.resume_from.saved.get("best") if self.resume_from is not None else None
+        self.best = BestTracker.resumed(t.best_metric, t.patience, saved)
+        self.last_eval: Evaluation | None = None
         if self.resume_from is not None:
             step, tokens, before = restore_checkpoint(self.steps, self.delta, self.resume_from,
                                                       self.plan.total_steps)
@@ -219,6 +238,8 @@ class _Job:
             nonfinite = NonFiniteSteps(t.skip_nonfinite_steps, self.cfg.output_dir, self.engine.is_main)
             for batch in batches_after(self.data.train, self.lengths, self.plan, t.seed,
                                        self.cfg.data.sort_by_length, step):
+                if self.best.stopped:  # resumed from the checkpoint of the step that stopped early
+                    break
                 outcome = self.steps.train_step(batch)
                 step += 1
                 skipped = nonfinite.check(step, outcome)  # raises when the job must stop
@@ -239,17 +260,52 @@ class _Job:
                     since, tokens_since = time.perf_counter(), 0
                 evaluating = t.eval_every and step % t.eval_every == 0 and step < self.plan.total_steps
                 if evaluating and self.data.eval is not None:
-                    log.write({"step": step, **self._evaluate(f"eval (step {step})").log_row()})
+                    self.last_eval = self._evaluate(f"eval (step {step})")
+                    self._observe(step, self.last_eval)
+                    stopped = {"stopped_early": True} if self.best.stopped else {}
+                    log.write({"step": step, **self.last_eval.log_row(), **self._best_fields(), **stopped})
                 if t.save_every and step % t.save_every == 0:
                     save_checkpoint(self.cfg, self.steps, self.delta, step, tokens, before, log.rows,
-                                    log.reporters.runs if log.reporters else None)
+                                    self.best.state(), log.reporters.runs if log.reporters else None)
                     if log.reporters:  # the rows up to here are kept on resume: report them
                         log.reporters.checkpointed()
+                if self.best.stopped:
+                    break
         return step, tokens
 
+    def _observe(self, step: int, evaluation: Evaluation) -> None:
+        """Track the best evaluation; every rank saves (gathers) the delta of a new best into
+        ``output_dir/best/``."""
+        if self.best.observe(step, evaluation):
+            best_dir = Path(self.cfg.output_dir) / BEST_DIRNAME
+            if self.engine.is_main:  # a run killed while saving it left a temporary file there
+                for stale in best_dir.glob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
+            self.delta.save_finetuned(best_dir)
+
+    def _best_fields(self) -> dict[str, Any]:
+        """The best evaluation's step and value for a ``metrics.jsonl`` row (with eval_every)."""
+        return self.best.log_fields() if self.cfg.training.eval_every else {}
+
+    def _best_summary(self, output_dir: Path) -> dict[str, Any] | None:
+        """``metrics.json``'s ``best``: the metric, its best value, that step, and where its delta is."""
+        if not self.cfg.training.eval_every or self.best.step is None:
+            return None
+        return {"metric": self.best.metric, "value": self.best.value, "step": self.best.step,
+                "path": str(output_dir / BEST_DIRNAME)}
+
     def _evaluate(self, desc: str) -> Evaluation:
-        """The evaluation rows' mean loss (and accuracy) now; ``desc`` labels its progress bar."""
-        return evaluate(self.steps, self.data.eval, self.cfg.training.eval_batch_size, desc)
+        """The evaluation rows' metrics now (generating, with eval_generation); ``desc`` labels its
+        progress bars."""
+        t = self.cfg.training
+        classes = len(self.data.labels) if self.cfg.task == "sequence_classification" else None
+        evaluation = evaluate(self.steps, self.data.eval, t.eval_batch_size, desc, classes)
+        if t.eval_generation is None:
+            return evaluation
+        synced = engine_class(self.engine.name).forwards_together and self.engine.world_size > 1
+        score = generation_score(self.steps, self.model, self.data.eval, self.tokenizer, t.eval_generation,
+                                 t.eval_max_new_tokens, t.eval_batch_size, synced, f"{desc} generate")
+        return replace(evaluation, generation=score)
 
 
 def job_dtype(cfg: TrainConfig, engine: str, device: torch.device) -> torch.dtype:

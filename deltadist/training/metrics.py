@@ -51,6 +51,16 @@ class Metrics:
     """The checkpoint step this run resumed from."""
     run_info: dict[str, Any] | None = None
     """What :func:`run_info` says (what every ``training.report_to`` backend got too)."""
+    eval_metrics: dict[str, float] | None = None
+    """Every metric of the final evaluation by name: loss, perplexity (LM tasks); accuracy,
+    macro_f1 (classification); training.eval_generation's."""
+    confusion_matrix: list[list[int]] | None = None
+    """sequence_classification: rows of the final evaluation, ``[true class][predicted class]``."""
+    class_names: list[str] | None = None
+    best: dict[str, Any] | None = None
+    """With eval_every: ``metric``, its best ``value``, that ``step``, and the ``path`` of its delta."""
+    stopped_early: bool = False
+    """Whether training.patience stopped the job before its last step."""
 
 
 def run_info(config: dict[str, Any]) -> dict[str, Any]:

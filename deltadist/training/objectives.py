@@ -11,8 +11,8 @@ from deltadist.training.text_data import IGNORE_INDEX
 
 def summed_loss(task: str, model: nn.Module, inputs: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss summed over the batch's targets, correctly predicted rows)``; the second is only
-    meaningful for ``sequence_classification`` (0 otherwise).
+    """``(loss summed over the batch's targets, predicted classes)``; the second is ``[rows]`` class
+    indices for ``sequence_classification``, an empty tensor otherwise.
 
     ``inputs`` come from :class:`~deltadist.training.batching.Collator`. A causal LM predicts token
     ``t + 1`` at position ``t``, so logits and labels are shifted by one against each other.
@@ -22,10 +22,9 @@ def summed_loss(task: str, model: nn.Module, inputs: dict[str, torch.Tensor]
     output = model(**model_inputs)
     logits = getattr(output, "logits", output).float()  # TextClassifier returns the logits itself
     if task == "sequence_classification":
-        correct = (logits.argmax(dim=-1) == labels).sum()
-        return F.cross_entropy(logits, labels, reduction="sum"), correct
+        return F.cross_entropy(logits, labels, reduction="sum"), logits.argmax(dim=-1)
     if task == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, torch.zeros((), dtype=torch.long, device=loss.device)
+    return loss, torch.zeros(0, dtype=torch.long, device=loss.device)

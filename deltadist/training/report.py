@@ -9,6 +9,7 @@ from rich.text import Text
 
 from deltadist.training.config import to_dict
 from deltadist.training.dry_run import DryRun
+from deltadist.training.eval_metrics import LOWER_IS_BETTER
 from deltadist.training.metrics import Metrics
 
 
@@ -32,9 +33,18 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
     if metrics.eval_loss is not None:
         before = f"{metrics.eval_loss_before:.4f} -> " if metrics.eval_loss_before is not None else ""
         table.add_row("eval loss", f"{before}[bold green]{metrics.eval_loss:.4f}[/]")
+    for name, value in (metrics.eval_metrics or {}).items():
+        if name not in ("loss", "accuracy"):
+            table.add_row(f"eval {name.replace('_', ' ')}", _metric_text(name, value))
+    if metrics.best is not None:
+        best = metrics.best
+        table.add_row(f"best {best['metric'].replace('_', ' ')}",
+                      Text(f"{_metric_text(best['metric'], best['value'])} at step {best['step']:,} "
+                           f"({best['path']})"))
     resumed = f" (resumed after step {metrics.resumed_from})" if metrics.resumed_from is not None else ""
+    stopped = " (stopped early: training.patience)" if metrics.stopped_early else ""
     table.add_row("steps", f"{metrics.steps:,} steps, {metrics.tokens:,} tokens, "
-                  f"{metrics.tokens_per_second:,.0f} tokens/s{resumed}")
+                  f"{metrics.tokens_per_second:,.0f} tokens/s{resumed}{stopped}")
     ratio = metrics.trainable_params / metrics.total_params
     table.add_row("trainable params",
                   f"{metrics.trainable_params:,} of {metrics.total_params:,} ({ratio:.3%})")
@@ -46,7 +56,27 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
     # Paths are user text: escaped, so "[x]" or ":b:" in a directory name prints as written.
     table.add_row("delta", Text(f"{metrics.delta_path} ({format_bytes(metrics.delta_bytes)})"))
     table.add_row("metrics", Text(metrics_path))
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    if metrics.confusion_matrix is not None:
+        console.print(_confusion_table(metrics.confusion_matrix, metrics.class_names))
+
+
+def _metric_text(name: str, value: float) -> str:
+    """A loss or perplexity as a number, any other metric (a fraction of rows) as a percentage."""
+    return f"{value:.4f}" if name in LOWER_IS_BETTER else f"{value:.1%}"
+
+
+def _confusion_table(confusion: list[list[int]], names: list[str] | None) -> Table:
+    """The final evaluation's rows by true class (table rows) and predicted class (columns)."""
+    names = names or [str(index) for index in range(len(confusion))]
+    table = Table(title="eval confusion matrix", title_style="bold")
+    table.add_column("true / predicted", style="bold cyan")
+    for name in names:
+        table.add_column(Text(name), justify="right")
+    for name, row in zip(names, confusion):
+        table.add_row(Text(name), *(str(count) for count in row))
+    return table
 
 
 def print_dry_run(run: DryRun, console: Console | None = None) -> None:

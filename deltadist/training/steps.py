@@ -47,16 +47,16 @@ class StepRunner:
     params: list[nn.Parameter]
     """The delta's parameters, as the optimizer took them (what clipping clips)."""
 
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Half-precision backbones compute under autocast, so the float32 delta and head mix in."""
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.engine.device.type, dtype=self.dtype)
 
     def forward(self, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed loss and the number of correct predictions of one micro-batch."""
+        """The summed loss and the predicted classes (classification) of one micro-batch."""
         inputs = {k: v.to(self.engine.device) for k, v in micro.inputs.items()}
-        with self._autocast():
+        with self.autocast():
             return summed_loss(self.task, self.runner, inputs)
 
     def train_step(self, batch: list[TokenizedExample]) -> StepOutcome:
