@@ -37,6 +37,7 @@ from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.job_data import JobData, load_rows, tokenize
 from deltadist.training.metrics import LOG_NAME, METRICS_NAME, Metrics, MetricsLog
 from deltadist.training.model import LoadedModel, load_model, resolve_dtype
+from deltadist.training.packing import check_isolation, uses_varlen
 from deltadist.training.steps import NonFiniteSteps, prepare_steps
 
 DELTA_DIRNAME = "delta"
@@ -99,9 +100,10 @@ class _Job:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model = loaded.model
         self.delta = self._attach(loaded)
+        varlen = uses_varlen(getattr(self.model.config, "_attn_implementation", None))
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
                                 getattr(self.model.config, "decoder_start_token_id", None)
-                                if cfg.task == "seq2seq" else None)
+                                if cfg.task == "seq2seq" else None, None if varlen else self.dtype)
         self.lengths = [len(e.input_ids) for e in self.data.train]
 
     def _attach(self, loaded: LoadedModel) -> DeltaBase:
@@ -132,6 +134,9 @@ class _Job:
             torch.manual_seed(t.seed + engine.rank)
         self.steps = prepare_steps(engine, self.model, self.delta, t, self.plan, cfg.task, self.dtype,
                                    self.collate)
+        if cfg.data.packing:  # examples must not see each other: a model that lets them is an error
+            check_isolation(self.steps.logits, self.collate.pad_token_id, self.collate.mask_dtype,
+                            tolerance=1e-4 if self.dtype == torch.float32 else 2e-2)
 
         output_dir = Path(cfg.output_dir)
         log = MetricsLog(output_dir / LOG_NAME, engine.is_main)
