@@ -100,7 +100,8 @@ class _Job:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model = loaded.model
         self.delta = self._attach(loaded)
-        varlen = uses_varlen(getattr(self.model.config, "_attn_implementation", None))
+        # (the built-in MiniLM classifier has no transformers config: it is never packed)
+        varlen = uses_varlen(getattr(getattr(self.model, "config", None), "_attn_implementation", None))
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
                                 getattr(self.model.config, "decoder_start_token_id", None)
                                 if cfg.task == "seq2seq" else None, None if varlen else self.dtype)
