@@ -148,3 +148,9 @@ def test_the_isolation_check_passes_an_isolating_model_and_stops_a_leaking_one()
         with pytest.raises(ConfigError, match="does not keep packed examples apart"):
             check_isolation(lambda inputs: logits({**inputs, "attention_mask": (inputs["attention_mask"] == 0)
                                                    .float()}), 0, torch.float32, 1e-4)
+    # Absolute position embeddings (GPT-2) given no position ids: an example's positions shift.
+    gpt2 = _model("gpt2", "sdpa")
+    with torch.no_grad(), pytest.raises(ConfigError, match="does not keep packed examples apart"):
+        check_isolation(lambda inputs: gpt2(input_ids=inputs["input_ids"],
+                                            attention_mask=inputs["attention_mask"]).logits,
+                        0, torch.float32, 1e-4)
