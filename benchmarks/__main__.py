@@ -19,7 +19,7 @@ import time
 from benchmarks.suite import TABLE_PAGES, show, update_readme, write
 
 BENCHMARKS = ("method_step", "mixed_batch", "meta_attach", "interactive_tree", "training_job", "engines",
-              "saving", "fingerprint", "qlora")
+              "saving", "fingerprint", "qlora", "packing")
 """Module names under ``benchmarks`` that define ``run(quick) -> Result``, in the order they run."""
 
 

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 from deltadist.engines.batch_split import split_batch
+from deltadist.training.packing import packed_inputs
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
 
 SORT_WINDOW = 50
@@ -109,14 +110,22 @@ class Collator:
 
     ``input_ids``/``attention_mask``: ``[rows, longest]``; ``labels``: ``[rows, longest target]``
     (IGNORE_INDEX where padded) or ``[rows]`` (classification); seq2seq also gets
-    ``decoder_input_ids``: the labels shifted right behind ``decoder_start_token_id``.
+    ``decoder_input_ids``: the labels shifted right behind ``decoder_start_token_id``. Packed rows
+    (causal_lm, ``data.packing``) get per-example ``position_ids`` and a 4-D ``attention_mask`` in
+    ``mask_dtype`` instead (see :func:`~deltadist.training.packing.packed_inputs`).
     """
 
     task: str
     pad_token_id: int
     decoder_start_token_id: int | None = None
+    mask_dtype: torch.dtype | None = torch.float32
+    """Packed rows' additive mask dtype (the backbone's); ``None``: no mask (flash attention)."""
 
     def __call__(self, rows: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        if any(r.segments for r in rows):
+            batch = packed_inputs(rows, self.pad_token_id, self.mask_dtype)
+            batch["labels"] = _pad([r.labels for r in rows], IGNORE_INDEX)
+            return batch
         input_ids = _pad([r.input_ids for r in rows], self.pad_token_id)
         batch = {"input_ids": input_ids,
                  "attention_mask": _pad([[1] * len(r.input_ids) for r in rows], 0)}

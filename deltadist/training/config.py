@@ -59,7 +59,7 @@ class ModelConfig:
                       "fp16 (with loss scaling) or fp32; deltas stay fp32")
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward (transformers' "
                                         "non-reentrant checkpointing) to save memory")
-    max_length: int = _key(64, "tokens per example (longer ones are cut at the end); the packing block size")
+    max_length: int = _key(64, "tokens per example (longer ones are cut at the end); the packed row size")
     dropout: float | None = _key(None, "the backbone's hidden and attention dropout (BERT-style config "
                                  "keys); null keeps the checkpoint's")
     quantize: str | None = _key(None, "nf4: the frozen linear weights in 4 bits (QLoRA; pip install "
@@ -87,7 +87,8 @@ class DataConfig:
     chat_template: str | None = _key(None, "causal_lm chat rows (messages or conversations): the Jinja "
                                      "chat template, or a file holding one; null: the tokenizer's")
     messages_field: str | None = _key(None, "chat rows' column of turns; null: messages, else conversations")
-    packing: bool = _key(False, "causal_lm: concatenate examples into blocks of model.max_length tokens")
+    packing: bool = _key(False, "causal_lm: pack whole examples into rows of model.max_length tokens, "
+                         "each example attending only to itself")
     sort_by_length: bool = _key(False, "batch examples of similar length together (less padding)")
     train_size: int = _key(1000, f"{BUILTIN_DATA} only: training sentences")
     test_size: int = _key(300, f"{BUILTIN_DATA} only: test sentences")

@@ -60,7 +60,7 @@ class DryRun:
     rows: tuple[int, int | None]
     """Training and evaluation rows as read."""
     examples: int
-    """Training examples after tokenizing (and packing)."""
+    """Training examples after tokenizing (with packing: the packed rows)."""
     tokens: tuple[int, int | None]
     """Training and evaluation tokens after tokenizing (and packing)."""
     plan: StepPlan

@@ -10,7 +10,8 @@ from deltadist.errors import ConfigError
 from deltadist.training.chat_data import chat_fields, chat_rows, read_template, tokenize_chat
 from deltadist.training.config import TrainConfig
 from deltadist.training.data_files import load_split
-from deltadist.training.text_data import TokenizedExample, check_rows, label_names, pack, tokenize_split
+from deltadist.training.packing import pack
+from deltadist.training.text_data import TokenizedExample, check_rows, label_names, tokenize_split
 
 
 @dataclass

@@ -46,6 +46,7 @@ from deltadist.training.metrics import (
     run_info,
 )
 from deltadist.training.model import LoadedModel, load_model, resolve_dtype
+from deltadist.training.packing import check_isolation, uses_varlen
 from deltadist.training.reporters import Reporters
 from deltadist.training.steps import NonFiniteSteps, prepare_steps
 
@@ -111,9 +112,11 @@ class _Job:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.delta = self._attach(loaded)
+        # (the built-in MiniLM classifier has no transformers config: it is never packed)
+        varlen = uses_varlen(getattr(getattr(self.model, "config", None), "_attn_implementation", None))
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
                                 getattr(self.model.config, "decoder_start_token_id", None)
-                                if cfg.task == "seq2seq" else None)
+                                if cfg.task == "seq2seq" else None, None if varlen else self.dtype)
         self.lengths = [len(e.input_ids) for e in self.data.train]
 
     def _attach(self, loaded: LoadedModel) -> DeltaBase:
@@ -144,6 +147,9 @@ class _Job:
             torch.manual_seed(t.seed + engine.rank)
         self.steps = prepare_steps(engine, self.model, self.delta, t, self.plan, cfg.task, self.dtype,
                                    self.collate)
+        if cfg.data.packing:  # examples must not see each other: a model that lets them is an error
+            check_isolation(self.steps.logits, self.collate.pad_token_id, self.collate.mask_dtype,
+                            tolerance=1e-4 if self.dtype == torch.float32 else 2e-2)
 
         output_dir = Path(cfg.output_dir)
         info = run_info(to_dict(cfg))

@@ -59,6 +59,14 @@ class StepRunner:
         with self.autocast():
             return summed_loss(self.task, self.runner, inputs)
 
+    @torch.no_grad()
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's float32 logits ``[rows, seq, vocab]`` for ``inputs``, in eval mode."""
+        self.runner.eval()
+        with self._autocast():
+            output = self.runner(**{k: v.to(self.engine.device) for k, v in inputs.items()})
+        return getattr(output, "logits", output).float()
+
     def train_step(self, batch: list[TokenizedExample]) -> StepOutcome:
         """One optimizer step on the global ``batch``: its mean loss and real tokens (all ranks).
 

@@ -11,7 +11,6 @@ any tokenizing.
 
 from __future__ import annotations
 
-import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -40,6 +39,9 @@ class TokenizedExample:
     labels: tuple[int, ...]
     """causal_lm: as long as ``input_ids``, :data:`IGNORE_INDEX` on prompt tokens; seq2seq: the target
     ids (with the eos the tokenizer adds); sequence_classification: ``(class index,)``."""
+    segments: tuple[int, ...] = ()
+    """A packed causal_lm row (:mod:`deltadist.training.packing`): the lengths of the whole examples
+    it holds, in order; ``()``: one example, not packed."""
 
 
 
@@ -106,22 +108,6 @@ def check_rows(dataset: datasets.Dataset, task: str, labels: Sequence[str] | Non
         _classes(dataset, labels, path, key)
     else:
         _text_rows(dataset, task, path, key)
-
-
-def pack(examples: Sequence[TokenizedExample], block_size: int) -> list[TokenizedExample]:
-    """causal_lm examples concatenated in order and cut into blocks of ``block_size`` tokens.
-
-    Labels travel with their tokens (prompt tokens stay :data:`IGNORE_INDEX`); the last block holds
-    what is left and may be shorter.
-    """
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}.")
-    if any(len(e.input_ids) != len(e.labels) for e in examples):
-        raise ValueError("pack takes causal_lm examples (labels as long as input_ids).")
-    ids = list(itertools.chain.from_iterable(e.input_ids for e in examples))
-    labels = list(itertools.chain.from_iterable(e.labels for e in examples))
-    return [TokenizedExample(tuple(ids[i:i + block_size]), tuple(labels[i:i + block_size]))
-            for i in range(0, len(ids), block_size)]
 
 
 # --- checking rows -------------------------------------------------------------------------------

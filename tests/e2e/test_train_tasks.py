@@ -315,8 +315,22 @@ def test_packing_and_length_sorting_train(tmp_path: Path) -> None:
     assert run_cli(job.config, "--set", "data.packing=true", "--set", "data.sort_by_length=true") == 0
     result = metrics(job)
     assert result["eval_loss"] < result["eval_loss_before"] - 0.05, result
-    # 128 rows of 9 tokens pack into ceil(1152 / 32) = 36 blocks: 5 steps of 8 per epoch
-    assert result["steps"] == 15
+    # 128 whole rows of 9 tokens, 3 to a row of 32 tokens: 43 rows, 6 steps of 8 per epoch
+    assert result["steps"] == 18
+
+
+def test_packing_stops_a_model_whose_attention_lets_examples_see_each_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Llama whose layers get no mask (plain causal attention over the whole row): the job's probe
+    stops it before the first step, rather than train on examples that see each other."""
+    from transformers.models.llama import modeling_llama
+
+    job = make_job(tmp_path, "causal_lm")
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", lambda **kwargs: None)
+    assert run_cli(job.config, "--set", "data.packing=true") == 2
+    error = capsys.readouterr().err
+    assert "data.packing: this model's attention does not keep packed examples apart" in error
+    assert not (job.root / "run" / "metrics.jsonl").exists()
 
 
 def test_chat_rows_train_on_the_assistant_turns(tmp_path: Path) -> None:

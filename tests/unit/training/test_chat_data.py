@@ -228,10 +228,13 @@ def test_a_tokenizer_that_adds_bos_gets_one_bos_from_a_template_that_writes_it(t
 
 def test_packing_keeps_chat_labels_with_their_tokens(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", [{"messages": [ASK, ANSWER]}] * 3)
-    raw = {"task": "causal_lm", "model": {"max_length": 16},
+    raw = {"task": "causal_lm", "model": {"max_length": 30},
            "data": {"train": str(tmp_path / "train.jsonl"), "packing": True}}
     tokenizer = chat_tokenizer(WORDS)
-    blocks = tokenize(load_rows(from_dict(raw)), from_dict(raw), tokenizer).train
+    rows = tokenize(load_rows(from_dict(raw)), from_dict(raw), tokenizer).train
     whole = _examples([{"messages": [ASK, ANSWER]}], tmp_path, tokenizer)[0]
-    assert len(whole.input_ids) == 12 and [len(b.input_ids) for b in blocks] == [16, 16, 4]
-    assert sum((b.labels for b in blocks), ()) == whole.labels * 3
+    # Two whole conversations of 12 tokens fit a row of 30, the third starts another; none is cut.
+    assert len(whole.input_ids) == 12 and [r.segments for r in rows] == [(12, 12), (12,)]
+    assert [r.input_ids for r in rows] == [whole.input_ids * 2, whole.input_ids]
+    alone = (IGNORE_INDEX, *whole.labels[1:])  # a row's first label is never predicted
+    assert [r.labels for r in rows] == [alone * 2, alone]

@@ -1,4 +1,5 @@
-"""The user's own data for ``deltadist train``: loading, row checks, tokenizing and packing.
+"""The user's own data for ``deltadist train``: loading, row checks and tokenizing
+(packing: tests/unit/training/test_packing.py).
 
 Tokenizers are :func:`tests.text_tasks.word_tokenizer` ones, whose ids are fixed by the corpus:
 specials 0-3 (``[PAD] [UNK] [BOS] [EOS]``), then words in order of first appearance.
@@ -21,7 +22,6 @@ from deltadist.training.text_data import (
     IGNORE_INDEX,
     TokenizedExample,
     label_names,
-    pack,
     tokenize_split,
 )
 from tests.text_tasks import BOS, CLS, EOS, SEP, bert_style_tokenizer, word_tokenizer, write_jsonl
@@ -395,27 +395,3 @@ def test_classification_rows_with_unknown_labels_or_no_text_are_errors(tmp_path:
         f"data.train: {path} row 2: no 'text' field (it has: label, sentence); sequence_classification "
         "rows need text and label."
     )
-
-
-# --- packing -------------------------------------------------------------------------------------
-
-def test_pack_concatenates_in_order_and_cuts_exact_blocks() -> None:
-    examples = [
-        TokenizedExample((1, 10, 11, 2), (X, X, 11, 2)),
-        TokenizedExample((1, 20, 2), (1, 20, 2)),
-        TokenizedExample((1, 30, 31, 32, 2), (X, 30, 31, 32, 2)),
-    ]
-    assert pack(examples, 5) == [
-        TokenizedExample((1, 10, 11, 2, 1), (X, X, 11, 2, 1)),
-        TokenizedExample((20, 2, 1, 30, 31), (20, 2, X, 30, 31)),
-        TokenizedExample((32, 2), (32, 2)),  # the rest, shorter
-    ]
-    assert pack(examples, 12) == [TokenizedExample(
-        (1, 10, 11, 2, 1, 20, 2, 1, 30, 31, 32, 2), (X, X, 11, 2, 1, 20, 2, X, 30, 31, 32, 2))]
-    assert [len(block.input_ids) for block in pack(examples, 4)] == [4, 4, 4]
-    assert pack([], 4) == []
-
-
-def test_pack_refuses_examples_that_are_not_causal_lm() -> None:
-    with pytest.raises(ValueError, match="causal_lm"):
-        pack([TokenizedExample((1, 2, 3), (0,))], 2)
