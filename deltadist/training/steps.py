@@ -63,7 +63,7 @@ class StepRunner:
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's float32 logits ``[rows, seq, vocab]`` for ``inputs``, in eval mode."""
         self.runner.eval()
-        with self._autocast():
+        with self.autocast():
             output = self.runner(**{k: v.to(self.engine.device) for k, v in inputs.items()})
         return getattr(output, "logits", output).float()
 
