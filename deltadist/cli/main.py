@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from deltadist.cli import configs, convert, inspect_model, launch, pick
+from deltadist.cli import configs, convert, inspect_model, launch, pick, predict
 from deltadist.errors import DeltaError
 
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_parser(commands)
     convert.add_parsers(commands)
     inspect_model.add_parser(commands)
+    predict.add_parser(commands)
     return parser
 
 
@@ -78,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return convert.run(args)
     if args.command == "inspect":
         return inspect_model.run(args)
+    if args.command == "predict":
+        return predict.run(args)
     try:
         return _train(args)
     except ImportError as err:

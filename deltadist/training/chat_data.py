@@ -71,10 +71,10 @@ def read_template(configured: str | None) -> str | None:
 
 
 def chat_rows(dataset: datasets.Dataset, fields: tuple[str, ...], path: str | os.PathLike,
-              key: str) -> list[Conversation]:
+              key: str, answered: bool = True) -> list[Conversation]:
     """Each row's turns (from the one of ``fields`` it has) as ``[{"role", "content"}, ...]`` in the
-    roles a template expects, every row checked: a list of turns, known roles, string contents, at
-    least one assistant turn."""
+    roles a template expects, every row checked: a list of turns, known roles, string contents, and
+    (``answered``: rows to learn from) at least one assistant turn."""
     rows = []
     for index, values in enumerate(zip(*(dataset[field][:] for field in fields))):
         where = _where(key, path, index + 1)
@@ -89,7 +89,7 @@ def chat_rows(dataset: datasets.Dataset, fields: tuple[str, ...], path: str | os
             raise ConfigError(f"{where}: '{field}' must be a non-empty list of turns "
                               '({"role": ..., "content": ...}), got ' f"{turns!r}.")
         rows.append([_turn(turn, f"{where} turn {number}") for number, turn in enumerate(turns, 1)])
-        if not any(turn["role"] == "assistant" for turn in rows[-1]):
+        if answered and not any(turn["role"] == "assistant" for turn in rows[-1]):
             raise ConfigError(f"{where} has no assistant turn, so nothing to learn; add the answer "
                               "(role assistant, or from gpt) or remove the row.")
     return rows

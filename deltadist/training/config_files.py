@@ -3,6 +3,7 @@ YAML errors told as the file, line and column where the parser gave up."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -111,3 +112,21 @@ def _yaml_problem(err: yaml.YAMLError, text: str) -> tuple[tuple[int, int] | Non
 def _position(line: int, column: int, text: str) -> str:
     """``"line L, column C"``; just ``"column C"`` in a one-line ``text`` (a ``--set`` value)."""
     return f"column {column}" if "\n" not in text.strip() else f"line {line}, column {column}"
+
+
+RUN_CONFIG_NAME = "config.yaml"
+"""The resolved config a run writes into its ``output_dir`` (what ``deltadist predict/eval --run``
+read; ``deltadist train --config`` runs it again)."""
+
+
+def write_run_config(raw: Mapping[str, Any], output_dir: str | os.PathLike) -> Path:
+    """Write the resolved config ``raw`` to ``output_dir/config.yaml`` atomically (a temporary file
+    renamed over the old one)."""
+    path = Path(output_dir) / RUN_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = ("# The resolved config of this deltadist train run (deltadist predict / eval --run read it;\n"
+            "# deltadist train --config runs it again).\n" + yaml.safe_dump(dict(raw), sort_keys=False))
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path

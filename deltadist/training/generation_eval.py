@@ -9,7 +9,7 @@ turn, ending with the template's generation prompt).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ def stop_ids(examples: Sequence[TokenizedExample], tokenizer: Any) -> list[int]:
     return sorted(found)
 
 
-def _text(ids: Sequence[int], tokenizer: Any, stops: Sequence[int]) -> str:
+def completion_text(ids: Sequence[int], tokenizer: Any, stops: Sequence[int]) -> str:
     """The text of ``ids`` up to the first stop token, special tokens dropped, whitespace stripped."""
     cut = next((i for i, token in enumerate(ids) if token in stops), len(ids))
     return tokenizer.decode(list(ids[:cut]), skip_special_tokens=True).strip()
@@ -70,16 +70,19 @@ def matches(generated: str, reference: str, metric: str) -> bool:
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int,
-                   max_new_tokens: int, stops: Sequence[int], synced: bool) -> list[list[int]]:
-    """Greedy continuations (at most ``max_new_tokens`` ids each) of ``prompts``, left-padded into
-    one ``[rows, longest]`` batch; ``synced``: every rank keeps running forwards until all are done."""
+                   max_new_tokens: int, stops: Sequence[int], synced: bool,
+                   sampling: Mapping[str, Any] | None = None) -> list[list[int]]:
+    """Continuations (at most ``max_new_tokens`` ids each) of ``prompts``, left-padded into one
+    ``[rows, longest]`` batch: greedy, or with ``sampling`` (``do_sample``, ``temperature``,
+    ``top_p``: ``generate``'s); ``synced``: every rank keeps running forwards until all are done."""
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=1,
+    options = dict(sampling or {"do_sample": False})
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1,
                             max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                            eos_token_id=list(stops) or None, synced_gpus=synced)
+                            eos_token_id=list(stops) or None, synced_gpus=synced, **options)
     return output[:, longest:].tolist()
 
 
@@ -105,7 +108,8 @@ def generation_score(steps: StepRunner, model: nn.Module, examples: Sequence[Tok
             continuations = generate_batch(model, prompts, tokenizer.pad_token_id, max_new_tokens, stops,
                                            synced)
         if share:
-            met += sum(bool(r) and matches(_text(c, tokenizer, stops), _text(r, tokenizer, stops), metric)
+            met += sum(bool(r) and matches(completion_text(c, tokenizer, stops),
+                                           completion_text(r, tokenizer, stops), metric)
                        for c, (_, r) in zip(continuations, pairs))
     total = engine.sum_over_ranks(torch.tensor(float(met), device=engine.device))
     return {metric: float(total) / len(examples)}

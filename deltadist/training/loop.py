@@ -34,6 +34,7 @@ from deltadist.training.best import BEST_DIRNAME, BestTracker
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig, to_dict
+from deltadist.training.config_files import write_run_config
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.generation_eval import check_generation_rows, generation_score
 from deltadist.training.job_data import JobData, load_rows, tokenize
@@ -152,7 +153,12 @@ class _Job:
                             tolerance=1e-4 if self.dtype == torch.float32 else 2e-2)
 
         output_dir = Path(cfg.output_dir)
-        info = run_info(to_dict(cfg))
+        resolved = to_dict(cfg)
+        if self.data.labels is not None:  # the class names, also where the training rows gave them
+            resolved["data"]["labels"] = list(self.data.labels)
+        if engine.is_main:  # what deltadist predict / eval --run read
+            write_run_config(resolved, output_dir)
+        info = run_info(resolved)
         reporters, point = None, self.resume_from
         if engine.is_main:  # a resumed job continues the checkpoint's runs
             reporters = Reporters(t.report_to, output_dir, info, point.saved.get("report_runs") if point

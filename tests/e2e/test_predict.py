@@ -1,0 +1,110 @@
+"""``deltadist predict`` on a run's directory (the built-in job's, a classifier's, a causal LM's with
+prompt and chat rows) and on ``--model``/``--delta``: each row's prediction equals what the trained
+model in memory predicts for it, computed here directly (argmax of its logits, ``generate`` from
+the prompt's ids); bad input is one ``error:`` line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from deltadist.cli.main import main
+from deltadist.training.config import load_config
+from deltadist.training.loop import train
+from tests.task_jobs import make_job
+from tests.text_tasks import write_jsonl
+
+BUILTIN = ["data.train_size=48", "data.test_size=16", "training.batch_size=16"]
+
+
+def _cli(argv: list[str]) -> tuple[int, list[dict], str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+def _greedy(model: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, pad_token_id=eos, eos_token_id=eos)
+    return out[0, len(ids):].tolist()
+
+
+def test_the_builtin_jobs_run_predicts_its_topics(tmp_path: Path) -> None:
+    cfg = load_config(None, [*BUILTIN, f"output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    sentences = ["The referee showed a red card in the final.", "Bake the bread dough at a high heat."]
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": s, "id": i} for i, s in enumerate(sentences)])
+    status, rows, err = _cli(["predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "rows.jsonl")])
+    assert status == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(result.model.encoder.name_or_path)
+    encoded = tokenizer(sentences, padding=True, truncation=True, max_length=cfg.model.max_length,
+                        return_tensors="pt")
+    with torch.no_grad():
+        probabilities = result.model.eval()(encoded["input_ids"], encoded["attention_mask"]).softmax(-1)
+    labels = load_config(tmp_path / "run" / "config.yaml").data.labels
+    assert [r["id"] for r in rows] == [0, 1]  # the input rows, in order
+    assert [r["prediction"] for r in rows] == [labels[i] for i in probabilities.argmax(-1).tolist()]
+    assert [r["score"] for r in rows] == pytest.approx(probabilities.max(-1).values.tolist(), abs=1e-5)
+
+
+def test_a_causal_lm_run_generates_from_prompts_and_chat_rows(tmp_path: Path) -> None:
+    job = make_job(tmp_path / "lm", "causal_lm", epochs=1)
+    result = train(load_config(job.config))
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    prompts = [json.loads(line)["prompt"] for line in job.eval.read_text().splitlines()[:3]]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    status, rows, err = _cli(["predict", "--run", str(job.root / "run"), "--input", str(tmp_path / "prompts.jsonl"),
+                              "--max-new-tokens", "8", "--batch-size", "2"])
+    assert status == 0, err
+    model = result.model.eval()
+    assert any(row["prediction"] for row in rows)  # text was generated, not only an end token
+    for prompt, row in zip(prompts, rows):
+        ids = _greedy(model, tokenizer(prompt)["input_ids"], tokenizer.eos_token_id)
+        cut = ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
+        assert row["prediction"] == tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+
+    # The same delta through --model/--delta (a causal LM checkpoint: the task from its class).
+    status, again, err = _cli(["predict", "--model", str(job.model), "--delta", str(job.root / "run" / "delta"),
+                               "--input", str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "8"])
+    assert status == 0, err
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+
+
+def test_a_chat_run_answers_the_last_user_turn(tmp_path: Path) -> None:
+    job = make_job(tmp_path / "chat", "causal_lm", chat=True, epochs=1)
+    result = train(load_config(job.config))
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    chats = [json.loads(line) for line in job.eval.read_text().splitlines()[:2]]
+    status, rows, err = _cli(["predict", "--run", str(job.root / "run"), "--input", str(job.eval),
+                              "--max-new-tokens", "8", "--output", str(tmp_path / "out.jsonl")])
+    assert status == 0 and rows == [], err
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(written) == len(job.eval.read_text().splitlines())
+    for chat, row in zip(chats, written):
+        turns = chat.get("messages") or [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
+                                          "content": t["value"]} for t in chat["conversations"]]
+        text = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
+        ids = _greedy(result.model.eval(), tokenizer(text, add_special_tokens=False)["input_ids"],
+                      tokenizer.eos_token_id)
+        special = set(tokenizer.all_special_ids) - {tokenizer.pad_token_id}
+        cut = next((i for i, token in enumerate(ids) if token in special), len(ids))
+        assert row["prediction"] == tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+
+
+def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": "x"}])
+    for argv, problem in [
+        (["--run", str(tmp_path / "run")], "not a finished deltadist train run"),
+        (["--model", str(tmp_path)], "--model and --delta go together"),
+    ]:
+        status, _, err = _cli(["predict", *argv, "--input", str(tmp_path / "rows.jsonl")])
+        assert status == 2 and err.count("\n") == 1 and problem in err, err
