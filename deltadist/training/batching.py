@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 from deltadist.engines.batch_split import split_batch
+from deltadist.training.sources import Mixture
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
 
 SORT_WINDOW = 50
@@ -63,14 +64,16 @@ def plan_steps(batch_size: int, micro_batch_size: int | None, accumulation: int 
 
 
 def epoch_order(lengths: Sequence[int], seed: int, epoch: int, batch_size: int,
-                by_length: bool = False) -> list[int]:
+                by_length: bool = False, mixture: Mixture | None = None) -> list[int]:
     """Example indices in the order epoch ``epoch`` (0-based) visits them.
 
-    A permutation drawn from ``(seed, epoch)`` alone; with ``by_length`` each window of
-    :data:`SORT_WINDOW` global batches is sorted longest first, so a batch holds similar lengths.
+    A permutation drawn from ``(seed, epoch)`` alone (with a ``mixture`` of several sources, its
+    draw); with ``by_length`` each window of :data:`SORT_WINDOW` global batches is sorted longest
+    first, so a batch holds similar lengths.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = (mixture.draw(generator) if mixture is not None
+             else torch.randperm(len(lengths), generator=generator).tolist())
     if not by_length:
         return order
     window = SORT_WINDOW * batch_size
@@ -86,13 +89,14 @@ def global_batches(examples: Sequence[TokenizedExample], order: Sequence[int],
 
 
 def batches_after(examples: Sequence[TokenizedExample], lengths: Sequence[int], plan: StepPlan, seed: int,
-                  by_length: bool, done: int) -> Iterator[list[TokenizedExample]]:
+                  by_length: bool, done: int,
+                  mixture: Mixture | None = None) -> Iterator[list[TokenizedExample]]:
     """The global batches of steps ``done + 1 ...`` up to the plan's total, epoch after epoch (a
     resumed run picks up inside the epoch it stopped in)."""
     step = done
     epoch, skip = divmod(done, plan.steps_per_epoch)
     while step < plan.total_steps:
-        order = epoch_order(lengths, seed, epoch, plan.batch_size, by_length)
+        order = epoch_order(lengths, seed, epoch, plan.batch_size, by_length, mixture)
         for index, batch in enumerate(global_batches(examples, order, plan.batch_size)):
             if index < skip:
                 continue

@@ -24,7 +24,7 @@ from deltadist.training.batching import StepPlan, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume
 from deltadist.training.checks import check_could_write, check_engine_limits, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
-from deltadist.training.job_data import load_rows, tokenize
+from deltadist.training.job_data import JobData, Rows, load_rows, tokenize
 from deltadist.training.loop import engine_options, job_dtype
 from deltadist.training.model import plan_model
 from deltadist.training.text_data import TokenizedExample
@@ -59,6 +59,8 @@ class DryRun:
     """Linear layers whose weights ``model.quantize`` stores in 4 bits (empty without it)."""
     rows: tuple[int, int | None]
     """Training and evaluation rows as read."""
+    sources: list[tuple[str, int, int]]
+    """Each training source (several only): how errors name it, its rows, and its examples an epoch."""
     examples: int
     """Training examples after tokenizing (and packing)."""
     tokens: tuple[int, int | None]
@@ -99,7 +101,7 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
         kept={key: tuple(p.shape) for key, p in delta.unfrozen_backbone_parameters().items()},
         trainable_params=sum(p.numel() for p in delta.parameters()),
         total_params=sum(p.numel() for p in model.parameters()), quantized=quantized,
-        rows=(len(rows.train), None if rows.eval is None else len(rows.eval)), examples=len(data.train),
+        rows=rows.counts(), examples=len(data.train), sources=_sources(rows, data),
         tokens=(_tokens(data.train), _tokens(data.eval)), plan=plan, resumed_from=resumed)
 
 
@@ -122,6 +124,13 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype
     point = checkpoint_to_resume(cfg, rank0, resume)
     check_could_write(cfg.output_dir)
     return dtype, None if point is None else point.step
+
+
+def _sources(rows: Rows, data: JobData) -> list[tuple[str, int, int]]:
+    if data.mixture is None:
+        return []
+    return [(part.shown, part.dataset.num_rows, count)
+            for part, count in zip(rows.train, data.mixture.counts())]
 
 
 def _tokens(examples: list[TokenizedExample] | None) -> int | None:

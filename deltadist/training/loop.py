@@ -191,7 +191,7 @@ class _Job:
             since, tokens_since = time.perf_counter(), 0
             nonfinite = NonFiniteSteps(t.skip_nonfinite_steps, self.cfg.output_dir, self.engine.is_main)
             for batch in batches_after(self.data.train, self.lengths, self.plan, t.seed,
-                                       self.cfg.data.sort_by_length, step):
+                                       self.cfg.data.sort_by_length, step, self.data.mixture):
                 outcome = self.steps.train_step(batch)
                 step += 1
                 skipped = nonfinite.check(step, outcome)  # raises when the job must stop

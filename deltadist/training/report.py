@@ -92,6 +92,9 @@ def _plan_table(run: DryRun) -> Table:
     train_tokens, eval_tokens = run.tokens
     packed = f", {run.examples:,} packed examples" if run.examples != train_rows else ""
     table.add_row("train data", f"{train_rows:,} rows{packed}, {train_tokens:,} tokens")
+    for index, (shown, rows, drawn) in enumerate(run.sources):  # several sources, mixed by weight
+        table.add_row(f"  source {index}", Text(f"{shown}: {rows:,} rows, {drawn:,} examples an epoch "
+                                                f"({drawn / max(run.examples, 1):.1%})"))
     table.add_row("eval data", "none" if eval_rows is None else f"{eval_rows:,} rows, {eval_tokens:,} tokens")
     ratio = run.trainable_params / max(run.total_params, 1)
     table.add_row("trainable params", f"{run.trainable_params:,} of {run.total_params:,} ({ratio:.3%})")
