@@ -163,16 +163,18 @@ class MicroBatch:
 
 
 def micro_batches(batch: list[TokenizedExample], task: str, collate: Collator, rank: int,
-                  world_size: int, accumulation: int) -> list[MicroBatch]:
-    """This rank's ``accumulation`` micro-batches of the global ``batch``.
+                  world_size: int, accumulation: int, global_units: int | None = None) -> list[MicroBatch]:
+    """This rank's ``accumulation`` micro-batches of the global ``batch`` -- or, given the global
+    batch's ``global_units`` (summed over the ranks), of ``batch`` as this rank's rows alone
+    (``data.streaming``: each rank reads its own rows).
 
     A micro-batch left empty by a short last batch runs the batch's first row with
     ``loss_scale = 0``: every rank takes the same number of forwards and backwards, which the
     collectives of DDP and FSDP expect.
     """
-    units = sum(loss_units(task, example) for example in batch)
+    units = sum(loss_units(task, example) for example in batch) if global_units is None else global_units
     scale = world_size / units if units else 0.0
-    share = batch[rank_share(len(batch), rank, world_size)]
+    share = batch[rank_share(len(batch), rank, world_size)] if global_units is None else batch
     result = []
     for step in range(accumulation):
         rows = share[rank_share(len(share), step, accumulation)]

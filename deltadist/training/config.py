@@ -93,6 +93,8 @@ class DataConfig:
     messages_field: str | None = _key(None, "chat rows' column of turns; null: messages, else conversations")
     packing: bool = _key(False, "causal_lm: concatenate examples into blocks of model.max_length tokens")
     sort_by_length: bool = _key(False, "batch examples of similar length together (less padding)")
+    streaming: bool = _key(False, "read data.train (one .jsonl, .csv or .parquet file) row by row as the run "
+                           "goes, in file order, each rank its rows; needs training.max_steps")
     train_size: int = _key(1000, f"{BUILTIN_DATA} only: training sentences")
     test_size: int = _key(300, f"{BUILTIN_DATA} only: test sentences")
     seed: int = _key(0, f"{BUILTIN_DATA} only: the seed that generates the sentences")
@@ -220,6 +222,7 @@ class TrainConfig:
         if self.data.builtin and self.task != "sequence_classification":
             raise ConfigError(f"task: {self.task} needs your own rows: set data.train to a file "
                               f"({BUILTIN_DATA} is a sequence_classification set).")
+        _check_streaming(self)
         if self.data.packing and self.task != "causal_lm":
             raise ConfigError(f"data.packing applies to task causal_lm only (task is {self.task}); "
                               "set data.packing: false.")
@@ -228,6 +231,26 @@ class TrainConfig:
             AutoDeltaConfig.from_dict(self.delta)
         except ConfigError as err:
             raise ConfigError(f"delta: {err}") from err
+
+
+def _check_streaming(cfg: TrainConfig) -> None:
+    """``data.streaming`` reads one file in its order, for a known number of steps."""
+    data = cfg.data
+    if not data.streaming:
+        return
+    problem = None
+    if cfg.training.max_steps is None:
+        problem = "the rows are not counted ahead, so the run's length is training.max_steps; set it"
+    elif not isinstance(data.train, str) or data.builtin:
+        problem = ("it reads one file; set data.train to a .jsonl, .csv or .parquet file (sources are "
+                   "not mixed)")
+    elif data.packing or data.sort_by_length:
+        problem = ("rows are trained in file order as they are read; set data.packing and "
+                   "data.sort_by_length false")
+    elif cfg.task == "sequence_classification" and data.labels is None:
+        problem = "the class names cannot be collected from rows not yet read; set data.labels"
+    if problem:
+        raise ConfigError(f"data.streaming: {problem} (or data.streaming: false).")
 
 
 def keys_help() -> str:

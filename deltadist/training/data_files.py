@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from deltadist.errors import ConfigError
 from deltadist.training.text_data import TEXT_FIELDS
@@ -29,6 +29,8 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parq
 _FORMAT_NAMES = {"json": "JSON Lines or a JSON array of objects", "csv": "CSV with a header row",
                  "parquet": "Parquet"}
 _FORMATS = "a .jsonl, .json, .csv or .parquet file, or a folder written by Dataset.save_to_disk"
+_STREAMED = (".jsonl", ".csv", ".parquet")
+"""Files ``data.streaming`` reads row by row (a JSON array is one document: it is read whole)."""
 _EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
 """Splits of a saved DatasetDict that ``data.eval`` takes, in this order of preference."""
 _REASON_CHARS = 200
@@ -58,6 +60,34 @@ def load_split(path: str | os.PathLike, key: str, config: str | None = None) -> 
     if dataset.num_rows == 0:
         raise ConfigError(_no_rows(key, shown))
     return dataset
+
+
+def stream_rows(path: str, key: str) -> Iterator[dict[str, Any]]:
+    """The rows of the ``.jsonl``, ``.csv`` or ``.parquet`` file at ``path``, one at a time, never the
+    whole file in memory (``datasets``' streaming readers; CSV text columns read as strings).
+
+    Raises:
+        ConfigError: the file is missing, of another kind, or cannot be read (naming the last row read).
+    """
+    import datasets
+
+    file = Path(path)
+    if not file.is_file() or file.suffix.lower() not in _STREAMED:
+        problem = "does not exist" if not file.exists() else "is not a .jsonl, .csv or .parquet file"
+        raise ConfigError(f"{key}: {path} {problem}; data.streaming reads one .jsonl, .csv or .parquet file "
+                          "row by row (set data.streaming: false for the other sources).")
+    builder = _BUILDERS[file.suffix.lower()]
+    options = {"converters": {field: str for field in TEXT_FIELDS}} if builder == "csv" else {}
+    with _quiet_datasets():
+        rows = datasets.load_dataset(builder, data_files=str(file.resolve()), split="train", streaming=True,
+                                     **options)
+    number = 0
+    try:
+        for number, row in enumerate(rows, 1):
+            yield row
+    except Exception as error:  # datasets' and pyarrow's exception types vary by version
+        raise ConfigError(f"{key}: {path} could not be read after row {number} ({_reason(error)}); "
+                          "fix the file.") from error
 
 
 def _is_dataset_name(spec: str) -> bool:

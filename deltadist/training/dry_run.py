@@ -27,6 +27,7 @@ from deltadist.training.config import TrainConfig
 from deltadist.training.job_data import JobData, Rows, load_rows, tokenize
 from deltadist.training.loop import engine_options, job_dtype
 from deltadist.training.model import plan_model
+from deltadist.training.streaming import RowStream, streamed_examples
 from deltadist.training.text_data import TokenizedExample
 
 
@@ -80,10 +81,12 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
     t = cfg.training
     dtype, resumed = _check(cfg, world_size, resume)
     rows = load_rows(cfg)
+    if cfg.data.streaming:  # the first global batch's rows, as the run checks them before its weights
+        RowStream(cfg.data.train, cfg.data.columns, 0, 1, t.batch_size).check_first(cfg.task, rows.labels)
     loaded = plan_model(cfg.model, cfg.task, rows.labels, dtype)
     data = tokenize(rows, cfg, loaded.tokenizer)
     plan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size,
-                      len(data.train), t.epochs, t.max_steps)
+                      streamed_examples(cfg) or len(data.train), t.epochs, t.max_steps)
     engine = engine_class(cfg.engine)
     check_engine_limits(cfg.engine, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
                         plan.accumulation)

@@ -109,6 +109,8 @@ def _read_rows(cfg: TrainConfig) -> Rows:
             for part, shown, key in ((train_set, data.train, "data.train"),
                                      (test_set, f"{data.train} (test split)", "data.eval")))
         return Rows([train], evaluation or [test], list(data.labels or LABELS))
+    if data.streaming:  # read by the job as it trains (training/streaming.py)
+        return Rows([], evaluation, None if data.labels is None else list(data.labels))
     train = _read(data.train, data.columns, "data.train")
     labels = None
     if cfg.task == "sequence_classification":

@@ -38,6 +38,7 @@ from deltadist.training.job_data import JobData, load_rows, tokenize
 from deltadist.training.metrics import LOG_NAME, METRICS_NAME, Metrics, MetricsLog
 from deltadist.training.model import LoadedModel, load_model, resolve_dtype
 from deltadist.training.steps import NonFiniteSteps, prepare_steps
+from deltadist.training.streaming import RowStream, streamed_examples
 
 DELTA_DIRNAME = "delta"
 
@@ -89,10 +90,17 @@ class _Job:
         self.resume_from = checkpoint_to_resume(cfg, engine, resume)
         check_writable(cfg.output_dir)
         rows = load_rows(cfg)  # every row checked: before the weights load
+        self.stream = None  # data.streaming: this rank's rows are read as the run goes
+        if cfg.data.streaming:
+            self.stream = RowStream(cfg.data.train, cfg.data.columns, engine.rank, engine.world_size,
+                                    t.batch_size)
+            self.stream.check_first(cfg.task, rows.labels)  # the first step's rows, as far as can be
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
+        self.tokenizer = loaded.tokenizer
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
-                                         engine.world_size, len(self.data.train), t.epochs, t.max_steps)
+                                         engine.world_size, streamed_examples(cfg) or len(self.data.train),
+                                         t.epochs, t.max_steps)
         check_engine_limits(engine.name, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
                             self.plan.accumulation)
         if engine.is_main:
@@ -190,9 +198,14 @@ class _Job:
                   disable=not self.engine.is_main) as bar:
             since, tokens_since = time.perf_counter(), 0
             nonfinite = NonFiniteSteps(t.skip_nonfinite_steps, self.cfg.output_dir, self.engine.is_main)
-            for batch in batches_after(self.data.train, self.lengths, self.plan, t.seed,
-                                       self.cfg.data.sort_by_length, step, self.data.mixture):
-                outcome = self.steps.train_step(batch)
+            batches = batches_after(self.data.train, self.lengths, self.plan, t.seed,
+                                    self.cfg.data.sort_by_length, step, self.data.mixture)
+            if self.stream is not None:
+                batches = self.stream.examples_after(step, self.plan.total_steps, self.cfg.task,
+                                                     self.tokenizer, self.cfg.model.max_length,
+                                                     self.data.labels)
+            for batch in batches:
+                outcome = self.steps.train_step(batch, own_rows=self.stream is not None)
                 step += 1
                 skipped = nonfinite.check(step, outcome)  # raises when the job must stop
                 if not skipped:

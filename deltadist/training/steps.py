@@ -18,7 +18,7 @@ from deltadist.api.delta_base import DeltaBase
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import TrainingError
 from deltadist.training import run_state
-from deltadist.training.batching import Collator, MicroBatch, StepPlan, micro_batches
+from deltadist.training.batching import Collator, MicroBatch, StepPlan, loss_units, micro_batches
 from deltadist.training.config import MAX_NONFINITE_SKIPS, TrainingConfig
 from deltadist.training.objectives import summed_loss
 from deltadist.training.schedule import lr_schedule
@@ -59,8 +59,9 @@ class StepRunner:
         with self._autocast():
             return summed_loss(self.task, self.runner, inputs)
 
-    def train_step(self, batch: list[TokenizedExample]) -> StepOutcome:
-        """One optimizer step on the global ``batch``: its mean loss and real tokens (all ranks).
+    def train_step(self, batch: list[TokenizedExample], own_rows: bool = False) -> StepOutcome:
+        """One optimizer step on the global ``batch`` (``own_rows``: this rank's rows of it, each rank
+        holding its own): its mean loss and real tokens (all ranks).
 
         A step whose loss or gradient norm is not finite is not taken (unless the engine steps
         inside its backward): the gradients are dropped, the optimizer and the scheduler keep their
@@ -69,8 +70,12 @@ class StepRunner:
         engine = self.engine
         self.runner.train()
         self.stepper.zero_grad(set_to_none=True)
+        units = None
+        if own_rows:  # the global batch's loss units: what the mean loss averages over
+            own = float(sum(loss_units(self.task, example) for example in batch))
+            units = int(engine.sum_over_ranks(torch.tensor(own, device=engine.device)))
         micros = micro_batches(batch, self.task, self.collate, engine.rank, engine.world_size,
-                               self.accumulation)
+                               self.accumulation, units)
         summed = torch.zeros((), device=engine.device)
         for index, micro in enumerate(micros):
             with engine.gradient_sync(self.runner, index == len(micros) - 1):

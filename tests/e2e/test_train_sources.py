@@ -1,6 +1,7 @@
 """``deltadist train`` on data from where it lives: a dataset in the local datasets cache (read
-offline, in a fresh process), a ``save_to_disk`` folder, columns under the user's names, and several
-sources mixed by weight -- trained, described by the dry run, and resumed after a kill bit for bit."""
+offline, in a fresh process), a ``save_to_disk`` folder, columns under the user's names, several
+sources mixed by weight, and a file streamed row by row -- trained, described by the dry run, and
+resumed after a kill bit for bit."""
 
 from __future__ import annotations
 
@@ -9,35 +10,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import datasets
 import pytest
 import torch
-import yaml
 
 from deltadist.cli.main import main
 from deltadist.training import run_state
-from tests.task_jobs import Job, make_job
-from tests.text_tasks import cache_dataset, write_jsonl
+from tests.source_jobs import mixed_job, read_rows, renamed, streamed_job, with_data
+from tests.task_jobs import make_job
+from tests.text_tasks import cache_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _renamed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"question": r["prompt"], "answer": r["completion"]} for r in rows]
-
-
-def _with_data(job: Job, data: dict[str, Any], **training: Any) -> Job:
-    config = job.config_dict()
-    config["data"] = data
-    config["training"].update(training)
-    job.config.write_text(yaml.safe_dump(config, sort_keys=False))
-    return job
 
 
 def _delta(run: Path) -> dict[str, torch.Tensor]:
@@ -51,12 +35,12 @@ def test_a_cached_dataset_name_trains_offline_in_a_fresh_process(tmp_path: Path)
     imported), its columns mapped; the evaluation rows are a saved DatasetDict's validation split."""
     job = make_job(tmp_path, "causal_lm", epochs=2)
     home = tmp_path / "hf-home"
-    cache_dataset(home / "datasets", "user/reverse", {"train": _renamed(_rows(job.train))})
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(_renamed(_rows(job.train)[:4])),
-                          "validation": datasets.Dataset.from_list(_renamed(_rows(job.eval)))}).save_to_disk(
-        tmp_path / "saved")
-    _with_data(job, {"train": "user/reverse", "eval": str(tmp_path / "saved"),
-                     "columns": {"prompt": "question", "completion": "answer"}})
+    cache_dataset(home / "datasets", "user/reverse", {"train": renamed(read_rows(job.train))})
+    splits = {"train": read_rows(job.train)[:4], "validation": read_rows(job.eval)}
+    datasets.DatasetDict({name: datasets.Dataset.from_list(renamed(rows))
+                          for name, rows in splits.items()}).save_to_disk(tmp_path / "saved")
+    with_data(job, {"train": "user/reverse", "eval": str(tmp_path / "saved"),
+                    "columns": {"prompt": "question", "completion": "answer"}})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -68,24 +52,6 @@ def test_a_cached_dataset_name_trains_offline_in_a_fresh_process(tmp_path: Path)
     metrics = json.loads((job.root / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 16  # 64 rows, 8 a step, 2 epochs: the cached train split
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
-
-
-
-def mixed_job(root: Path, **training: Any) -> Job:
-    """A causal_lm job on three sources: 40 rows as JSON Lines under other column names (weight 1),
-    16 in a save_to_disk folder (weight 2) and 8 more JSON Lines (weight 1): an epoch of 64 draws
-    16 of the first (a fresh subset each epoch), 32 of the second (each row twice) and 16 of the
-    third (each row twice)."""
-    job = make_job(root, "causal_lm", **training)
-    rows = _rows(job.train)
-    write_jsonl(root / "renamed.jsonl", _renamed(rows[:40]))
-    datasets.Dataset.from_list(rows[40:56]).save_to_disk(root / "saved")
-    write_jsonl(root / "tail.jsonl", rows[56:])
-    return _with_data(job, {"train": [
-        {"path": str(root / "renamed.jsonl"), "columns": {"prompt": "question", "completion": "answer"}},
-        {"path": str(root / "saved"), "weight": 2},
-        str(root / "tail.jsonl"),
-    ], "eval": str(job.eval)})
 
 
 def test_mixed_sources_train_and_the_dry_run_shows_each_share(
@@ -104,16 +70,29 @@ def test_mixed_sources_train_and_the_dry_run_shows_each_share(
     assert metrics["steps"] == 16 and metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
 
 
+def test_a_streamed_file_trains_for_max_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    job = streamed_job(tmp_path, max_steps=10, lr=0.02)
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["train", "--config", str(job.config), "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"streamed from {tmp_path / 'renamed.jsonl'} in file order: 80 rows read over the run" in out
+    assert "10 steps (10 an epoch, max_steps 10)" in out
+    assert main(["train", "--config", str(job.config)]) == 0
+    metrics = json.loads((job.root / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
+
+
 KILL_AT_STEP_7 = """
 import os, signal
 from deltadist.training import steps
 calls = {"n": 0}
 real_step = steps.StepRunner.train_step
-def train_step(self, batch):
+def train_step(self, batch, **options):
     calls["n"] += 1
     if calls["n"] == 7:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_step(self, batch)
+    return real_step(self, batch, **options)
 steps.StepRunner.train_step = train_step
 from deltadist.cli.main import main
 main(["train", "--config", %r])
@@ -122,11 +101,15 @@ raise SystemExit("not killed")
 
 
 @pytest.mark.slow
-def test_a_killed_mixed_run_resumes_to_the_uninterrupted_delta(tmp_path: Path) -> None:
-    training = {"epochs": 2, "save_every": 3, "warmup_steps": 2, "scheduler": "cosine"}
-    whole = mixed_job(tmp_path / "whole", **training)
+@pytest.mark.parametrize("data", ["mixed", "streamed"])
+def test_a_killed_run_resumes_to_the_uninterrupted_delta(data: str, tmp_path: Path) -> None:
+    """16 steps (the streamed file wraps around after 8), killed during step 7, resumed from step 6."""
+    training = {"save_every": 3, "warmup_steps": 2, "scheduler": "cosine"}
+    make = mixed_job if data == "mixed" else streamed_job
+    training.update({"epochs": 2} if data == "mixed" else {"max_steps": 16})
+    whole = make(tmp_path / "whole", **training)
     assert main(["train", "--config", str(whole.config)]) == 0
-    job = mixed_job(tmp_path / "killed", **training)
+    job = make(tmp_path / "killed", **training)
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP_7 % str(job.config)], cwd=REPO, env=env,
