@@ -1,6 +1,5 @@
-"""A ``deltadist train`` job whose training rows come from several sources, for the tests of
-``data.train`` as a list of sources (``tests/e2e/test_train_sources.py``,
-``tests/distributed/test_train_sources.py``)."""
+"""``deltadist train`` jobs whose training rows come from several sources, or are streamed, for
+``tests/e2e/test_train_sources.py`` and ``tests/distributed/test_train_mixed_streamed.py``."""
 
 from __future__ import annotations
 

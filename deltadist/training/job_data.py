@@ -3,7 +3,7 @@ their class names, and their tokenized examples -- all checked before any traini
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from deltadist.errors import ConfigError
@@ -53,8 +53,6 @@ class JobData:
     train: list[TokenizedExample]
     eval: list[TokenizedExample] | None
     labels: list[str] | None
-    sizes: list[int] = field(default_factory=list)
-    """Training examples of each source."""
     mixture: Mixture | None = None
     """How an epoch mixes several training sources; ``None``: one source, every example once."""
 
@@ -164,4 +162,4 @@ def tokenize(rows: Rows, cfg: TrainConfig, tokenizer: Any) -> JobData:
     sizes = [len(examples) for examples in train]
     mixture = Mixture(tuple(sizes), tuple(p.source.weight for p in rows.train)) if len(train) > 1 else None
     evaluation = None if rows.eval is None else [e for part in rows.eval for e in source(part)]
-    return JobData([e for examples in train for e in examples], evaluation, rows.labels, sizes, mixture)
+    return JobData([e for examples in train for e in examples], evaluation, rows.labels, mixture)

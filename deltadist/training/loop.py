@@ -139,7 +139,7 @@ class _Job:
             # each rank draws its own random numbers, as different rows deserve different masks.
             torch.manual_seed(t.seed + engine.rank)
         self.steps = prepare_steps(engine, self.model, self.delta, t, self.plan, cfg.task, self.dtype,
-                                   self.collate)
+                                   self.collate, own_rows=self.stream is not None)
 
         output_dir = Path(cfg.output_dir)
         log = MetricsLog(output_dir / LOG_NAME, engine.is_main)
@@ -205,7 +205,7 @@ class _Job:
                                                      self.tokenizer, self.cfg.model.max_length,
                                                      self.data.labels)
             for batch in batches:
-                outcome = self.steps.train_step(batch, own_rows=self.stream is not None)
+                outcome = self.steps.train_step(batch)
                 step += 1
                 skipped = nonfinite.check(step, outcome)  # raises when the job must stop
                 if not skipped:

@@ -46,6 +46,8 @@ class StepRunner:
     """fp16 backbones only."""
     params: list[nn.Parameter]
     """The delta's parameters, as the optimizer took them (what clipping clips)."""
+    own_rows: bool = False
+    """Each rank's batch is its own rows of the global batch, not all of it (``data.streaming``)."""
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         """Half-precision backbones compute under autocast, so the float32 delta and head mix in."""
@@ -59,9 +61,9 @@ class StepRunner:
         with self._autocast():
             return summed_loss(self.task, self.runner, inputs)
 
-    def train_step(self, batch: list[TokenizedExample], own_rows: bool = False) -> StepOutcome:
-        """One optimizer step on the global ``batch`` (``own_rows``: this rank's rows of it, each rank
-        holding its own): its mean loss and real tokens (all ranks).
+    def train_step(self, batch: list[TokenizedExample]) -> StepOutcome:
+        """One optimizer step on the global ``batch`` (with :attr:`own_rows`: this rank's rows of
+        it): its mean loss and real tokens (all ranks).
 
         A step whose loss or gradient norm is not finite is not taken (unless the engine steps
         inside its backward): the gradients are dropped, the optimizer and the scheduler keep their
@@ -71,7 +73,7 @@ class StepRunner:
         self.runner.train()
         self.stepper.zero_grad(set_to_none=True)
         units = None
-        if own_rows:  # the global batch's loss units: what the mean loss averages over
+        if self.own_rows:  # the global batch's loss units: what the mean loss averages over
             own = float(sum(loss_units(self.task, example) for example in batch))
             units = int(engine.sum_over_ranks(torch.tensor(own, device=engine.device)))
         micros = micro_batches(batch, self.task, self.collate, engine.rank, engine.world_size,
@@ -136,7 +138,8 @@ class StepOutcome:
 
 
 def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, training: TrainingConfig,
-                  plan: StepPlan, task: str, dtype: torch.dtype, collate: Collator) -> StepRunner:
+                  plan: StepPlan, task: str, dtype: torch.dtype, collate: Collator,
+                  own_rows: bool = False) -> StepRunner:
     """Move ``model`` to the engine's device and wrap it; AdamW over ``delta``'s parameters with the
     configured schedule, prepared with the engine (DeepSpeed: ``deepspeed.initialize``)."""
     model.to(engine.device)
@@ -152,7 +155,7 @@ def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, train
     scaler = torch.amp.GradScaler(engine.device.type) if dtype == torch.float16 else None
     return StepRunner(engine=engine, task=task, dtype=dtype, collate=collate, accumulation=plan.accumulation,
                       max_grad_norm=training.max_grad_norm, runner=runner, stepper=stepper,
-                      scheduler=scheduler, scaler=scaler, params=params)
+                      scheduler=scheduler, scaler=scaler, params=params, own_rows=own_rows)
 
 
 class NonFiniteSteps:

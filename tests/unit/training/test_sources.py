@@ -152,3 +152,16 @@ def test_shares_round_by_largest_remainder() -> None:
     assert Mixture((5, 5, 5), (1.0, 1.0, 1.0)).counts() == [5, 5, 5]
     assert Mixture((2, 2, 3), (1.0, 1.0, 1.0)).counts() == [3, 2, 2]  # 7/3 each: the first gets the extra
     assert Mixture((1, 9), (0.001, 1.0)).counts() == [0, 10]
+
+
+def test_class_names_come_from_every_training_source(tmp_path: Path) -> None:
+    first, second, indices = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    write_jsonl(first, [{"text": "x", "label": "good"}, {"text": "y", "label": "bad"}])
+    write_jsonl(second, [{"sentence": "z", "label": "meh"}])
+    write_jsonl(indices, [{"text": "z", "label": 2}])
+    task = "sequence_classification"
+    both = [str(first), {"path": str(second), "columns": {"text": "sentence"}}]
+    assert load_rows(_job(tmp_path, {"train": both}, task)).labels == ["bad", "good", "meh"]
+    assert _error(lambda: load_rows(_job(tmp_path, {"train": [str(first), str(indices)]}, task))) == (
+        "data.train: some sources label rows with class names, others with int indices; use one kind in "
+        "every source (or set data.labels).")
