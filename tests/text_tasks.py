@@ -102,3 +102,24 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> N
     with open(path, "w", encoding="utf-8") as file:
         for row in rows:
             file.write(json.dumps(row) + "\n")
+
+
+def cache_dataset(cache_dir: str | os.PathLike, name: str,
+                  splits: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Put ``splits`` into the datasets cache at ``cache_dir`` as ``load_dataset(name)`` (``user/name``)
+    leaves a hub dataset there once it has loaded it online: ``user___name/default/0.0.0/<hash>/``
+    with ``name-<split>.arrow`` files and ``dataset_info.json``, which an offline ``load_dataset(name)``
+    reads back. datasets' own JSON builder writes the files (a builder with a ``repo_id`` insists on
+    hub files, so it writes under ``name/`` and the folder is renamed to the namespaced one)."""
+    from datasets.packaged_modules.json.json import Json
+
+    user, short = name.split("/")
+    staging = os.path.join(cache_dir, "staging")
+    os.makedirs(staging, exist_ok=True)
+    files = {}
+    for split, rows in splits.items():
+        files[split] = os.path.join(staging, f"{split}.jsonl")
+        write_jsonl(files[split], rows)
+    Json(cache_dir=str(cache_dir), dataset_name=short, config_name="default", config_id="default",
+         data_files=files, hash="0" * 16).download_and_prepare()
+    os.rename(os.path.join(cache_dir, short), os.path.join(cache_dir, f"{user}___{short}"))

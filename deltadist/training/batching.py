@@ -22,6 +22,7 @@ import torch
 
 from deltadist.engines.batch_split import split_batch
 from deltadist.training.packing import packed_inputs
+from deltadist.training.sources import Mixture
 from deltadist.training.text_data import IGNORE_INDEX, TokenizedExample
 
 SORT_WINDOW = 50
@@ -64,14 +65,16 @@ def plan_steps(batch_size: int, micro_batch_size: int | None, accumulation: int 
 
 
 def epoch_order(lengths: Sequence[int], seed: int, epoch: int, batch_size: int,
-                by_length: bool = False) -> list[int]:
+                by_length: bool = False, mixture: Mixture | None = None) -> list[int]:
     """Example indices in the order epoch ``epoch`` (0-based) visits them.
 
-    A permutation drawn from ``(seed, epoch)`` alone; with ``by_length`` each window of
-    :data:`SORT_WINDOW` global batches is sorted longest first, so a batch holds similar lengths.
+    A permutation drawn from ``(seed, epoch)`` alone (with a ``mixture`` of several sources, its
+    draw); with ``by_length`` each window of :data:`SORT_WINDOW` global batches is sorted longest
+    first, so a batch holds similar lengths.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = (mixture.draw(generator) if mixture is not None
+             else torch.randperm(len(lengths), generator=generator).tolist())
     if not by_length:
         return order
     window = SORT_WINDOW * batch_size
@@ -87,13 +90,14 @@ def global_batches(examples: Sequence[TokenizedExample], order: Sequence[int],
 
 
 def batches_after(examples: Sequence[TokenizedExample], lengths: Sequence[int], plan: StepPlan, seed: int,
-                  by_length: bool, done: int) -> Iterator[list[TokenizedExample]]:
+                  by_length: bool, done: int,
+                  mixture: Mixture | None = None) -> Iterator[list[TokenizedExample]]:
     """The global batches of steps ``done + 1 ...`` up to the plan's total, epoch after epoch (a
     resumed run picks up inside the epoch it stopped in)."""
     step = done
     epoch, skip = divmod(done, plan.steps_per_epoch)
     while step < plan.total_steps:
-        order = epoch_order(lengths, seed, epoch, plan.batch_size, by_length)
+        order = epoch_order(lengths, seed, epoch, plan.batch_size, by_length, mixture)
         for index, batch in enumerate(global_batches(examples, order, plan.batch_size)):
             if index < skip:
                 continue
@@ -168,16 +172,18 @@ class MicroBatch:
 
 
 def micro_batches(batch: list[TokenizedExample], task: str, collate: Collator, rank: int,
-                  world_size: int, accumulation: int) -> list[MicroBatch]:
-    """This rank's ``accumulation`` micro-batches of the global ``batch``.
+                  world_size: int, accumulation: int, global_units: int | None = None) -> list[MicroBatch]:
+    """This rank's ``accumulation`` micro-batches of the global ``batch`` -- or, given the global
+    batch's ``global_units`` (summed over the ranks), of ``batch`` as this rank's rows alone
+    (``data.streaming``: each rank reads its own rows).
 
     A micro-batch left empty by a short last batch runs the batch's first row with
     ``loss_scale = 0``: every rank takes the same number of forwards and backwards, which the
     collectives of DDP and FSDP expect.
     """
-    units = sum(loss_units(task, example) for example in batch)
+    units = sum(loss_units(task, example) for example in batch) if global_units is None else global_units
     scale = world_size / units if units else 0.0
-    share = batch[rank_share(len(batch), rank, world_size)]
+    share = batch[rank_share(len(batch), rank, world_size)] if global_units is None else batch
     result = []
     for step in range(accumulation):
         rows = share[rank_share(len(share), step, accumulation)]

@@ -26,6 +26,7 @@ from deltadist.errors import ConfigError
 from deltadist.training.config_files import apply_override, read_config_file
 from deltadist.training.eval_metrics import GENERATION_METRICS, task_metrics
 from deltadist.training.reporters import REPORT_TO, missing_packages
+from deltadist.training.sources import parse_sources
 from deltadist.training.text_data import TASKS
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
@@ -78,10 +79,15 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from and how they are batched."""
 
-    train: str = _key(BUILTIN_DATA, "training rows: a JSON Lines, JSON, CSV or Parquet file, or a "
-                      f"datasets.save_to_disk folder; {BUILTIN_DATA} is the built-in topic set")
-    eval: str | None = _key(None, "evaluation rows, in the same formats; null: none (the built-in set "
-                            "has its own test split)")
+    train: str | list[Any] = _key(BUILTIN_DATA, "training rows: a JSON Lines, JSON, CSV or Parquet file, a "
+                                  "datasets.save_to_disk folder, or a dataset in the local datasets cache "
+                                  "(user/name or user/name:split); or a list of sources {path, weight, "
+                                  f"columns, config}} mixed by weight; {BUILTIN_DATA}: the built-in topics")
+    eval: str | list[Any] | None = _key(None, "evaluation rows, in the same forms (a list is read one "
+                                        "source after another); null: none (the built-in set has its "
+                                        "own test split)")
+    columns: dict[str, str] = _key({}, "your column names for the fields: {prompt: question, completion: "
+                                   "answer} (fields prompt, completion, text, label); {}: the fields' names")
     labels: list[str] | None = _key(None, "sequence_classification: the class names in order; null: "
                                     "the sorted distinct labels of the training rows")
     chat_template: str | None = _key(None, "causal_lm chat rows (messages or conversations): the Jinja "
@@ -90,14 +96,29 @@ class DataConfig:
     packing: bool = _key(False, "causal_lm: pack whole examples into rows of model.max_length tokens, "
                          "each example attending only to itself")
     sort_by_length: bool = _key(False, "batch examples of similar length together (less padding)")
+    streaming: bool = _key(False, "read data.train (one .jsonl, .csv or .parquet file) row by row as the run "
+                           "goes, in file order, each rank its rows; needs training.max_steps")
     train_size: int = _key(1000, f"{BUILTIN_DATA} only: training sentences")
     test_size: int = _key(300, f"{BUILTIN_DATA} only: test sentences")
     seed: int = _key(0, f"{BUILTIN_DATA} only: the seed that generates the sentences")
 
     def __post_init__(self) -> None:
-        if self.train.startswith("builtin:") and self.train != BUILTIN_DATA:
-            raise ConfigError(f"data.train: unknown built-in data set {self.train!r}; available: "
-                              f"{BUILTIN_DATA}, or a path to your own rows.")
+        for key, value in (("data.train", self.train), ("data.eval", self.eval)):
+            sources = [] if value is None else parse_sources(value, self.columns, key)
+            builtin = [s.path for s in sources if s.path.startswith("builtin:")]
+            if builtin and builtin[0] != BUILTIN_DATA:
+                raise ConfigError(f"{key}: unknown built-in data set {builtin[0]!r}; available: "
+                                  f"{BUILTIN_DATA}, or a path to your own rows.")
+            if builtin and (key != "data.train" or not isinstance(value, str)):
+                raise ConfigError(f"{key}: {BUILTIN_DATA} is data.train alone, not a source to mix or "
+                                  "evaluate on; give paths to your own rows.")
+            if key == "data.eval" and isinstance(value, list) and any(
+                    isinstance(item, Mapping) and "weight" in item for item in value):
+                raise ConfigError("data.eval: weights mix training sources only (every evaluation row "
+                                  "counts once); remove weight from data.eval's sources.")
+        if self.builtin and self.columns:
+            raise ConfigError(f"data.columns maps your own rows' columns, but data.train is {BUILTIN_DATA}; "
+                              "set data.columns: {} or point data.train at your rows.")
         if self.labels is not None and not all(isinstance(x, str) for x in self.labels):
             raise ConfigError(f"data.labels must be a list of names, got {self.labels!r}.")
         _check_positive(self, "data", "train_size", "test_size")
@@ -229,6 +250,7 @@ class TrainConfig:
         if self.data.builtin and self.task != "sequence_classification":
             raise ConfigError(f"task: {self.task} needs your own rows: set data.train to a file "
                               f"({BUILTIN_DATA} is a sequence_classification set).")
+        _check_streaming(self)
         if self.data.packing and self.task != "causal_lm":
             raise ConfigError(f"data.packing applies to task causal_lm only (task is {self.task}); "
                               "set data.packing: false.")
@@ -259,6 +281,26 @@ class TrainConfig:
             key = "patience" if t.patience else "eval_generation"
             raise ConfigError(f"training.{key} needs evaluation rows; set data.eval, or training.{key}: "
                               "null.")
+
+
+def _check_streaming(cfg: TrainConfig) -> None:
+    """``data.streaming`` reads one file in its order, for a known number of steps."""
+    data = cfg.data
+    if not data.streaming:
+        return
+    problem = None
+    if cfg.training.max_steps is None:
+        problem = "the rows are not counted ahead, so the run's length is training.max_steps; set it"
+    elif not isinstance(data.train, str) or data.builtin:
+        problem = ("it reads one file; set data.train to a .jsonl, .csv or .parquet file (sources are "
+                   "not mixed)")
+    elif data.packing or data.sort_by_length:
+        problem = ("rows are trained in file order as they are read; set data.packing and "
+                   "data.sort_by_length false")
+    elif cfg.task == "sequence_classification" and data.labels is None:
+        problem = "the class names cannot be collected from rows not yet read; set data.labels"
+    if problem:
+        raise ConfigError(f"data.streaming: {problem} (or data.streaming: false).")
 
 
 def keys_help() -> str:
@@ -338,6 +380,11 @@ def _value(hint: Any, value: Any, name: str) -> Any:
             return None
         if len(arms) == 1:
             return _value(arms[0], value, name)
+        for arm in arms:  # ``str | list[...]``: the arm whose type the value has
+            if isinstance(value, typing.get_origin(arm) or arm) and not isinstance(value, bool):
+                return _value(arm, value, name)
+        kinds = " or ".join((typing.get_origin(arm) or arm).__name__ for arm in arms)
+        raise ConfigError(f"{name} must be of type {kinds}, got {value!r}.")
     expected = typing.get_origin(hint) or hint
     if expected is float and not isinstance(value, bool) and isinstance(value, (int, str)):
         try:  # YAML 1.1 reads "1e-3" as a string

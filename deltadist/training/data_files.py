@@ -1,8 +1,9 @@
 """Reading a split of the user's data for ``deltadist train`` (``data.train``, ``data.eval``) into a
 ``datasets.Dataset``, with every problem a one-line :class:`ConfigError`.
 
-A split is a ``.jsonl``/``.json``/``.csv``/``.parquet`` file or a folder written by
-``save_to_disk``. What the rows must hold, and turning them into token ids, is
+A split is a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder written by ``save_to_disk``,
+or the name of a dataset in the local ``datasets`` cache (``user/name``, ``user/name:split``; read
+offline unless ``HF_HUB_OFFLINE=0``). What the rows must hold, and turning them into token ids, is
 :mod:`deltadist.training.text_data`'s.
 """
 
@@ -14,10 +15,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from deltadist.errors import ConfigError
 from deltadist.training.text_data import TEXT_FIELDS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets is imported: the cache, never a hub
 
 if TYPE_CHECKING:
     import datasets
@@ -26,29 +29,94 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parq
 _FORMAT_NAMES = {"json": "JSON Lines or a JSON array of objects", "csv": "CSV with a header row",
                  "parquet": "Parquet"}
 _FORMATS = "a .jsonl, .json, .csv or .parquet file, or a folder written by Dataset.save_to_disk"
+_STREAMED = (".jsonl", ".csv", ".parquet")
+"""Files ``data.streaming`` reads row by row (a JSON array is one document: it is read whole)."""
 _EVAL_SPLITS = ("eval", "validation", "valid", "dev", "test")
 """Splits of a saved DatasetDict that ``data.eval`` takes, in this order of preference."""
 _REASON_CHARS = 200
 
 
-def load_split(path: str | os.PathLike, key: str) -> datasets.Dataset:
-    """The rows of the file or saved-dataset folder at ``path``, via ``datasets``.
+def load_split(path: str | os.PathLike, key: str, config: str | None = None) -> datasets.Dataset:
+    """The rows of the file, saved-dataset folder or cached dataset at ``path``, via ``datasets``.
 
     ``.jsonl``/``.json`` load with the ``json`` builder, ``.csv`` with ``csv`` (prompt, completion and
     text columns read as strings, so ``4`` stays the text ``"4"``), ``.parquet`` with ``parquet``; a
-    folder with ``load_from_disk``. A saved ``DatasetDict`` gives its only split, else the split
-    named like the key's last part (``data.train`` -> ``train``; ``data.eval`` -> the first of
-    ``eval, validation, valid, dev, test``). ``key`` names the split in errors (``"data.train"``).
+    folder with ``load_from_disk``. A ``path`` that does not exist and looks like a dataset name
+    (``user/name``, ``user/name:split``) loads with ``load_dataset`` (``config``: its config name)
+    from the local cache. A ``DatasetDict`` gives its only split, else the split named like the
+    key's last part (``data.train`` -> ``train``; ``data.eval`` -> the first of ``eval,
+    validation, valid, dev, test``). ``key`` names the split in errors (``"data.train"``).
     """
     shown = os.fspath(path)
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{key}: {shown} does not exist; check the path (relative paths are from "
-                          "the directory you run deltadist train in).")
-    dataset = _load_saved(path, shown, key) if path.is_dir() else _load_file(path, shown, key)
+        if _is_dataset_name(shown):
+            dataset = _load_named(shown, config, key)
+        else:
+            raise ConfigError(f"{key}: {shown} does not exist; check the path (relative paths are from "
+                              "the directory you run deltadist train in).")
+    else:
+        dataset = _load_saved(path, shown, key) if path.is_dir() else _load_file(path, shown, key)
     if dataset.num_rows == 0:
         raise ConfigError(_no_rows(key, shown))
     return dataset
+
+
+def stream_rows(path: str, key: str) -> Iterator[dict[str, Any]]:
+    """The rows of the ``.jsonl``, ``.csv`` or ``.parquet`` file at ``path``, one at a time, never the
+    whole file in memory (``datasets``' streaming readers; CSV text columns read as strings).
+
+    Raises:
+        ConfigError: the file is missing, of another kind, or cannot be read (naming the last row read).
+    """
+    import datasets
+
+    file = Path(path)
+    if not file.is_file() or file.suffix.lower() not in _STREAMED:
+        problem = "does not exist" if not file.exists() else "is not a .jsonl, .csv or .parquet file"
+        raise ConfigError(f"{key}: {path} {problem}; data.streaming reads one .jsonl, .csv or .parquet file "
+                          "row by row (set data.streaming: false for the other sources).")
+    builder = _BUILDERS[file.suffix.lower()]
+    options = {"converters": {field: str for field in TEXT_FIELDS}} if builder == "csv" else {}
+    with _quiet_datasets():
+        rows = datasets.load_dataset(builder, data_files=str(file.resolve()), split="train", streaming=True,
+                                     **options)
+    number = 0
+    try:
+        for number, row in enumerate(rows, 1):
+            yield row
+    except Exception as error:  # datasets' and pyarrow's exception types vary by version
+        raise ConfigError(f"{key}: {path} could not be read after row {number} ({_reason(error)}); "
+                          "fix the file.") from error
+
+
+def _is_dataset_name(spec: str) -> bool:
+    """Whether ``spec`` reads as ``name``, ``user/name`` or ``user/name:split`` rather than a path."""
+    name = spec.partition(":")[0]
+    return (bool(name) and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+            and Path(name).suffix.lower() not in _BUILDERS)
+
+
+def _load_named(spec: str, config: str | None, key: str) -> datasets.Dataset:
+    """``load_dataset(name, config)`` from the local cache, one split of it."""
+    import datasets
+
+    name, _, split = spec.partition(":")
+    with _quiet_datasets():
+        try:
+            loaded = datasets.load_dataset(name, config, split=split or None)
+        except ConnectionError as error:  # offline: neither the hub nor a cached copy
+            cache = datasets.config.HF_DATASETS_CACHE
+            raise ConfigError(f"{key}: {spec} is no file or folder, and no dataset {name!r} is in the local "
+                              f"datasets cache ({cache}); cache it once online with datasets.load_dataset"
+                              f"({name!r}), or save_to_disk it and point {key} at that folder, or fix the "
+                              "path.") from error
+        except Exception as error:  # an unknown split or config; datasets' types vary by version
+            raise ConfigError(f"{key}: {spec} could not be loaded from the datasets cache "
+                              f"({_reason(error)}); fix the name, split or config.") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[_pick_split(list(loaded), spec, key, named=True)]
+    return loaded.with_format(None)
 
 
 def _load_file(path: Path, shown: str, key: str) -> datasets.Dataset:
@@ -124,17 +192,18 @@ def _load_saved(path: Path, shown: str, key: str) -> datasets.Dataset:
     return loaded.with_format(None)
 
 
-def _pick_split(splits: list[str], shown: str, key: str) -> str:
-    """The split of a saved DatasetDict that ``key`` takes (see :func:`load_split`)."""
+def _pick_split(splits: list[str], shown: str, key: str, named: bool = False) -> str:
+    """The split of a DatasetDict that ``key`` takes (see :func:`load_split`); ``named``: a cached
+    dataset (whose split is picked with ``name:split``), else a saved folder."""
     if len(splits) == 1:
         return splits[0]
-    role = key.rsplit(".", 1)[-1]
+    role = key.rsplit(".", 1)[-1].partition("[")[0]  # data.train[1] -> train
     for name in _EVAL_SPLITS if role == "eval" else (role,):
         if name in splits:
             return name
+    fix = f"{shown}:{splits[0]}" if named else f"one split's folder, e.g. {os.path.join(shown, splits[0])}"
     raise ConfigError(f"{key}: {shown} is a DatasetDict with splits {', '.join(splits)} and none is "
-                      f"the {role} split; point {key} at one split's folder, e.g. "
-                      f"{os.path.join(shown, splits[0])}.")
+                      f"the {role} split; point {key} at {fix}.")
 
 
 def _file_version(path: Path) -> str:

@@ -24,9 +24,10 @@ from deltadist.training.batching import StepPlan, plan_steps
 from deltadist.training.checkpointing import checkpoint_to_resume
 from deltadist.training.checks import check_could_write, check_engine_limits, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
-from deltadist.training.job_data import load_rows, tokenize
+from deltadist.training.job_data import JobData, Rows, load_rows, tokenize
 from deltadist.training.loop import engine_options, job_dtype
 from deltadist.training.model import plan_model
+from deltadist.training.streaming import RowStream, streamed_examples
 from deltadist.training.text_data import TokenizedExample
 
 
@@ -59,6 +60,8 @@ class DryRun:
     """Linear layers whose weights ``model.quantize`` stores in 4 bits (empty without it)."""
     rows: tuple[int, int | None]
     """Training and evaluation rows as read."""
+    sources: list[tuple[str, int, int]]
+    """Each training source (several only): how errors name it, its rows, and its examples an epoch."""
     examples: int
     """Training examples after tokenizing (with packing: the packed rows)."""
     tokens: tuple[int, int | None]
@@ -78,10 +81,12 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
     t = cfg.training
     dtype, resumed = _check(cfg, world_size, resume)
     rows = load_rows(cfg)
+    if cfg.data.streaming:  # the first global batch's rows, as the run checks them before its weights
+        RowStream(cfg.data.train, cfg.data.columns, 0, 1, t.batch_size).check_first(cfg.task, rows.labels)
     loaded = plan_model(cfg.model, cfg.task, rows.labels, dtype)
     data = tokenize(rows, cfg, loaded.tokenizer)
     plan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size,
-                      len(data.train), t.epochs, t.max_steps)
+                      streamed_examples(cfg) or len(data.train), t.epochs, t.max_steps)
     engine = engine_class(cfg.engine)
     check_engine_limits(cfg.engine, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
                         plan.accumulation)
@@ -99,7 +104,7 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
         kept={key: tuple(p.shape) for key, p in delta.unfrozen_backbone_parameters().items()},
         trainable_params=sum(p.numel() for p in delta.parameters()),
         total_params=sum(p.numel() for p in model.parameters()), quantized=quantized,
-        rows=(len(rows.train), None if rows.eval is None else len(rows.eval)), examples=len(data.train),
+        rows=rows.counts(), examples=len(data.train), sources=_sources(rows, data),
         tokens=(_tokens(data.train), _tokens(data.eval)), plan=plan, resumed_from=resumed)
 
 
@@ -122,6 +127,13 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype
     point = checkpoint_to_resume(cfg, rank0, resume)
     check_could_write(cfg.output_dir)
     return dtype, None if point is None else point.step
+
+
+def _sources(rows: Rows, data: JobData) -> list[tuple[str, int, int]]:
+    if data.mixture is None:
+        return []
+    return [(part.shown, part.dataset.num_rows, count)
+            for part, count in zip(rows.train, data.mixture.counts())]
 
 
 def _tokens(examples: list[TokenizedExample] | None) -> int | None:

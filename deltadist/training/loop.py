@@ -50,6 +50,7 @@ from deltadist.training.model import LoadedModel, load_model, resolve_dtype
 from deltadist.training.packing import check_isolation, uses_varlen
 from deltadist.training.reporters import Reporters
 from deltadist.training.steps import NonFiniteSteps, prepare_steps
+from deltadist.training.streaming import RowStream, streamed_examples
 
 DELTA_DIRNAME = "delta"
 
@@ -102,11 +103,18 @@ class _Job:
         check_writable(cfg.output_dir)
         rows = load_rows(cfg)  # every row checked: before the weights load
         if t.eval_generation is not None:
-            check_generation_rows(rows.eval, "data.eval" in rows.chat, rows.eval_path)
+            for part in rows.eval or ():
+                check_generation_rows(part.dataset, part.chat is not None, part.shown)
+        self.stream = None  # data.streaming: this rank's rows are read as the run goes
+        if cfg.data.streaming:
+            self.stream = RowStream(cfg.data.train, cfg.data.columns, engine.rank, engine.world_size,
+                                    t.batch_size)
+            self.stream.check_first(cfg.task, rows.labels)  # the first step's rows, as far as can be
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
-                                         engine.world_size, len(self.data.train), t.epochs, t.max_steps)
+                                         engine.world_size, streamed_examples(cfg) or len(self.data.train),
+                                         t.epochs, t.max_steps)
         check_engine_limits(engine.name, engine.accumulates, engine.steps_in_backward, t.skip_nonfinite_steps,
                             self.plan.accumulation)
         if engine.is_main:
@@ -147,7 +155,7 @@ class _Job:
             # each rank draws its own random numbers, as different rows deserve different masks.
             torch.manual_seed(t.seed + engine.rank)
         self.steps = prepare_steps(engine, self.model, self.delta, t, self.plan, cfg.task, self.dtype,
-                                   self.collate)
+                                   self.collate, own_rows=self.stream is not None)
         if cfg.data.packing:  # examples must not see each other: a model that lets them is an error
             check_isolation(self.steps.logits, self.collate.pad_token_id, self.collate.mask_dtype,
                             tolerance=1e-4 if self.dtype == torch.float32 else 2e-2)
@@ -248,8 +256,13 @@ class _Job:
                   disable=not self.engine.is_main) as bar:
             since, tokens_since = time.perf_counter(), 0
             nonfinite = NonFiniteSteps(t.skip_nonfinite_steps, self.cfg.output_dir, self.engine.is_main)
-            for batch in batches_after(self.data.train, self.lengths, self.plan, t.seed,
-                                       self.cfg.data.sort_by_length, step):
+            batches = batches_after(self.data.train, self.lengths, self.plan, t.seed,
+                                    self.cfg.data.sort_by_length, step, self.data.mixture)
+            if self.stream is not None:
+                batches = self.stream.examples_after(step, self.plan.total_steps, self.cfg.task,
+                                                     self.tokenizer, self.cfg.model.max_length,
+                                                     self.data.labels)
+            for batch in batches:
                 if self.best.stopped:  # resumed from the checkpoint of the step that stopped early
                     break
                 outcome = self.steps.train_step(batch)

@@ -121,7 +121,15 @@ def _plan_table(run: DryRun) -> Table:
     train_rows, eval_rows = run.rows
     train_tokens, eval_tokens = run.tokens
     packed = f", {run.examples:,} packed examples" if run.examples != train_rows else ""
-    table.add_row("train data", f"{train_rows:,} rows{packed}, {train_tokens:,} tokens")
+    if run.cfg.data.streaming:
+        table.add_row("train data", Text(f"streamed from {run.cfg.data.train} in file order: "
+                                         f"{plan.total_steps * plan.batch_size:,} rows read over the run "
+                                         "(not counted ahead; the first step's rows checked)"))
+    else:
+        table.add_row("train data", f"{train_rows:,} rows{packed}, {train_tokens:,} tokens")
+    for index, (shown, rows, drawn) in enumerate(run.sources):  # several sources, mixed by weight
+        table.add_row(f"  source {index}", Text(f"{shown}: {rows:,} rows, {drawn:,} examples an epoch "
+                                                f"({drawn / max(run.examples, 1):.1%})"))
     table.add_row("eval data", "none" if eval_rows is None else f"{eval_rows:,} rows, {eval_tokens:,} tokens")
     ratio = run.trainable_params / max(run.total_params, 1)
     table.add_row("trainable params", f"{run.trainable_params:,} of {run.total_params:,} ({ratio:.3%})")

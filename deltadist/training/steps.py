@@ -18,7 +18,7 @@ from deltadist.api.delta_base import DeltaBase
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import TrainingError
 from deltadist.training import run_state
-from deltadist.training.batching import Collator, MicroBatch, StepPlan, micro_batches
+from deltadist.training.batching import Collator, MicroBatch, StepPlan, loss_units, micro_batches
 from deltadist.training.config import MAX_NONFINITE_SKIPS, TrainingConfig
 from deltadist.training.objectives import summed_loss
 from deltadist.training.schedule import lr_schedule
@@ -46,6 +46,8 @@ class StepRunner:
     """fp16 backbones only."""
     params: list[nn.Parameter]
     """The delta's parameters, as the optimizer took them (what clipping clips)."""
+    own_rows: bool = False
+    """Each rank's batch is its own rows of the global batch, not all of it (``data.streaming``)."""
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """Half-precision backbones compute under autocast, so the float32 delta and head mix in."""
@@ -68,7 +70,8 @@ class StepRunner:
         return getattr(output, "logits", output).float()
 
     def train_step(self, batch: list[TokenizedExample]) -> StepOutcome:
-        """One optimizer step on the global ``batch``: its mean loss and real tokens (all ranks).
+        """One optimizer step on the global ``batch`` (with :attr:`own_rows`: this rank's rows of
+        it): its mean loss and real tokens (all ranks).
 
         A step whose loss or gradient norm is not finite is not taken (unless the engine steps
         inside its backward): the gradients are dropped, the optimizer and the scheduler keep their
@@ -77,8 +80,12 @@ class StepRunner:
         engine = self.engine
         self.runner.train()
         self.stepper.zero_grad(set_to_none=True)
+        units = None
+        if self.own_rows:  # the global batch's loss units: what the mean loss averages over
+            own = float(sum(loss_units(self.task, example) for example in batch))
+            units = int(engine.sum_over_ranks(torch.tensor(own, device=engine.device)))
         micros = micro_batches(batch, self.task, self.collate, engine.rank, engine.world_size,
-                               self.accumulation)
+                               self.accumulation, units)
         summed = torch.zeros((), device=engine.device)
         for index, micro in enumerate(micros):
             with engine.gradient_sync(self.runner, index == len(micros) - 1):
@@ -139,7 +146,8 @@ class StepOutcome:
 
 
 def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, training: TrainingConfig,
-                  plan: StepPlan, task: str, dtype: torch.dtype, collate: Collator) -> StepRunner:
+                  plan: StepPlan, task: str, dtype: torch.dtype, collate: Collator,
+                  own_rows: bool = False) -> StepRunner:
     """Move ``model`` to the engine's device and wrap it; AdamW over ``delta``'s parameters with the
     configured schedule, prepared with the engine (DeepSpeed: ``deepspeed.initialize``)."""
     model.to(engine.device)
@@ -155,7 +163,7 @@ def prepare_steps(engine: EngineSetup, model: nn.Module, delta: DeltaBase, train
     scaler = torch.amp.GradScaler(engine.device.type) if dtype == torch.float16 else None
     return StepRunner(engine=engine, task=task, dtype=dtype, collate=collate, accumulation=plan.accumulation,
                       max_grad_norm=training.max_grad_norm, runner=runner, stepper=stepper,
-                      scheduler=scheduler, scaler=scaler, params=params)
+                      scheduler=scheduler, scaler=scaler, params=params, own_rows=own_rows)
 
 
 class NonFiniteSteps:

@@ -95,9 +95,10 @@ def tokenize_split(dataset: datasets.Dataset, task: str, tokenizer: PreTrainedTo
 
 
 def check_rows(dataset: datasets.Dataset, task: str, labels: Sequence[str] | None,
-               path: str | os.PathLike, key: str) -> None:
+               path: str | os.PathLike, key: str, numbers: Sequence[int] | None = None) -> None:
     """Check that every row has the task's fields (and a known label), as :func:`tokenize_split`
-    will, but without a tokenizer: the job calls it before the model's weights load.
+    will, but without a tokenizer: the job calls it before the model's weights load. ``numbers``:
+    the rows' numbers in the file (streamed rows), else 1, 2, ...
 
     Raises:
         ConfigError: the first row that is wrong, named by its number.
@@ -105,9 +106,9 @@ def check_rows(dataset: datasets.Dataset, task: str, labels: Sequence[str] | Non
     if task == "sequence_classification":
         if labels is None:
             raise ValueError("sequence_classification needs the class names (see label_names).")
-        _classes(dataset, labels, path, key)
+        _classes(dataset, labels, path, key, numbers)
     else:
-        _text_rows(dataset, task, path, key)
+        _text_rows(dataset, task, path, key, numbers)
 
 
 # --- checking rows -------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def _check_text(value: Any, field: str, where: str) -> None:
 
 
 def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
-               key: str) -> list[tuple[str | None, str]]:
+               key: str, numbers: Sequence[int] | None = None) -> list[tuple[str | None, str]]:
     """Each causal_lm/seq2seq row as ``(prompt, completion)``, or ``(None, text)`` for a text row."""
     needs = f"{task} rows need prompt and completion, or text."
     present = [field for field in TEXT_FIELDS if field in dataset.column_names]
@@ -157,7 +158,7 @@ def _text_rows(dataset: datasets.Dataset, task: str, path: str | os.PathLike,
     prompts, completions, texts = (dataset[f][:] if f in present else [None] * n for f in TEXT_FIELDS)
     rows: list[tuple[str | None, str]] = []
     for index, (prompt, completion, text) in enumerate(zip(prompts, completions, texts)):
-        where = _where(key, path, index + 1)
+        where = _where(key, path, numbers[index] if numbers else index + 1)
         if text is not None and (prompt is not None or completion is not None):
             raise ConfigError(f"{where} has both text and prompt/completion; give each row either "
                               "prompt and completion, or text.")
@@ -271,7 +272,7 @@ def _classification(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBas
 
 
 def _classes(dataset: datasets.Dataset, labels: Sequence[str], path: str | os.PathLike,
-             key: str) -> tuple[list[str], list[int]]:
+             key: str, numbers: Sequence[int] | None = None) -> tuple[list[str], list[int]]:
     """The texts of a sequence_classification split and their class indices, every row checked."""
     needs = "sequence_classification rows need text and label."
     texts = _column(dataset, "text", path, key, needs)
@@ -279,10 +280,10 @@ def _classes(dataset: datasets.Dataset, labels: Sequence[str], path: str | os.Pa
     lookup = {str(name): i for i, name in enumerate(labels)}
     source = "the configured labels or those of data.train"
     classes = []
-    for row, (text, value) in enumerate(zip(texts, values), 1):
-        where = _where(key, path, row)
+    for index, (text, value) in enumerate(zip(texts, values)):
+        where = _where(key, path, numbers[index] if numbers else index + 1)
         if text is None:
-            raise ConfigError(f"{where}: no 'text' field (it has: {_fields_of(dataset, row - 1)}); {needs}")
+            raise ConfigError(f"{where}: no 'text' field (it has: {_fields_of(dataset, index)}); {needs}")
         _check_text(text, "text", where)
         classes.append(_label_index(value, lookup, where, source))
     return texts, classes

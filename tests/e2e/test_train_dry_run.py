@@ -130,8 +130,8 @@ def test_token_counts_are_the_tokenized_datas(runs: Runs) -> None:
     data = tokenize(rows, cfg, tokenizer)
     train_tokens = sum(len(e.input_ids) for e in data.train)
     eval_tokens = sum(len(e.input_ids) for e in data.eval)
-    assert f"train data       │ {len(rows.train):,} rows, {train_tokens:,} tokens" in runs.dry_out
-    assert f"eval data        │ {len(rows.eval):,} rows, {eval_tokens:,} tokens" in runs.dry_out
+    assert f"train data       │ {rows.counts()[0]:,} rows, {train_tokens:,} tokens" in runs.dry_out
+    assert f"eval data        │ {rows.counts()[1]:,} rows, {eval_tokens:,} tokens" in runs.dry_out
 
 
 def test_the_resolved_config_is_printed_as_yaml(runs: Runs) -> None:
@@ -273,8 +273,8 @@ def test_packing_reports_the_blocks_and_their_tokens(tmp_path: Path, monkeypatch
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     blocks = tokenize(rows, cfg, tokenizer).train
-    assert len(blocks) < len(rows.train)
-    assert f"train data       │ {len(rows.train):,} rows, {len(blocks):,} packed examples, " \
+    assert len(blocks) < rows.counts()[0]
+    assert f"train data       │ {rows.counts()[0]:,} rows, {len(blocks):,} packed examples, " \
            f"{sum(len(b.input_ids) for b in blocks):,} tokens" in out
     steps = -(-len(blocks) // 8)
     assert f"{3 * steps} steps ({steps} an epoch, 3 epochs)" in out
