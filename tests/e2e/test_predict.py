@@ -42,7 +42,8 @@ def test_the_builtin_jobs_run_predicts_its_topics(tmp_path: Path) -> None:
     result = train(cfg)
     sentences = ["The referee showed a red card in the final.", "Bake the bread dough at a high heat."]
     write_jsonl(tmp_path / "rows.jsonl", [{"text": s, "id": i} for i, s in enumerate(sentences)])
-    status, rows, err = _cli(["predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "rows.jsonl")])
+    status, rows, err = _cli(["predict", "--run", str(tmp_path / "run"),
+                              "--input", str(tmp_path / "rows.jsonl")])
     assert status == 0, err
     tokenizer = AutoTokenizer.from_pretrained(result.model.encoder.name_or_path)
     encoded = tokenizer(sentences, padding=True, truncation=True, max_length=cfg.model.max_length,
@@ -56,13 +57,13 @@ def test_the_builtin_jobs_run_predicts_its_topics(tmp_path: Path) -> None:
 
 
 def test_a_causal_lm_run_generates_from_prompts_and_chat_rows(tmp_path: Path) -> None:
-    job = make_job(tmp_path / "lm", "causal_lm", epochs=1)
+    job = make_job(tmp_path / "lm", "causal_lm")  # 3 epochs: it answers with words, not only eos
     result = train(load_config(job.config))
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     prompts = [json.loads(line)["prompt"] for line in job.eval.read_text().splitlines()[:3]]
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    status, rows, err = _cli(["predict", "--run", str(job.root / "run"), "--input", str(tmp_path / "prompts.jsonl"),
-                              "--max-new-tokens", "8", "--batch-size", "2"])
+    status, rows, err = _cli(["predict", "--run", str(job.root / "run"), "--input",
+                              str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "8", "--batch-size", "2"])
     assert status == 0, err
     model = result.model.eval()
     assert any(row["prediction"] for row in rows)  # text was generated, not only an end token
@@ -72,8 +73,9 @@ def test_a_causal_lm_run_generates_from_prompts_and_chat_rows(tmp_path: Path) ->
         assert row["prediction"] == tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
 
     # The same delta through --model/--delta (a causal LM checkpoint: the task from its class).
-    status, again, err = _cli(["predict", "--model", str(job.model), "--delta", str(job.root / "run" / "delta"),
-                               "--input", str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "8"])
+    status, again, err = _cli(["predict", "--model", str(job.model), "--delta",
+                               str(job.root / "run" / "delta"), "--input", str(tmp_path / "prompts.jsonl"),
+                               "--max-new-tokens", "8"])
     assert status == 0, err
     assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
 
@@ -89,8 +91,9 @@ def test_a_chat_run_answers_the_last_user_turn(tmp_path: Path) -> None:
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(written) == len(job.eval.read_text().splitlines())
     for chat, row in zip(chats, written):
-        turns = chat.get("messages") or [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
-                                          "content": t["value"]} for t in chat["conversations"]]
+        roles = {"human": "user", "gpt": "assistant", "system": "system"}
+        turns = chat.get("messages") or [{"role": roles[turn["from"]], "content": turn["value"]}
+                                         for turn in chat["conversations"]]
         text = tokenizer.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
         ids = _greedy(result.model.eval(), tokenizer(text, add_special_tokens=False)["input_ids"],
                       tokenizer.eos_token_id)

@@ -31,7 +31,7 @@ from deltadist import AutoDeltaModel
 from deltadist.cli.main import main
 from deltadist.training import run_state
 from deltadist.training.batching import Collator, global_batches, loss_units, micro_batches
-from deltadist.training.config import TrainConfig, from_dict, keys_help, load_config
+from deltadist.training.config import TrainConfig, from_dict, keys_help, load_config, to_dict
 from deltadist.training.job_data import load_rows, tokenize
 from deltadist.training.model import load_model
 from deltadist.training.objectives import summed_loss
@@ -90,7 +90,13 @@ def test_checkpoints_hold_only_the_delta_and_the_new_head(trained: Job) -> None:
     head = ("classifier",) if metrics(trained)["task"] == "sequence_classification" else ()
     written = {p.name for p in (trained.root / "run").rglob("*") if p.is_file()}
     assert written == {"delta.safetensors", "delta_config.json", "rank-00000-of-00001.safetensors",
-                       "run_state.json", "metrics.json", "metrics.jsonl"}
+                       "run_state.json", "metrics.json", "metrics.jsonl", "config.yaml"}
+    # The resolved config (what deltadist predict --run reads) is the job's, class names filled in.
+    resolved = to_dict(load_config(trained.root / "run" / "config.yaml"))
+    expected = to_dict(load_config(trained.config))
+    if head:
+        assert resolved["data"].pop("labels") == ["bad", "good"] and expected["data"].pop("labels") is None
+    assert resolved == expected
     for directory in [trained.root / "run" / "delta", saved[-1][1] / "delta"]:
         keys = delta_tensors(directory)
         assert keys and all("lora_" in k or k.startswith(head) for k in keys), sorted(keys)
