@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from deltadist.cli import configs, convert, inspect_model, launch, pick, predict
+from deltadist.cli import configs, convert, evaluate, inspect_model, launch, pick, predict
 from deltadist.errors import DeltaError
 
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parsers(commands)
     inspect_model.add_parser(commands)
     predict.add_parser(commands)
+    evaluate.add_parser(commands)
     return parser
 
 
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return inspect_model.run(args)
     if args.command == "predict":
         return predict.run(args)
+    if args.command == "eval":
+        return evaluate.run(args)
     try:
         return _train(args)
     except ImportError as err:

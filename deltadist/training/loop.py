@@ -13,6 +13,7 @@ evaluating :mod:`~deltadist.training.evaluation`'s, checkpoints and resuming
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from deltadist.api.auto import AutoDeltaConfig, AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
 from deltadist.api.ownership import default_unfrozen
-from deltadist.engines import engine_class, setup_engine
+from deltadist.engines import ENGINES, engine_class, setup_engine
 from deltadist.engines.batch_split import split_batch
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
@@ -33,7 +34,7 @@ from deltadist.training.batching import Collator, StepPlan, batches_after, plan_
 from deltadist.training.best import BEST_DIRNAME, BestTracker
 from deltadist.training.checkpointing import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
-from deltadist.training.config import TrainConfig, to_dict
+from deltadist.training.config import TrainConfig, from_dict, to_dict
 from deltadist.training.config_files import write_run_config
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.generation_eval import check_generation_rows, generation_score
@@ -81,6 +82,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         engine.close()
 
 
+def evaluate_run(cfg: TrainConfig, delta_dir: str | os.PathLike, rows: str) -> Evaluation:
+    """The metrics the job ``cfg`` reports (``training.eval_generation``'s too) on the rows at
+    ``rows``, for its trained delta in ``delta_dir``: one process, nothing written."""
+    raw = to_dict(cfg)
+    raw["data"].update(train=rows, eval=rows, streaming=False, packing=False, sort_by_length=False)
+    raw.update(engine=next(iter(ENGINES)))  # one process
+    engine = setup_engine(raw["engine"])
+    try:
+        return _Job(from_dict(raw), engine, False, trained=Path(delta_dir)).evaluate_now()
+    finally:
+        engine.close()
+
+
 def engine_options(cfg: TrainConfig) -> dict[str, Any]:
     """The job's settings an engine's :meth:`~deltadist.engines.Engine.launch` takes."""
     t = cfg.training
@@ -92,7 +106,8 @@ def engine_options(cfg: TrainConfig) -> dict[str, Any]:
 class _Job:
     """One run of :func:`train`: set up in ``__init__`` (every check), then :meth:`run`."""
 
-    def __init__(self, cfg: TrainConfig, engine: EngineSetup, resume: bool) -> None:
+    def __init__(self, cfg: TrainConfig, engine: EngineSetup, resume: bool,
+                 trained: Path | None = None) -> None:
         self.cfg, self.engine = cfg, engine
         t = cfg.training
         # The cheap checks first: nothing is loaded for a batch that does not split over the ranks.
@@ -120,7 +135,9 @@ class _Job:
         if engine.is_main:
             warn_if_warmup_outlasts(t.warmup_steps, self.plan.total_steps)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.delta = self._attach(loaded)
+        # ``trained``: the delta a run saved, loaded to evaluate it (:func:`evaluate_run`)
+        self.delta = self._attach(loaded) if trained is None else \
+            AutoDeltaModel.from_finetuned(trained, backbone_model=loaded.model)
         # (the built-in MiniLM classifier has no transformers config: it is never packed)
         varlen = uses_varlen(getattr(getattr(self.model, "config", None), "_attn_implementation", None))
         self.collate = Collator(cfg.task, loaded.tokenizer.pad_token_id,
@@ -142,6 +159,12 @@ class _Job:
         if self.engine.is_main:
             delta.log(visualization=False)
         return delta
+
+    def evaluate_now(self) -> Evaluation:
+        """The evaluation rows' metrics for the delta as it is (no training step, nothing written)."""
+        self.steps = prepare_steps(self.engine, self.model, self.delta, self.cfg.training, self.plan,
+                                   self.cfg.task, self.dtype, self.collate)
+        return self._evaluate("eval")
 
     def run(self, job_start: float) -> TrainResult:
         """The job, step by step: wrap and set up the optimizer, resume or evaluate first, train,

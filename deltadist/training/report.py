@@ -10,6 +10,7 @@ from rich.text import Text
 from deltadist.training.config import to_dict
 from deltadist.training.dry_run import DryRun
 from deltadist.training.eval_metrics import LOWER_IS_BETTER
+from deltadist.training.evaluation import Evaluation
 from deltadist.training.metrics import Metrics
 
 
@@ -60,6 +61,20 @@ def print_summary(metrics: Metrics, metrics_path: str, console: Console | None =
     console.print(table)
     if metrics.confusion_matrix is not None:
         console.print(_confusion_table(metrics.confusion_matrix, metrics.class_names))
+
+
+def print_evaluation(evaluation: Evaluation, names: list[str] | None, where: str,
+                     console: Console | None = None) -> None:
+    """One evaluation's metrics (``deltadist eval``), and its confusion matrix if it has one."""
+    console = console or Console()
+    table = Table(title=f"deltadist eval ({where})", show_header=False, title_style="bold")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for name, value in evaluation.metrics().items():
+        table.add_row(name, _metric_text(name, value))
+    console.print(table)
+    if evaluation.confusion is not None:
+        console.print(_confusion_table(evaluation.confusion, names))
 
 
 def _metric_text(name: str, value: float) -> str:

@@ -1,4 +1,4 @@
-"""``deltadist predict`` on a run's directory (the built-in job's, a classifier's, a causal LM's with
+"""``deltadist predict`` and ``deltadist eval`` on a run's directory (the built-in job's, a classifier's, a causal LM's with
 prompt and chat rows) and on ``--model``/``--delta``: each row's prediction equals what the trained
 model in memory predicts for it, computed here directly (argmax of its logits, ``generate`` from
 the prompt's ids); bad input is one ``error:`` line."""
@@ -23,11 +23,17 @@ from tests.text_tasks import write_jsonl
 BUILTIN = ["data.train_size=48", "data.test_size=16", "training.batch_size=16"]
 
 
-def _cli(argv: list[str]) -> tuple[int, list[dict], str]:
+def _status(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main(argv)
-    return status, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+    return status, out.getvalue(), err.getvalue()
+
+
+def _cli(argv: list[str]) -> tuple[int, list[dict], str]:
+    """``deltadist ARGV``'s status, stdout's JSON Lines and stderr."""
+    status, out, err = _status(argv)
+    return status, [json.loads(line) for line in out.splitlines()], err
 
 
 def _greedy(model: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
@@ -111,3 +117,22 @@ def test_bad_input_is_one_error_line(tmp_path: Path) -> None:
     ]:
         status, _, err = _cli(["predict", *argv, "--input", str(tmp_path / "rows.jsonl")])
         assert status == 2 and err.count("\n") == 1 and problem in err, err
+
+
+def test_eval_gives_the_jobs_metrics_on_other_rows(tmp_path: Path) -> None:
+    """``deltadist eval --run`` on the job's own eval rows gives the final evaluation the job
+    reported (confusion matrix included); on other rows, other numbers."""
+    job = make_job(tmp_path / "cls", "sequence_classification", epochs=1)
+    result = train(load_config(job.config))
+    out = tmp_path / "eval.json"
+    status, printed, err = _status(["eval", "--run", str(job.root / "run"), "--data", str(job.eval),
+                                    "--output", str(out)])
+    assert status == 0 and "macro_f1" in printed and "true / predicted" in printed, err
+    found = json.loads(out.read_text())
+    assert found["accuracy"] == pytest.approx(result.metrics.accuracy_after)
+    assert found["loss"] == pytest.approx(result.metrics.eval_loss, rel=1e-5)
+    assert found["confusion_matrix"] == result.metrics.confusion_matrix
+    assert found["class_names"] == ["bad", "good"]
+    status, _, err = _status(["eval", "--run", str(job.root / "run"), "--data", str(job.train),
+                              "--output", str(out)])
+    assert status == 0 and json.loads(out.read_text())["loss"] != pytest.approx(found["loss"])
