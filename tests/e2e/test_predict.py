@@ -1,7 +1,8 @@
-"""``deltadist predict`` and ``deltadist eval`` on a run's directory (the built-in job's, a classifier's, a causal LM's with
-prompt and chat rows) and on ``--model``/``--delta``: each row's prediction equals what the trained
-model in memory predicts for it, computed here directly (argmax of its logits, ``generate`` from
-the prompt's ids); bad input is one ``error:`` line."""
+"""``deltadist predict`` and ``deltadist eval`` on a run's directory (the built-in job's, a
+classifier's, a causal LM's with prompt and chat rows) and on ``--model``/``--delta``: each row's
+prediction equals what the trained model in memory predicts for it, computed here directly (argmax
+of its logits, ``generate`` from the prompt's ids); ``eval`` on the job's own eval rows gives the
+job's final metrics; bad input is one ``error:`` line."""
 
 from __future__ import annotations
 
