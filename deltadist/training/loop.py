@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -87,12 +88,14 @@ def evaluate_run(cfg: TrainConfig, delta_dir: str | os.PathLike, rows: str) -> E
     ``rows``, for its trained delta in ``delta_dir``: one process, nothing written."""
     raw = to_dict(cfg)
     raw["data"].update(train=rows, eval=rows, streaming=False, packing=False, sort_by_length=False)
-    raw.update(engine=next(iter(ENGINES)))  # one process
-    engine = setup_engine(raw["engine"])
-    try:
-        return _Job(from_dict(raw), engine, False, trained=Path(delta_dir)).evaluate_now()
-    finally:
-        engine.close()
+    engine = setup_engine(next(iter(ENGINES)))  # one process
+    # An empty output_dir: the run's own holds its checkpoints, which a fresh job would refuse.
+    with tempfile.TemporaryDirectory() as scratch:
+        raw.update(engine=engine.name, output_dir=scratch)
+        try:
+            return _Job(from_dict(raw), engine, False, trained=Path(delta_dir)).evaluate_now()
+        finally:
+            engine.close()
 
 
 def engine_options(cfg: TrainConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the README and docs/ are executed by tests/docs/test_snippets.py.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -24,6 +25,7 @@ def test_the_chat_fine_tune_runs_end_to_end(tmp_path: Path) -> None:
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltadist.cli.main import main
     from deltadist.training.config import load_config
     from deltadist.training.loop import train
     from tests.task_jobs import make_job
@@ -68,3 +70,24 @@ def test_the_chat_fine_tune_runs_end_to_end(tmp_path: Path) -> None:
         answer = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     expected = tokenizer.decode(answer[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert printed.getvalue() == expected + "\n"
+
+    # The command-line block after it, as written, on this run (paths swapped for the test's).
+    commands = re.search(r"or from the command line.*?```bash\n(.*?)```", section, re.S).group(1)
+    swaps = {"runs/my_job/delta": str(tmp_path / "run" / "delta"), "runs/my_job": str(tmp_path / "run"),
+             "/models/my-llama": str(job.model), "data/questions.jsonl": str(job.eval),
+             "data/test.jsonl": str(job.eval), "job.yaml": str(path), "merged": str(tmp_path / "merged"),
+             "--out adapter": f"--out {tmp_path / 'adapter'}"}
+    ran = []
+    for line in commands.splitlines():
+        line = line.split("  #")[0].split(" > ")[0]
+        for old, new in swaps.items():
+            line = line.replace(old, new)
+        argv = shlex.split(line)
+        assert argv[0] == "deltadist"
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(argv[1:]) == 0, line
+        ran.append((argv[1], out.getvalue()))
+    assert [name for name, _ in ran] == ["predict", "eval", "merge", "export", "inspect"]
+    assert len(ran[0][1].splitlines()) == len(job.eval.read_text().splitlines())
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
