@@ -65,7 +65,10 @@ def test_a_bf16_backbone_trains_its_fp32_dora_and_pissa_as_one_process(engine) -
                 assert state[key].dtype == torch.float32 and torch.isfinite(state[key]).all(), key
                 moved, want_moved = rank[name]["moved"][key], want["moved"][key]
                 if key.rpartition(".")[2].startswith("initial_"):  # PiSSA's frozen starting pair
-                    assert not moved.any() and torch.equal(state[key], value), key
+                    # Its SVD is each process's own: LAPACK with another thread count sums in
+                    # another order, so equal within float32 rounding, and never moved by a step.
+                    assert not moved.any(), key
+                    torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5 * value.abs().max())
                     continue
                 # the steps, compared to 5 % of the largest: far above bf16 rounding of the backbone
                 assert want_moved.abs().max() > 0, key
