@@ -17,7 +17,6 @@ from deltadist import AutoDeltaModel
 from tests.fixtures.make_pre_rebuild import CASES, HERE
 from tests.tiny import build_tiny, logits_of, tiny_inputs
 
-
 SUMMED_IN_ANOTHER_ORDER = {"compacter"}
 """Since issue 23 a PHM layer left at ``kronecker_prod=None`` builds ``W`` for these inputs (it was
 the contraction): the same function, its sums in another order."""
