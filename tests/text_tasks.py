@@ -120,6 +120,14 @@ def cache_dataset(cache_dir: str | os.PathLike, name: str,
     for split, rows in splits.items():
         files[split] = os.path.join(staging, f"{split}.jsonl")
         write_jsonl(files[split], rows)
-    Json(cache_dir=str(cache_dir), dataset_name=short, config_name="default", config_id="default",
-         data_files=files, hash="0" * 16).download_and_prepare()
-    os.rename(os.path.join(cache_dir, short), os.path.join(cache_dir, f"{user}___{short}"))
+    import inspect
+
+    # datasets 2.x's builders take no config_id (the folder is the config name there as well)
+    extra = {"config_id": "default"} if "config_id" in inspect.signature(Json.__init__).parameters else {}
+    Json(cache_dir=str(cache_dir), dataset_name=short, config_name="default", data_files=files,
+         hash="0" * 16, **extra).download_and_prepare()
+    target = os.path.join(cache_dir, f"{user}___{short}")
+    os.rename(os.path.join(cache_dir, short), target)
+    for folder in os.listdir(target):  # datasets 2.x names the config folder default-<data files' hash>
+        if folder.startswith("default-"):
+            os.rename(os.path.join(target, folder), os.path.join(target, "default"))
