@@ -43,21 +43,22 @@ def add_parsers(commands: Any) -> None:
         "export", help="write a deltadist delta in PEFT's format",
         description="Write a saved deltadist delta as PEFT's LoRA adapter (adapter_config.json + "
                     "adapter_model.safetensors), which peft.PeftModel.from_pretrained loads.")
-    exporting.add_argument("--delta", required=True, metavar="DELTA",
-                           help="the delta directory (e.g. a run's output_dir/delta)")
+    exporting.add_argument("--run", metavar="DIR", help="a deltadist train output_dir (its model and delta)")
+    exporting.add_argument("--delta", metavar="DELTA", help="the delta directory (with --model)")
     exporting.add_argument("--format", choices=FORMATS, default="peft",
                            help="the format to write (default peft)")
     exporting.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
-    exporting.add_argument("--model", required=True, metavar="MODEL",
-                           help="the backbone's transformers checkpoint directory")
+    exporting.add_argument("--model", metavar="MODEL",
+                           help="the backbone's transformers checkpoint directory (with --delta)")
     merging = commands.add_parser(
         "merge", help="write a checkpoint with a delta merged into its weights (plain transformers)",
         description="Fold a saved delta into its backbone's weights and write a transformers checkpoint "
                     "(config.json, sharded safetensors, the tokenizer) that from_pretrained loads without "
                     "deltadist. The backbone is read one site at a time: it never has to fit in memory.")
-    merging.add_argument("--model", required=True, metavar="MODEL",
-                         help="the backbone's checkpoint directory")
-    merging.add_argument("--delta", required=True, metavar="DELTA", help="the delta directory")
+    merging.add_argument("--run", metavar="DIR", help="a deltadist train output_dir (its model and delta)")
+    merging.add_argument("--model", metavar="MODEL",
+                         help="the backbone's checkpoint directory (with --delta)")
+    merging.add_argument("--delta", metavar="DELTA", help="the delta directory (with --model)")
     merging.add_argument("--out", required=True, metavar="DIR",
                          help="the new checkpoint's directory (new or empty)")
     merging.add_argument("--dtype", choices=DTYPES, help="the written weights' dtype (default: as stored)")
@@ -98,25 +99,76 @@ def _import(args: argparse.Namespace) -> tuple[str, str]:
 
 def _export(args: argparse.Namespace) -> tuple[str, str]:
     from deltadist.api.auto import AutoDeltaModel
-    from deltadist.cli.models import load_model
+    from deltadist.errors import ConfigError
 
-    delta = AutoDeltaModel.from_finetuned(args.delta, backbone_model=load_model(args.model))
-    written = delta.save_finetuned(args.out, format=args.format,
-                                   backbone_checkpoint_name=str(Path(args.model)))
+    if (args.run is None) == (args.model is None) or (args.model is None) != (args.delta is None):
+        raise ConfigError("give --run DIR, or --model MODEL with --delta DELTA.")
+    if args.run is None:
+        from deltadist.cli.models import load_model
+
+        backbone, delta_dir, name = load_model(args.model), args.delta, str(Path(args.model))
+    else:
+        backbone, delta_dir, name = _run_model(args.run)
+    delta = AutoDeltaModel.from_finetuned(delta_dir, backbone_model=backbone)
+    written = delta.save_finetuned(args.out, format=args.format, backbone_checkpoint_name=name)
     return written, f"{_described(delta)} in {args.format}'s format"
+
+
+def _run_model(run_dir: str) -> tuple[Any, str, str]:
+    """A run's model as its job built it (its class and head), its delta directory and its checkpoint."""
+    import torch
+
+    from deltadist.errors import ConfigError
+    from deltadist.training.config import load_config
+    from deltadist.training.model import load_model, resolve_model_path
+    from deltadist.training.prediction import run_files
+
+    config, delta_dir = run_files(run_dir)
+    cfg = load_config(config)
+    model = load_model(cfg.model, cfg.task, cfg.data.labels, 0, torch.float32, show_progress=False).model
+    if not hasattr(model, "config"):
+        raise ConfigError(f"--run {run_dir}: the built-in job's model (MiniLM with mean pooling and a head) "
+                          "has no PEFT form; deltadist merge --run writes it as a plain encoder and its "
+                          "head, and deltadist predict --run serves it.")
+    return model, str(delta_dir), resolve_model_path(cfg.model.name_or_path)
 
 
 def _merge(args: argparse.Namespace) -> tuple[str, str]:
     import torch
 
-    from deltadist.cli.models import meta_model
+    from deltadist.errors import ConfigError
     from deltadist.integrations.merge_checkpoint import merge_checkpoint
 
+    if (args.run is None) == (args.model is None) or (args.model is None) != (args.delta is None):
+        raise ConfigError("give --run DIR, or --model MODEL with --delta DELTA.")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    report = merge_checkpoint(meta_model(args.model), args.model, args.delta, args.out, dtype,
-                              max_shard_bytes=args.max_shard_size * 1024 ** 2)
-    return str(report.directory), (f"{args.model} with the delta merged into {report.sites} sites: "
+    model, model_dir, delta_dir, within = _merge_inputs(args)
+    report = merge_checkpoint(model, model_dir, delta_dir, args.out, dtype,
+                              max_shard_bytes=args.max_shard_size * 1024 ** 2, within=within)
+    what = f"the {within} of " if within else ""
+    return str(report.directory), (f"{what}{model_dir} with the delta merged into {report.sites} sites: "
                                    f"{report.tensors:,} tensors in {report.shards} shard(s)")
+
+
+def _merge_inputs(args: argparse.Namespace) -> tuple[Any, str, str, str]:
+    """The model on meta, its checkpoint, the delta, and the submodule the checkpoint is of (``""``:
+    the model; the built-in job's classifier is no transformers class: its ``encoder``)."""
+    if args.run is None:
+        from deltadist.cli.models import meta_model
+
+        return meta_model(args.model), args.model, args.delta, ""
+    import torch
+
+    from deltadist.training.config import load_config
+    from deltadist.training.model import plan_model, resolve_model_path
+    from deltadist.training.prediction import run_files
+
+    config, delta_dir = run_files(args.run)
+    cfg = load_config(config)
+    model = plan_model(cfg.model, cfg.task, cfg.data.labels, torch.float32).model
+    within = "" if hasattr(model, "config") else \
+        next(name for name, child in model.named_children() if hasattr(child, "config"))
+    return model, resolve_model_path(cfg.model.name_or_path), str(delta_dir), within
 
 
 def _described(delta: Any) -> str:

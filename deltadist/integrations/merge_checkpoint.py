@@ -56,7 +56,7 @@ class MergeReport:
 
 def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: str | os.PathLike,
                      out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                     max_shard_bytes: int = MAX_SHARD_BYTES) -> MergeReport:
+                     max_shard_bytes: int = MAX_SHARD_BYTES, within: str = "") -> MergeReport:
     """Write ``model_dir``'s checkpoint with the delta in ``delta_dir`` merged into its weights to
     ``out_dir`` (which must not exist or be empty), one site at a time.
 
@@ -64,6 +64,9 @@ def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: 
         model: the checkpoint's model class built on ``meta`` from its config (nothing loaded).
         dtype: the written floating-point tensors' dtype (``None``: each as stored; merged sites
             are computed in float32 and stored in their weight's dtype).
+        within: the submodule the checkpoint is of, where ``model`` is no transformers class (the
+            built-in job's classifier: its ``encoder``); the output is then a checkpoint of that
+            submodule, the parameters outside it (the head) written beside its own, by their names.
 
     Raises:
         SiteError: a site has no merged form (adapters, prefixes...: keep the delta attached).
@@ -73,14 +76,14 @@ def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: 
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; give a new directory for the merged checkpoint.")
     delta, saved = _attach_on_meta(model, Path(delta_dir))
-    source = _Source(model, model_dir)
+    source = _Source(model, model_dir, within)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer = _ShardWriter(tmp, max_shard_bytes, dtype)
+        writer = _ShardWriter(tmp, max_shard_bytes, dtype, within)
         _write_tensors(model, delta, saved, source, writer, str(model_dir))
         shards = writer.finish()
-        _write_config(model, Path(model_dir), tmp, dtype)
+        _write_config(model.get_submodule(within) if within else model, Path(model_dir), tmp, dtype)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -93,10 +96,10 @@ class _Source:
     """The checkpoint's tensors, memory-mapped, by the model's parameter names (a checkpoint of the
     bare model read into one with a head: the names under ``base_model_prefix``)."""
 
-    def __init__(self, model: nn.Module, model_dir: str | os.PathLike) -> None:
+    def __init__(self, model: nn.Module, model_dir: str | os.PathLike, within: str = "") -> None:
         files = checkpoint_files(model_dir)
         self.where = {key: path for path in files for key in header_keys(path)}
-        self.prefix, _ = modules_not_in_checkpoint(model, {canonical_name(k) for k in self.where})
+        self.prefix = within or modules_not_in_checkpoint(model, {canonical_name(k) for k in self.where})[0]
         self.stored = {canonical_name(key): key for key in self.where}
         self.handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in files}
 
@@ -202,14 +205,17 @@ def _set(module: nn.Module, name: str, param: nn.Parameter) -> None:
 class _ShardWriter:
     """Safetensors shards of at most ``limit`` bytes, and their index (transformers' layout)."""
 
-    def __init__(self, directory: Path, limit: int, dtype: torch.dtype | None) -> None:
+    def __init__(self, directory: Path, limit: int, dtype: torch.dtype | None, within: str = "") -> None:
         self.directory, self.limit, self.dtype = directory, limit, dtype
+        self.start = f"{within}." if within else ""
+        """Names under it are written without it (the checkpoint of that submodule)."""
         self.buffer: dict[str, torch.Tensor] = {}
         self.size = self.count = 0
         self.files: list[list[str]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` (floating point: in the writer's dtype, if it has one)."""
+        name = name.removeprefix(self.start)
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
         nbytes = tensor.numel() * tensor.element_size()

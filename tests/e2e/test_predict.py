@@ -62,6 +62,14 @@ def test_the_builtin_jobs_run_predicts_its_topics(tmp_path: Path) -> None:
     assert [r["prediction"] for r in rows] == [labels[i] for i in probabilities.argmax(-1).tolist()]
     assert [r["score"] for r in rows] == pytest.approx(probabilities.max(-1).values.tolist(), abs=1e-5)
 
+    # deltadist eval on labelled rows: the accuracy of those predictions.
+    topics = ["sports", "cooking"]
+    write_jsonl(tmp_path / "labelled.jsonl", [{"text": s, "label": t} for s, t in zip(sentences, topics)])
+    status, _, err = _status(["eval", "--run", str(tmp_path / "run"), "--data",
+                              str(tmp_path / "labelled.jsonl"), "--output", str(tmp_path / "eval.json")])
+    right = sum(r["prediction"] == t for r, t in zip(rows, topics)) / 2
+    assert status == 0 and json.loads((tmp_path / "eval.json").read_text())["accuracy"] == right, err
+
 
 def test_a_causal_lm_run_generates_from_prompts_and_chat_rows(tmp_path: Path) -> None:
     job = make_job(tmp_path / "lm", "causal_lm")  # 3 epochs: it answers with words, not only eos
@@ -137,3 +145,52 @@ def test_eval_gives_the_jobs_metrics_on_other_rows(tmp_path: Path) -> None:
     status, _, err = _status(["eval", "--run", str(job.root / "run"), "--data", str(job.train),
                               "--output", str(out)])
     assert status == 0 and json.loads(out.read_text())["loss"] != pytest.approx(found["loss"])
+
+
+def test_the_builtin_jobs_run_merges_into_a_plain_encoder_and_its_head(tmp_path: Path) -> None:
+    """``deltadist merge --run`` of the built-in job: MiniLM with the LoRA folded in, as a plain
+    ``BertModel`` checkpoint, and the classifier beside it; transformers' ``AutoModel`` + mean pooling +
+    that head give the job's predictions."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    result = train(load_config(None, [*BUILTIN, f"output_dir={tmp_path / 'run'}"]))
+    status, printed, err = _status(["merge", "--run", str(tmp_path / "run"),
+                                    "--out", str(tmp_path / "merged")])
+    assert status == 0 and "the encoder of" in printed, err
+    encoder = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    head = {k: v for k, v in load_file(tmp_path / "merged" / "model.safetensors").items()
+            if k.startswith("classifier")}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = tokenizer(["The referee showed a red card.", "Heavy rain all week."], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        logits = (hidden * mask).sum(1) / mask.sum(1) @ head["classifier.weight"].T + head["classifier.bias"]
+        expected = result.model.eval()(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_a_classification_run_loads_in_peft_and_the_builtin_says_why_not(tmp_path: Path) -> None:
+    """``deltadist export --run`` of a BERT classification job (a base checkpoint: the head is new)
+    gives PEFT's adapter that ``PeftModel`` loads to the job's logits; the built-in job's model has no
+    PEFT form, and the error says what to use."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    job = make_job(tmp_path / "cls", "sequence_classification", epochs=1)
+    result = train(load_config(job.config))
+    status, _, err = _status(["export", "--run", str(job.root / "run"), "--out", str(tmp_path / "peft")])
+    assert status == 0, err
+    base = AutoModelForSequenceClassification.from_pretrained(job.model, num_labels=2)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids, attention_mask=mask).logits,
+                                   result.model.eval()(input_ids=ids, attention_mask=mask).logits)
+
+    train(load_config(None, [*BUILTIN, f"output_dir={tmp_path / 'builtin'}"]))
+    status, _, err = _status(["export", "--run", str(tmp_path / "builtin"), "--out", str(tmp_path / "x")])
+    assert status == 2 and "no PEFT form" in err and "merge --run" in err
