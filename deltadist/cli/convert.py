@@ -23,6 +23,8 @@ from deltadist.errors import DeltaError
 SOURCES = ("opendelta", "peft")
 FORMATS = ("peft", "deltadist")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+HEAD_NAME = "head.safetensors"
+"""Beside the adapter of a submodule (the built-in job's encoder): the run's tensors outside it."""
 
 
 def add_parsers(commands: Any) -> None:
@@ -106,19 +108,21 @@ def _export(args: argparse.Namespace) -> tuple[str, str]:
     if args.run is None:
         from deltadist.cli.models import load_model
 
-        backbone, delta_dir, name = load_model(args.model), args.delta, str(Path(args.model))
+        backbone, delta_dir, name, within = load_model(args.model), args.delta, str(Path(args.model)), ""
     else:
-        backbone, delta_dir, name = _run_model(args.run)
+        backbone, delta_dir, name, within = _run_model(args.run)
+    if within:
+        return _export_within(backbone, within, Path(delta_dir), args, name)
     delta = AutoDeltaModel.from_finetuned(delta_dir, backbone_model=backbone)
     written = delta.save_finetuned(args.out, format=args.format, backbone_checkpoint_name=name)
     return written, f"{_described(delta)} in {args.format}'s format"
 
 
-def _run_model(run_dir: str) -> tuple[Any, str, str]:
-    """A run's model as its job built it (its class and head), its delta directory and its checkpoint."""
+def _run_model(run_dir: str) -> tuple[Any, str, str, str]:
+    """A run's model as its job built it (its class and head), its delta directory, its checkpoint,
+    and the submodule that checkpoint is of where the model is no transformers class (``""``: none)."""
     import torch
 
-    from deltadist.errors import ConfigError
     from deltadist.training.config import load_config
     from deltadist.training.model import load_model, resolve_model_path
     from deltadist.training.prediction import run_files
@@ -126,11 +130,38 @@ def _run_model(run_dir: str) -> tuple[Any, str, str]:
     config, delta_dir = run_files(run_dir)
     cfg = load_config(config)
     model = load_model(cfg.model, cfg.task, cfg.data.labels, 0, torch.float32, show_progress=False).model
-    if not hasattr(model, "config"):
-        raise ConfigError(f"--run {run_dir}: the built-in job's model (MiniLM with mean pooling and a head) "
-                          "has no PEFT form; deltadist merge --run writes it as a plain encoder and its "
-                          "head, and deltadist predict --run serves it.")
-    return model, str(delta_dir), resolve_model_path(cfg.model.name_or_path)
+    return model, str(delta_dir), resolve_model_path(cfg.model.name_or_path), _within(model)
+
+
+def _within(model: Any) -> str:
+    """``""`` for a transformers model; else the child that is one (the built-in job's ``encoder``)."""
+    if hasattr(model, "config"):
+        return ""
+    return next(name for name, child in model.named_children() if hasattr(child, "config"))
+
+
+def _export_within(model: Any, within: str, delta_dir: Path, args: argparse.Namespace,
+                   name: str) -> tuple[str, str]:
+    """The delta's part inside ``within`` as an adapter of that transformers model, and its tensors
+    outside it (the built-in job's classifier) beside, in ``head.safetensors``."""
+    from safetensors.torch import save_file
+
+    from deltadist.api.auto import AutoDeltaModel
+    from deltadist.io import checkpoint
+
+    saved, start = checkpoint.read_tensors(delta_dir), f"{within}."
+    backbone_keys = ("backbone_class", "backbone_checkpoint_name", "backbone_hash", "backbone_samples")
+    settings = {k: v for k, v in checkpoint.read_config(delta_dir).items() if k not in backbone_keys}
+    settings["unfrozen_modules"] = ["deltas"]  # what lies outside the encoder goes beside it
+    delta = AutoDeltaModel.from_config(settings, backbone_model=model.get_submodule(within))
+    delta.load_state_dict({k.removeprefix(start): v for k, v in saved.items() if k.startswith(start)},
+                          where=f"{delta_dir} ({within})")
+    written = delta.save_finetuned(args.out, format=args.format, backbone_checkpoint_name=name)
+    head = {k: v.contiguous() for k, v in saved.items() if not k.startswith(start)}
+    if head:
+        save_file(head, str(Path(written) / HEAD_NAME))
+    return written, (f"{_described(delta)} of the {within} in {args.format}'s format, and "
+                     f"{', '.join(sorted(head)) or 'nothing'} in {HEAD_NAME}")
 
 
 def _merge(args: argparse.Namespace) -> tuple[str, str]:
@@ -166,9 +197,7 @@ def _merge_inputs(args: argparse.Namespace) -> tuple[Any, str, str, str]:
     config, delta_dir = run_files(args.run)
     cfg = load_config(config)
     model = plan_model(cfg.model, cfg.task, cfg.data.labels, torch.float32).model
-    within = "" if hasattr(model, "config") else \
-        next(name for name, child in model.named_children() if hasattr(child, "config"))
-    return model, resolve_model_path(cfg.model.name_or_path), str(delta_dir), within
+    return model, resolve_model_path(cfg.model.name_or_path), str(delta_dir), _within(model)
 
 
 def _described(delta: Any) -> str:

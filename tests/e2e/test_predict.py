@@ -172,12 +172,14 @@ def test_the_builtin_jobs_run_merges_into_a_plain_encoder_and_its_head(tmp_path:
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_export_of_a_classification_run_loads_in_peft_and_the_builtin_says_why_not(tmp_path: Path) -> None:
+def test_export_of_a_run_loads_in_peft_the_builtin_one_as_its_encoders_adapter(tmp_path: Path) -> None:
     """``deltadist export --run`` of a BERT classification job (a base checkpoint: the head is new)
-    gives PEFT's adapter that ``PeftModel`` loads to the job's logits; the built-in job's model has no
-    PEFT form, and the error says what to use."""
+    gives PEFT's adapter that ``PeftModel`` loads to the job's logits; of the built-in job, the
+    encoder's adapter and the head beside it, which PEFT + mean pooling + the head turn into the job's
+    logits."""
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForSequenceClassification
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     job = make_job(tmp_path / "cls", "sequence_classification", epochs=1)
     result = train(load_config(job.config))
@@ -191,6 +193,18 @@ def test_export_of_a_classification_run_loads_in_peft_and_the_builtin_says_why_n
         torch.testing.assert_close(adapted(input_ids=ids, attention_mask=mask).logits,
                                    result.model.eval()(input_ids=ids, attention_mask=mask).logits)
 
-    train(load_config(None, [*BUILTIN, f"output_dir={tmp_path / 'builtin'}"]))
-    status, _, err = _status(["export", "--run", str(tmp_path / "builtin"), "--out", str(tmp_path / "x")])
-    assert status == 2 and "no PEFT form" in err and "merge --run" in err
+    # The built-in job's model is no transformers class: the encoder's adapter, the head beside it.
+    builtin = train(load_config(None, [*BUILTIN, f"output_dir={tmp_path / 'builtin'}"]))
+    status, printed, err = _status(["export", "--run", str(tmp_path / "builtin"),
+                                    "--out", str(tmp_path / "x")])
+    assert status == 0 and "classifier.bias, classifier.weight in head.safetensors" in printed, err
+    path = builtin.model.encoder.name_or_path
+    encoder = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(path), tmp_path / "x").eval()
+    head = load_file(tmp_path / "x" / "head.safetensors")
+    batch = AutoTokenizer.from_pretrained(path)(["Snow fell on the stadium."], return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        logits = (hidden * mask).sum(1) / mask.sum(1) @ head["classifier.weight"].T + head["classifier.bias"]
+        expected = builtin.model.eval()(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
