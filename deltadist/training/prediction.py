@@ -11,6 +11,7 @@ and its generation prompt (a trailing assistant turn is the reference: it is lef
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,14 @@ class Predictor:
     """sequence_classification: the class names, index ``i`` naming class ``i``."""
     max_length: int
     chat_template: str | None
+    dtype: torch.dtype = torch.float32
+    """The backbone's: a half-precision one runs under autocast, as in the job (fp32 deltas and heads)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Autocast to the backbone's dtype where it is a half-precision one."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype)
 
 
 def load_predictor(model: ModelConfig, task: str, labels: list[str] | None, delta_dir: str | os.PathLike,
@@ -46,10 +55,11 @@ def load_predictor(model: ModelConfig, task: str, labels: list[str] | None, delt
     """``model``'s backbone for ``task``, built as the job builds it, with the delta saved in
     ``delta_dir`` attached (its fingerprint checked against the backbone)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(model, task, labels, 0, resolve_dtype(model.dtype, device), show_progress=False)
+    dtype = resolve_dtype(model.dtype, device)
+    loaded = load_model(model, task, labels, 0, dtype, show_progress=False)
     AutoDeltaModel.from_finetuned(delta_dir, backbone_model=loaded.model)
     return Predictor(loaded.model.to(device).eval(), loaded.tokenizer, task, labels, model.max_length,
-                     read_template(chat_template))
+                     read_template(chat_template), dtype)
 
 
 def predict(predictor: Predictor, dataset: Any, path: str | os.PathLike, batch_size: int,
@@ -69,7 +79,7 @@ def predict(predictor: Predictor, dataset: Any, path: str | os.PathLike, batch_s
     batches = range(0, len(rows), batch_size)
     for start in tqdm(batches, desc="predict", unit="batch", disable=not progress):
         chunk = inputs[start:start + batch_size]
-        with torch.no_grad():
+        with torch.no_grad(), predictor.autocast():
             if predictor.task == "sequence_classification":
                 answers = _classify(predictor, chunk)
             else:
