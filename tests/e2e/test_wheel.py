@@ -1,4 +1,5 @@
-"""deltadist installed as users install it: a wheel built from this checkout, installed with its
+"""deltadist installed as users install it: a wheel built from this checkout's sdist (as ``python -m
+build`` builds it, so the sdist route is checked too), installed with its
 ``[train]`` extra into a new virtual environment (no system site-packages, no PYTHONPATH), then run
 from a directory outside the checkout: the default job and ``deltadist predict`` on its run, an
 example config copied out with ``deltadist configs``, a launcher's dry run with ``deltadist
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -25,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH = "torch==2.13.0"  # pinned on every pip line: an unpinned torch pulls a multi-GB CUDA build
-SOURCES = ("pyproject.toml", "setup.cfg", "README.md", "deltadist", "configs", "launchers")
+SOURCES = ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "deltadist", "configs", "launchers")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -40,7 +42,9 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) 
 
 def _build_wheel(tmp: Path) -> Path:
     """The wheel of a copy of the checkout's sources (links kept: deltadist/configs -> ../configs), so
-    that the build leaves nothing in the checkout and no earlier build/ folder leaks into it."""
+    that the build leaves nothing in the checkout and no earlier build/ folder leaks into it. Built as
+    ``python -m build`` builds it: the sdist first (the links become files in it), then the wheel from
+    the unpacked sdist, so a file the sdist leaves out fails the byte-for-byte check below."""
     source = tmp / "source"
     source.mkdir()
     for name in SOURCES:
@@ -49,8 +53,11 @@ def _build_wheel(tmp: Path) -> Path:
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(source)],
-         tmp, dict(os.environ))
+    _run([sys.executable, "-m", "build", "--outdir", str(tmp / "dist"), str(source)], tmp, dict(os.environ))
+    (sdist,) = (tmp / "dist").glob("deltadist-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = archive.getnames()
+    assert f"{sdist.name[:-len('.tar.gz')]}/LICENSE" in names, "the sdist ships the license"
     (wheel,) = (tmp / "dist").glob("deltadist-*.whl")
     return wheel
 
