@@ -1,7 +1,7 @@
 """``deltadist train``'s evaluation on 2 gloo ranks reports what one process reports: perplexity,
-greedy-generation exact match (FSDP2 generating with ``synced_gpus``), the best checkpoint, and
-early stopping that a run resumed after a kill repeats. FSDP2's generation in the default run;
-DDP and the early-stopping resumes in the slow grid."""
+greedy-generation exact match (FSDP2 and ZeRO-3 generating with ``synced_gpus``), the best
+checkpoint, and early stopping that a run resumed after a kill repeats. FSDP2's generation in the
+default run; DDP's and ZeRO-3's and the early-stopping resumes in the slow grid."""
 
 from __future__ import annotations
 
@@ -45,8 +45,14 @@ def assert_same_deltas(found: Path, expected: Path, **tolerance: float) -> None:
         torch.testing.assert_close(tensor, reference[name], **tolerance)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def train_ranks(job: Job, run_dir: Path, engine: str, resume: bool = False) -> dict:
     overrides = [f"engine={engine}", f"output_dir={run_dir}"]
+    if engine == "zero3":  # parameters partitioned: every rank takes part in each generation step
+        overrides = ["engine=deepspeed", f"output_dir={run_dir}",
+                     f"deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"]
     return run_ranks(train_on_rank, args=(str(job.config), overrides, resume), timeout=400)[0]
 
 
@@ -57,7 +63,7 @@ def generating(tmp_path_factory: pytest.TempPathFactory) -> Job:
     return job
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("ddp", marks=SLOW)])
+@pytest.mark.parametrize("engine", ["fsdp2", *(pytest.param(e, marks=SLOW) for e in ("ddp", "zero3"))])
 def test_two_ranks_report_the_single_process_evaluations(engine: str, generating: Job,
                                                          tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
