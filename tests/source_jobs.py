@@ -53,12 +53,22 @@ def mixed_job(root: Path, cache: Path | None = None, **training: Any) -> Job:
     ], "eval": str(job.eval)})
 
 
-def streamed_job(root: Path, **training: Any) -> Job:
+def streamed_job(root: Path, shards: int = 1, shuffle_buffer: int = 0, **training: Any) -> Job:
     """A causal_lm job reading its 64 training rows with ``data.streaming`` (rows and evaluation rows
-    under other column names); ``training`` must give ``max_steps``."""
+    under other column names): from ``renamed.jsonl``, or with ``shards`` > 1 from the pattern
+    ``renamed-*.jsonl`` of that many files (of uneven sizes); ``shuffle_buffer``:
+    ``data.shuffle_buffer``. ``training`` must give ``max_steps``."""
     job = make_job(root, "causal_lm", **training)
-    write_jsonl(root / "renamed.jsonl", renamed(read_rows(job.train)))
+    rows = renamed(read_rows(job.train))
+    train = str(root / "renamed.jsonl")
+    if shards == 1:
+        write_jsonl(train, rows)
+    else:
+        train = str(root / "renamed-*.jsonl")
+        cuts = [0, *(len(rows) * (i + 1) // (shards + 1) for i in range(shards - 1)), len(rows)]
+        for index, (start, end) in enumerate(zip(cuts, cuts[1:])):
+            write_jsonl(root / f"renamed-{index:05d}.jsonl", rows[start:end])
     write_jsonl(root / "renamed_eval.jsonl", renamed(read_rows(job.eval)))
-    return with_data(job, {"train": str(root / "renamed.jsonl"), "eval": str(root / "renamed_eval.jsonl"),
-                           "streaming": True,
+    return with_data(job, {"train": train, "eval": str(root / "renamed_eval.jsonl"), "streaming": True,
+                           "shuffle_buffer": shuffle_buffer,
                            "columns": {"prompt": "question", "completion": "answer"}})

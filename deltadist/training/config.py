@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import yaml
 
 from deltadist.api.auto import AutoDeltaConfig
 from deltadist.core.quantized import SCHEMES
 from deltadist.engines import ENGINES
 from deltadist.errors import ConfigError
 from deltadist.training.config_files import apply_override, read_config_file
+from deltadist.training.config_schema import (
+    build,
+    check_choice,
+    check_finite,
+    check_positive,
+    fields_help,
+)
 from deltadist.training.eval_metrics import GENERATION_METRICS, task_metrics
 from deltadist.training.reporters import REPORT_TO, missing_packages
 from deltadist.training.sources import parse_sources
@@ -67,10 +68,10 @@ class ModelConfig:
                                 "'deltadist[quantize]'), read one at a time; engines plain, ddp, fsdp2")
 
     def __post_init__(self) -> None:
-        _check_positive(self, "model", "max_length")
-        _check_choice(self.dtype, DTYPES, "model.dtype")
+        check_positive(self, "model", "max_length")
+        check_choice(self.dtype, DTYPES, "model.dtype")
         if self.quantize is not None:
-            _check_choice(self.quantize, SCHEMES, "model.quantize")
+            check_choice(self.quantize, SCHEMES, "model.quantize")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1) or null, got {self.dropout!r}.")
 
@@ -79,7 +80,8 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from and how they are batched."""
 
-    train: str | list[Any] = _key(BUILTIN_DATA, "training rows: a JSON Lines, JSON, CSV or Parquet file, a "
+    train: str | list[Any] = _key(BUILTIN_DATA, "training rows: a JSON Lines, JSON, CSV or Parquet file "
+                                  "(or a glob pattern of them, e.g. shards/train-*.jsonl), a "
                                   "datasets.save_to_disk folder, or a dataset in the local datasets cache "
                                   "(user/name or user/name:split); or a list of sources {path, weight, "
                                   f"columns, config}} mixed by weight; {BUILTIN_DATA}: the built-in topics")
@@ -96,8 +98,11 @@ class DataConfig:
     packing: bool = _key(False, "causal_lm: pack whole examples into rows of model.max_length tokens, "
                          "each example attending only to itself")
     sort_by_length: bool = _key(False, "batch examples of similar length together (less padding)")
-    streaming: bool = _key(False, "read data.train (one .jsonl, .csv or .parquet file) row by row as the run "
-                           "goes, in file order, each rank its rows; needs training.max_steps")
+    streaming: bool = _key(False, "read data.train (a .jsonl, .csv or .parquet file, or a glob pattern of "
+                           "them) row by row as the run goes, each rank its rows; needs training.max_steps")
+    shuffle_buffer: int = _key(0, "data.streaming: shuffle the files' order and their rows through a buffer "
+                               "of this many rows, a function of training.seed and the pass over the files; "
+                               "0: the files' order")
     train_size: int = _key(1000, f"{BUILTIN_DATA} only: training sentences")
     test_size: int = _key(300, f"{BUILTIN_DATA} only: test sentences")
     seed: int = _key(0, f"{BUILTIN_DATA} only: the seed that generates the sentences")
@@ -121,7 +126,7 @@ class DataConfig:
                               "set data.columns: {} or point data.train at your rows.")
         if self.labels is not None and not all(isinstance(x, str) for x in self.labels):
             raise ConfigError(f"data.labels must be a list of names, got {self.labels!r}.")
-        _check_positive(self, "data", "train_size", "test_size")
+        check_positive(self, "data", "train_size", "test_size")
 
     @property
     def builtin(self) -> bool:
@@ -172,50 +177,24 @@ class TrainingConfig:
                                 "written")
 
     def __post_init__(self) -> None:
-        _check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
+        check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
                         "max_steps", "micro_batch_size", "gradient_accumulation_steps", "save_every",
                         "keep_last", "eval_every", "max_grad_norm", "loraplus_lr_ratio", "patience",
                         "eval_max_new_tokens")
-        _check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
+        check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
         if self.eval_generation is not None:
-            _check_choice(self.eval_generation, GENERATION_METRICS, "training.eval_generation")
+            check_choice(self.eval_generation, GENERATION_METRICS, "training.eval_generation")
         if self.patience is not None and self.eval_every is None:
             raise ConfigError("training.patience counts evaluations, which training.eval_every sets; set "
                               "training.eval_every, or training.patience: null.")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("training.warmup_steps and training.weight_decay must not be negative.")
         for name in self.report_to:
-            _check_choice(name, REPORT_TO, "training.report_to")
+            check_choice(name, REPORT_TO, "training.report_to")
             if missing := missing_packages(name):
                 raise ConfigError(f"training.report_to: {name} needs {', '.join(missing)}, not installed "
                                   f"here: pip install 'deltadist[track]', or remove {name} from "
                                   "training.report_to.")
-
-
-def _check_positive(section: Any, prefix: str, *names: str) -> None:
-    """Each named field is positive (or ``None``, for the optional ones)."""
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{prefix}.{name} must be positive, got {value!r}.")
-
-
-def _check_finite(value: Any, name: str) -> None:
-    """Every float in ``value`` (a number, or a mapping or list of them) is finite: not nan or inf."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}; give a number "
-                          "(nan and inf are not values a job can train with).")
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_finite(item, f"{name}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_finite(item, f"{name}[{index}]")
-
-
-def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}.")
 
 
 def _default_delta() -> dict[str, Any]:
@@ -242,7 +221,7 @@ class TrainConfig:
     output_dir: str = _key("runs/minilm_lora", "where the delta, checkpoints/ and metrics go")
 
     def __post_init__(self) -> None:
-        _check_choice(self.task, TASKS, "task")
+        check_choice(self.task, TASKS, "task")
         if self.engine not in ENGINES:
             raise ConfigError(
                 f"engine: unknown engine {self.engine!r}; available engines: {', '.join(ENGINES)}."
@@ -255,7 +234,7 @@ class TrainConfig:
             raise ConfigError(f"data.packing applies to task causal_lm only (task is {self.task}); "
                               "set data.packing: false.")
         self._check_evaluation()
-        _check_finite(self.delta, "delta")
+        check_finite(self.delta, "delta")
         try:
             AutoDeltaConfig.from_dict(self.delta)
         except ConfigError as err:
@@ -284,18 +263,22 @@ class TrainConfig:
 
 
 def _check_streaming(cfg: TrainConfig) -> None:
-    """``data.streaming`` reads one file in its order, for a known number of steps."""
+    """``data.streaming`` reads one file or pattern of files as it goes, for a known number of steps."""
     data = cfg.data
+    if data.shuffle_buffer < 0 or (data.shuffle_buffer and not data.streaming):
+        raise ConfigError(f"data.shuffle_buffer: {data.shuffle_buffer} must be 0 or more, and shuffles "
+                          "streamed rows only (without data.streaming every epoch is shuffled whole); "
+                          "set data.shuffle_buffer: 0, or data.streaming: true.")
     if not data.streaming:
         return
     problem = None
     if cfg.training.max_steps is None:
         problem = "the rows are not counted ahead, so the run's length is training.max_steps; set it"
     elif not isinstance(data.train, str) or data.builtin:
-        problem = ("it reads one file; set data.train to a .jsonl, .csv or .parquet file (sources are "
-                   "not mixed)")
+        problem = ("it reads one file or a glob pattern of files; set data.train to a .jsonl, .csv or "
+                   ".parquet file or pattern (sources are not mixed)")
     elif data.packing or data.sort_by_length:
-        problem = ("rows are trained in file order as they are read; set data.packing and "
+        problem = ("rows are trained in the order they are read; set data.packing and "
                    "data.sort_by_length false")
     elif cfg.task == "sequence_classification" and data.labels is None:
         problem = "the class names cannot be collected from rows not yet read; set data.labels"
@@ -305,21 +288,7 @@ def _check_streaming(cfg: TrainConfig) -> None:
 
 def keys_help() -> str:
     """Every config key with its default and help text, for ``deltadist train --help``."""
-    lines: list[str] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = "null" if default is None else yaml.safe_dump(
-                default, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
-            lines.append(f"  {prefix}{f.name} (default {shown}): {f.metadata.get('help', '')}")
-
-    walk(TrainConfig, "")
-    return "\n".join(lines)
+    return fields_help(TrainConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -340,58 +309,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 def from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     """Build a :class:`TrainConfig` from nested dicts, checking keys and value types."""
-    return _build(TrainConfig, raw, "")
+    return build(TrainConfig, raw, "")
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     """Plain nested dicts (YAML/JSON-able)."""
     return copy.deepcopy(dataclasses.asdict(config))
-
-
-def _build(cls: type, raw: Any, section: str) -> Any:
-    """``cls(**raw)`` after checking ``raw``'s keys and values; ``section`` is its dotted name."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{section or 'the config'} must be a mapping, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [str(k) for k in raw if k not in valid]
-    if unknown:
-        hints_text = "".join(
-            f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, valid, n=1)) else ""
-            for k in unknown[:1]
-        )
-        raise ConfigError(
-            f"Unknown key(s) in {section or 'the config'}: {', '.join(unknown)}{hints_text}. "
-            f"Valid keys: {', '.join(valid)}."
-        )
-    return cls(**{
-        key: _value(hints[key], value, f"{section}.{key}" if section else key)
-        for key, value in raw.items()
-    })
-
-
-def _value(hint: Any, value: Any, name: str) -> Any:
-    """``value`` checked against the field type ``hint`` (ints are accepted as floats)."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, name)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # ``X | None``
-        arms = [arm for arm in typing.get_args(hint) if arm is not type(None)]
-        if value is None and len(arms) < len(typing.get_args(hint)):
-            return None
-        if len(arms) == 1:
-            return _value(arms[0], value, name)
-        for arm in arms:  # ``str | list[...]``: the arm whose type the value has
-            if isinstance(value, typing.get_origin(arm) or arm) and not isinstance(value, bool):
-                return _value(arm, value, name)
-        kinds = " or ".join((typing.get_origin(arm) or arm).__name__ for arm in arms)
-        raise ConfigError(f"{name} must be of type {kinds}, got {value!r}.")
-    expected = typing.get_origin(hint) or hint
-    if expected is float and not isinstance(value, bool) and isinstance(value, (int, str)):
-        try:  # YAML 1.1 reads "1e-3" as a string
-            value = float(value)
-        except (ValueError, OverflowError):
-            pass
-    if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
-        raise ConfigError(f"{name} must be of type {expected.__name__}, got {value!r}.")
-    _check_finite(value, name)
-    return value

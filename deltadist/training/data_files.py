@@ -1,21 +1,23 @@
 """Reading a split of the user's data for ``deltadist train`` (``data.train``, ``data.eval``) into a
 ``datasets.Dataset``, with every problem a one-line :class:`ConfigError`.
 
-A split is a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder written by ``save_to_disk``,
-or the name of a dataset in the local ``datasets`` cache (``user/name``, ``user/name:split``; read
-offline unless ``HF_HUB_OFFLINE=0``). What the rows must hold, and turning them into token ids, is
+A split is a ``.jsonl``/``.json``/``.csv``/``.parquet`` file (or a glob pattern of such files, read
+one after another in sorted order), a folder written by ``save_to_disk``, or the name of a dataset
+in the local ``datasets`` cache (``user/name``, ``user/name:split``; read offline unless
+``HF_HUB_OFFLINE=0``). What the rows must hold, and turning them into token ids, is
 :mod:`deltadist.training.text_data`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from deltadist.errors import ConfigError
 from deltadist.training.text_data import TEXT_FIELDS
@@ -49,7 +51,9 @@ def load_split(path: str | os.PathLike, key: str, config: str | None = None) -> 
     """
     shown = os.fspath(path)
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and is_pattern(shown):
+        dataset = _load_files(matching_files(shown, key), shown, key)
+    elif not path.exists():
         if _is_dataset_name(shown):
             dataset = _load_named(shown, config, key)
         else:
@@ -62,7 +66,60 @@ def load_split(path: str | os.PathLike, key: str, config: str | None = None) -> 
     return dataset
 
 
-def stream_rows(path: str, key: str) -> Iterator[dict[str, Any]]:
+def is_pattern(spec: str) -> bool:
+    """Whether ``spec`` is a glob pattern (``shards/train-*.jsonl``) rather than one path."""
+    return any(char in spec for char in "*?[")
+
+
+def matching_files(pattern: str, key: str, suffixes: Iterable[str] = tuple(_BUILDERS)) -> list[Path]:
+    """The files ``pattern`` matches (``**`` crosses folders), sorted by path: shards named
+    ``train-00000-of-00008.jsonl`` ... come in their order.
+
+    Raises:
+        ConfigError: nothing matches, or the files are of several kinds, or of a kind not in
+            ``suffixes``.
+    """
+    matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+    files = sorted(Path(name) for name in matched if os.path.isfile(name))
+    kinds = sorted({file.suffix.lower() or "no extension" for file in files})
+    readable = ", ".join(suffixes)
+    if not files:
+        problem = "matches no file; fix the pattern (relative paths are from the directory you run in)"
+    elif len(kinds) > 1 or kinds[0] not in suffixes:
+        problem = (f"matches {', '.join(kinds)} files; make it match files of one kind, one of {readable} "
+                   f"(e.g. {pattern.rsplit('.', 1)[0]}{next(iter(suffixes))})")
+    else:
+        return files
+    raise ConfigError(f"{key}: the pattern {pattern} {problem}.")
+
+
+def _load_files(files: list[Path], shown: str, key: str) -> datasets.Dataset:
+    """The rows of ``files`` (of one kind), one file after another."""
+    import datasets
+
+    parts = [_load_file(file, os.fspath(file), key) for file in files]
+    for file, part in zip(files[1:], parts[1:]):
+        if part.features != parts[0].features:
+            raise ConfigError(f"{key}: {file} holds other columns than {files[0]} ({_columns(part)} vs "
+                              f"{_columns(parts[0])}); the files {shown} matches must hold the same columns.")
+    return datasets.concatenate_datasets(parts)
+
+
+def _columns(dataset: datasets.Dataset) -> str:
+    """``"text: string, label: int64"``."""
+    return ", ".join(f"{name}: {getattr(feature, 'dtype', type(feature).__name__)}"
+                     for name, feature in dataset.features.items())
+
+
+def streamed_files(spec: str, key: str) -> list[str]:
+    """The files ``data.streaming`` reads for ``spec``: the ``.jsonl``, ``.csv`` or ``.parquet`` files
+    a glob pattern matches, in sorted order, or the one file it names (checked as it is read)."""
+    if is_pattern(spec) and not Path(spec).exists():
+        return [os.fspath(file) for file in matching_files(spec, key, _STREAMED)]
+    return [spec]
+
+
+def stream_rows(path: str | os.PathLike, key: str) -> Iterator[dict[str, Any]]:
     """The rows of the ``.jsonl``, ``.csv`` or ``.parquet`` file at ``path``, one at a time, never the
     whole file in memory (``datasets``' streaming readers; CSV text columns read as strings).
 

@@ -82,7 +82,7 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
     dtype, resumed = _check(cfg, world_size, resume)
     rows = load_rows(cfg)
     if cfg.data.streaming:  # the first global batch's rows, as the run checks them before its weights
-        RowStream(cfg.data.train, cfg.data.columns, 0, 1, t.batch_size).check_first(cfg.task, rows.labels)
+        RowStream.of_job(cfg, 0, 1).check_first(cfg.task, rows.labels)
     loaded = plan_model(cfg.model, cfg.task, rows.labels, dtype)
     data = tokenize(rows, cfg, loaded.tokenizer)
     plan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size,

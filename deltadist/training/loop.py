@@ -125,8 +125,7 @@ class _Job:
                 check_generation_rows(part.dataset, part.chat is not None, part.shown)
         self.stream = None  # data.streaming: this rank's rows are read as the run goes
         if cfg.data.streaming:
-            self.stream = RowStream(cfg.data.train, cfg.data.columns, engine.rank, engine.world_size,
-                                    t.batch_size)
+            self.stream = RowStream.of_job(cfg, engine.rank, engine.world_size)
             self.stream.check_first(cfg.task, rows.labels)  # the first step's rows, as far as can be
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)

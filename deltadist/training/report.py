@@ -137,7 +137,9 @@ def _plan_table(run: DryRun) -> Table:
     train_tokens, eval_tokens = run.tokens
     packed = f", {run.examples:,} packed examples" if run.examples != train_rows else ""
     if run.cfg.data.streaming:
-        table.add_row("train data", Text(f"streamed from {run.cfg.data.train} in file order: "
+        buffer = run.cfg.data.shuffle_buffer
+        order = f"shuffled through a buffer of {buffer:,} rows" if buffer else "in file order"
+        table.add_row("train data", Text(f"streamed from {run.cfg.data.train} {order}: "
                                          f"{plan.total_steps * plan.batch_size:,} rows read over the run "
                                          "(not counted ahead; the first step's rows checked)"))
     else:

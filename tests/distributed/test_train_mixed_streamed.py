@@ -1,8 +1,8 @@
 """``deltadist train`` on 2 gloo ranks, on several sources mixed by weight (JSON Lines under other
-column names, a save_to_disk folder, a dataset in the local datasets cache) or on a streamed file
-(each rank reading its own rows): the ranks train on the rows one process trains on and end with
-its delta, and a run resumed from a mid-run checkpoint ends with the delta of the run that was not
-interrupted. Slow grid: DDP and FSDP2."""
+column names, a save_to_disk folder, a dataset in the local datasets cache) or streamed from three
+files through a shuffle buffer (each rank reading its own rows): the ranks train on the rows one
+process trains on and end with its delta, and a run resumed from a mid-run checkpoint ends with the
+delta of the run that was not interrupted. Slow grid: DDP and FSDP2."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_two_ranks_train_and_resume_the_single_process_delta(
     if data == "mixed":
         job = mixed_job(tmp_path / "job", cache=cache, epochs=2, **JOB)
     else:
-        job = streamed_job(tmp_path / "job", max_steps=16, **JOB)
+        job = streamed_job(tmp_path / "job", shards=3, shuffle_buffer=8, max_steps=16, **JOB)
     assert main(["train", "--config", str(job.config)]) == 0
     expected = json.loads((job.root / "run" / "metrics.json").read_text())
 

@@ -78,6 +78,11 @@ def test_a_streamed_file_trains_for_max_steps(tmp_path: Path, capsys: pytest.Cap
     out = " ".join(capsys.readouterr().out.split())
     assert f"streamed from {tmp_path / 'renamed.jsonl'} in file order: 80 rows read over the run" in out
     assert "10 steps (10 an epoch, max_steps 10)" in out
+    shuffled = streamed_job(tmp_path / "shuffled", shards=3, shuffle_buffer=16, max_steps=10)
+    assert main(["train", "--config", str(shuffled.config), "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    pattern = tmp_path / "shuffled" / "renamed-*.jsonl"
+    assert f"streamed from {pattern} shuffled through a buffer of 16 rows: 80 rows read over the run" in out
     assert main(["train", "--config", str(job.config)]) == 0
     metrics = json.loads((job.root / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
@@ -103,10 +108,11 @@ raise SystemExit("not killed")
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["mixed", "streamed"])
 def test_a_killed_run_resumes_to_the_uninterrupted_delta(data: str, tmp_path: Path) -> None:
-    """16 steps (the streamed file wraps around after 8), killed during step 7, resumed from step 6."""
+    """16 steps (the streamed files, shuffled, wrap around after 8), killed during step 7, resumed
+    from step 6."""
     training = {"save_every": 3, "warmup_steps": 2, "scheduler": "cosine"}
     make = mixed_job if data == "mixed" else streamed_job
-    training.update({"epochs": 2} if data == "mixed" else {"max_steps": 16})
+    training.update({"epochs": 2} if data == "mixed" else {"max_steps": 16, "shards": 2, "shuffle_buffer": 8})
     whole = make(tmp_path / "whole", **training)
     assert main(["train", "--config", str(whole.config)]) == 0
     job = make(tmp_path / "killed", **training)

@@ -66,6 +66,34 @@ def test_a_missing_file_is_still_a_missing_file(cache: Path, tmp_path: Path) -> 
         assert _error(lambda: load_split(path, "data.train")).startswith(f"data.train: {path} does not exist")
 
 
+# --- glob patterns ---------------------------------------------------------------------------------
+
+def test_a_pattern_reads_its_files_one_after_another_in_sorted_order(cache: Path, tmp_path: Path) -> None:
+    for index in (2, 0, 1):
+        write_jsonl(tmp_path / f"train-{index}.jsonl", [{"text": f"{index}.{n}"} for n in range(2)])
+    write_jsonl(tmp_path / "eval-0.jsonl", [{"text": "not a training row"}])
+    rows = load_split(str(tmp_path / "train-*.jsonl"), "data.train")
+    assert rows["text"][:] == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
+    rows = load_rows(_job(tmp_path, {"train": str(tmp_path / "train-[01].jsonl")})).train[0].dataset
+    assert rows["text"][:] == ["0.0", "0.1", "1.0", "1.1"]
+
+
+def test_a_pattern_needs_files_of_one_kind_with_the_same_columns(cache: Path, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "label": "y"}])
+    assert _error(lambda: load_split(str(tmp_path / "*.jsonl"), "data.train")) == (
+        f"data.train: {tmp_path / 'b.jsonl'} holds other columns than {tmp_path / 'a.jsonl'} (text: string, "
+        f"label: string vs text: string); the files {tmp_path / '*.jsonl'} matches must hold the same "
+        "columns.")
+    (tmp_path / "c.txt").write_text("x")
+    assert _error(lambda: load_split(str(tmp_path / "[ac].*"), "data.train")) == (
+        f"data.train: the pattern {tmp_path / '[ac].*'} matches .jsonl, .txt files; make it match files of "
+        f"one kind, one of .jsonl, .json, .csv, .parquet (e.g. {tmp_path / '[ac]'}.jsonl).")
+    assert _error(lambda: load_split(str(tmp_path / "none-*.csv"), "data.eval")) == (
+        f"data.eval: the pattern {tmp_path / 'none-*.csv'} matches no file; fix the pattern (relative paths "
+        "are from the directory you run in).")
+
+
 # --- column mapping --------------------------------------------------------------------------------
 
 def _job(tmp_path: Path, data: dict[str, Any], task: str = "causal_lm") -> Any:
