@@ -232,14 +232,29 @@ def check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
     Raises:
         BackboneMismatchError: another checkpoint or architecture (the differing tensors named).
     """
-    unfrozen = config.unfrozen_modules or [DELTAS_KEYWORD]
-    skip = select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone))
-    actual = backbone_fingerprint(backbone, detect_engine(backbone), skip)
+    engine = detect_engine(backbone)
+    actual = backbone_fingerprint(backbone, engine, carried_parameters(config, backbone))
     if actual is None:  # on the meta device: nothing to compare yet
         return
+    problem = fingerprint_mismatch(config, actual, engine.model_class_name(backbone))
+    if problem is not None:
+        raise BackboneMismatchError(f"{problem} Load the backbone checkpoint it was trained on, or pass "
+                                    "check_hash=False to load it anyway.")
+
+
+def carried_parameters(config: DeltaConfig, backbone: nn.Module) -> set[str]:
+    """Canonical names of the backbone parameters a delta saved with ``config`` carries (its
+    ``unfrozen_modules``): left out of the fingerprint, as the delta overwrites them."""
+    unfrozen = config.unfrozen_modules or [DELTAS_KEYWORD]
+    return set(select_kept_parameters(backbone, unfrozen, mechanisms.delta_parameter_ids(backbone)))
+
+
+def fingerprint_mismatch(config: DeltaConfig, actual: Fingerprint, here: str) -> str | None:
+    """How the backbone (of class ``here``) with fingerprint ``actual`` differs from the one the delta
+    saved with ``config`` was trained on, in a sentence; ``None``: the same (in any dtype)."""
     differing = actual.differing_tensors(str(config.backbone_hash), config.backbone_samples)
     if not differing:
-        return
+        return None
     if differing == [STRUCTURE_DIFFERS]:
         what = "another architecture (parameter names or shapes differ)"
     elif differing == [DIGEST_DIFFERS]:
@@ -249,12 +264,8 @@ def check_fingerprint(config: DeltaConfig, backbone: nn.Module) -> None:
         shown = ", ".join(differing[:5]) + (f", ... {len(differing) - 5} more" if len(differing) > 5 else "")
         what = f"another checkpoint ({len(differing)} tensors differ: {shown})"
     trained_on = config.backbone_class or "backbone"
-    here = detect_engine(backbone).model_class_name(backbone)
     this = f"this {here}" if here != trained_on else "this backbone"
-    raise BackboneMismatchError(
-        f"This delta was trained on a {trained_on}: {this} is {what}. "
-        "Load the backbone checkpoint it was trained on, or pass check_hash=False to load it anyway."
-    )
+    return f"This delta was trained on a {trained_on}: {this} is {what}."
 
 
 def _name_or_path(model: nn.Module) -> str | None:

@@ -66,6 +66,9 @@ def add_parsers(commands: Any) -> None:
     merging.add_argument("--dtype", choices=DTYPES, help="the written weights' dtype (default: as stored)")
     merging.add_argument("--max-shard-size", type=int, default=2048, metavar="MB",
                          help="largest output shard in MiB (default 2048)")
+    merging.add_argument("--no-check-hash", dest="check_hash", action="store_false",
+                         help="merge even if the checkpoint is not the one the delta was trained on "
+                              "(its fingerprint, read from a few values of each tensor, differs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +178,8 @@ def _merge(args: argparse.Namespace) -> tuple[str, str]:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     model, model_dir, delta_dir, within = _merge_inputs(args)
     report = merge_checkpoint(model, model_dir, delta_dir, args.out, dtype,
-                              max_shard_bytes=args.max_shard_size * 1024 ** 2, within=within)
+                              max_shard_bytes=args.max_shard_size * 1024 ** 2, within=within,
+                              check_hash=args.check_hash)
     what = f"the {within} of " if within else ""
     return str(report.directory), (f"{what}{model_dir} with the delta merged into {report.sites} sites: "
                                    f"{report.tensors:,} tensors in {report.shards} shard(s)")

@@ -33,7 +33,7 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -201,19 +201,35 @@ def backbone_fingerprint(
         skip_names: canonical names left out (backbone parameters a delta checkpoint carries).
     """
     engine.settle(backbone)
-    skip = set(skip_names)
-    delta_params = {id(p) for m in delta_modules(backbone).values() for p in m.parameters()}
-    digest, structure = hashlib.sha256(), hashlib.sha256()
-    names: list[str] = []
-    counts: list[int] = []
-    kept = [(name, param, engine.logical_shape(param))
-            for name, param in sorted(canonical_parameters(backbone).items())
-            if name not in skip and id(param) not in delta_params]
+    kept = fingerprinted_parameters(backbone, skip_names, engine.logical_shape)
     # All tensors' samples in one request: a sharding engine sums them in one collective per group.
     sampled = engine.sample_many([(param, sample_positions(shape.numel())) for _, param, shape in kept
                                   if shape.numel() > 0])
     if any(values is None for values in sampled):
         return None
+    return fingerprint_of([(name, shape) for name, _, shape in kept], sampled)
+
+
+def fingerprinted_parameters(
+    backbone: nn.Module, skip_names: Iterable[str] = (),
+    logical_shape: Callable[[nn.Parameter], torch.Size] = lambda param: param.shape,
+) -> list[tuple[str, nn.Parameter, torch.Size]]:
+    """``(canonical name, parameter, logical shape)`` of each parameter a fingerprint covers, sorted
+    by name: the backbone's own, less ``skip_names`` and the parameters of attached deltas."""
+    skip = set(skip_names)
+    delta_params = {id(p) for m in delta_modules(backbone).values() for p in m.parameters()}
+    return [(name, param, logical_shape(param))
+            for name, param in sorted(canonical_parameters(backbone).items())
+            if name not in skip and id(param) not in delta_params]
+
+
+def fingerprint_of(kept: list[tuple[str, torch.Size]], sampled: list[torch.Tensor]) -> Fingerprint:
+    """The fingerprint of tensors ``kept`` (sorted ``(name, logical shape)``) whose samples at
+    :func:`sample_positions` are ``sampled`` (float64, one per non-empty tensor, in order): from a
+    model's parameters, or read from a checkpoint's files."""
+    digest, structure = hashlib.sha256(), hashlib.sha256()
+    names: list[str] = []
+    counts: list[int] = []
     # One conversion for all samples (not a few small ops per tensor): the digest rounds the
     # float64 samples to bf16 as checkpoints' backbone_hash always has, so old checkpoints (digest
     # only) still compare equal.
@@ -222,7 +238,7 @@ def backbone_fingerprint(
     samples = every.to(torch.float32).tolist()
     sizes = iter(len(values) for values in sampled)
     start = 0
-    for name, _, shape in kept:
+    for name, shape in kept:
         entry = f"{name}:{tuple(shape)};".encode()
         digest.update(entry)
         structure.update(entry)

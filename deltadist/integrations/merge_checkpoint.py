@@ -5,7 +5,9 @@ The backbone is built on ``meta`` and the delta attached there, its own tensors 
 checkpoint. Then each site the delta modifies gets its weights read from the checkpoint (memory-
 mapped safetensors), the delta folded in as ``merge()`` folds it, and the result written out; every
 other tensor is copied through. So memory holds the delta, one site's weights and one output shard
-at a time: a checkpoint larger than memory merges. The output is a ``save_pretrained`` directory
+at a time: a checkpoint larger than memory merges. Before that, the checkpoint's fingerprint is
+checked against the one the delta saved, from the few values of each tensor it samples (one-value
+reads from the mapped files). The output is a ``save_pretrained`` directory
 of the model's class (``config.json`` naming it, sharded safetensors with their index, the source's
 tokenizer and other files), which plain ``from_pretrained`` loads with no deltadist installed.
 """
@@ -27,10 +29,16 @@ from torch import nn
 from deltadist.addressing.names import canonical_name
 from deltadist.api.auto import AutoDeltaModel
 from deltadist.api.delta_base import DeltaBase
+from deltadist.api.saving import carried_parameters, fingerprint_mismatch
 from deltadist.core.attach import Attachment
 from deltadist.core.delta_module import DeltaModule
+from deltadist.core.fingerprint import (
+    fingerprint_of,
+    fingerprinted_parameters,
+    sample_positions,
+)
 from deltadist.engines import Engine
-from deltadist.errors import CheckpointError, SiteError
+from deltadist.errors import BackboneMismatchError, CheckpointError, SiteError
 from deltadist.io import checkpoint
 from deltadist.io.backbone_weights import (
     checkpoint_files,
@@ -41,6 +49,8 @@ from deltadist.io.backbone_weights import (
 
 MAX_SHARD_BYTES = 2 * 1024 ** 3
 """Output shards of at most this many bytes (a tensor larger than it gets a shard of its own)."""
+SMALL_TENSOR = 1 << 16
+"""Tensors of at most this many values are read whole for their fingerprint samples."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".pt", ".pth")
 
 
@@ -56,7 +66,8 @@ class MergeReport:
 
 def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: str | os.PathLike,
                      out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                     max_shard_bytes: int = MAX_SHARD_BYTES, within: str = "") -> MergeReport:
+                     max_shard_bytes: int = MAX_SHARD_BYTES, within: str = "",
+                     check_hash: bool = True) -> MergeReport:
     """Write ``model_dir``'s checkpoint with the delta in ``delta_dir`` merged into its weights to
     ``out_dir`` (which must not exist or be empty), one site at a time.
 
@@ -67,16 +78,21 @@ def merge_checkpoint(model: nn.Module, model_dir: str | os.PathLike, delta_dir: 
         within: the submodule the checkpoint is of, where ``model`` is no transformers class (the
             built-in job's classifier: its ``encoder``); the output is then a checkpoint of that
             submodule, the parameters outside it (the head) written beside its own, by their names.
+        check_hash: refuse a checkpoint other than the one the delta was trained on (as
+            ``from_finetuned`` does; any dtype of it is the same checkpoint).
 
     Raises:
         SiteError: a site has no merged form (adapters, prefixes...: keep the delta attached).
         CheckpointError: the checkpoint lacks a tensor the model has, or ``out_dir`` holds files.
+        BackboneMismatchError: ``check_hash`` and another checkpoint (the differing tensors named).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; give a new directory for the merged checkpoint.")
     delta, saved = _attach_on_meta(model, Path(delta_dir))
     source = _Source(model, model_dir, within)
+    if check_hash:
+        _check_backbone(model, delta, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -110,6 +126,39 @@ class _Source:
 
     def read(self, key: str) -> torch.Tensor:
         return self.handles[self.where[key]].get_tensor(key)
+
+    def sample(self, name: str, shape: torch.Size, positions: torch.Tensor) -> torch.Tensor:
+        """Parameter ``name``'s values at flat ``positions`` (float64, ``(len(positions),)``), read one
+        value at a time from the mapped file (a small tensor whole); NaN, a value the fingerprint
+        cannot know, where the checkpoint does not hold it (the merge then names it missing)."""
+        key = self.key_of(name)
+        if key is None:
+            return torch.full((len(positions),), float("nan"), dtype=torch.float64)
+        stored = self.handles[self.where[key]].get_slice(key)
+        if tuple(stored.get_shape()) != tuple(shape):
+            raise CheckpointError(f"{key} in {self.where[key]} has shape {tuple(stored.get_shape())}, the "
+                                  f"model's {name} {tuple(shape)}: merge onto the checkpoint the delta was "
+                                  "trained on.")
+        if shape.numel() <= SMALL_TENSOR:
+            return self.read(key).flatten()[positions].double()
+        index = torch.stack(torch.unravel_index(positions, shape), dim=1).tolist()
+        return torch.stack([stored[tuple(slice(i, i + 1) for i in at)].reshape(()) for at in index]).double()
+
+
+def _check_backbone(model: nn.Module, delta: DeltaBase, source: _Source) -> None:
+    """Refuse a checkpoint whose fingerprint, read from its files, differs from the delta's.
+
+    Raises:
+        BackboneMismatchError: another checkpoint or architecture (the differing tensors named).
+    """
+    kept = fingerprinted_parameters(model, carried_parameters(delta.config, model))
+    sampled = [source.sample(name, shape, sample_positions(shape.numel())) for name, _, shape in kept
+               if shape.numel() > 0]
+    actual = fingerprint_of([(name, shape) for name, _, shape in kept], sampled)
+    problem = fingerprint_mismatch(delta.config, actual, delta.engine.model_class_name(model))
+    if problem is not None:
+        raise BackboneMismatchError(f"{problem} Merge it into the checkpoint it was trained on, or pass "
+                                    "check_hash=False (deltadist merge --no-check-hash) to merge anyway.")
 
 
 def _write_tensors(model: nn.Module, delta: DeltaBase, saved: dict[str, torch.Tensor], source: _Source,

@@ -1,7 +1,7 @@
 """``deltadist merge``: a saved delta folded into its backbone's checkpoint, one site at a time,
 written as a plain transformers checkpoint that ``from_pretrained`` loads to the outputs of the
 backbone with the delta attached (sharded output, a kept task head, a dtype); deltas without a
-merged form are refused in one line."""
+merged form, and checkpoints other than the delta's (by its fingerprint), are refused in one line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -22,6 +23,7 @@ from transformers import (
 
 from deltadist import AutoDeltaModel
 from deltadist.cli.main import main
+from deltadist.integrations import merge_checkpoint
 
 IDS = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -97,3 +99,32 @@ def test_a_delta_without_a_merged_form_is_refused_in_one_line(tmp_path: Path) ->
                            "--out", str(tmp_path / "merged")])
     assert status == 2 and err.count("\n") == 1 and "cannot be merged" in err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("small", [merge_checkpoint.SMALL_TENSOR, 0], ids=["whole", "one-value reads"])
+def test_another_checkpoint_is_refused_unless_no_check_hash(small: int, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint is read from the checkpoint's files (small tensors whole, others one value
+    at a time): the delta's own checkpoint and its bf16 copy merge, another one is named."""
+    monkeypatch.setattr(merge_checkpoint, "SMALL_TENSOR", small)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
+    for seed, name in ((0, "model"), (1, "other")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+    LlamaForCausalLM.from_pretrained(tmp_path / "model").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "model").eval()
+    _trained(model, {"delta_type": "lora", "modified_modules": ["q_proj", "v_proj"]}, tmp_path / "delta")
+
+    def merge(source: str, *flags: str) -> tuple[int, str]:
+        status, _, err = _cli(["merge", "--model", str(tmp_path / source), "--delta", str(tmp_path / "delta"),
+                               "--out", str(tmp_path / f"merged-{source}{len(flags)}"), *flags])
+        return status, err
+
+    assert merge("model") == (0, "") and merge("bf16") == (0, "")
+    status, err = merge("other")
+    assert status == 2 and err.count("\n") == 1 and not (tmp_path / "merged-other0").exists()
+    assert err.startswith("deltadist merge: error: This delta was trained on a LlamaForCausalLM: this "
+                          "backbone is another checkpoint (")
+    assert "model.embed_tokens.weight" in err and "--no-check-hash" in err
+    assert merge("other", "--no-check-hash") == (0, "")
