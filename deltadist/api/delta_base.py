@@ -18,6 +18,7 @@ from deltadist.api import construction, optimizer_groups, ownership
 from deltadist.api.freezing import FreezeMixin
 from deltadist.api.interactive_setup import setup_interactively
 from deltadist.api.merging import MergeMixin
+from deltadist.api.reporting import ReportMixin
 from deltadist.api.saving import SaveLoadMixin, check_fingerprint
 from deltadist.core import attach as mechanisms
 from deltadist.core import naming
@@ -32,7 +33,7 @@ from deltadist.interactive import picker
 from deltadist.mechanisms.hooks import SPAN
 
 
-class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
+class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin, ReportMixin):
     """Base of every delta model (OpenDelta's API): address, infer shapes, attach, freeze, save.
 
     **A method** is one file that subclasses this, registers with ``@register_method``, and
@@ -326,6 +327,13 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         return all(att.attached for att in self.record.attachments)
 
     @property
+    def state(self) -> str:
+        """``"attached"``, ``"detached"``, ``"merged"`` (folded into the weights) or ``"unloaded"``."""
+        if self.unloaded:
+            return "unloaded"
+        return "merged" if self.merged else "attached" if self.is_attached else "detached"
+
+    @property
     def sites(self) -> list[str]:
         """Canonical names of the modules this delta modifies, in model order."""
         return self.record.site_names
@@ -360,34 +368,9 @@ class DeltaBase(FreezeMixin, MergeMixin, SaveLoadMixin):
         """Logical number of values this delta saves."""
         return sum(self.engine.logical_shape(p).numel() for _, p in self.named_parameters())
 
-    # -- reporting -----------------------------------------------------------------------------
-    def log(self, module: nn.Module | None = None, delta_ratio: bool = True,
-            trainable_ratio: bool = True, visualization: bool = True) -> str:
-        """Print the module tree (sites and deltas marked) and parameter ratios; return the text."""
-        from deltadist.interactive.visualize import log_delta
-
-        return log_delta(self, module if module is not None else self.backbone_model,
-                         delta_ratio=delta_ratio, trainable_ratio=trainable_ratio,
-                         visualization=visualization)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` logical parameter counts of the backbone with its deltas (PEFT's name)."""
-        from deltadist.interactive.visualize import parameter_summary
-
-        summary = parameter_summary(self.backbone_model, self.engine)
-        return summary["trainable"], summary["total"]
-
-    def print_trainable_parameters(self) -> None:
-        """Print ``trainable params: ... || all params: ... || trainable%: ...`` as PEFT does."""
-        trainable, total = self.get_nb_trainable_parameters()
-        share = 100 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
-
     def __repr__(self) -> str:
-        state = "unloaded" if self.unloaded else "merged" if self.merged else \
-            "attached" if self.is_attached else "detached"
         return (f"{type(self).__name__}({self.name!r}, {len(self.sites)} sites, "
-                f"{self.num_parameters():,} parameters, {state})")
+                f"{self.num_parameters():,} parameters, {self.state})")
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(

@@ -342,7 +342,8 @@ def log_delta(delta: Any, module: nn.Module, delta_ratio: bool = True,
     record = delta.record
     summary = parameter_summary(module, delta.engine, {id(p) for p in record.delta_parameters().values()})
     kept = list(dict.fromkeys(name.rpartition(".")[0] or name for name in record.kept_backbone))
-    others = [f"{n} ({d.delta_type})" for n, d in deltas_on(delta.backbone_model).items() if d is not delta]
+    others = [f"{n} ({d.delta_type}, {d.state})" for n, d in deltas_on(delta.backbone_model).items()
+              if d is not delta]
     names = (delta.name, "other deltas on the model: " + ", ".join(others) if others else "")
     parts.append(_summary_table(title, summary, families(module), kept, delta_ratio, trainable_ratio, names))
     return _emit(Group(*parts), echo=True)

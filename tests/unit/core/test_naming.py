@@ -80,7 +80,10 @@ def test_log_shows_the_names(capsys) -> None:
     french = LoraModel(model, lora_r=2, delta_name="french")
     text = french.log(visualization=False)
     assert "Delta name" in text and "french" in text
-    assert f"other deltas on the model: {unnamed.name} (lora)" in text
+    assert f"other deltas on the model: {unnamed.name} (lora, attached)" in text
+    unnamed.detach()  # still on the model (attach() brings it back), and the log says how
+    assert f"other deltas on the model: {unnamed.name} (lora, detached)" in french.log(visualization=False)
+    assert unnamed.state == "detached" and repr(unnamed).endswith(" parameters, detached)")
 
 
 @pytest.mark.parametrize("bad", ["", "  ", " french", 3])
