@@ -87,7 +87,8 @@ def evaluate_run(cfg: TrainConfig, delta_dir: str | os.PathLike, rows: str) -> E
     """The metrics the job ``cfg`` reports (``training.eval_generation``'s too) on the rows at
     ``rows``, for its trained delta in ``delta_dir``: one process, nothing written."""
     raw = to_dict(cfg)
-    raw["data"].update(train=rows, eval=rows, streaming=False, packing=False, sort_by_length=False)
+    raw["data"].update(train=rows, eval=rows, streaming=False, shuffle_buffer=0, packing=False,
+                       sort_by_length=False)
     engine = setup_engine(next(iter(ENGINES)))  # one process
     # An empty output_dir: the run's own holds its checkpoints, which a fresh job would refuse.
     with tempfile.TemporaryDirectory() as scratch:

@@ -70,22 +70,27 @@ def test_mixed_sources_train_and_the_dry_run_shows_each_share(
     assert metrics["steps"] == 16 and metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
 
 
-def test_a_streamed_file_trains_for_max_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streamed_files_train_for_max_steps_and_the_run_evaluates(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     job = streamed_job(tmp_path, max_steps=10, lr=0.02)
     monkeypatch.setenv("COLUMNS", "250")
     assert main(["train", "--config", str(job.config), "--dry-run"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"streamed from {tmp_path / 'renamed.jsonl'} in file order: 80 rows read over the run" in out
     assert "10 steps (10 an epoch, max_steps 10)" in out
-    shuffled = streamed_job(tmp_path / "shuffled", shards=3, shuffle_buffer=16, max_steps=10)
+    shuffled = streamed_job(tmp_path / "shuffled", shards=3, shuffle_buffer=16, max_steps=10, lr=0.01)
     assert main(["train", "--config", str(shuffled.config), "--dry-run"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     pattern = tmp_path / "shuffled" / "renamed-*.jsonl"
     assert f"streamed from {pattern} shuffled through a buffer of 16 rows: 80 rows read over the run" in out
-    assert main(["train", "--config", str(job.config)]) == 0
-    metrics = json.loads((job.root / "run" / "metrics.json").read_text())
+    assert main(["train", "--config", str(shuffled.config)]) == 0
+    metrics = json.loads((shuffled.root / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
+    # The day after: its evaluation rows (under the run's column names) give the run's final loss.
+    scores = tmp_path / "eval.json"
+    rows = ["--data", str(shuffled.root / "renamed_eval.jsonl")]
+    assert main(["eval", "--run", str(shuffled.root / "run"), *rows, "--output", str(scores)]) == 0
+    assert json.loads(scores.read_text())["loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
 
 
 KILL_AT_STEP_7 = """
