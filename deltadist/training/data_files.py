@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from deltadist.errors import ConfigError
 from deltadist.training.text_data import TEXT_FIELDS
@@ -67,11 +67,12 @@ def load_split(path: str | os.PathLike, key: str, config: str | None = None) -> 
 
 
 def is_pattern(spec: str) -> bool:
-    """Whether ``spec`` is a glob pattern (``shards/train-*.jsonl``) rather than one path."""
-    return any(char in spec for char in "*?[")
+    """Whether ``spec`` is a glob pattern (``shards/train-*.jsonl``) rather than one path; a
+    dataset's split may hold brackets (``user/name:train[:10%]``, datasets' slicing), its name not."""
+    return any(char in spec.partition(":")[0] for char in "*?[")
 
 
-def matching_files(pattern: str, key: str, suffixes: Iterable[str] = tuple(_BUILDERS)) -> list[Path]:
+def matching_files(pattern: str, key: str, suffixes: Sequence[str] = tuple(_BUILDERS)) -> list[Path]:
     """The files ``pattern`` matches (``**`` crosses folders), sorted by path: shards named
     ``train-00000-of-00008.jsonl`` ... come in their order.
 
@@ -87,7 +88,7 @@ def matching_files(pattern: str, key: str, suffixes: Iterable[str] = tuple(_BUIL
         problem = "matches no file; fix the pattern (relative paths are from the directory you run in)"
     elif len(kinds) > 1 or kinds[0] not in suffixes:
         problem = (f"matches {', '.join(kinds)} files; make it match files of one kind, one of {readable} "
-                   f"(e.g. {pattern.rsplit('.', 1)[0]}{next(iter(suffixes))})")
+                   f"(e.g. {pattern.rsplit('.', 1)[0]}{suffixes[0]})")
     else:
         return files
     raise ConfigError(f"{key}: the pattern {pattern} {problem}.")

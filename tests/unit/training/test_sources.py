@@ -47,6 +47,7 @@ def test_a_cached_dataset_name_loads_the_split_of_the_key(cache: Path) -> None:
                                                        "answer": ["two", "world"]}
     assert load_split("user/qa", "data.eval")["question"][:] == ["what is two"]  # validation
     assert load_split("user/qa:validation", "data.train").num_rows == 1
+    assert load_split("user/qa:train[1:]", "data.train")["answer"][:] == ["world"]  # datasets' slicing
 
 
 def test_a_name_not_in_the_cache_says_how_to_cache_it(cache: Path) -> None:
