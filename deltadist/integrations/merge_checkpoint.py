@@ -32,11 +32,7 @@ from deltadist.api.delta_base import DeltaBase
 from deltadist.api.saving import carried_parameters, fingerprint_mismatch
 from deltadist.core.attach import Attachment
 from deltadist.core.delta_module import DeltaModule
-from deltadist.core.fingerprint import (
-    fingerprint_of,
-    fingerprinted_parameters,
-    sample_positions,
-)
+from deltadist.core.fingerprint import fingerprint_of, fingerprinted_parameters, sample_positions
 from deltadist.engines import Engine
 from deltadist.errors import BackboneMismatchError, CheckpointError, SiteError
 from deltadist.io import checkpoint

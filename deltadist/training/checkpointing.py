@@ -103,12 +103,13 @@ def _rank_tag(engine: EngineSetup) -> str:
 
 def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step: int, tokens: int,
                     before: Evaluation | None, log_rows: int, best: dict[str, Any] | None = None,
-                    report_runs: dict[str, str] | None = None) -> None:
+                    report_runs: dict[str, str] | None = None, data: dict[str, Any] | None = None) -> None:
     """Every rank: the delta (gathered) and this rank's state into the partial directory; then
     the main rank commits it, with the number of ``metrics.jsonl`` rows written so far
     (``log_rows``: a resumed run keeps those and no more), the best evaluation's tracking
     (``best``: :meth:`~deltadist.training.best.BestTracker.state`) and the ``training.report_to``
-    backends' run ids (``report_runs``: a resumed run continues those runs)."""
+    backends' run ids (``report_runs``: a resumed run continues those runs) and the training data's
+    identity (``data``: :mod:`deltadist.training.data_identity`; a resumed run must have the same)."""
     engine, output_dir = steps.engine, cfg.output_dir
     if engine.is_main:
         run_state.begin(output_dir, step)
@@ -126,7 +127,7 @@ def save_checkpoint(cfg: TrainConfig, steps: StepRunner, delta: DeltaBase, step:
             "format_version": run_state.FORMAT_VERSION, "step": step, "tokens": tokens,
             "engine": engine.name, "world_size": engine.world_size, "config": to_dict(cfg),
             "eval_before": asdict(before) if before else None, "log_rows": log_rows, "best": best,
-            "report_runs": report_runs or {},
+            "report_runs": report_runs or {}, "data": data,
         }, cfg.training.keep_last)
     engine.barrier()
 

@@ -18,13 +18,7 @@ from deltadist.core.quantized import SCHEMES
 from deltadist.engines import ENGINES
 from deltadist.errors import ConfigError
 from deltadist.training.config_files import apply_override, read_config_file
-from deltadist.training.config_schema import (
-    build,
-    check_choice,
-    check_finite,
-    check_positive,
-    fields_help,
-)
+from deltadist.training.config_schema import build, check_choice, check_finite, check_positive, fields_help
 from deltadist.training.eval_metrics import GENERATION_METRICS, task_metrics
 from deltadist.training.reporters import REPORT_TO, missing_packages
 from deltadist.training.sources import parse_sources

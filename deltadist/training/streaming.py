@@ -80,9 +80,13 @@ class RowStream:
         return cls(cfg.data.train, cfg.data.columns, rank, world_size, cfg.training.batch_size,
                    cfg.training.seed, cfg.data.shuffle_buffer)
 
+    def files(self) -> list[str]:
+        """The files the stream reads, in their order (a pattern's as it matches now)."""
+        return streamed_files(self.spec, KEY)
+
     def rows(self) -> Iterator[tuple[RowId, dict[str, Any]]]:
         """``((file, row number there), row)`` of pass 0, 1, ... over the files, endlessly."""
-        files = streamed_files(self.spec, KEY)
+        files = self.files()
         for index in itertools.count():
             rows = self._pass(files, index)
             if self.shuffle_buffer:

@@ -1,7 +1,8 @@
 """``deltadist train`` never ends in a state ``--resume`` cannot read, and never trains on NaN:
 resume falls back past a damaged checkpoint; non-finite numbers in the config are refused and a
 non-finite step stops the job (or is skipped); bad data, an unwritable output_dir and a missing
-``train`` extra are one line before the model loads; a warm-up longer than the run warns."""
+``train`` extra are one line before the model loads, and so is resuming on other training data; a
+warm-up longer than the run warns."""
 
 from __future__ import annotations
 
@@ -86,6 +87,27 @@ def test_resume_without_an_intact_checkpoint_is_one_line_naming_the_files(
     assert line.startswith(f"{PREFIX}--resume: no intact checkpoint in {job.root / 'run'}: ")
     assert f"step-00000015/{run_state.rank_filename(0, 1)} is truncated or corrupt" in line
     assert "and 2 more; restore the files" in line
+
+
+@pytest.mark.parametrize("change", ["a row more", "a row's text"])
+def test_resume_on_other_training_data_is_one_line_naming_the_change(
+        change: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The steps after a checkpoint are drawn from the data: on other rows they would not be the
+    run's, so --resume refuses (the same rows resume: above)."""
+    job = make_job(tmp_path, "causal_lm", max_steps=4, save_every=2)
+    assert run_cli(job.config) == 0
+    shutil.rmtree(run_state.checkpoints(job.root / "run")[-1][1])  # as if killed during step 3
+    rows = [json.loads(line) for line in job.train.read_text().splitlines()]
+    rows = rows + rows[:1] if change == "a row more" else [{**rows[0], "completion": "other"}, *rows[1:]]
+    write_jsonl(job.train, rows)
+    assert run_cli(job.config, "--resume") == 2
+    what = (f"{len(rows) - 1:,} training examples then, {len(rows):,} now" if change == "a row more"
+            else "as many training examples, but their token ids differ")
+    newest = run_state.checkpoints(job.root / "run")[-1][1]
+    assert _error_line(capsys) == (
+        f"{PREFIX}--resume: the training data differ from when {newest} was written ({what}), so the "
+        "steps after it would not be the run's; restore the data, or train on the new data in a new "
+        "output_dir.")
 
 
 # -- non-finite numbers ---------------------------------------------------------------------------------
