@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deltadist.errors import ConfigError
+from deltadist.training.config import TrainConfig
+from deltadist.training.data_files import streamed_files
 from deltadist.training.text_data import TokenizedExample
+
+
+def job_data_identity(cfg: TrainConfig, examples: Sequence[TokenizedExample]) -> dict[str, Any]:
+    """The identity of ``cfg``'s training data: the files it streams (``data.streaming``), else its
+    tokenized training ``examples``."""
+    if cfg.data.streaming:
+        return files_identity(streamed_files(cfg.data.train, "data.train"))
+    return examples_identity(examples)
 
 
 def examples_identity(examples: Sequence[TokenizedExample]) -> dict[str, Any]:

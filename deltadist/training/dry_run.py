@@ -21,9 +21,10 @@ from deltadist.engines.batch_split import split_batch
 from deltadist.engines.runtime import EngineSetup
 from deltadist.errors import ConfigError
 from deltadist.training.batching import StepPlan, plan_steps
-from deltadist.training.checkpointing import checkpoint_to_resume
+from deltadist.training.checkpointing import ResumePoint, checkpoint_to_resume
 from deltadist.training.checks import check_could_write, check_engine_limits, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig
+from deltadist.training.data_identity import check_same_data, job_data_identity
 from deltadist.training.job_data import JobData, Rows, load_rows, tokenize
 from deltadist.training.loop import engine_options, job_dtype
 from deltadist.training.model import plan_model
@@ -79,12 +80,14 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
         ConfigError: what a real run would refuse before its first step.
     """
     t = cfg.training
-    dtype, resumed = _check(cfg, world_size, resume)
+    dtype, point = _check(cfg, world_size, resume)
     rows = load_rows(cfg)
     if cfg.data.streaming:  # the first global batch's rows, as the run checks them before its weights
         RowStream.of_job(cfg, 0, 1).check_first(cfg.task, rows.labels)
     loaded = plan_model(cfg.model, cfg.task, rows.labels, dtype)
     data = tokenize(rows, cfg, loaded.tokenizer)
+    if point is not None:  # as the run refuses to resume on other data
+        check_same_data(point.saved.get("data"), job_data_identity(cfg, data.train), point.directory)
     plan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps, world_size,
                       streamed_examples(cfg) or len(data.train), t.epochs, t.max_steps)
     engine = engine_class(cfg.engine)
@@ -105,12 +108,13 @@ def dry_run(cfg: TrainConfig, world_size: int = 1, resume: bool = False) -> DryR
         trainable_params=sum(p.numel() for p in delta.parameters()),
         total_params=sum(p.numel() for p in model.parameters()), quantized=quantized,
         rows=rows.counts(), examples=len(data.train), sources=_sources(rows, data),
-        tokens=(_tokens(data.train), _tokens(data.eval)), plan=plan, resumed_from=resumed)
+        tokens=(_tokens(data.train), _tokens(data.eval)), plan=plan,
+        resumed_from=None if point is None else point.step)
 
 
-def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype, int | None]:
-    """The checks a run makes before it reads the data; the backbone's dtype and the step of the
-    checkpoint ``resume`` continues from (``None``: a fresh start)."""
+def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype, ResumePoint | None]:
+    """The checks a run makes before it reads the data; the backbone's dtype and the checkpoint
+    ``resume`` continues from (``None``: a fresh start)."""
     t = cfg.training
     if world_size > 1 and cfg.engine == next(iter(ENGINES)):  # the first engine runs in one process
         raise ConfigError(f"engine: {cfg.engine} runs in one process, but the dry run is for a world of "
@@ -126,7 +130,7 @@ def _check(cfg: TrainConfig, world_size: int, resume: bool) -> tuple[torch.dtype
     rank0 = EngineSetup(name=cfg.engine, device=device, wrap=lambda model: model, world_size=world_size)
     point = checkpoint_to_resume(cfg, rank0, resume)
     check_could_write(cfg.output_dir)
-    return dtype, None if point is None else point.step
+    return dtype, point
 
 
 def _sources(rows: Rows, data: JobData) -> list[tuple[str, int, int]]:

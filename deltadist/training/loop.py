@@ -37,7 +37,7 @@ from deltadist.training.checkpointing import checkpoint_to_resume, restore_check
 from deltadist.training.checks import check_engine_limits, check_writable, warn_if_warmup_outlasts
 from deltadist.training.config import TrainConfig, from_dict, to_dict
 from deltadist.training.config_files import write_run_config
-from deltadist.training.data_identity import check_same_data, examples_identity, files_identity
+from deltadist.training.data_identity import check_same_data, job_data_identity
 from deltadist.training.evaluation import Evaluation, evaluate
 from deltadist.training.generation_eval import check_generation_rows, generation_score
 from deltadist.training.job_data import JobData, load_rows, tokenize
@@ -131,8 +131,7 @@ class _Job:
             self.stream.check_first(cfg.task, rows.labels)  # the first step's rows, as far as can be
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
-        self.data_id = (files_identity(self.stream.files()) if self.stream is not None
-                        else examples_identity(self.data.train))
+        self.data_id = job_data_identity(cfg, self.data.train)
         if self.resume_from is not None:  # the steps after the checkpoint are drawn from the same data
             check_same_data(self.resume_from.saved.get("data"), self.data_id, self.resume_from.directory)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,

@@ -104,10 +104,11 @@ def test_resume_on_other_training_data_is_one_line_naming_the_change(
     what = (f"{len(rows) - 1:,} training examples then, {len(rows):,} now" if change == "a row more"
             else "as many training examples, but their token ids differ")
     newest = run_state.checkpoints(job.root / "run")[-1][1]
-    assert _error_line(capsys) == (
-        f"{PREFIX}--resume: the training data differ from when {newest} was written ({what}), so the "
-        "steps after it would not be the run's; restore the data, or train on the new data in a new "
-        "output_dir.")
+    refusal = (f"{PREFIX}--resume: the training data differ from when {newest} was written ({what}), so "
+               "the steps after it would not be the run's; restore the data, or train on the new data in "
+               "a new output_dir.")
+    assert _error_line(capsys) == refusal
+    assert run_cli(job.config, "--resume", "--dry-run") == 2 and _error_line(capsys) == refusal
 
 
 # -- non-finite numbers ---------------------------------------------------------------------------------
