@@ -172,9 +172,9 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "training", "epochs", "batch_size", "eval_batch_size", "lr", "log_every",
-                        "max_steps", "micro_batch_size", "gradient_accumulation_steps", "save_every",
-                        "keep_last", "eval_every", "max_grad_norm", "loraplus_lr_ratio", "patience",
-                        "eval_max_new_tokens")
+                       "max_steps", "micro_batch_size", "gradient_accumulation_steps", "save_every",
+                       "keep_last", "eval_every", "max_grad_norm", "loraplus_lr_ratio", "patience",
+                       "eval_max_new_tokens")
         check_choice(self.scheduler, SCHEDULERS, "training.scheduler")
         if self.eval_generation is not None:
             check_choice(self.eval_generation, GENERATION_METRICS, "training.eval_generation")

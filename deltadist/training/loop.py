@@ -12,6 +12,7 @@ evaluating :mod:`~deltadist.training.evaluation`'s, checkpoints and resuming
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -131,7 +132,6 @@ class _Job:
             self.stream.check_first(cfg.task, rows.labels)  # the first step's rows, as far as can be
         loaded = load_model(cfg.model, cfg.task, rows.labels, t.seed, self.dtype, engine.is_main)
         self.data: JobData = tokenize(rows, cfg, loaded.tokenizer)
-        self.data_id = job_data_identity(cfg, self.data.train)
         if self.resume_from is not None:  # the steps after the checkpoint are drawn from the same data
             check_same_data(self.resume_from.saved.get("data"), self.data_id, self.resume_from.directory)
         self.plan: StepPlan = plan_steps(t.batch_size, t.micro_batch_size, t.gradient_accumulation_steps,
@@ -151,6 +151,12 @@ class _Job:
                                 getattr(self.model.config, "decoder_start_token_id", None)
                                 if cfg.task == "seq2seq" else None, None if varlen else self.dtype)
         self.lengths = [len(e.input_ids) for e in self.data.train]
+
+    @functools.cached_property
+    def data_id(self) -> dict[str, Any]:
+        """The training data's identity, which checkpoints record and ``--resume`` compares (hashed
+        only by a job that resumes or saves checkpoints)."""
+        return job_data_identity(self.cfg, self.data.train)
 
     def _attach(self, loaded: LoadedModel) -> DeltaBase:
         """The delta on the backbone, frozen; by default (as the library's) with the task head,

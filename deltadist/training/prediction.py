@@ -27,6 +27,7 @@ from deltadist.training.chat_data import chat_fields, chat_rows, read_template
 from deltadist.training.config import ModelConfig
 from deltadist.training.generation_eval import completion_text, generate_batch
 from deltadist.training.model import load_model, resolve_dtype
+from deltadist.training.steps import autocast_for
 
 
 @dataclass
@@ -44,10 +45,8 @@ class Predictor:
     """The backbone's: a half-precision one runs under autocast, as in the job (fp32 deltas and heads)."""
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        """Autocast to the backbone's dtype where it is a half-precision one."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype)
+        """As the job's steps compute: :func:`~deltadist.training.steps.autocast_for`."""
+        return autocast_for(self.dtype, next(self.model.parameters()).device.type)
 
 
 def load_predictor(model: ModelConfig, task: str, labels: list[str] | None, delta_dir: str | os.PathLike,

@@ -25,6 +25,14 @@ from deltadist.training.schedule import lr_schedule
 from deltadist.training.text_data import TokenizedExample
 
 
+def autocast_for(dtype: torch.dtype, device_type: str) -> contextlib.AbstractContextManager[None]:
+    """Half-precision backbones compute under autocast, so the float32 delta and head mix in; an
+    fp32 one runs as it is."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 @dataclass
 class StepRunner:
     """The wrapped model and its optimizer, ready to take steps (see :func:`prepare_steps`)."""
@@ -50,10 +58,8 @@ class StepRunner:
     """Each rank's batch is its own rows of the global batch, not all of it (``data.streaming``)."""
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        """Half-precision backbones compute under autocast, so the float32 delta and head mix in."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.engine.device.type, dtype=self.dtype)
+        """See :func:`autocast_for`."""
+        return autocast_for(self.dtype, self.engine.device.type)
 
     def forward(self, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed loss and the predicted classes (classification) of one micro-batch."""
