@@ -208,3 +208,18 @@ def test_export_of_a_run_loads_in_peft_the_builtin_one_as_its_encoders_adapter(t
         logits = (hidden * mask).sum(1) / mask.sum(1) @ head["classifier.weight"].T + head["classifier.bias"]
         expected = builtin.model.eval()(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bf16_runs_predictions_are_those_its_evaluation_scores(tmp_path: Path) -> None:
+    """A half-precision backbone with its fp32 delta and head predicts under autocast, as the job
+    computes: the predicted labels' accuracy is what ``deltadist eval`` (the job's steps) reports."""
+    job = make_job(tmp_path / "cls", "sequence_classification", epochs=1)
+    train(load_config(job.config, ["model.dtype=bf16"]))
+    status, rows, err = _cli(["predict", "--run", str(job.root / "run"), "--input", str(job.eval)])
+    assert status == 0, err
+    labels = [json.loads(line)["label"] for line in job.eval.read_text().splitlines()]
+    assert len(rows) == len(labels) and {r["prediction"] for r in rows} <= {"bad", "good"}
+    status, _, err = _status(["eval", "--run", str(job.root / "run"), "--data", str(job.eval),
+                              "--output", str(tmp_path / "eval.json")])
+    right = sum(r["prediction"] == label for r, label in zip(rows, labels)) / len(labels)
+    assert status == 0 and json.loads((tmp_path / "eval.json").read_text())["accuracy"] == right, err
